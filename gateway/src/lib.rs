@@ -1,0 +1,1 @@
+//! Session gateway library (being written).

@@ -1,0 +1,1 @@
+//! Price-time-priority matching engine (being written).
