@@ -1,0 +1,330 @@
+//! All live sessions of a gateway, shared between connection tasks.
+//!
+//! Sessions sit in a `DashMap<SessionId, Arc<Mutex<Session>>>`: lookups clone the
+//! `Arc` and release the map's shard lock before locking the session, so no map
+//! guard is ever held while a session is worked on (or across an `.await` in the IO
+//! layer). Limits on total sessions and sessions per account are enforced at login.
+//!
+//! Methods here carry out [`Action::Ended`] themselves (the session is removed).
+//! When the IO layer calls a [`Session`] method directly and gets `Ended`, it calls
+//! [`Registry::remove`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use matching_stub as engine;
+use proto::{ReasonCode, SessionToken};
+
+use crate::session::{Action, CodPolicy, ConnectionId, LoginGrant, Session, SessionConfig};
+use crate::time::Timestamp;
+use crate::token::{KeyError, TokenKeyRing};
+
+/// A shared, lockable session.
+pub type SessionHandle = Arc<Mutex<Session>>;
+
+/// Locks a session, recovering it if a panicking thread poisoned the lock (its
+/// state machine methods leave it consistent between calls).
+pub fn lock(session: &SessionHandle) -> MutexGuard<'_, Session> {
+    session.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Limits on how many sessions exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryLimits {
+    /// Most sessions (attached and detached) on this gateway.
+    pub max_sessions: usize,
+    /// Most sessions of one account.
+    pub max_sessions_per_account: usize,
+    /// How many ended sessions are remembered, to tell a late resume why.
+    pub remembered_endings: usize,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        RegistryLimits {
+            max_sessions: 100_000,
+            max_sessions_per_account: 16,
+            remembered_endings: 65_536,
+        }
+    }
+}
+
+/// A new session and what its client must be told.
+#[derive(Debug)]
+pub struct NewSession {
+    /// The session id.
+    pub session_id: u64,
+    /// The session.
+    pub session: SessionHandle,
+}
+
+/// Bounded memory of why recent sessions ended.
+#[derive(Debug, Default)]
+struct Endings {
+    reasons: HashMap<u64, ReasonCode>,
+    order: VecDeque<u64>,
+}
+
+/// The gateway's sessions.
+#[derive(Debug)]
+pub struct Registry {
+    sessions: DashMap<u64, SessionHandle>,
+    per_account: DashMap<u64, usize>,
+    session_count: AtomicUsize,
+    next_session_id: AtomicU64,
+    endings: Mutex<Endings>,
+    keys: RwLock<TokenKeyRing>,
+    config: Arc<SessionConfig>,
+    limits: RegistryLimits,
+}
+
+impl Registry {
+    /// An empty registry minting tokens with `keys`.
+    pub fn new(keys: TokenKeyRing, config: SessionConfig, limits: RegistryLimits) -> Self {
+        Registry {
+            sessions: DashMap::new(),
+            per_account: DashMap::new(),
+            session_count: AtomicUsize::new(0),
+            next_session_id: AtomicU64::new(1),
+            endings: Mutex::new(Endings::default()),
+            keys: RwLock::new(keys),
+            config: Arc::new(config),
+            limits,
+        }
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.session_count.load(Ordering::Relaxed)
+    }
+
+    /// True when there are no sessions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The session settings.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// A live session by id.
+    pub fn get(&self, session_id: u64) -> Option<SessionHandle> {
+        self.sessions
+            .get(&session_id)
+            .map(|entry| Arc::clone(&entry))
+    }
+
+    /// Runs `change` on the token key ring (rotate, retire).
+    pub fn with_keys<T>(&self, change: impl FnOnce(&mut TokenKeyRing) -> T) -> T {
+        change(&mut self.keys.write().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn mint(
+        &self,
+        session_id: u64,
+        account: u64,
+        generation: u32,
+        expires_at: Timestamp,
+    ) -> Result<SessionToken, KeyError> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .mint(session_id, account, generation, expires_at)
+    }
+
+    /// Creates a session for an authenticated client on `conn`.
+    ///
+    /// `account_orders` are the account's orders for the login snapshot.
+    pub fn login(
+        &self,
+        account: u64,
+        cod: CodPolicy,
+        conn: ConnectionId,
+        account_orders: &[engine::OrderView],
+        idle_timeout: Duration,
+        now: Timestamp,
+    ) -> Result<NewSession, ReasonCode> {
+        if cod.grace > self.config.max_cod_grace {
+            return Err(ReasonCode::InvalidLoginParameter);
+        }
+        if self.session_count.fetch_add(1, Ordering::AcqRel) >= self.limits.max_sessions {
+            self.session_count.fetch_sub(1, Ordering::AcqRel);
+            return Err(ReasonCode::TooManySessions);
+        }
+        {
+            let mut count = self.per_account.entry(account).or_insert(0);
+            if *count >= self.limits.max_sessions_per_account {
+                drop(count);
+                self.session_count.fetch_sub(1, Ordering::AcqRel);
+                return Err(ReasonCode::TooManyAccountSessions);
+            }
+            *count += 1;
+        }
+        let session_id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let token = match self.mint(session_id, account, 0, now.plus(self.config.token_ttl)) {
+            Ok(token) => token,
+            Err(_) => {
+                self.release_slot(account);
+                return Err(ReasonCode::InternalError);
+            }
+        };
+        let grant = LoginGrant {
+            session_id,
+            account,
+            cod,
+        };
+        let session = Arc::new(Mutex::new(Session::login(
+            grant,
+            conn,
+            token,
+            account_orders,
+            idle_timeout,
+            Arc::clone(&self.config),
+        )));
+        self.sessions.insert(session_id, Arc::clone(&session));
+        Ok(NewSession {
+            session_id,
+            session,
+        })
+    }
+
+    /// Resumes the session a token names on `conn`; no signature check, no account
+    /// load. Takeover and theft detection happen in the session.
+    pub fn resume(
+        &self,
+        conn: ConnectionId,
+        request: &proto::Resume,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) -> Result<SessionHandle, ReasonCode> {
+        let claims = self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .verify(&request.token.0, now)
+            .map_err(|error| error.reason())?;
+        let Some(session) = self.get(claims.session_id) else {
+            return Err(self.ending_of(claims.session_id));
+        };
+        let start = out.len();
+        let result = {
+            let mut guard = lock(&session);
+            if guard.account() != claims.account_id {
+                return Err(ReasonCode::TokenForged);
+            }
+            guard.resume(
+                conn,
+                claims.generation,
+                request,
+                now,
+                |generation, expires_at| {
+                    self.mint(claims.session_id, claims.account_id, generation, expires_at)
+                        .ok()
+                },
+                out,
+            )
+        };
+        self.settle(claims.session_id, &out[start..]);
+        result.map(|()| session).map_err(|refused| refused.0)
+    }
+
+    /// Routes an engine event to the session that owns its order. Returns the
+    /// connection to wake, if the session is attached. Events for sessions that no
+    /// longer exist are dropped (`None`).
+    pub fn route(
+        &self,
+        event: &engine::Event,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) -> Option<ConnectionId> {
+        let owner = event.owner()?;
+        let session = self.get(owner.session)?;
+        let start = out.len();
+        let wake = lock(&session).on_engine_event(event, now, out);
+        self.settle(owner.session, &out[start..]);
+        wake
+    }
+
+    /// Ends a session on an operator's request. Returns whether it existed.
+    pub fn revoke(&self, session_id: u64, out: &mut Vec<Action>) -> bool {
+        let Some(session) = self.get(session_id) else {
+            return false;
+        };
+        let start = out.len();
+        lock(&session).end(ReasonCode::Revoked, out);
+        self.settle(session_id, &out[start..]);
+        true
+    }
+
+    /// Fires due cancel-on-disconnect and expiry timers of every session.
+    pub fn handle_timeouts(&self, now: Timestamp, out: &mut Vec<Action>) {
+        let due: Vec<(u64, SessionHandle)> = self
+            .sessions
+            .iter()
+            .map(|entry| (*entry.key(), Arc::clone(entry.value())))
+            .collect();
+        for (session_id, session) in due {
+            let start = out.len();
+            {
+                let mut guard = lock(&session);
+                if guard.next_timeout().is_none_or(|at| at > now) {
+                    continue;
+                }
+                guard.handle_timeout(now, out);
+            }
+            self.settle(session_id, &out[start..]);
+        }
+    }
+
+    /// Removes an ended session and remembers why.
+    pub fn remove(&self, session_id: u64, reason: ReasonCode) {
+        let Some((_, session)) = self.sessions.remove(&session_id) else {
+            return;
+        };
+        let account = lock(&session).account();
+        self.release_slot(account);
+        let mut endings = self.endings.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.limits.remembered_endings == 0 {
+            return;
+        }
+        if endings.order.len() >= self.limits.remembered_endings {
+            if let Some(oldest) = endings.order.pop_front() {
+                endings.reasons.remove(&oldest);
+            }
+        }
+        endings.order.push_back(session_id);
+        endings.reasons.insert(session_id, reason);
+    }
+
+    /// Removes the session if the actions one of its calls added say it ended.
+    fn settle(&self, session_id: u64, added: &[Action]) {
+        let ended = added.iter().find_map(|action| match action {
+            Action::Ended { reason } => Some(*reason),
+            _ => None,
+        });
+        if let Some(reason) = ended {
+            self.remove(session_id, reason);
+        }
+    }
+
+    fn release_slot(&self, account: u64) {
+        self.session_count.fetch_sub(1, Ordering::AcqRel);
+        self.per_account.remove_if_mut(&account, |_, count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
+    }
+
+    /// What a resume for a session that is not live is told.
+    fn ending_of(&self, session_id: u64) -> ReasonCode {
+        let endings = self.endings.lock().unwrap_or_else(PoisonError::into_inner);
+        match endings.reasons.get(&session_id) {
+            Some(reason @ (ReasonCode::Revoked | ReasonCode::TokenSuperseded)) => *reason,
+            _ => ReasonCode::SessionNotFound,
+        }
+    }
+}

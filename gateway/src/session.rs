@@ -1,0 +1,573 @@
+//! One session's state machine, with no IO.
+//!
+//! The calling contract, in the style of quinn-proto: the IO layer feeds inputs
+//! (`handle_frame`, `on_engine_event`, `resume`, `connection_lost`,
+//! `handle_timeout`), each with the current time, and carries out the [`Action`]s
+//! they push (submit to the engine, close a connection, drop the session). The
+//! connection's writer calls [`Session::poll_transmit`] to get the next encoded
+//! frames to send: first unsequenced control frames (handshake answers, snapshots,
+//! `Duplicate`), then the outbound ring from the connection's cursor. Replay after a
+//! resume and live traffic are the same path: the cursor just starts further back.
+//!
+//! States: `Attached` to one connection, `Detached` (no connection; engine events
+//! still accumulate in the ring), `Closed` (ended for good).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use matching_stub as engine;
+use proto::{CancelOnDisconnect, Frame, ReasonCode, SessionToken};
+
+use crate::convert;
+use crate::orders::OrderTracker;
+use crate::ring::{OutboundRing, ReplayStart, RingLimits};
+use crate::time::Timestamp;
+
+/// Identifies a connection to the IO layer; assigned by it, never reused.
+pub type ConnectionId = u64;
+
+/// Settings shared by all sessions of a gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Limits of each session's outbound ring.
+    pub ring: RingLimits,
+    /// Lifetime of a token from its minting.
+    pub token_ttl: Duration,
+    /// How long a session may stay detached before it is ended.
+    pub detached_ttl: Duration,
+    /// Longest cancel-on-disconnect grace period a client may ask for.
+    pub max_cod_grace: Duration,
+    /// Most working orders (plus new orders awaiting the engine) per session.
+    pub max_open_orders: usize,
+    /// Finished orders each session keeps for snapshots.
+    pub finished_orders_retained: usize,
+    /// Most `Duplicate` answers queued for an attached connection before it is
+    /// closed as a slow consumer.
+    pub max_queued_duplicates: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            ring: RingLimits::default(),
+            token_ttl: Duration::from_secs(24 * 3600),
+            detached_ttl: Duration::from_secs(3600),
+            max_cod_grace: Duration::from_secs(60),
+            max_open_orders: 10_000,
+            finished_orders_retained: 256,
+            max_queued_duplicates: 1_024,
+        }
+    }
+}
+
+/// Something the IO layer must do on the session's behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Submit this request to the matching engine.
+    Engine(engine::Request),
+    /// Send `Close { reason }` on this connection, then close it with `reason` as the
+    /// QUIC application error code.
+    CloseConnection {
+        /// The connection.
+        conn: ConnectionId,
+        /// Why.
+        reason: ReasonCode,
+    },
+    /// The session has ended; remove it from the registry.
+    Ended {
+        /// Why.
+        reason: ReasonCode,
+    },
+}
+
+/// Cancel-on-disconnect choice made at login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodPolicy {
+    /// Off or cancel-all.
+    pub mode: CancelOnDisconnect,
+    /// How long after losing its connection the session's orders are cancelled.
+    pub grace: Duration,
+}
+
+/// What a successful login establishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginGrant {
+    /// The new session's id.
+    pub session_id: u64,
+    /// Its account.
+    pub account: u64,
+    /// Cancel-on-disconnect policy.
+    pub cod: CodPolicy,
+}
+
+/// Why a resume is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("resume refused: {0:?}")]
+pub struct ResumeRefused(pub ReasonCode);
+
+/// The connection a session is attached to, and what it still has to send.
+#[derive(Debug)]
+struct Attachment {
+    conn: ConnectionId,
+    /// Next server sequence to send from the ring.
+    cursor: u64,
+    /// Unsequenced frames to send before anything else.
+    control: VecDeque<Bytes>,
+    /// How many of `control` are `Duplicate` answers (bounded).
+    queued_duplicates: usize,
+}
+
+#[derive(Debug)]
+enum Link {
+    Attached(Attachment),
+    Detached { since: Timestamp },
+    Closed(ReasonCode),
+}
+
+/// What [`Session::poll_transmit`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transmit {
+    /// Frames were added to the output (possibly none: nothing to send right now).
+    Ready,
+    /// The connection is no longer this session's; its writer should stop.
+    NotAttached,
+}
+
+/// One session: sequence numbers, retained output, order view, connection state.
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    account: u64,
+    cod: CodPolicy,
+    config: Arc<SessionConfig>,
+    link: Link,
+    last_processed_client_seq: u64,
+    ring: OutboundRing,
+    orders: OrderTracker,
+    /// Client sequences of `NewOrder`s sent to the engine and not yet answered, in
+    /// order (the engine answers in submission order).
+    pending_new_orders: VecDeque<u64>,
+    /// Generation of the newest token minted.
+    token_issued: u32,
+    /// Highest generation ever presented in a successful resume.
+    token_used: u32,
+    /// When cancel-on-disconnect fires, while detached with it on.
+    cod_deadline: Option<Timestamp>,
+}
+
+impl Session {
+    /// A new session attached to `conn`, with `LoginAccepted` and the account's
+    /// order-state snapshot (as of server sequence 0) queued to send.
+    pub fn login(
+        grant: LoginGrant,
+        conn: ConnectionId,
+        token: SessionToken,
+        account_orders: &[engine::OrderView],
+        idle_timeout: Duration,
+        config: Arc<SessionConfig>,
+    ) -> Self {
+        let ring = OutboundRing::new(config.ring);
+        let mut control = VecDeque::new();
+        control.push_back(
+            Frame::from(proto::LoginAccepted {
+                session_id: grant.session_id,
+                token,
+                next_client_seq: 1,
+                next_server_seq: ring.next_seq(),
+                replay_window: u32::try_from(config.ring.max_messages).unwrap_or(u32::MAX),
+                idle_timeout_ms: u32::try_from(idle_timeout.as_millis()).unwrap_or(u32::MAX),
+            })
+            .to_bytes(),
+        );
+        let snapshot: Vec<proto::OrderState> =
+            account_orders.iter().map(convert::order_state).collect();
+        queue_snapshot(&mut control, ring.last_seq(), &snapshot);
+        Session {
+            id: grant.session_id,
+            account: grant.account,
+            cod: grant.cod,
+            link: Link::Attached(Attachment {
+                conn,
+                cursor: ring.next_seq(),
+                control,
+                queued_duplicates: 0,
+            }),
+            last_processed_client_seq: 0,
+            orders: OrderTracker::new(config.finished_orders_retained),
+            ring,
+            pending_new_orders: VecDeque::new(),
+            token_issued: 0,
+            token_used: 0,
+            cod_deadline: None,
+            config,
+        }
+    }
+
+    /// The session id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The account id.
+    pub fn account(&self) -> u64 {
+        self.account
+    }
+
+    /// The connection the session is attached to, if any.
+    pub fn attached_to(&self) -> Option<ConnectionId> {
+        match &self.link {
+            Link::Attached(attachment) => Some(attachment.conn),
+            _ => None,
+        }
+    }
+
+    /// Why the session ended, once it has.
+    pub fn closed_reason(&self) -> Option<ReasonCode> {
+        match self.link {
+            Link::Closed(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// Highest client sequence processed.
+    pub fn last_processed_client_seq(&self) -> u64 {
+        self.last_processed_client_seq
+    }
+
+    /// The outbound ring (read-only), for inspection and metrics.
+    pub fn ring(&self) -> &OutboundRing {
+        &self.ring
+    }
+
+    /// Generation of the newest token minted for this session.
+    pub fn token_generation(&self) -> u32 {
+        self.token_issued
+    }
+
+    fn owner(&self) -> engine::Owner {
+        engine::Owner {
+            account: self.account,
+            session: self.id,
+        }
+    }
+
+    /// Handles a frame that arrived from the client on `conn` after the handshake.
+    pub fn handle_frame(
+        &mut self,
+        conn: ConnectionId,
+        frame: &Frame,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) {
+        if self.attached_to() != Some(conn) {
+            // A connection that lost the session (taken over, or already closed).
+            let reason = self.closed_reason().unwrap_or(ReasonCode::TakenOver);
+            out.push(Action::CloseConnection { conn, reason });
+            return;
+        }
+        match frame {
+            Frame::Ack(ack) => {
+                if ack.server_seq > self.ring.last_seq() {
+                    return self.drop_connection(ReasonCode::AckBeyondSent, now, out);
+                }
+                self.ring.ack(ack.server_seq);
+            }
+            Frame::NewOrder(_) | Frame::Cancel(_) | Frame::Replace(_) => {
+                let seq = frame.client_seq().unwrap_or(0);
+                self.handle_sequenced(seq, frame, now, out);
+            }
+            Frame::Logout(_) => self.end(ReasonCode::LoggedOut, out),
+            _ => self.drop_connection(ReasonCode::UnexpectedFrame, now, out),
+        }
+    }
+
+    /// Applies the exactly-once rule to a sequenced client message.
+    fn handle_sequenced(&mut self, seq: u64, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
+        let expected = self.last_processed_client_seq + 1;
+        if seq < expected {
+            return self.answer_duplicate(seq, now, out);
+        }
+        if seq > expected {
+            return self.drop_connection(ReasonCode::ClientSeqGap, now, out);
+        }
+        self.last_processed_client_seq = seq;
+        if let Frame::NewOrder(order) = frame {
+            if self.orders.working_count() + self.pending_new_orders.len()
+                >= self.config.max_open_orders
+            {
+                let reject = Frame::from(proto::Reject {
+                    server_seq: self.ring.next_seq(),
+                    client_seq: seq,
+                    client_order_id: order.client_order_id,
+                    reason: ReasonCode::TooManyOpenOrders,
+                });
+                return self.append(&reject, now, out);
+            }
+            self.pending_new_orders.push_back(seq);
+        }
+        if let Some(request) = convert::request_to_engine(frame, self.owner()) {
+            out.push(Action::Engine(request));
+        }
+    }
+
+    fn answer_duplicate(&mut self, seq: u64, now: Timestamp, out: &mut Vec<Action>) {
+        let last = self.last_processed_client_seq;
+        let limit = self.config.max_queued_duplicates;
+        let Link::Attached(attachment) = &mut self.link else {
+            return;
+        };
+        if attachment.queued_duplicates >= limit {
+            return self.drop_connection(ReasonCode::SlowConsumer, now, out);
+        }
+        attachment.queued_duplicates += 1;
+        attachment.control.push_back(
+            Frame::from(proto::Duplicate {
+                client_seq: seq,
+                last_processed_client_seq: last,
+            })
+            .to_bytes(),
+        );
+    }
+
+    /// Puts an engine event about this session's orders into its outbound stream.
+    ///
+    /// Returns the connection whose writer has new frames to send, if attached.
+    pub fn on_engine_event(
+        &mut self,
+        event: &engine::Event,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) -> Option<ConnectionId> {
+        if matches!(self.link, Link::Closed(_)) {
+            return None;
+        }
+        if let engine::Event::Accepted { tag, .. } | engine::Event::Rejected { tag, .. } = event {
+            if self.pending_new_orders.front() == Some(tag) {
+                self.pending_new_orders.pop_front();
+            }
+        }
+        let frame = convert::event_to_wire(event, self.ring.next_seq())?;
+        self.append(&frame, now, out);
+        self.attached_to()
+    }
+
+    /// Appends a sequenced frame to the ring and the order view.
+    fn append(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
+        self.orders.apply(frame);
+        let released = self.ring.append(frame.to_bytes());
+        if released > 0 && self.attached_to().is_some() {
+            self.drop_connection(ReasonCode::SlowConsumer, now, out);
+        }
+    }
+
+    /// Moves up to `max` frames to send on `conn` into `out`: control frames first,
+    /// then the ring from the connection's cursor.
+    pub fn poll_transmit(
+        &mut self,
+        conn: ConnectionId,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Transmit {
+        let Link::Attached(attachment) = &mut self.link else {
+            return Transmit::NotAttached;
+        };
+        if attachment.conn != conn {
+            return Transmit::NotAttached;
+        }
+        let mut room = max;
+        while room > 0 {
+            let Some(frame) = attachment.control.pop_front() else {
+                break;
+            };
+            out.push(frame);
+            room -= 1;
+        }
+        if attachment.control.is_empty() {
+            attachment.queued_duplicates = 0;
+        }
+        let before = out.len();
+        out.extend(self.ring.replay_from(attachment.cursor).take(room).cloned());
+        attachment.cursor += (out.len() - before) as u64;
+        Transmit::Ready
+    }
+
+    /// Resumes the session on `conn` for a client presenting a verified token of
+    /// `generation`.
+    ///
+    /// `mint` makes the rotated token for a generation and expiry. On success the
+    /// `ResumeAccepted` and, if needed, a snapshot are queued on `conn`, the replay
+    /// cursor is set, and an older connection is closed as taken over.
+    pub fn resume(
+        &mut self,
+        conn: ConnectionId,
+        generation: u32,
+        request: &proto::Resume,
+        now: Timestamp,
+        mint: impl FnOnce(u32, Timestamp) -> Option<SessionToken>,
+        out: &mut Vec<Action>,
+    ) -> Result<(), ResumeRefused> {
+        if matches!(self.link, Link::Closed(_)) {
+            return Err(ResumeRefused(ReasonCode::SessionNotFound));
+        }
+        if generation < self.token_used {
+            // The successor of this token has been used: whoever presents it now
+            // holds a stolen copy, or the legitimate client does. End the session.
+            self.end(ReasonCode::TokenSuperseded, out);
+            return Err(ResumeRefused(ReasonCode::TokenSuperseded));
+        }
+        if generation > self.token_issued {
+            return Err(ResumeRefused(ReasonCode::TokenForged));
+        }
+        if request.last_acked_server_seq > self.ring.last_seq() {
+            return Err(ResumeRefused(ReasonCode::AckBeyondSent));
+        }
+        let next_generation = self
+            .token_issued
+            .checked_add(1)
+            .ok_or(ResumeRefused(ReasonCode::TokenExpired))?;
+        let token = mint(next_generation, now.plus(self.config.token_ttl))
+            .ok_or(ResumeRefused(ReasonCode::InternalError))?;
+        self.token_issued = next_generation;
+        self.token_used = generation;
+
+        self.ring.ack(request.last_acked_server_seq);
+        let wanted = request.last_acked_server_seq + 1;
+        let oldest_available = self.ring.oldest_seq();
+        let (replay_from, snapshot_follows) = match self.ring.replay_start(wanted) {
+            ReplayStart::Retained => (wanted, false),
+            ReplayStart::Released { .. } => {
+                // The snapshot supersedes everything retained: release it so it does
+                // not count against the window of the live traffic that follows.
+                self.ring.ack(self.ring.last_seq());
+                (self.ring.next_seq(), true)
+            }
+        };
+        let mut control = VecDeque::new();
+        control.push_back(
+            Frame::from(proto::ResumeAccepted {
+                token,
+                last_processed_client_seq: self.last_processed_client_seq,
+                replay_from,
+                oldest_available,
+                snapshot_follows,
+            })
+            .to_bytes(),
+        );
+        if snapshot_follows {
+            queue_snapshot(&mut control, replay_from - 1, &self.orders.snapshot());
+        }
+        let previous = std::mem::replace(
+            &mut self.link,
+            Link::Attached(Attachment {
+                conn,
+                cursor: replay_from,
+                control,
+                queued_duplicates: 0,
+            }),
+        );
+        if let Link::Attached(old) = previous {
+            if old.conn != conn {
+                out.push(Action::CloseConnection {
+                    conn: old.conn,
+                    reason: ReasonCode::TakenOver,
+                });
+            }
+        }
+        self.cod_deadline = None;
+        Ok(())
+    }
+
+    /// The connection `conn` is gone (closed, timed out, reset). Detaches the session
+    /// if it was attached to it and starts the cancel-on-disconnect and expiry clocks.
+    pub fn connection_lost(&mut self, conn: ConnectionId, now: Timestamp) {
+        if self.attached_to() == Some(conn) {
+            self.detach(now);
+        }
+    }
+
+    fn detach(&mut self, now: Timestamp) {
+        self.link = Link::Detached { since: now };
+        if self.cod.mode == CancelOnDisconnect::CancelAll {
+            self.cod_deadline = Some(now.plus(self.cod.grace));
+        }
+        if self.ring.is_empty() {
+            self.ring.shrink_to_fit();
+        }
+        self.orders.shrink_to_fit();
+    }
+
+    /// Closes the attached connection for `reason`; the session survives, detached.
+    fn drop_connection(&mut self, reason: ReasonCode, now: Timestamp, out: &mut Vec<Action>) {
+        if let Some(conn) = self.attached_to() {
+            out.push(Action::CloseConnection { conn, reason });
+            self.detach(now);
+        }
+    }
+
+    /// Ends the session for good: cancels its orders if cancel-on-disconnect is on,
+    /// closes its connection, and asks the registry to drop it.
+    pub fn end(&mut self, reason: ReasonCode, out: &mut Vec<Action>) {
+        if matches!(self.link, Link::Closed(_)) {
+            return;
+        }
+        if self.cod.mode == CancelOnDisconnect::CancelAll {
+            out.push(Action::Engine(engine::Request::MassCancel {
+                scope: engine::MassCancelScope::Session(self.owner()),
+                reason: engine::CancelReason::SessionEnded,
+            }));
+        }
+        if let Some(conn) = self.attached_to() {
+            out.push(Action::CloseConnection { conn, reason });
+        }
+        self.link = Link::Closed(reason);
+        self.cod_deadline = None;
+        out.push(Action::Ended { reason });
+    }
+
+    /// The next instant [`Session::handle_timeout`] has something to do, if any.
+    pub fn next_timeout(&self) -> Option<Timestamp> {
+        let expiry = match self.link {
+            Link::Detached { since } => Some(since.plus(self.config.detached_ttl)),
+            _ => None,
+        };
+        match (self.cod_deadline, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Fires the cancel-on-disconnect and detached-expiry timers that are due.
+    pub fn handle_timeout(&mut self, now: Timestamp, out: &mut Vec<Action>) {
+        if self.cod_deadline.is_some_and(|deadline| now >= deadline) {
+            self.cod_deadline = None;
+            out.push(Action::Engine(engine::Request::MassCancel {
+                scope: engine::MassCancelScope::Session(self.owner()),
+                reason: engine::CancelReason::CancelOnDisconnect,
+            }));
+        }
+        if let Link::Detached { since } = self.link {
+            if now >= since.plus(self.config.detached_ttl) {
+                self.end(ReasonCode::SessionExpired, out);
+            }
+        }
+    }
+}
+
+/// Queues `SnapshotBegin`, one `OrderState` per order, and `SnapshotEnd`.
+fn queue_snapshot(
+    control: &mut VecDeque<Bytes>,
+    as_of_server_seq: u64,
+    orders: &[proto::OrderState],
+) {
+    control.push_back(
+        Frame::from(proto::SnapshotBegin {
+            as_of_server_seq,
+            order_count: u32::try_from(orders.len()).unwrap_or(u32::MAX),
+        })
+        .to_bytes(),
+    );
+    control.extend(orders.iter().map(|order| Frame::from(*order).to_bytes()));
+    control.push_back(Frame::from(proto::SnapshotEnd { as_of_server_seq }).to_bytes());
+}

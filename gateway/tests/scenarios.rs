@@ -1,0 +1,613 @@
+//! Deterministic scenarios for the session core, one per promise it keeps.
+
+mod support;
+
+use std::time::Duration;
+
+use gateway::registry::{lock, RegistryLimits};
+use gateway::ring::RingLimits;
+use gateway::session::SessionConfig;
+use gateway::token::TokenKeyRing;
+use proto::{CancelReason, Frame, OrderStatus, ReasonCode, Side};
+use support::*;
+
+fn sim() -> Sim {
+    Sim::new(SessionConfig::default())
+}
+
+fn fills(client: &Client) -> Vec<proto::Fill> {
+    client
+        .received
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Fill(fill) => Some(*fill),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn login_answers_with_the_token_then_an_account_snapshot() {
+    let mut sim = sim();
+    let client = sim.login(7, NO_COD);
+    assert!(
+        matches!(client.control[0], Frame::LoginAccepted(a) if a.next_client_seq == 1 && a.next_server_seq == 1)
+    );
+    assert_eq!(client.snapshot, Some((0, Vec::new())));
+}
+
+#[test]
+fn an_order_is_acknowledged_and_fills_reach_both_sides() {
+    let mut sim = sim();
+    let mut seller = sim.login(1, NO_COD);
+    let mut buyer = sim.login(2, NO_COD);
+    seller.new_order(10, Side::Sell, 100, 5);
+    sim.settle(&mut seller);
+    buyer.new_order(20, Side::Buy, 100, 5);
+    sim.settle(&mut buyer);
+    sim.settle(&mut seller);
+
+    assert!(
+        matches!(buyer.received[0], Frame::OrderAck(a) if a.client_seq == 1 && a.client_order_id == 20)
+    );
+    let (buy_fill, sell_fill) = (fills(&buyer), fills(&seller));
+    assert_eq!((buy_fill.len(), sell_fill.len()), (1, 1));
+    assert_eq!(buy_fill[0].trade_id, sell_fill[0].trade_id);
+    assert_eq!(
+        (
+            sell_fill[0].server_seq,
+            sell_fill[0].quantity,
+            sell_fill[0].leaves_quantity
+        ),
+        (2, 5, 0)
+    );
+}
+
+#[test]
+fn a_login_snapshot_lists_the_accounts_working_orders() {
+    let mut sim = sim();
+    let mut first = sim.login(1, NO_COD);
+    first.new_order(10, Side::Buy, 99, 3);
+    sim.settle(&mut first);
+    let second = sim.login(1, NO_COD);
+    let (as_of, orders) = second.snapshot.expect("snapshot");
+    assert_eq!(as_of, 0);
+    assert_eq!(orders.len(), 1);
+    assert_eq!(
+        (orders[0].client_order_id, orders[0].status),
+        (10, OrderStatus::New)
+    );
+}
+
+#[test]
+fn a_lost_ack_only_means_a_longer_replay() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    for id in 1..=3 {
+        client.new_order(id, Side::Buy, 90, 1);
+    }
+    sim.settle(&mut client);
+    assert_eq!(client.last_server_seq, 3);
+    client.ack();
+    // The ack never arrives: the connection dies with it in flight.
+    sim.drop_connection(&mut client);
+    assert_eq!(
+        lock(&sim.session(&client)).ring().len(),
+        3,
+        "nothing was released"
+    );
+
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client);
+    assert_eq!(
+        client.received.len(),
+        3,
+        "nothing replayed twice: the resume carried the ack"
+    );
+    assert_eq!(
+        lock(&sim.session(&client)).ring().len(),
+        0,
+        "the resume's ack released everything"
+    );
+}
+
+#[test]
+fn orders_in_flight_when_the_connection_dies_execute_exactly_once() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    for id in 1..=4 {
+        client.new_order(id, Side::Buy, 90, 1);
+    }
+    sim.deliver_to_gateway(&mut client, 2); // seq 1 and 2 arrive, 3 and 4 are lost
+    sim.transmit(&mut client, usize::MAX); // acks for 1 and 2 are sent but lost too
+    sim.drop_connection(&mut client);
+
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client);
+    let resumed = client.control.iter().find_map(|f| match f {
+        Frame::ResumeAccepted(r) => Some(*r),
+        _ => None,
+    });
+    assert_eq!(
+        resumed.map(|r| (r.last_processed_client_seq, r.replay_from)),
+        Some((2, 1))
+    );
+    for seq in 1..=4 {
+        assert_eq!(
+            times_executed(&sim, client.session_id, seq),
+            1,
+            "client seq {seq}"
+        );
+    }
+    let acked: Vec<u64> = client
+        .received
+        .iter()
+        .map(|f| match f {
+            Frame::OrderAck(a) => a.client_seq,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(acked, [1, 2, 3, 4]);
+    assert!(client.unanswered().is_empty());
+}
+
+#[test]
+fn fills_while_detached_are_replayed_in_order_on_resume() {
+    let mut sim = sim();
+    let mut resting = sim.login(1, NO_COD);
+    resting.new_order(10, Side::Sell, 100, 4);
+    sim.settle(&mut resting);
+    sim.drop_connection(&mut resting);
+
+    let mut taker = sim.login(2, NO_COD);
+    for id in 1..=4 {
+        taker.new_order(id, Side::Buy, 100, 1);
+    }
+    sim.settle(&mut taker);
+
+    sim.resume(&mut resting).expect("resume");
+    sim.settle(&mut resting);
+    let leaves: Vec<u64> = fills(&resting).iter().map(|f| f.leaves_quantity).collect();
+    assert_eq!(leaves, [3, 2, 1, 0]);
+    assert_eq!(resting.last_server_seq, 5);
+}
+
+#[test]
+fn a_resume_older_than_the_window_gets_the_gap_and_a_snapshot() {
+    let config = SessionConfig {
+        ring: RingLimits {
+            max_messages: 4,
+            max_bytes: 1 << 20,
+        },
+        ..SessionConfig::default()
+    };
+    let mut sim = Sim::new(config);
+    let mut client = sim.login(1, NO_COD);
+    client.new_order(10, Side::Sell, 100, 10);
+    client.new_order(11, Side::Sell, 105, 10);
+    sim.settle(&mut client);
+    sim.drop_connection(&mut client);
+
+    let mut taker = sim.login(2, NO_COD);
+    for id in 1..=6 {
+        taker.new_order(id, Side::Buy, 100, 1);
+        sim.settle(&mut taker);
+        taker.ack(); // the taker keeps up, so its own small ring never overflows
+    }
+
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client);
+    let resumed = client
+        .control
+        .iter()
+        .find_map(|f| match f {
+            Frame::ResumeAccepted(r) => Some(*r),
+            _ => None,
+        })
+        .expect("ResumeAccepted");
+    assert!(resumed.snapshot_follows);
+    assert_eq!((resumed.replay_from, resumed.oldest_available), (9, 5));
+    let (as_of, orders) = client.snapshot.clone().expect("snapshot");
+    assert_eq!(as_of, 8);
+    let states: Vec<(u64, u64, u64)> = orders
+        .iter()
+        .map(|o| (o.client_order_id, o.filled_quantity, o.leaves_quantity))
+        .collect();
+    assert_eq!(states, [(10, 6, 4), (11, 0, 10)]);
+
+    // Live traffic continues right after the snapshot.
+    taker.new_order(7, Side::Buy, 100, 1);
+    sim.settle(&mut taker);
+    assert!(taker.conn.is_some(), "the taker was never cut off");
+    sim.settle(&mut client);
+    assert!(
+        matches!(client.received.last(), Some(Frame::Fill(f)) if f.server_seq == 9 && f.leaves_quantity == 3)
+    );
+    assert!(
+        client.conn.is_some(),
+        "messages covered by the snapshot do not count against the window"
+    );
+}
+
+#[test]
+fn a_duplicate_client_sequence_is_answered_and_never_executed_again() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    client.new_order(1, Side::Buy, 90, 1);
+    sim.settle(&mut client);
+    let replayed = client
+        .outbox
+        .get(&1)
+        .copied()
+        .unwrap_or(Frame::NewOrder(proto::NewOrder {
+            client_seq: 1,
+            client_order_id: 1,
+            instrument_id: INSTRUMENT,
+            side: Side::Buy,
+            order_type: proto::OrderType::Limit,
+            time_in_force: proto::TimeInForce::Gtc,
+            price: 90,
+            quantity: 1,
+        }));
+    client.to_gateway.push_back(replayed);
+    sim.settle(&mut client);
+    assert_eq!(times_executed(&sim, client.session_id, 1), 1);
+    assert!(client.control.iter().any(|f| matches!(f, Frame::Duplicate(d) if d.client_seq == 1 && d.last_processed_client_seq == 1)));
+    assert_eq!(client.received.len(), 1);
+}
+
+#[test]
+fn a_client_sequence_gap_closes_the_connection_but_keeps_the_session() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    client.new_order(1, Side::Buy, 90, 1);
+    client.to_gateway.clear(); // seq 1 lost on the way
+    client.new_order(2, Side::Buy, 90, 1);
+    let conn = client.conn.expect("attached");
+    sim.deliver_to_gateway(&mut client, 1);
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::ClientSeqGap));
+    assert_eq!(times_executed(&sim, client.session_id, 2), 0);
+
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("the session survived");
+    sim.settle(&mut client);
+    assert_eq!(
+        (
+            times_executed(&sim, client.session_id, 1),
+            times_executed(&sim, client.session_id, 2)
+        ),
+        (1, 1)
+    );
+}
+
+#[test]
+fn forged_tampered_and_foreign_tokens_are_rejected() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    let token = client.token.expect("token");
+    sim.drop_connection(&mut client);
+
+    let mut tampered = token;
+    tampered.0[60] ^= 1;
+    assert_eq!(
+        sim.resume_with(&mut client, tampered),
+        Err(ReasonCode::TokenForged)
+    );
+    let mut other_session = token;
+    other_session.0[4] ^= 1;
+    assert_eq!(
+        sim.resume_with(&mut client, other_session),
+        Err(ReasonCode::TokenForged)
+    );
+    let foreign = TokenKeyRing::new(9, &[1u8; 32])
+        .expect("key")
+        .mint(client.session_id, 1, 0, START.plus(Duration::from_secs(60)))
+        .expect("mint");
+    assert_eq!(
+        sim.resume_with(&mut client, foreign),
+        Err(ReasonCode::TokenUnknownKey)
+    );
+    let same_id_other_key = TokenKeyRing::new(1, &[1u8; 32])
+        .expect("key")
+        .mint(client.session_id, 1, 0, START.plus(Duration::from_secs(60)))
+        .expect("mint");
+    assert_eq!(
+        sim.resume_with(&mut client, same_id_other_key),
+        Err(ReasonCode::TokenForged)
+    );
+    sim.resume(&mut client)
+        .expect("the genuine token still works");
+}
+
+#[test]
+fn an_expired_token_is_rejected() {
+    let mut sim = Sim::new(SessionConfig {
+        token_ttl: Duration::from_secs(60),
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, NO_COD);
+    sim.drop_connection(&mut client);
+    sim.advance(Duration::from_secs(60));
+    assert_eq!(sim.resume(&mut client), Err(ReasonCode::TokenExpired));
+}
+
+#[test]
+fn a_client_that_lost_its_rotated_token_may_resume_with_the_old_one() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    let login_token = client.token.expect("token");
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("first resume");
+    // ResumeAccepted (with the rotated token) is lost with the connection.
+    sim.drop_connection(&mut client);
+    assert_eq!(client.token, Some(login_token));
+    sim.resume(&mut client)
+        .expect("the old token still works: its successor was never used");
+    sim.settle(&mut client);
+    assert_ne!(client.token, Some(login_token));
+}
+
+#[test]
+fn a_superseded_token_used_after_its_successor_ends_the_session() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    let stolen = client.token.expect("token");
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client); // receives generation 1
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("generation 1 is used");
+    sim.settle(&mut client);
+    let conn = client.conn.expect("attached");
+
+    let mut thief = Client::new(client.session_id, 0);
+    assert_eq!(
+        sim.resume_with(&mut thief, stolen),
+        Err(ReasonCode::TokenSuperseded)
+    );
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::TokenSuperseded));
+    assert!(sim.registry.get(client.session_id).is_none());
+    sim.drop_connection(&mut client);
+    assert_eq!(
+        sim.resume(&mut client),
+        Err(ReasonCode::TokenSuperseded),
+        "every later resume is refused"
+    );
+}
+
+#[test]
+fn reusing_the_current_token_takes_the_session_over() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    let old_conn = client.conn.expect("attached");
+    client.new_order(1, Side::Buy, 90, 1);
+    sim.settle(&mut client);
+    // The old connection looks alive to the gateway (half-open); the client resumes.
+    let token = client.token.expect("token");
+    sim.resume_with(&mut client, token).expect("takeover");
+    assert_eq!(sim.is_closed(old_conn), Some(ReasonCode::TakenOver));
+    sim.settle(&mut client);
+    assert_eq!(lock(&sim.session(&client)).attached_to(), client.conn);
+
+    // Whatever the old connection still sends is refused, never executed.
+    let mut out = Vec::new();
+    let stale = proto::NewOrder {
+        client_seq: 2,
+        client_order_id: 2,
+        instrument_id: INSTRUMENT,
+        side: Side::Buy,
+        order_type: proto::OrderType::Limit,
+        time_in_force: proto::TimeInForce::Gtc,
+        price: 90,
+        quantity: 1,
+    };
+    lock(&sim.session(&client)).handle_frame(old_conn, &stale.into(), sim.now, &mut out);
+    assert_eq!(
+        out,
+        [gateway::session::Action::CloseConnection {
+            conn: old_conn,
+            reason: ReasonCode::TakenOver
+        }]
+    );
+    assert_eq!(times_executed(&sim, client.session_id, 2), 0);
+}
+
+#[test]
+fn cancel_on_disconnect_fires_after_the_grace_period_and_not_before() {
+    let mut sim = sim();
+    let mut client = sim.login(1, cod(Duration::from_secs(5)));
+    client.new_order(1, Side::Buy, 90, 3);
+    sim.settle(&mut client);
+    sim.drop_connection(&mut client);
+
+    sim.advance(Duration::from_millis(4_999));
+    assert_eq!(sim.engine.working_order_count(), 1);
+    sim.advance(Duration::from_millis(1));
+    assert_eq!(sim.engine.working_order_count(), 0);
+
+    sim.resume(&mut client).expect("session kept");
+    sim.settle(&mut client);
+    assert!(matches!(
+        client.received.last(),
+        Some(Frame::Cancelled(c)) if c.reason == CancelReason::CancelOnDisconnect && c.client_seq == 0 && c.cancelled_quantity == 3
+    ));
+}
+
+#[test]
+fn cancel_on_disconnect_does_not_fire_when_the_resume_is_in_time() {
+    let mut sim = sim();
+    let mut client = sim.login(1, cod(Duration::from_secs(5)));
+    client.new_order(1, Side::Buy, 90, 3);
+    sim.settle(&mut client);
+    sim.drop_connection(&mut client);
+    sim.advance(Duration::from_secs(4));
+    sim.resume(&mut client).expect("resume");
+    sim.advance(Duration::from_secs(10));
+    assert_eq!(sim.engine.working_order_count(), 1);
+}
+
+#[test]
+fn a_detached_session_expires_and_cannot_be_resumed() {
+    let mut sim = Sim::new(SessionConfig {
+        detached_ttl: Duration::from_secs(30),
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, cod(Duration::from_secs(60)));
+    client.new_order(1, Side::Buy, 90, 3);
+    sim.settle(&mut client);
+    sim.drop_connection(&mut client);
+    sim.advance(Duration::from_secs(30));
+    assert!(sim.registry.get(client.session_id).is_none());
+    assert_eq!(
+        sim.engine.working_order_count(),
+        0,
+        "cancel-on-disconnect orders go with the session"
+    );
+    assert_eq!(sim.resume(&mut client), Err(ReasonCode::SessionNotFound));
+    assert!(sim.registry.is_empty());
+}
+
+#[test]
+fn logout_ends_the_session_and_cancels_with_cancel_on_disconnect() {
+    let mut sim = sim();
+    let mut client = sim.login(1, cod(Duration::from_secs(1)));
+    client.new_order(1, Side::Buy, 90, 3);
+    client.to_gateway.push_back(proto::Logout {}.into());
+    let conn = client.conn.expect("attached");
+    sim.deliver_to_gateway(&mut client, usize::MAX);
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::LoggedOut));
+    assert_eq!(sim.engine.working_order_count(), 0);
+    assert!(sim.registry.get(client.session_id).is_none());
+}
+
+#[test]
+fn revoked_sessions_say_so_on_resume() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    let conn = client.conn.expect("attached");
+    let mut out = Vec::new();
+    assert!(sim.registry.revoke(client.session_id, &mut out));
+    sim.apply(out);
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::Revoked));
+    sim.drop_connection(&mut client);
+    assert_eq!(sim.resume(&mut client), Err(ReasonCode::Revoked));
+}
+
+#[test]
+fn session_limits_are_enforced_per_gateway_and_per_account() {
+    let limits = RegistryLimits {
+        max_sessions: 3,
+        max_sessions_per_account: 2,
+        remembered_endings: 10,
+    };
+    let mut sim = Sim::with_limits(SessionConfig::default(), limits);
+    let login = |sim: &mut Sim, account| {
+        let conn = sim.new_conn();
+        sim.registry
+            .login(account, NO_COD, conn, &[], IDLE_TIMEOUT, sim.now)
+            .map(|s| s.session_id)
+    };
+    let first = login(&mut sim, 1).expect("first");
+    login(&mut sim, 1).expect("second");
+    assert_eq!(
+        login(&mut sim, 1).err(),
+        Some(ReasonCode::TooManyAccountSessions)
+    );
+    login(&mut sim, 2).expect("third");
+    assert_eq!(login(&mut sim, 3).err(), Some(ReasonCode::TooManySessions));
+    sim.registry.remove(first, ReasonCode::LoggedOut);
+    login(&mut sim, 3).expect("a slot was freed");
+    assert_eq!(sim.registry.len(), 3);
+}
+
+#[test]
+fn an_over_long_cancel_on_disconnect_grace_is_refused() {
+    let mut sim = sim();
+    let conn = sim.new_conn();
+    let result = sim.registry.login(
+        1,
+        cod(Duration::from_secs(61)),
+        conn,
+        &[],
+        IDLE_TIMEOUT,
+        sim.now,
+    );
+    assert_eq!(result.err(), Some(ReasonCode::InvalidLoginParameter));
+    assert!(sim.registry.is_empty());
+}
+
+#[test]
+fn the_open_order_limit_rejects_without_reaching_the_engine() {
+    let mut sim = Sim::new(SessionConfig {
+        max_open_orders: 2,
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, NO_COD);
+    for id in 1..=3 {
+        client.new_order(id, Side::Buy, 90, 1);
+    }
+    sim.settle(&mut client);
+    assert!(
+        matches!(client.received[2], Frame::Reject(r) if r.client_seq == 3 && r.reason == ReasonCode::TooManyOpenOrders)
+    );
+    assert_eq!(times_executed(&sim, client.session_id, 3), 0);
+    client.cancel(1);
+    client.new_order(4, Side::Buy, 90, 1);
+    sim.settle(&mut client);
+    assert!(matches!(client.received.last(), Some(Frame::OrderAck(a)) if a.client_order_id == 4));
+}
+
+#[test]
+fn an_ack_beyond_what_was_sent_closes_the_connection() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    let conn = client.conn.expect("attached");
+    client
+        .to_gateway
+        .push_back(proto::Ack { server_seq: 5 }.into());
+    sim.deliver_to_gateway(&mut client, 1);
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::AckBeyondSent));
+    sim.drop_connection(&mut client);
+    client.last_server_seq = 5;
+    assert_eq!(sim.resume(&mut client), Err(ReasonCode::AckBeyondSent));
+}
+
+#[test]
+fn a_handshake_frame_after_the_handshake_is_unexpected() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    let conn = client.conn.expect("attached");
+    client
+        .to_gateway
+        .push_back(proto::Ack { server_seq: 0 }.into());
+    client.to_gateway.push_back(
+        proto::Resume {
+            token: client.token.expect("token"),
+            last_acked_server_seq: 0,
+            next_client_seq: 1,
+        }
+        .into(),
+    );
+    sim.deliver_to_gateway(&mut client, usize::MAX);
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::UnexpectedFrame));
+    assert!(sim.registry.get(client.session_id).is_some());
+}
+
+#[test]
+fn rotating_the_key_keeps_live_tokens_working() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    sim.registry
+        .with_keys(|keys| keys.rotate(2, &[43u8; 32]))
+        .expect("rotate");
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client)
+        .expect("old-key token still resumes");
+    sim.settle(&mut client);
+    let token = client.token.expect("rotated token");
+    assert_eq!(
+        u32::from_le_bytes(token.0[..4].try_into().expect("4 bytes")),
+        2,
+        "new tokens use the new key"
+    );
+}
