@@ -29,6 +29,9 @@ pub struct Sim {
     pub engine_log: Vec<engine::Request>,
     /// Connections the gateway closed, with the reason.
     pub closed: Vec<(ConnectionId, ReasonCode)>,
+    /// Every engine event, in the order it was routed: the reference for what each
+    /// session's stream must contain.
+    pub routed: Vec<engine::Event>,
 }
 
 impl Sim {
@@ -50,6 +53,7 @@ impl Sim {
             next_conn: 0,
             engine_log: Vec::new(),
             closed: Vec::new(),
+            routed: Vec::new(),
         }
     }
 
@@ -71,6 +75,7 @@ impl Sim {
                     for event in &events {
                         self.registry.route(event, self.now, &mut more);
                     }
+                    self.routed.extend(events);
                     queue.extend(more);
                 }
                 Action::CloseConnection { conn, reason } => self.closed.push((conn, reason)),
