@@ -15,10 +15,14 @@
 //! - [`convert`]: wire types ↔ engine types.
 //! - [`time`]: the injected clock's instant type.
 
+pub mod auth;
+pub mod config;
 pub mod convert;
+pub mod dev;
 pub mod orders;
 pub mod registry;
 pub mod ring;
+pub mod server;
 pub mod session;
 pub mod time;
 pub mod token;

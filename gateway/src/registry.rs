@@ -138,10 +138,14 @@ impl Registry {
 
     /// Creates a session for an authenticated client on `conn`.
     ///
-    /// `account_orders` are the account's orders for the login snapshot.
+    /// `account_orders` are the account's orders for the login snapshot;
+    /// `account_limit` is the account's own session limit, if it has one (the lower of
+    /// it and the gateway's per-account limit applies).
+    #[allow(clippy::too_many_arguments)]
     pub fn login(
         &self,
         account: u64,
+        account_limit: Option<usize>,
         cod: CodPolicy,
         conn: ConnectionId,
         account_orders: &[engine::OrderView],
@@ -157,7 +161,10 @@ impl Registry {
         }
         {
             let mut count = self.per_account.entry(account).or_insert(0);
-            if *count >= self.limits.max_sessions_per_account {
+            let limit = account_limit.map_or(self.limits.max_sessions_per_account, |own| {
+                own.min(self.limits.max_sessions_per_account)
+            });
+            if *count >= limit {
                 drop(count);
                 self.session_count.fetch_sub(1, Ordering::AcqRel);
                 return Err(ReasonCode::TooManyAccountSessions);
@@ -303,7 +310,7 @@ impl Registry {
     /// Removes the session if the actions one of its calls added say it ended.
     fn settle(&self, session_id: u64, added: &[Action]) {
         let ended = added.iter().find_map(|action| match action {
-            Action::Ended { reason } => Some(*reason),
+            Action::Ended { reason, .. } => Some(*reason),
             _ => None,
         });
         if let Some(reason) = ended {

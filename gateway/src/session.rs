@@ -77,6 +77,8 @@ pub enum Action {
     },
     /// The session has ended; remove it from the registry.
     Ended {
+        /// The session.
+        session_id: u64,
         /// Why.
         reason: ReasonCode,
     },
@@ -353,6 +355,50 @@ impl Session {
         self.attached_to()
     }
 
+    /// Answers a client request that could not be handed to the engine with a
+    /// sequenced `Reject`: the client sequence stays processed exactly once, and the
+    /// client learns to retry under a new one. Returns the connection to wake.
+    pub fn refuse_request(
+        &mut self,
+        request: &engine::Request,
+        reason: ReasonCode,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) -> Option<ConnectionId> {
+        let (tag, client_order_id) = match *request {
+            engine::Request::New(order) => {
+                if self.pending_new_orders.back() == Some(&order.tag) {
+                    self.pending_new_orders.pop_back();
+                }
+                (order.tag, order.client_order_id)
+            }
+            engine::Request::Cancel {
+                tag,
+                client_order_id,
+                ..
+            }
+            | engine::Request::Replace {
+                tag,
+                client_order_id,
+                ..
+            } => (tag, client_order_id),
+            engine::Request::MassCancel { .. } | engine::Request::QueryOrders { .. } => {
+                return None
+            }
+        };
+        if matches!(self.link, Link::Closed(_)) {
+            return None;
+        }
+        let reject = Frame::from(proto::Reject {
+            server_seq: self.ring.next_seq(),
+            client_seq: tag,
+            client_order_id,
+            reason,
+        });
+        self.append(&reject, now, out);
+        self.attached_to()
+    }
+
     /// Appends a sequenced frame to the ring and the order view.
     fn append(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
         self.orders.apply(frame);
@@ -523,7 +569,10 @@ impl Session {
         }
         self.link = Link::Closed(reason);
         self.cod_deadline = None;
-        out.push(Action::Ended { reason });
+        out.push(Action::Ended {
+            session_id: self.id,
+            reason,
+        });
     }
 
     /// The next instant [`Session::handle_timeout`] has something to do, if any.

@@ -35,7 +35,15 @@ fn an_idle_detached_session_costs_well_under_a_kilobyte() {
     let before = dhat::HeapStats::get().curr_bytes;
     for conn in 0..SESSIONS as u64 {
         let new = registry
-            .login(conn % 1_000, cod, conn, &[], Duration::from_secs(10), now)
+            .login(
+                conn % 1_000,
+                None,
+                cod,
+                conn,
+                &[],
+                Duration::from_secs(10),
+                now,
+            )
             .expect("login");
         lock(&new.session).connection_lost(conn, now);
     }

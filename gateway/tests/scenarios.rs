@@ -504,7 +504,7 @@ fn session_limits_are_enforced_per_gateway_and_per_account() {
     let login = |sim: &mut Sim, account| {
         let conn = sim.new_conn();
         sim.registry
-            .login(account, NO_COD, conn, &[], IDLE_TIMEOUT, sim.now)
+            .login(account, None, NO_COD, conn, &[], IDLE_TIMEOUT, sim.now)
             .map(|s| s.session_id)
     };
     let first = login(&mut sim, 1).expect("first");
@@ -526,6 +526,7 @@ fn an_over_long_cancel_on_disconnect_grace_is_refused() {
     let conn = sim.new_conn();
     let result = sim.registry.login(
         1,
+        None,
         cod(Duration::from_secs(61)),
         conn,
         &[],
@@ -610,4 +611,19 @@ fn rotating_the_key_keeps_live_tokens_working() {
         2,
         "new tokens use the new key"
     );
+}
+
+#[test]
+fn an_accounts_own_session_limit_applies_when_lower() {
+    let mut sim = sim();
+    let conn = sim.new_conn();
+    let first = sim
+        .registry
+        .login(5, Some(1), NO_COD, conn, &[], IDLE_TIMEOUT, sim.now);
+    assert!(first.is_ok());
+    let conn = sim.new_conn();
+    let second = sim
+        .registry
+        .login(5, Some(1), NO_COD, conn, &[], IDLE_TIMEOUT, sim.now);
+    assert_eq!(second.err(), Some(ReasonCode::TooManyAccountSessions));
 }

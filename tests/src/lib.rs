@@ -1,2 +1,293 @@
-//! End-to-end tests of the gateway over real QUIC on loopback live in this crate's
-//! `tests/` folder once the QUIC server exists.
+//! Support for end-to-end tests over real QUIC on loopback: an in-process gateway
+//! with test accounts, clients for it, raw frame exchange, and a UDP relay that can
+//! make connections vanish without a trace.
+//!
+//! The tests themselves are in `tests/`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use gateway::auth::{AccountEntry, AccountsFile, ApiKeyEntry};
+use gateway::config::Config;
+use gateway::server::{Gateway, Setup};
+use gateway::token::TokenKeyRing;
+use gateway_client::{ClientConfig, Credentials, Link};
+use proto::Frame;
+
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use rustls_pki_types::CertificateDer;
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+/// Seed of an account's test key: deterministic, test-only.
+fn seed(account: u64) -> [u8; 32] {
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&account.to_le_bytes());
+    seed
+}
+
+/// A gateway running in this process on an ephemeral loopback port.
+pub struct TestGateway {
+    /// The gateway.
+    pub gateway: Gateway,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its certificate, for clients to trust.
+    pub cert: CertificateDer<'static>,
+}
+
+impl TestGateway {
+    /// Starts a gateway with accounts `1..=accounts` and settings changed by `adjust`.
+    pub fn start(accounts: u64, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        let mut config = Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Config::default()
+        };
+        config.session.max_sessions_per_account = 2_000;
+        adjust(&mut config);
+        config.validate().expect("valid test config");
+        let (certs, key) = gateway::dev::self_signed().expect("certificate");
+        let cert = certs[0].clone();
+        let accounts = AccountsFile {
+            accounts: (1..=accounts)
+                .map(|id| AccountEntry {
+                    id,
+                    max_sessions: None,
+                    keys: vec![ApiKeyEntry {
+                        id: 1_000 + id,
+                        public_key: hex::encode(
+                            Ed25519KeyPair::from_seed_unchecked(&seed(id))
+                                .expect("seed")
+                                .public_key()
+                                .as_ref(),
+                        ),
+                    }],
+                })
+                .collect(),
+        };
+        let setup = Setup {
+            config,
+            tls: (certs, key),
+            accounts,
+            token_keys: TokenKeyRing::generate(1).expect("token key"),
+        };
+        let gateway = Gateway::start(setup).expect("gateway starts");
+        let addr = gateway.local_addr().expect("bound");
+        TestGateway {
+            gateway,
+            addr,
+            cert,
+        }
+    }
+
+    /// Client settings for `account`, connecting to `addr` (the gateway or a relay).
+    pub fn client_config(&self, account: u64, addr: SocketAddr) -> ClientConfig {
+        let credentials =
+            Credentials::from_seed(1_000 + account, &seed(account)).expect("credentials");
+        let mut config = ClientConfig::new(addr, self.cert.clone(), credentials);
+        config.idle_timeout = Duration::from_millis(1_000);
+        config.keep_alive = Duration::from_millis(200);
+        config
+    }
+}
+
+/// A connection speaking the protocol frame by frame.
+pub struct Raw {
+    link: Link,
+    buf: BytesMut,
+}
+
+impl Raw {
+    /// Opens a connection and its session stream (nothing sent yet).
+    pub async fn open(config: &ClientConfig) -> Raw {
+        Self::from_link(gateway_client::open(config).await.expect("connect"))
+    }
+
+    /// Wraps an opened link.
+    pub fn from_link(link: Link) -> Raw {
+        Raw {
+            link,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends frames.
+    pub async fn send(&mut self, frames: &[Frame]) {
+        for frame in frames {
+            self.send_bytes(&frame.to_bytes()).await;
+        }
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.link.send.write_all(bytes).await.expect("send");
+    }
+
+    /// The next frame, or `None` when the stream ends or nothing comes for 5 s.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let read = async {
+            loop {
+                if let Some(frame) =
+                    proto::decode_buf(&mut self.buf).expect("gateway frames decode")
+                {
+                    return Some(frame);
+                }
+                match self.link.recv.read_chunk(4096, true).await {
+                    Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                    _ => return None,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Frames until the stream ends (or 5 s of silence).
+    pub async fn recv_all(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some(frame) = self.recv().await {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// The QUIC application error code the gateway closed with, waiting up to 5 s.
+    pub async fn close_code(&self) -> Option<u64> {
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), self.link.connection.closed()).await;
+        match closed.ok()? {
+            quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+            _ => None,
+        }
+    }
+
+    /// Closes the connection from the client side.
+    pub fn close(&self) {
+        self.link.connection.close(0u32.into(), b"");
+    }
+}
+
+/// One client address's path through the relay.
+struct Flow {
+    upstream: Arc<UdpSocket>,
+    blackholed: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+/// A UDP relay on loopback in front of the gateway. Each client address gets its
+/// own upstream socket; [`Relay::blackhole`] silently drops every packet of the
+/// existing flows in both directions, so both ends see a connection that just went
+/// quiet, while new connections pass.
+pub struct Relay {
+    /// The address clients connect to.
+    pub addr: SocketAddr,
+    flows: Arc<Mutex<HashMap<SocketAddr, Flow>>>,
+    task: JoinHandle<()>,
+}
+
+/// Most flows a relay keeps; older ones are not evicted, new ones are dropped.
+const MAX_FLOWS: usize = 10_000;
+
+impl Relay {
+    /// Starts a relay to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
+        let addr = socket.local_addr().expect("relay address");
+        let flows: Arc<Mutex<HashMap<SocketAddr, Flow>>> = Arc::new(Mutex::new(HashMap::new()));
+        let task = tokio::spawn(forward(socket, upstream, Arc::clone(&flows)));
+        Relay { addr, flows, task }
+    }
+
+    /// Silently drops, from now on, every packet of the connections seen so far.
+    pub fn blackhole(&self) {
+        for flow in self
+            .flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            flow.blackholed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        for flow in self
+            .flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            flow.task.abort();
+        }
+    }
+}
+
+/// Client → gateway: one upstream socket per client address.
+async fn forward(
+    socket: Arc<UdpSocket>,
+    upstream: SocketAddr,
+    flows: Arc<Mutex<HashMap<SocketAddr, Flow>>>,
+) {
+    let mut packet = vec![0u8; 65_536];
+    while let Ok((len, client)) = socket.recv_from(&mut packet).await {
+        let route = {
+            let mut flows = flows.lock().unwrap_or_else(PoisonError::into_inner);
+            if !flows.contains_key(&client) && flows.len() < MAX_FLOWS {
+                if let Some(flow) = open_flow(&socket, client) {
+                    flows.insert(client, flow);
+                }
+            }
+            flows.get(&client).map(|flow| {
+                (
+                    Arc::clone(&flow.upstream),
+                    flow.blackholed.load(Ordering::Relaxed),
+                )
+            })
+        };
+        if let Some((upstream_socket, false)) = route {
+            let _ = upstream_socket.send_to(&packet[..len], upstream).await;
+        }
+    }
+}
+
+fn open_flow(socket: &Arc<UdpSocket>, client: SocketAddr) -> Option<Flow> {
+    let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    std_socket.set_nonblocking(true).ok()?;
+    let upstream = Arc::new(UdpSocket::from_std(std_socket).ok()?);
+    let blackholed = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(backward(
+        Arc::clone(&upstream),
+        Arc::clone(socket),
+        client,
+        Arc::clone(&blackholed),
+    ));
+    Some(Flow {
+        upstream,
+        blackholed,
+        task,
+    })
+}
+
+/// Gateway → client for one flow.
+async fn backward(
+    upstream: Arc<UdpSocket>,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    blackholed: Arc<AtomicBool>,
+) {
+    let mut packet = vec![0u8; 65_536];
+    while let Ok(len) = upstream.recv(&mut packet).await {
+        if !blackholed.load(Ordering::Relaxed) {
+            let _ = socket.send_to(&packet[..len], client).await;
+        }
+    }
+}

@@ -96,7 +96,7 @@ impl Sim {
         let orders = self.engine.orders_of(account);
         let new = self
             .registry
-            .login(account, cod, conn, &orders, IDLE_TIMEOUT, self.now)
+            .login(account, None, cod, conn, &orders, IDLE_TIMEOUT, self.now)
             .expect("login accepted");
         let mut client = Client::new(new.session_id, conn);
         self.transmit(&mut client, usize::MAX);
@@ -132,8 +132,8 @@ impl Sim {
             let mut out = Vec::new();
             lock(&session).handle_frame(conn, &frame, self.now, &mut out);
             for action in &out {
-                if let Action::Ended { reason } = action {
-                    self.registry.remove(client.session_id, *reason);
+                if let Action::Ended { session_id, reason } = action {
+                    self.registry.remove(*session_id, *reason);
                 }
             }
             self.apply(out);

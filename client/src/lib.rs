@@ -1,0 +1,755 @@
+//! Async Rust client for the session gateway.
+//!
+//! It logs in once, keeps the session token, and when the connection drops it
+//! reconnects and resumes on its own: the gateway says which client messages it
+//! processed and the client re-sends exactly the others; the gateway replays what the
+//! client did not acknowledge. The application sees each server message once, in
+//! order, whatever happened to the connection.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), gateway_client::ClientError> {
+//! use gateway_client::{Client, ClientConfig, Credentials, Event, OrderParams};
+//!
+//! let cert = std::fs::read(".gateway-dev/cert.der").expect("dev certificate");
+//! let keys = Credentials::load_dev_keys(".gateway-dev/client-keys.toml".as_ref())?;
+//! let (_account, credentials) = keys.into_iter().next().expect("a demo account");
+//! let config = ClientConfig::new("127.0.0.1:4433".parse().unwrap(), cert.into(), credentials);
+//! let (client, mut events) = Client::connect(config).await?;
+//! client.new_order(OrderParams::limit_buy(1, 42, 100, 10))?;
+//! while let Some(event) = events.recv().await {
+//!     if let Event::Message(frame) = event {
+//!         println!("{frame:?}");
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use proto::{CancelOnDisconnect, Frame, OrderState, OrderType, ReasonCode, Side, TimeInForce};
+use quinn::crypto::rustls::QuicClientConfig;
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::Ed25519KeyPair;
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+use crate::state::{ClientState, Received};
+
+/// Why the client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The gateway refused the login or resume, or ended the session.
+    #[error("refused by the gateway: {0:?}")]
+    Refused(ReasonCode),
+    /// The connection could not be made or broke during the handshake.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The gateway broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] state::Violation),
+    /// Too many client messages are waiting to be processed.
+    #[error("too many unprocessed messages; wait for answers")]
+    Backpressure,
+    /// The session is over; nothing more can be sent.
+    #[error("the session has ended")]
+    Ended,
+    /// Keys or certificates could not be loaded.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// An API key: its id and the Ed25519 key pair.
+#[derive(Clone)]
+pub struct Credentials {
+    api_key_id: u64,
+    key: Arc<Ed25519KeyPair>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("api_key_id", &self.api_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct DevKeysFile {
+    #[serde(rename = "key", default)]
+    keys: Vec<DevKey>,
+}
+
+#[derive(Deserialize)]
+struct DevKey {
+    account: u64,
+    key_id: u64,
+    seed: String,
+}
+
+impl Credentials {
+    /// Credentials from an Ed25519 seed.
+    pub fn from_seed(api_key_id: u64, seed: &[u8; 32]) -> Result<Self, ClientError> {
+        let key = Ed25519KeyPair::from_seed_unchecked(seed)
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        Ok(Credentials {
+            api_key_id,
+            key: Arc::new(key),
+        })
+    }
+
+    /// The demo accounts' credentials from a development gateway's `client-keys.toml`,
+    /// as `(account, credentials)`.
+    pub fn load_dev_keys(path: &Path) -> Result<Vec<(u64, Credentials)>, ClientError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        let file: DevKeysFile = toml::from_str(&text)
+            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        file.keys
+            .iter()
+            .map(|key| {
+                let mut seed = [0u8; 32];
+                hex_decode(&key.seed, &mut seed)
+                    .ok_or_else(|| ClientError::Config(format!("key {}: bad seed", key.key_id)))?;
+                Ok((key.account, Credentials::from_seed(key.key_id, &seed)?))
+            })
+            .collect()
+    }
+
+    /// A signed `Login` with a fresh nonce and the current time.
+    pub fn signed_login(
+        &self,
+        cancel_on_disconnect: CancelOnDisconnect,
+        cod_grace: Duration,
+    ) -> Result<proto::Login, ClientError> {
+        let mut nonce = [0u8; 16];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| ClientError::Config("system random generator failed".into()))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let mut login = proto::Login {
+            api_key_id: self.api_key_id,
+            timestamp_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+            nonce: proto::Nonce(nonce),
+            cancel_on_disconnect,
+            cod_grace_ms: u32::try_from(cod_grace.as_millis()).unwrap_or(u32::MAX),
+            signature: proto::Signature([0; 64]),
+        };
+        let signature = self.key.sign(&login.signing_message());
+        login.signature.0.copy_from_slice(signature.as_ref());
+        Ok(login)
+    }
+}
+
+fn hex_decode(text: &str, out: &mut [u8]) -> Option<()> {
+    proto::wire::from_hex_into(text, out).ok()
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The gateway's address.
+    pub server: SocketAddr,
+    /// The name in the gateway's certificate.
+    pub server_name: String,
+    /// Certificates to trust (the gateway's own, or its CA).
+    pub trusted_certs: Vec<CertificateDer<'static>>,
+    /// The API key.
+    pub credentials: Credentials,
+    /// Cancel-on-disconnect policy for the session.
+    pub cancel_on_disconnect: CancelOnDisconnect,
+    /// Its grace period.
+    pub cod_grace: Duration,
+    /// A silent connection is considered dead after this long.
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive interval.
+    pub keep_alive: Duration,
+    /// Acknowledge received messages at least this often.
+    pub ack_interval: Duration,
+    /// Reconnect attempts after a loss before giving up.
+    pub reconnect_attempts: u32,
+    /// Delay before the first reconnect attempt; doubles up to one second.
+    pub reconnect_backoff: Duration,
+    /// Most client messages awaiting an answer before sends are refused.
+    pub max_unprocessed: usize,
+    /// Capacity of the event channel to the application.
+    pub event_capacity: usize,
+}
+
+impl ClientConfig {
+    /// Settings with sensible defaults for a gateway at `server` using `cert`.
+    pub fn new(
+        server: SocketAddr,
+        cert: CertificateDer<'static>,
+        credentials: Credentials,
+    ) -> Self {
+        ClientConfig {
+            server,
+            server_name: "localhost".into(),
+            trusted_certs: vec![cert],
+            credentials,
+            cancel_on_disconnect: CancelOnDisconnect::Off,
+            cod_grace: Duration::ZERO,
+            idle_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(1),
+            ack_interval: Duration::from_millis(10),
+            reconnect_attempts: 20,
+            reconnect_backoff: Duration::from_millis(10),
+            max_unprocessed: 65_536,
+            event_capacity: 65_536,
+        }
+    }
+}
+
+/// Something the application learns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A sequenced server message: each exactly once, in order.
+    Message(Frame),
+    /// The authoritative state of the session's orders (after login, or after a
+    /// resume that needed more than the gateway retained).
+    Snapshot {
+        /// It reflects every server message up to this sequence.
+        as_of_server_seq: u64,
+        /// The orders.
+        orders: Vec<OrderState>,
+    },
+    /// The connection was lost and the session resumed on a new one.
+    Resumed,
+    /// The session is over.
+    Ended(ReasonCode),
+}
+
+/// An order to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderParams {
+    /// Instrument.
+    pub instrument_id: u32,
+    /// The client's id for the order.
+    pub client_order_id: u64,
+    /// Buy or sell.
+    pub side: Side,
+    /// Limit or market.
+    pub order_type: OrderType,
+    /// GTC, IOC or FOK.
+    pub time_in_force: TimeInForce,
+    /// Limit price (0 for market).
+    pub price: i64,
+    /// Quantity.
+    pub quantity: u64,
+}
+
+impl OrderParams {
+    /// A GTC limit buy.
+    pub fn limit_buy(instrument_id: u32, client_order_id: u64, price: i64, quantity: u64) -> Self {
+        Self::limit(instrument_id, client_order_id, Side::Buy, price, quantity)
+    }
+
+    /// A GTC limit sell.
+    pub fn limit_sell(instrument_id: u32, client_order_id: u64, price: i64, quantity: u64) -> Self {
+        Self::limit(instrument_id, client_order_id, Side::Sell, price, quantity)
+    }
+
+    fn limit(
+        instrument_id: u32,
+        client_order_id: u64,
+        side: Side,
+        price: i64,
+        quantity: u64,
+    ) -> Self {
+        OrderParams {
+            instrument_id,
+            client_order_id,
+            side,
+            order_type: OrderType::Limit,
+            time_in_force: TimeInForce::Gtc,
+            price,
+            quantity,
+        }
+    }
+}
+
+/// State shared by the application handle and the connection driver.
+struct Shared {
+    state: ClientState,
+    /// The live connection's outgoing queue; `None` while reconnecting.
+    out: Option<mpsc::UnboundedSender<Bytes>>,
+    /// The live connection, to drop it on request.
+    connection: Option<quinn::Connection>,
+    ended: bool,
+}
+
+/// A connected client. Dropping it ends the connection without logging out.
+pub struct Client {
+    shared: Arc<Mutex<Shared>>,
+    config: Arc<ClientConfig>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.driver.abort();
+        if let Some(connection) = self.lock().connection.take() {
+            connection.close(0u32.into(), b"client dropped");
+        }
+    }
+}
+
+impl Client {
+    /// Connects and logs in. Returns once the login is accepted, with the stream of
+    /// events; the client keeps the session alive across connection losses.
+    pub async fn connect(
+        config: ClientConfig,
+    ) -> Result<(Client, mpsc::Receiver<Event>), ClientError> {
+        let config = Arc::new(config);
+        let shared = Arc::new(Mutex::new(Shared {
+            state: ClientState::new(),
+            out: None,
+            connection: None,
+            ended: false,
+        }));
+        let (events, receiver) = mpsc::channel(config.event_capacity);
+        let login = config
+            .credentials
+            .signed_login(config.cancel_on_disconnect, config.cod_grace)?;
+        let link = open(&config).await?;
+        let (established, on_established) = oneshot::channel();
+        let driver = tokio::spawn(drive(
+            Arc::clone(&shared),
+            Arc::clone(&config),
+            events,
+            link,
+            Frame::from(login),
+            established,
+        ));
+        match on_established.await {
+            Ok(Ok(())) => Ok((
+                Client {
+                    shared,
+                    config,
+                    driver,
+                },
+                receiver,
+            )),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(ClientError::Connection(
+                "connection lost during login".into(),
+            )),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The session id.
+    pub fn session_id(&self) -> Option<u64> {
+        self.lock().state.session_id
+    }
+
+    /// Highest server sequence received.
+    pub fn last_server_seq(&self) -> u64 {
+        self.lock().state.last_server_seq()
+    }
+
+    /// Client messages sent and not yet known to be processed.
+    pub fn unprocessed(&self) -> usize {
+        self.lock().state.unprocessed()
+    }
+
+    fn send_sequenced(&self, make: impl FnOnce(u64) -> Frame) -> Result<u64, ClientError> {
+        let mut shared = self.lock();
+        if shared.ended {
+            return Err(ClientError::Ended);
+        }
+        if shared.state.unprocessed() >= self.config.max_unprocessed {
+            return Err(ClientError::Backpressure);
+        }
+        let (seq, bytes) = shared.state.sequence(make);
+        if let Some(out) = &shared.out {
+            // A closed queue means the connection just died; the message stays in the
+            // unprocessed set and is re-sent after the resume.
+            let _ = out.send(bytes);
+        }
+        Ok(seq)
+    }
+
+    /// Sends an order; returns its client sequence number.
+    pub fn new_order(&self, order: OrderParams) -> Result<u64, ClientError> {
+        self.send_sequenced(|client_seq| {
+            proto::NewOrder {
+                client_seq,
+                client_order_id: order.client_order_id,
+                instrument_id: order.instrument_id,
+                side: order.side,
+                order_type: order.order_type,
+                time_in_force: order.time_in_force,
+                price: order.price,
+                quantity: order.quantity,
+            }
+            .into()
+        })
+    }
+
+    /// Cancels a working order; returns the request's client sequence number.
+    pub fn cancel(&self, client_order_id: u64) -> Result<u64, ClientError> {
+        self.send_sequenced(|client_seq| {
+            proto::Cancel {
+                client_seq,
+                client_order_id,
+            }
+            .into()
+        })
+    }
+
+    /// Changes a working order's price and total quantity.
+    pub fn replace(
+        &self,
+        client_order_id: u64,
+        price: i64,
+        quantity: u64,
+    ) -> Result<u64, ClientError> {
+        self.send_sequenced(|client_seq| {
+            proto::Replace {
+                client_seq,
+                client_order_id,
+                price,
+                quantity,
+            }
+            .into()
+        })
+    }
+
+    /// Ends the session for good.
+    pub fn logout(&self) -> Result<(), ClientError> {
+        let shared = self.lock();
+        let out = shared.out.as_ref().ok_or(ClientError::Ended)?;
+        out.send(Frame::from(proto::Logout {}).to_bytes())
+            .map_err(|_| ClientError::Connection("not connected".into()))
+    }
+
+    /// Drops the current connection (as a network failure would); the client
+    /// reconnects and resumes by itself.
+    pub fn drop_connection(&self) {
+        if let Some(connection) = self.lock().connection.take() {
+            connection.close(0u32.into(), b"reconnecting");
+        }
+    }
+}
+
+/// One QUIC connection to the gateway with its session stream open, and nothing
+/// sent yet: for tools and tests that speak the protocol frame by frame.
+pub struct Link {
+    /// The endpoint; it must live as long as the connection.
+    pub endpoint: quinn::Endpoint,
+    /// The connection.
+    pub connection: quinn::Connection,
+    /// The session stream, client to gateway.
+    pub send: quinn::SendStream,
+    /// The session stream, gateway to client.
+    pub recv: quinn::RecvStream,
+}
+
+/// Opens a connection (its own UDP socket) and the session stream.
+pub async fn open(config: &ClientConfig) -> Result<Link, ClientError> {
+    open_on(client_endpoint(config)?, config).await
+}
+
+/// A client endpoint (one UDP socket) set up to reach the gateway in `config`; many
+/// connections can share it.
+pub fn client_endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
+    let error = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &config.trusted_certs {
+        roots.add(cert.clone()).map_err(|e| error(&e))?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| error(&e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let mut quic = quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).map_err(|e| error(&e))?,
+    ));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(config.idle_timeout).map_err(|e| error(&e))?,
+        ))
+        .keep_alive_interval(Some(config.keep_alive));
+    quic.transport_config(Arc::new(transport));
+    let bind: SocketAddr = if config.server.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| error(&e))?;
+    endpoint.set_default_client_config(quic);
+    Ok(endpoint)
+}
+
+/// Opens a connection and the session stream on an existing endpoint.
+pub async fn open_on(
+    endpoint: quinn::Endpoint,
+    config: &ClientConfig,
+) -> Result<Link, ClientError> {
+    let error = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
+    let connection = endpoint
+        .connect(config.server, &config.server_name)
+        .map_err(|e| error(&e))?
+        .await
+        .map_err(|e| error(&e))?;
+    let (send, recv) = connection.open_bi().await.map_err(|e| error(&e))?;
+    Ok(Link {
+        endpoint,
+        connection,
+        send,
+        recv,
+    })
+}
+
+/// Reasons after which resuming is pointless.
+const fn ends_session(reason: ReasonCode) -> bool {
+    !matches!(
+        reason,
+        ReasonCode::ShuttingDown
+            | ReasonCode::SlowConsumer
+            | ReasonCode::InternalError
+            | ReasonCode::ClientSeqGap
+            | ReasonCode::RateLimited
+            | ReasonCode::HandshakeTimeout
+    )
+}
+
+/// Runs connections until the session ends: the first with `first_frame` (the
+/// login), then resumes.
+async fn drive(
+    shared: Arc<Mutex<Shared>>,
+    config: Arc<ClientConfig>,
+    events: mpsc::Sender<Event>,
+    mut link: Link,
+    mut first_frame: Frame,
+    established: oneshot::Sender<Result<(), ClientError>>,
+) {
+    let mut established = Some(established);
+    loop {
+        let outcome = run_connection(
+            &shared,
+            &config,
+            &events,
+            link,
+            first_frame,
+            &mut established,
+        )
+        .await;
+        {
+            let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            guard.out = None;
+            guard.connection = None;
+            guard.state.connection_lost();
+        }
+        if let Some(reason) = outcome.filter(|reason| ends_session(*reason)) {
+            finish(&shared, &events, established.take(), reason).await;
+            return;
+        }
+        if let Some(waiting) = established.take() {
+            let _ = waiting.send(Err(ClientError::Connection(
+                "connection lost during login".into(),
+            )));
+            return;
+        }
+        let resume = shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .state
+            .resume_frame();
+        let Some(resume) = resume else { return };
+        match reconnect(&config).await {
+            Some(next) => {
+                link = next;
+                first_frame = resume;
+            }
+            None => {
+                finish(&shared, &events, None, ReasonCode::InternalError).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn finish(
+    shared: &Mutex<Shared>,
+    events: &mpsc::Sender<Event>,
+    established: Option<oneshot::Sender<Result<(), ClientError>>>,
+    reason: ReasonCode,
+) {
+    shared.lock().unwrap_or_else(PoisonError::into_inner).ended = true;
+    match established {
+        Some(waiting) => {
+            let _ = waiting.send(Err(ClientError::Refused(reason)));
+        }
+        None => {
+            let _ = events.send(Event::Ended(reason)).await;
+        }
+    }
+}
+
+async fn reconnect(config: &ClientConfig) -> Option<Link> {
+    let mut backoff = config.reconnect_backoff;
+    for attempt in 1..=config.reconnect_attempts {
+        tokio::time::sleep(backoff).await;
+        match open(config).await {
+            Ok(link) => return Some(link),
+            Err(error) => debug!(attempt, %error, "reconnect failed"),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+    None
+}
+
+/// Runs one connection until it ends; returns the gateway's reason if it gave one.
+async fn run_connection(
+    shared: &Arc<Mutex<Shared>>,
+    config: &ClientConfig,
+    events: &mpsc::Sender<Event>,
+    link: Link,
+    first_frame: Frame,
+    established: &mut Option<oneshot::Sender<Result<(), ClientError>>>,
+) -> Option<ReasonCode> {
+    let Link {
+        endpoint: _endpoint,
+        connection,
+        mut send,
+        mut recv,
+    } = link;
+    let (out, mut outgoing) = mpsc::unbounded_channel::<Bytes>();
+    if out.send(first_frame.to_bytes()).is_err() {
+        return None;
+    }
+    let resuming = matches!(first_frame, Frame::Resume(_));
+    shared
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .connection = Some(connection.clone());
+
+    let writer_shared = Arc::clone(shared);
+    let ack_interval = config.ack_interval;
+    let writer = async move {
+        let mut tick = tokio::time::interval(ack_interval);
+        loop {
+            tokio::select! {
+                bytes = outgoing.recv() => {
+                    let Some(bytes) = bytes else { return };
+                    if send.write_all(&bytes).await.is_err() { return; }
+                }
+                _ = tick.tick() => {
+                    let ack = writer_shared.lock().unwrap_or_else(PoisonError::into_inner).state.take_ack();
+                    if let Some(ack) = ack {
+                        if send.write_all(&ack.to_bytes()).await.is_err() { return; }
+                    }
+                }
+            }
+        }
+    };
+
+    let reader = async {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            let frame = match proto::decode_buf(&mut buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => match recv.read_chunk(16 * 1024, true).await {
+                    Ok(Some(chunk)) => {
+                        buf.extend_from_slice(&chunk.bytes);
+                        continue;
+                    }
+                    Ok(None) | Err(_) => return closed_reason(&connection),
+                },
+                Err(error) => {
+                    connection.close(
+                        u32::from(error.reason().to_wire()).into(),
+                        b"malformed frame",
+                    );
+                    return None;
+                }
+            };
+            let received = {
+                let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                let received = guard.state.receive(frame);
+                if let Ok(Received::Established { resend }) = &received {
+                    // Under the lock, so no new send can slip in between the re-sent
+                    // messages or be sent twice.
+                    for bytes in resend {
+                        let _ = out.send(bytes.clone());
+                    }
+                    guard.out = Some(out.clone());
+                }
+                received
+            };
+            let event = match received {
+                Ok(Received::Message(frame)) => Event::Message(frame),
+                Ok(Received::Snapshot {
+                    as_of_server_seq,
+                    orders,
+                }) => Event::Snapshot {
+                    as_of_server_seq,
+                    orders,
+                },
+                Ok(Received::Established { .. }) => {
+                    if let Some(waiting) = established.take() {
+                        let _ = waiting.send(Ok(()));
+                    }
+                    if !resuming {
+                        continue;
+                    }
+                    Event::Resumed
+                }
+                Ok(Received::Closing(reason)) => return Some(reason),
+                Ok(Received::Nothing) => continue,
+                Err(violation) => {
+                    debug!(%violation, "gateway broke the protocol; reconnecting");
+                    connection.close(
+                        u32::from(ReasonCode::MalformedFrame.to_wire()).into(),
+                        b"violation",
+                    );
+                    return None;
+                }
+            };
+            if events.send(event).await.is_err() {
+                // The application stopped listening.
+                return Some(ReasonCode::LoggedOut);
+            }
+        }
+    };
+
+    tokio::select! {
+        reason = reader => {
+            connection.close(0u32.into(), b"");
+            reason
+        }
+        () = writer => closed_reason(&connection),
+    }
+}
+
+/// The gateway's reason, if it closed the connection with one.
+fn closed_reason(connection: &quinn::Connection) -> Option<ReasonCode> {
+    match connection.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            u16::try_from(close.error_code.into_inner())
+                .ok()
+                .and_then(ReasonCode::from_wire)
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,432 @@
+//! The gateway's settings: a TOML file, overridden key by key, with defaults that run
+//! a complete development gateway on loopback.
+//!
+//! Every setting has a key (`section.name`) usable in the file and as an override
+//! (`--set section.name=value`). Durations are integers in milliseconds (`_ms`) or
+//! seconds (`_s`), named so.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::AuthConfig;
+use crate::registry::RegistryLimits;
+use crate::ring::RingLimits;
+use crate::session::SessionConfig;
+
+/// Why the configuration cannot be used. The operator's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file or an override is not valid.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// All settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Where development files go: the generated certificate, demo accounts and their
+    /// client keys.
+    pub dev_dir: PathBuf,
+    /// TLS certificate chain and key (PEM). Both unset: a self-signed development
+    /// certificate for `localhost` is generated in `dev_dir` (or reused).
+    pub tls: TlsSettings,
+    /// Accounts file (TOML, see the `auth` module). Unset: demo accounts are
+    /// generated in `dev_dir` (or reused) with their client keys beside them.
+    pub accounts_file: Option<PathBuf>,
+    /// Number of demo accounts generated when no accounts file is given.
+    pub demo_accounts: u32,
+    /// File holding the token HMAC key in hex (at least 32 bytes). Unset: a random key
+    /// per run, so tokens do not survive a restart.
+    pub token_key_file: Option<PathBuf>,
+    /// Transport settings.
+    pub transport: TransportSettings,
+    /// Session settings.
+    pub session: SessionSettings,
+    /// Login settings.
+    pub auth: AuthSettings,
+    /// The matching engine.
+    pub engine: EngineSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// TLS files.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Certificate chain, PEM.
+    pub cert: Option<PathBuf>,
+    /// Private key, PEM.
+    pub key: Option<PathBuf>,
+}
+
+/// QUIC transport settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportSettings {
+    /// A connection silent this long is dead.
+    pub idle_timeout_ms: u64,
+    /// Gateway-side keep-alive interval; 0 leaves keep-alives to clients.
+    pub keep_alive_ms: u64,
+    /// Time a new connection has to send `Login` or `Resume`.
+    pub handshake_timeout_ms: u64,
+    /// Most simultaneous connections; more are refused at the QUIC level.
+    pub max_connections: usize,
+    /// UDP socket send and receive buffer size asked of the kernel (which may cap
+    /// it, e.g. at `net.core.rmem_max`). Large buffers absorb bursts such as many
+    /// clients reconnecting at once.
+    pub socket_buffer_bytes: usize,
+}
+
+/// Session settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Unacknowledged messages retained per session for replay.
+    pub replay_window: usize,
+    /// Bytes of unacknowledged messages retained per session.
+    pub replay_window_bytes: usize,
+    /// Token lifetime.
+    pub token_ttl_s: u64,
+    /// How long a detached session lives.
+    pub detached_ttl_s: u64,
+    /// Longest cancel-on-disconnect grace period a client may ask for.
+    pub max_cod_grace_ms: u64,
+    /// Most open orders per session.
+    pub max_open_orders: usize,
+    /// Finished orders kept per session for snapshots.
+    pub finished_orders_retained: usize,
+    /// Most sessions on the gateway.
+    pub max_sessions: usize,
+    /// Most sessions per account (an account's own limit may be lower).
+    pub max_sessions_per_account: usize,
+}
+
+/// Login settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Largest accepted client clock difference.
+    pub max_clock_skew_ms: u64,
+    /// Failed logins or resumes per address and window before it is refused.
+    pub failures_per_window: u32,
+    /// The failure counting window.
+    pub failure_window_ms: u64,
+}
+
+/// One instrument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstrumentSettings {
+    /// Id used in orders.
+    pub id: u32,
+    /// Prices are multiples of this.
+    pub tick_size: i64,
+    /// Quantities are multiples of this.
+    pub lot_size: u64,
+}
+
+/// Matching engine settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Requests queued for the engine before new orders are refused with `EngineBusy`.
+    pub queue_capacity: usize,
+    /// Finished orders kept per account for login snapshots.
+    pub finished_orders_per_account: usize,
+    /// The tradable instruments.
+    pub instruments: Vec<InstrumentSettings>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// Output format.
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info` or `gateway=debug`.
+    pub filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            dev_dir: PathBuf::from(".gateway-dev"),
+            tls: TlsSettings::default(),
+            accounts_file: None,
+            demo_accounts: 8,
+            token_key_file: None,
+            transport: TransportSettings::default(),
+            session: SessionSettings::default(),
+            auth: AuthSettings::default(),
+            engine: EngineSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        TransportSettings {
+            idle_timeout_ms: 10_000,
+            keep_alive_ms: 0,
+            handshake_timeout_ms: 5_000,
+            max_connections: 20_000,
+            socket_buffer_bytes: 4 << 20,
+        }
+    }
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        let session = SessionConfig::default();
+        let limits = RegistryLimits::default();
+        SessionSettings {
+            replay_window: session.ring.max_messages,
+            replay_window_bytes: session.ring.max_bytes,
+            token_ttl_s: session.token_ttl.as_secs(),
+            detached_ttl_s: session.detached_ttl.as_secs(),
+            max_cod_grace_ms: millis(session.max_cod_grace),
+            max_open_orders: session.max_open_orders,
+            finished_orders_retained: session.finished_orders_retained,
+            max_sessions: limits.max_sessions,
+            max_sessions_per_account: limits.max_sessions_per_account,
+        }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        let auth = AuthConfig::default();
+        AuthSettings {
+            max_clock_skew_ms: millis(auth.max_clock_skew),
+            failures_per_window: auth.failures_per_window,
+            failure_window_ms: millis(auth.failure_window),
+        }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            queue_capacity: 65_536,
+            finished_orders_per_account: 1_024,
+            instruments: vec![
+                InstrumentSettings {
+                    id: 1,
+                    tick_size: 1,
+                    lot_size: 1,
+                },
+                InstrumentSettings {
+                    id: 2,
+                    tick_size: 5,
+                    lot_size: 10,
+                },
+            ],
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Human,
+            filter: "info".into(),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Config {
+    /// Reads `file` (if any) and applies `overrides` (`section.key=value`, value in
+    /// TOML syntax, bare words taken as strings), then validates.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for assignment in overrides {
+            apply_override(&mut table, assignment)?;
+        }
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |what: &str| Err(ConfigError::Invalid(what.to_string()));
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid("tls.cert and tls.key must be given together");
+        }
+        if self.transport.idle_timeout_ms == 0 || self.transport.handshake_timeout_ms == 0 {
+            return invalid("transport timeouts must be positive");
+        }
+        if self.session.replay_window == 0
+            || self.session.replay_window_bytes < proto::MAX_FRAME_LEN
+        {
+            return invalid(
+                "session.replay_window must be positive and replay_window_bytes at least one frame",
+            );
+        }
+        if self.engine.queue_capacity == 0 {
+            return invalid("engine.queue_capacity must be positive");
+        }
+        if self.engine.instruments.is_empty() {
+            return invalid("engine.instruments must list at least one instrument");
+        }
+        if self.accounts_file.is_none() && self.demo_accounts == 0 {
+            return invalid("give an accounts_file or a positive demo_accounts");
+        }
+        Ok(())
+    }
+
+    /// The session core's settings.
+    pub fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            ring: RingLimits {
+                max_messages: self.session.replay_window,
+                max_bytes: self.session.replay_window_bytes,
+            },
+            token_ttl: Duration::from_secs(self.session.token_ttl_s),
+            detached_ttl: Duration::from_secs(self.session.detached_ttl_s),
+            max_cod_grace: Duration::from_millis(self.session.max_cod_grace_ms),
+            max_open_orders: self.session.max_open_orders,
+            finished_orders_retained: self.session.finished_orders_retained,
+            ..SessionConfig::default()
+        }
+    }
+
+    /// The registry's limits.
+    pub fn registry_limits(&self) -> RegistryLimits {
+        RegistryLimits {
+            max_sessions: self.session.max_sessions,
+            max_sessions_per_account: self.session.max_sessions_per_account,
+            ..RegistryLimits::default()
+        }
+    }
+
+    /// The authenticator's settings.
+    pub fn auth_config(&self) -> AuthConfig {
+        AuthConfig {
+            max_clock_skew: Duration::from_millis(self.auth.max_clock_skew_ms),
+            failures_per_window: self.auth.failures_per_window,
+            failure_window: Duration::from_millis(self.auth.failure_window_ms),
+            ..AuthConfig::default()
+        }
+    }
+}
+
+/// Sets `a.b.c=value` in `table`.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Invalid(format!("override {assignment:?} is not key=value")))?;
+    let value = parse_value(raw.trim());
+    let mut path: Vec<&str> = key.trim().split('.').collect();
+    let last = path
+        .pop()
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ConfigError::Invalid(format!("override {assignment:?} has no key")))?;
+    let mut current = table;
+    for part in path {
+        current = current
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Invalid(format!("{key}: {part} is not a section")))?;
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// A TOML value, or the text itself as a string.
+fn parse_value(raw: &str) -> toml::Value {
+    format!("value = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let config = Config::default();
+        config.validate().expect("defaults are valid");
+        let text = toml::to_string(&config).expect("serialize");
+        let again: Config = toml::from_str(&text).expect("parse");
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn overrides_reach_nested_settings_with_typed_values() {
+        let config = Config::load(
+            None,
+            &[
+                "listen=127.0.0.1:9000".into(),
+                "session.replay_window=100".into(),
+                "log.format=json".into(),
+                "engine.instruments=[{id=7, tick_size=1, lot_size=1}]".into(),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.session.replay_window, 100);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.engine.instruments[0].id, 7);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_a_message() {
+        let unknown = Config::load(None, &["session.replay_windw=5".into()]).expect_err("typo");
+        assert!(unknown.to_string().contains("replay_windw"), "{unknown}");
+        assert!(Config::load(None, &["listen=nowhere".into()]).is_err());
+        assert!(Config::load(None, &["novalue".into()]).is_err());
+        let half_tls = Config::load(None, &["tls.cert=/x.pem".into()]).expect_err("half tls");
+        assert!(half_tls.to_string().contains("together"));
+    }
+}

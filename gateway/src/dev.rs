@@ -1,0 +1,213 @@
+//! Files a gateway needs that development can generate: a self-signed certificate
+//! and demo accounts with their client keys. Generated once into the dev directory
+//! and reused afterwards, so clients keep working across restarts.
+//!
+//! Files in the dev directory:
+//!
+//! - `cert.der`, `cert.pem`: the certificate clients must trust (names `localhost`,
+//!   `127.0.0.1`, `::1`); `key.der`: its private key.
+//! - `accounts.toml`: the demo accounts and their public keys (gateway side).
+//! - `client-keys.toml`: the matching private keys (client side): a list of
+//!   `[[key]]` tables with `account`, `key_id` and `seed` (the 32-byte Ed25519 seed in
+//!   hex). Development only: anyone with this file can trade on these accounts.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{AccountEntry, AccountsError, AccountsFile, ApiKeyEntry};
+
+/// Why setting up files failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A certificate or key is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The accounts file is unusable.
+    #[error(transparent)]
+    Accounts(#[from] AccountsError),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {
+    move |source| SetupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), SetupError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_error(parent))?;
+    }
+    fs::write(path, contents).map_err(io_error(path))?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_error(path))?;
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    Ok(())
+}
+
+/// A certificate chain and its key.
+pub type TlsIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// A fresh self-signed certificate for `localhost`, `127.0.0.1` and `::1`.
+pub fn self_signed() -> Result<TlsIdentity, SetupError> {
+    generate_self_signed().map(|(identity, _pem)| identity)
+}
+
+/// A fresh self-signed identity and its certificate in PEM.
+fn generate_self_signed() -> Result<(TlsIdentity, String), SetupError> {
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let certified =
+        rcgen::generate_simple_self_signed(names).map_err(|e| SetupError::Tls(e.to_string()))?;
+    let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+    let pem = certified.cert.pem();
+    Ok(((vec![certified.cert.der().clone()], key.into()), pem))
+}
+
+/// The development certificate in `dir`, generated there first if missing.
+pub fn dev_certificate(dir: &Path) -> Result<TlsIdentity, SetupError> {
+    let cert_path = dir.join("cert.der");
+    let key_path = dir.join("key.der");
+    if cert_path.exists() && key_path.exists() {
+        let cert = fs::read(&cert_path).map_err(io_error(&cert_path))?;
+        let key = fs::read(&key_path).map_err(io_error(&key_path))?;
+        let key = PrivateKeyDer::try_from(key)
+            .map_err(|e| SetupError::Tls(format!("{}: {e}", key_path.display())))?;
+        return Ok((vec![CertificateDer::from(cert)], key));
+    }
+    let ((certs, key), pem) = generate_self_signed()?;
+    write(&cert_path, &certs[0], false)?;
+    write(&dir.join("cert.pem"), pem.as_bytes(), false)?;
+    write(&key_path, key.secret_der(), true)?;
+    Ok((certs, key))
+}
+
+/// Certificate chain and key from PEM files.
+pub fn pem_identity(cert: &Path, key: &Path) -> Result<TlsIdentity, SetupError> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| SetupError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(SetupError::Tls(format!(
+            "{}: no certificate",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| SetupError::Tls(format!("{}: {e}", key.display())))?;
+    Ok((certs, key))
+}
+
+/// One development API key, as written to `client-keys.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevKey {
+    /// The account.
+    pub account: u64,
+    /// The API key id.
+    pub key_id: u64,
+    /// The Ed25519 seed, hex.
+    pub seed: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DevKeysFile {
+    #[serde(rename = "key", default)]
+    keys: Vec<DevKey>,
+}
+
+/// The demo accounts in `dir` (`accounts.toml`), generated there with their client
+/// keys (`client-keys.toml`) first if missing.
+pub fn demo_accounts(dir: &Path, count: u32) -> Result<AccountsFile, SetupError> {
+    let accounts_path = dir.join("accounts.toml");
+    if accounts_path.exists() {
+        let text = fs::read_to_string(&accounts_path).map_err(io_error(&accounts_path))?;
+        return Ok(AccountsFile::parse(&text)?);
+    }
+    let random = SystemRandom::new();
+    let mut accounts = AccountsFile::default();
+    let mut keys = DevKeysFile::default();
+    for index in 1..=u64::from(count) {
+        let mut seed = [0u8; 32];
+        random
+            .fill(&mut seed)
+            .map_err(|_| SetupError::Tls("system random generator failed".into()))?;
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed)
+            .map_err(|e| SetupError::Tls(e.to_string()))?;
+        let key_id = 1_000 + index;
+        accounts.accounts.push(AccountEntry {
+            id: index,
+            max_sessions: None,
+            keys: vec![ApiKeyEntry {
+                id: key_id,
+                public_key: hex::encode(pair.public_key().as_ref()),
+            }],
+        });
+        keys.keys.push(DevKey {
+            account: index,
+            key_id,
+            seed: hex::encode(seed),
+        });
+    }
+    let client_keys = toml::to_string_pretty(&keys).map_err(|e| SetupError::Tls(e.to_string()))?;
+    let header = "# Development API keys of the demo accounts. Anyone holding this file can trade on them.\n";
+    write(
+        &dir.join("client-keys.toml"),
+        format!("{header}{client_keys}").as_bytes(),
+        true,
+    )?;
+    write(&accounts_path, accounts.to_toml().as_bytes(), false)?;
+    Ok(accounts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_files_are_reused_on_the_next_start() {
+        let dir = std::env::temp_dir().join(format!("gateway-dev-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (certs, _) = dev_certificate(&dir).expect("generate");
+        let (again, _) = dev_certificate(&dir).expect("reuse");
+        assert_eq!(certs, again);
+        let accounts = demo_accounts(&dir, 3).expect("generate");
+        assert_eq!(accounts.accounts.len(), 3);
+        assert_eq!(demo_accounts(&dir, 3).expect("reuse"), accounts);
+        let keys: DevKeysFile =
+            toml::from_str(&fs::read_to_string(dir.join("client-keys.toml")).expect("written"))
+                .expect("parse");
+        assert_eq!(keys.keys.len(), 3);
+        let pem_certs = pem_identity(&dir.join("cert.pem"), &dir.join("cert.pem"));
+        assert!(
+            matches!(pem_certs, Err(SetupError::Tls(_))),
+            "a certificate is not a key"
+        );
+        let parsed: Vec<_> = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+            .expect("pem")
+            .collect::<Result<_, _>>()
+            .expect("certs");
+        assert_eq!(parsed, certs, "cert.pem holds the same certificate");
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+}

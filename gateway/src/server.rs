@@ -1,0 +1,685 @@
+//! The QUIC server: thin glue between quinn and the sans-IO session core.
+//!
+//! Per connection: one task reads the first frame (`Login` or `Resume`), then loops
+//! decoding frames into the session; one writer task drains the session's transmit
+//! path (control frames, then the ring from the cursor) whenever it is woken. The
+//! engine runs on its own thread; its events are routed into sessions from that
+//! thread and wake the writers. A timer task fires cancel-on-disconnect and expiry.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use matching_stub::{
+    self as engine, EngineConfig, EngineThread, Instrument, OrderBookEngine, SubmitError,
+};
+use proto::{Frame, ReasonCode};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::VarInt;
+use tokio::sync::{oneshot, Notify};
+use tracing::{debug, info, warn, Instrument as _};
+
+use crate::auth::{AccountsFile, Authenticator};
+use crate::config::Config;
+use crate::dev::{SetupError, TlsIdentity};
+use crate::registry::{lock, Registry, SessionHandle};
+use crate::session::{Action, CodPolicy, ConnectionId, Transmit};
+use crate::time::Timestamp;
+use crate::token::TokenKeyRing;
+
+/// Most frames the writer takes from a session per wake-up.
+const WRITE_BATCH: usize = 64;
+/// How long the writer waits to deliver a `Close` frame before closing anyway.
+const CLOSE_FLUSH: Duration = Duration::from_millis(250);
+/// How often timers are checked.
+const TIMER_TICK: Duration = Duration::from_millis(50);
+/// Bytes read from the stream at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Certificates, keys or accounts could not be set up.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The TLS or QUIC configuration was refused.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The engine could not be configured or started.
+    #[error("engine: {0}")]
+    Engine(String),
+}
+
+/// Everything a gateway needs to start, resolved from [`Config`] (files read).
+pub struct Setup {
+    /// The settings.
+    pub config: Config,
+    /// TLS certificate chain and key.
+    pub tls: TlsIdentity,
+    /// The accounts.
+    pub accounts: AccountsFile,
+    /// Token keys.
+    pub token_keys: TokenKeyRing,
+}
+
+/// A connection as the server tracks it.
+struct Conn {
+    connection: quinn::Connection,
+    wake: Notify,
+    /// Set when the gateway decides to close: the writer sends `Close` and closes.
+    closing: Mutex<Option<ReasonCode>>,
+}
+
+impl Conn {
+    fn close(&self, reason: ReasonCode) {
+        let mut closing = self.closing.lock().unwrap_or_else(PoisonError::into_inner);
+        closing.get_or_insert(reason);
+        drop(closing);
+        self.wake.notify_one();
+    }
+
+    fn closing(&self) -> Option<ReasonCode> {
+        *self.closing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// State shared by all tasks and the engine thread.
+struct Shared {
+    registry: Registry,
+    engine: engine::EngineSender,
+    conns: DashMap<ConnectionId, Arc<Conn>>,
+    auth: Mutex<Authenticator>,
+    queries: DashMap<u64, oneshot::Sender<Vec<engine::OrderView>>>,
+    next_query: AtomicU64,
+    next_conn: AtomicU64,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    engine: EngineThread<OrderBookEngine>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Gateway {
+    /// Binds the endpoint, starts the engine thread and the accept and timer tasks on
+    /// the current tokio runtime.
+    pub fn start(setup: Setup) -> Result<Gateway, StartError> {
+        let Setup {
+            config,
+            tls,
+            accounts,
+            token_keys,
+        } = setup;
+        let endpoint_config = server_config(&config, tls)?;
+        let bind_error = |source| StartError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket =
+            bind_udp(config.listen, config.transport.socket_buffer_bytes).map_err(bind_error)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_error(std::io::Error::other("no async runtime for quinn")))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(endpoint_config),
+            socket,
+            runtime,
+        )
+        .map_err(bind_error)?;
+
+        let instruments = config
+            .engine
+            .instruments
+            .iter()
+            .map(|i| Instrument {
+                id: i.id,
+                tick_size: i.tick_size,
+                lot_size: i.lot_size,
+            })
+            .collect();
+        let book = OrderBookEngine::new(EngineConfig {
+            instruments,
+            finished_orders_per_account: config.engine.finished_orders_per_account,
+        })
+        .map_err(|e| StartError::Engine(e.to_string()))?;
+        let routed_to: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
+        let sink_target = Arc::clone(&routed_to);
+        let engine = EngineThread::spawn(
+            book,
+            config.engine.queue_capacity,
+            move |events: &mut Vec<engine::Event>| {
+                if let Some(shared) = sink_target.get() {
+                    shared.on_engine_events(events);
+                }
+            },
+        )
+        .map_err(|e| StartError::Engine(e.to_string()))?;
+
+        let shared = Arc::new(Shared {
+            registry: Registry::new(
+                token_keys,
+                config.session_config(),
+                config.registry_limits(),
+            ),
+            engine: engine.sender(),
+            conns: DashMap::new(),
+            auth: Mutex::new(
+                Authenticator::new(&accounts, config.auth_config()).map_err(SetupError::from)?,
+            ),
+            queries: DashMap::new(),
+            next_query: AtomicU64::new(1),
+            next_conn: AtomicU64::new(1),
+            idle_timeout: Duration::from_millis(config.transport.idle_timeout_ms),
+            handshake_timeout: Duration::from_millis(config.transport.handshake_timeout_ms),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let _ = routed_to.set(Arc::clone(&shared));
+
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(accept_loop(
+            Arc::clone(&shared),
+            endpoint.clone(),
+            config.transport.max_connections,
+        ));
+        tasks.spawn(timer_loop(Arc::clone(&shared)));
+        info!(listen = %endpoint.local_addr().map_or(config.listen, |a| a), "gateway listening");
+        Ok(Gateway {
+            shared,
+            endpoint,
+            engine,
+            tasks,
+        })
+    }
+
+    /// The address the gateway listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The session registry, for inspection and operations (revoke, key rotation).
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.shared.conns.len()
+    }
+
+    /// Ends a session on an operator's request.
+    pub fn revoke(&self, session_id: u64) -> bool {
+        let mut actions = Vec::new();
+        let existed = self.shared.registry.revoke(session_id, &mut actions);
+        self.shared.execute(actions);
+        existed
+    }
+
+    /// Runs until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+
+    /// Stops accepting, tells every client the gateway is going away (`Close` with
+    /// `ShuttingDown`), lets writers flush briefly, closes the endpoint and stops the
+    /// engine after it has handled what was queued.
+    pub async fn shutdown(mut self) {
+        info!(connections = self.shared.conns.len(), "shutting down");
+        self.tasks.abort_all();
+        for conn in self.shared.conns.iter() {
+            conn.close(ReasonCode::ShuttingDown);
+        }
+        let deadline = tokio::time::Instant::now() + CLOSE_FLUSH * 2;
+        while !self.shared.conns.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.endpoint
+            .close(close_code(ReasonCode::ShuttingDown), b"ShuttingDown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let engine = self.engine;
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        info!("gateway stopped");
+    }
+}
+
+/// A UDP socket bound to `addr` with send and receive buffers of about `buffer_bytes`.
+fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // The kernel caps these; a smaller buffer than asked is not an error.
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// QUIC application error code for a reason.
+pub fn close_code(reason: ReasonCode) -> VarInt {
+    VarInt::from_u32(u32::from(reason.to_wire()))
+}
+
+fn server_config(
+    config: &Config,
+    (certs, key): TlsIdentity,
+) -> Result<quinn::ServerConfig, StartError> {
+    let tls_error = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| tls_error(&e))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| tls_error(&e))?;
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| tls_error(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    let idle =
+        quinn::IdleTimeout::try_from(Duration::from_millis(config.transport.idle_timeout_ms))
+            .map_err(|e| tls_error(&e))?;
+    transport
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(
+            (config.transport.keep_alive_ms > 0)
+                .then(|| Duration::from_millis(config.transport.keep_alive_ms)),
+        )
+        .max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, max_connections: usize) {
+    while let Some(incoming) = endpoint.accept().await {
+        if endpoint.open_connections() >= max_connections {
+            debug!(remote = %incoming.remote_address(), "refusing connection: at the connection limit");
+            incoming.refuse();
+            continue;
+        }
+        let shared = Arc::clone(&shared);
+        let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let remote = incoming.remote_address();
+        tokio::spawn(
+            async move {
+                match incoming.await {
+                    Ok(connection) => serve_connection(shared, conn_id, connection).await,
+                    Err(error) => debug!(%error, "handshake failed"),
+                }
+            }
+            .instrument(tracing::debug_span!("conn", id = conn_id, %remote)),
+        );
+    }
+}
+
+async fn timer_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    loop {
+        tick.tick().await;
+        let mut actions = Vec::new();
+        shared
+            .registry
+            .handle_timeouts(Timestamp::now(), &mut actions);
+        shared.execute(actions);
+    }
+}
+
+/// Reads frames from `recv` into `buf` until one is whole; `Ok(None)` at end of stream.
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<Option<Frame>, ReasonCode> {
+    loop {
+        match proto::decode_buf(buf) {
+            Ok(Some(frame)) => return Ok(Some(frame)),
+            Ok(None) => {}
+            Err(error) => {
+                debug!(%error, "undecodable frame");
+                return Err(error.reason());
+            }
+        }
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) | Err(_) => return Ok(None),
+        }
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    conn_id: ConnectionId,
+    connection: quinn::Connection,
+) {
+    let conn = Arc::new(Conn {
+        connection: connection.clone(),
+        wake: Notify::new(),
+        closing: Mutex::new(None),
+    });
+    shared.conns.insert(conn_id, Arc::clone(&conn));
+    let source = connection.remote_address().ip();
+
+    let opened = tokio::time::timeout(shared.handshake_timeout, async {
+        let (send, mut recv) = connection.accept_bi().await.ok()?;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let first = read_frame(&mut recv, &mut buf).await;
+        Some((send, recv, buf, first))
+    })
+    .await;
+    let (mut send, recv, buf, first) = match opened {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return shared.forget(conn_id),
+        Err(_) => {
+            refuse(&connection, None, ReasonCode::HandshakeTimeout).await;
+            return shared.forget(conn_id);
+        }
+    };
+
+    let session = match first {
+        Ok(Some(Frame::Login(login))) => shared.login(conn_id, source, &login).await,
+        Ok(Some(Frame::Resume(resume))) => shared.resume(conn_id, source, &resume),
+        Ok(Some(_)) => Err(Frame::Close(proto::Close {
+            reason: ReasonCode::UnexpectedFrame,
+        })),
+        Ok(None) => return shared.forget(conn_id),
+        Err(reason) => Err(Frame::Close(proto::Close { reason })),
+    };
+    let session = match session {
+        Ok(session) => session,
+        Err(answer) => {
+            let reason = match answer {
+                Frame::LoginRejected(r) => r.reason,
+                Frame::ResumeRejected(r) => r.reason,
+                Frame::Close(r) => r.reason,
+                _ => ReasonCode::InternalError,
+            };
+            debug!(?reason, "handshake refused");
+            refuse(&connection, Some((&mut send, answer)), reason).await;
+            return shared.forget(conn_id);
+        }
+    };
+
+    let writer = tokio::spawn(write_loop(
+        Arc::clone(&session),
+        conn_id,
+        Arc::clone(&conn),
+        send,
+    ));
+    read_loop(&shared, &session, conn_id, &conn, recv, buf).await;
+    lock(&session).connection_lost(conn_id, Timestamp::now());
+    conn.wake.notify_one();
+    let _ = writer.await;
+    shared.forget(conn_id);
+}
+
+/// Sends `answer` (if any), then closes the connection with `reason`.
+async fn refuse(
+    connection: &quinn::Connection,
+    answer: Option<(&mut quinn::SendStream, Frame)>,
+    reason: ReasonCode,
+) {
+    if let Some((send, frame)) = answer {
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            send.write_all(&frame.to_bytes()).await.ok()?;
+            send.finish().ok()?;
+            send.stopped().await.ok()
+        })
+        .await;
+    }
+    connection.close(close_code(reason), format!("{reason:?}").as_bytes());
+}
+
+async fn read_loop(
+    shared: &Shared,
+    session: &SessionHandle,
+    conn_id: ConnectionId,
+    conn: &Conn,
+    mut recv: quinn::RecvStream,
+    mut buf: BytesMut,
+) {
+    loop {
+        let frame = match read_frame(&mut recv, &mut buf).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(reason) => return conn.close(reason),
+        };
+        let mut actions = Vec::new();
+        lock(session).handle_frame(conn_id, &frame, Timestamp::now(), &mut actions);
+        shared.execute(actions);
+        // Duplicates and gateway-side rejects are queued for the writer.
+        conn.wake.notify_one();
+        if conn.closing().is_some() {
+            return;
+        }
+    }
+}
+
+async fn write_loop(
+    session: SessionHandle,
+    conn_id: ConnectionId,
+    conn: Arc<Conn>,
+    mut send: quinn::SendStream,
+) {
+    let mut frames: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        if let Some(reason) = conn.closing() {
+            let close = Frame::from(proto::Close { reason });
+            refuse(&conn.connection, Some((&mut send, close)), reason).await;
+            return;
+        }
+        frames.clear();
+        let transmit = lock(&session).poll_transmit(conn_id, &mut frames, WRITE_BATCH);
+        if frames.is_empty() {
+            if transmit == Transmit::NotAttached {
+                return;
+            }
+            tokio::select! {
+                () = conn.wake.notified() => {}
+                _ = conn.connection.closed() => return,
+            }
+            continue;
+        }
+        if send.write_all_chunks(&mut frames).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Shared {
+    fn forget(&self, conn_id: ConnectionId) {
+        self.conns.remove(&conn_id);
+    }
+
+    async fn login(
+        &self,
+        conn_id: ConnectionId,
+        source: IpAddr,
+        login: &proto::Login,
+    ) -> Result<SessionHandle, Frame> {
+        let now = Timestamp::now();
+        let rejected = |reason, retry_after_ms| {
+            Frame::from(proto::LoginRejected {
+                reason,
+                retry_after_ms,
+            })
+        };
+        let verified = {
+            let mut auth = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
+            auth.admit(source, now)
+                .and_then(|()| auth.verify(login, now))
+                .inspect_err(|_| auth.record_failure(source, now))
+        };
+        let grant = verified.map_err(|refused| rejected(refused.reason, refused.retry_after_ms))?;
+        let orders = self
+            .query_orders(grant.account)
+            .await
+            .ok_or_else(|| rejected(ReasonCode::InternalError, 0))?;
+        let cod = CodPolicy {
+            mode: login.cancel_on_disconnect,
+            grace: Duration::from_millis(u64::from(login.cod_grace_ms)),
+        };
+        let new = self
+            .registry
+            .login(
+                grant.account,
+                grant.max_sessions,
+                cod,
+                conn_id,
+                &orders,
+                self.idle_timeout,
+                now,
+            )
+            .map_err(|reason| rejected(reason, 0))?;
+        info!(session = new.session_id, account = grant.account, "login");
+        Ok(new.session)
+    }
+
+    fn resume(
+        &self,
+        conn_id: ConnectionId,
+        source: IpAddr,
+        resume: &proto::Resume,
+    ) -> Result<SessionHandle, Frame> {
+        let now = Timestamp::now();
+        let rejected = |reason| Frame::from(proto::ResumeRejected { reason });
+        {
+            let mut auth = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
+            auth.admit(source, now)
+                .map_err(|refused| rejected(refused.reason))?;
+        }
+        let mut actions = Vec::new();
+        let result = self.registry.resume(conn_id, resume, now, &mut actions);
+        self.execute(actions);
+        match result {
+            Ok(session) => {
+                debug!(session = lock(&session).id(), "resume");
+                Ok(session)
+            }
+            Err(reason) => {
+                self.auth
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .record_failure(source, now);
+                Err(rejected(reason))
+            }
+        }
+    }
+
+    /// The account's orders, asked of the engine through its queue.
+    async fn query_orders(&self, account: u64) -> Option<Vec<engine::OrderView>> {
+        let tag = self.next_query.fetch_add(1, Ordering::Relaxed);
+        let (answer, answered) = oneshot::channel();
+        self.queries.insert(tag, answer);
+        let request = engine::Request::QueryOrders { account, tag };
+        let submitted = match self.engine.try_submit(request) {
+            Err(SubmitError::Full(request)) => {
+                let engine = self.engine.clone();
+                tokio::task::spawn_blocking(move || engine.submit(request))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            other => other.ok(),
+        };
+        if submitted.is_none() {
+            self.queries.remove(&tag);
+            return None;
+        }
+        answered.await.ok()
+    }
+
+    /// Called on the engine thread with each batch of events.
+    fn on_engine_events(&self, events: &mut Vec<engine::Event>) {
+        let now = Timestamp::now();
+        let mut actions = Vec::new();
+        for event in events.drain(..) {
+            if let engine::Event::OrderStates { tag, orders, .. } = event {
+                if let Some((_, answer)) = self.queries.remove(&tag) {
+                    let _ = answer.send(orders);
+                }
+                continue;
+            }
+            if let Some(conn_id) = self.registry.route(&event, now, &mut actions) {
+                if let Some(conn) = self.conns.get(&conn_id) {
+                    conn.wake.notify_one();
+                }
+            }
+        }
+        self.execute(actions);
+    }
+
+    /// Carries out what the session core asked for.
+    fn execute(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Engine(request) => self.submit(request),
+                Action::CloseConnection { conn, reason } => {
+                    if let Some(conn) = self.conns.get(&conn) {
+                        conn.close(reason);
+                    }
+                }
+                Action::Ended { session_id, reason } => {
+                    info!(session = session_id, ?reason, "session ended");
+                    self.registry.remove(session_id, reason);
+                }
+            }
+        }
+    }
+
+    fn submit(&self, request: engine::Request) {
+        match self.engine.try_submit(request) {
+            Ok(()) => {}
+            Err(SubmitError::Full(request @ engine::Request::MassCancel { .. })) => {
+                // Cancels must not be lost: wait for room off the async threads.
+                let engine = self.engine.clone();
+                self.runtime.spawn_blocking(move || engine.submit(request));
+            }
+            Err(SubmitError::Full(request)) => {
+                warn!("engine queue full; refusing request");
+                let owner = match request {
+                    engine::Request::New(order) => Some(order.owner),
+                    engine::Request::Cancel { owner, .. }
+                    | engine::Request::Replace { owner, .. } => Some(owner),
+                    _ => None,
+                };
+                if let Some(session) = owner.and_then(|o| self.registry.get(o.session)) {
+                    let mut actions = Vec::new();
+                    let wake = lock(&session).refuse_request(
+                        &request,
+                        ReasonCode::EngineBusy,
+                        Timestamp::now(),
+                        &mut actions,
+                    );
+                    if let Some(conn) = wake.and_then(|c| self.conns.get(&c)) {
+                        conn.wake.notify_one();
+                    }
+                    self.execute(actions);
+                }
+            }
+            Err(SubmitError::Stopped(_)) => warn!("engine stopped; request dropped"),
+        }
+    }
+}

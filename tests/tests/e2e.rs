@@ -1,0 +1,572 @@
+//! End-to-end tests over real QUIC on loopback: a gateway in this process, clients
+//! through the client library or frame by frame, and a relay that makes connections
+//! vanish.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use e2e::{Raw, Relay, TestGateway};
+use gateway_client::{Client, Event, OrderParams};
+use proto::{CancelOnDisconnect, CancelReason, Frame, ReasonCode, Side};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Everything a client received, and checks on it.
+#[derive(Default)]
+struct Seen {
+    messages: Vec<Frame>,
+    snapshots: Vec<(u64, Vec<proto::OrderState>)>,
+    resumes: usize,
+    ended: Option<ReasonCode>,
+}
+
+impl Seen {
+    fn record(&mut self, event: Event) {
+        match event {
+            Event::Message(frame) => self.messages.push(frame),
+            Event::Snapshot {
+                as_of_server_seq,
+                orders,
+            } => self.snapshots.push((as_of_server_seq, orders)),
+            Event::Resumed => self.resumes += 1,
+            Event::Ended(reason) => self.ended = Some(reason),
+        }
+    }
+
+    fn fills(&self) -> Vec<proto::Fill> {
+        self.messages
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Fill(fill) => Some(*fill),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn acked_client_seqs(&self) -> Vec<u64> {
+        self.messages
+            .iter()
+            .filter_map(|f| match f {
+                Frame::OrderAck(ack) => Some(ack.client_seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Server sequences must be 1, 2, 3, ... after the last snapshot's as-of.
+    fn assert_gap_free(&self) {
+        let seqs: Vec<u64> = self.messages.iter().filter_map(Frame::server_seq).collect();
+        let start = self.snapshots.first().map_or(0, |(as_of, _)| *as_of);
+        let expected: Vec<u64> = (start + 1..=start + seqs.len() as u64).collect();
+        assert_eq!(seqs, expected, "server sequence gap or duplicate");
+    }
+}
+
+/// Receives events into `seen` until `done` holds; panics after [`WAIT`].
+async fn until(events: &mut mpsc::Receiver<Event>, seen: &mut Seen, done: impl Fn(&Seen) -> bool) {
+    let result = tokio::time::timeout(WAIT, async {
+        while !done(seen) {
+            match events.recv().await {
+                Some(event) => seen.record(event),
+                None => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        result.is_ok() && done(seen),
+        "timed out; got {} messages, ended {:?}",
+        seen.messages.len(),
+        seen.ended
+    );
+}
+
+async fn connect(gateway: &TestGateway, account: u64) -> (Client, mpsc::Receiver<Event>, Seen) {
+    let (client, events) = Client::connect(gateway.client_config(account, gateway.addr))
+        .await
+        .expect("login");
+    (client, events, Seen::default())
+}
+
+#[tokio::test]
+async fn login_order_and_fill_on_both_sides() {
+    let gateway = TestGateway::start(2, |_| {});
+    let (seller, mut seller_events, mut seller_seen) = connect(&gateway, 1).await;
+    let (buyer, mut buyer_events, mut buyer_seen) = connect(&gateway, 2).await;
+
+    seller
+        .new_order(OrderParams::limit_sell(1, 10, 100, 5))
+        .expect("send");
+    until(&mut seller_events, &mut seller_seen, |s| {
+        !s.messages.is_empty()
+    })
+    .await;
+    buyer
+        .new_order(OrderParams::limit_buy(1, 20, 100, 5))
+        .expect("send");
+    until(&mut buyer_events, &mut buyer_seen, |s| s.fills().len() == 1).await;
+    until(&mut seller_events, &mut seller_seen, |s| {
+        s.fills().len() == 1
+    })
+    .await;
+
+    let (buy, sell) = (buyer_seen.fills()[0], seller_seen.fills()[0]);
+    assert_eq!(buy.trade_id, sell.trade_id);
+    assert_eq!((buy.side, sell.side), (Side::Buy, Side::Sell));
+    assert_eq!((buy.price, buy.quantity, sell.leaves_quantity), (100, 5, 0));
+    assert_eq!(
+        buyer_seen.snapshots,
+        [(0, Vec::new())],
+        "login snapshot first"
+    );
+    seller_seen.assert_gap_free();
+    buyer_seen.assert_gap_free();
+    gateway.gateway.shutdown().await;
+}
+
+/// Logs in frame by frame; returns the connection (snapshot consumed), the token
+/// and the snapshot's orders.
+async fn raw_login(
+    gateway: &TestGateway,
+    account: u64,
+    cod: CancelOnDisconnect,
+    grace_ms: u64,
+) -> (Raw, proto::SessionToken, Vec<proto::OrderState>) {
+    let config = gateway.client_config(account, gateway.addr);
+    let login = config
+        .credentials
+        .signed_login(cod, Duration::from_millis(grace_ms))
+        .expect("sign");
+    let mut raw = Raw::open(&config).await;
+    raw.send(&[login.into()]).await;
+    let Some(Frame::LoginAccepted(accepted)) = raw.recv().await else {
+        panic!("login refused");
+    };
+    let orders = read_snapshot(&mut raw).await;
+    (raw, accepted.token, orders)
+}
+
+async fn read_snapshot(raw: &mut Raw) -> Vec<proto::OrderState> {
+    assert!(matches!(raw.recv().await, Some(Frame::SnapshotBegin(_))));
+    let mut orders = Vec::new();
+    loop {
+        match raw.recv().await {
+            Some(Frame::OrderState(order)) => orders.push(order),
+            Some(Frame::SnapshotEnd(_)) => return orders,
+            other => panic!("inside a snapshot: {other:?}"),
+        }
+    }
+}
+
+/// Resumes frame by frame with `token`; returns the connection and the first answer.
+async fn raw_resume(
+    gateway: &TestGateway,
+    account: u64,
+    token: proto::SessionToken,
+    last_acked: u64,
+) -> (Raw, Frame) {
+    let config = gateway.client_config(account, gateway.addr);
+    let mut raw = Raw::open(&config).await;
+    raw.send(&[proto::Resume {
+        token,
+        last_acked_server_seq: last_acked,
+        next_client_seq: 1,
+    }
+    .into()])
+        .await;
+    let answer = raw.recv().await.expect("an answer");
+    (raw, answer)
+}
+
+fn new_order(client_seq: u64, side: Side, price: i64, quantity: u64) -> Frame {
+    proto::NewOrder {
+        client_seq,
+        client_order_id: client_seq,
+        instrument_id: 1,
+        side,
+        order_type: proto::OrderType::Limit,
+        time_in_force: proto::TimeInForce::Gtc,
+        price,
+        quantity,
+    }
+    .into()
+}
+
+#[tokio::test]
+async fn an_abrupt_loss_mid_flow_executes_every_order_once_and_delivers_every_fill_once() {
+    let gateway = TestGateway::start(2, |_| {});
+    let relay = Relay::start(gateway.addr).await;
+    let (maker, mut maker_events) = Client::connect(gateway.client_config(1, relay.addr))
+        .await
+        .expect("maker login");
+    let mut maker_seen = Seen::default();
+    let (taker, mut taker_events, mut taker_seen) = connect(&gateway, 2).await;
+
+    // Orders and fills in flight both ways when the maker's connection vanishes.
+    for id in 1..=100 {
+        maker
+            .new_order(OrderParams::limit_sell(1, id, 100, 1))
+            .expect("send");
+    }
+    until(&mut maker_events, &mut maker_seen, |s| {
+        s.messages.len() >= 20
+    })
+    .await;
+    for id in 1..=60 {
+        taker
+            .new_order(OrderParams::limit_buy(1, id, 100, 1))
+            .expect("send");
+    }
+    relay.blackhole();
+    for id in 101..=200 {
+        maker
+            .new_order(OrderParams::limit_sell(1, id, 100, 1))
+            .expect("send");
+    }
+    for id in 61..=200 {
+        taker
+            .new_order(OrderParams::limit_buy(1, id, 100, 1))
+            .expect("send");
+    }
+
+    until(&mut maker_events, &mut maker_seen, |s| {
+        s.acked_client_seqs().len() == 200 && s.fills().len() == 200
+    })
+    .await;
+    until(&mut taker_events, &mut taker_seen, |s| {
+        s.fills().len() == 200
+    })
+    .await;
+
+    assert!(maker_seen.resumes >= 1, "the maker resumed");
+    let mut acked = maker_seen.acked_client_seqs();
+    acked.sort_unstable();
+    assert_eq!(
+        acked,
+        (1..=200).collect::<Vec<_>>(),
+        "every order acknowledged exactly once"
+    );
+    let maker_trades: HashSet<u64> = maker_seen.fills().iter().map(|f| f.trade_id).collect();
+    let taker_trades: HashSet<u64> = taker_seen.fills().iter().map(|f| f.trade_id).collect();
+    assert_eq!(maker_trades.len(), 200, "no fill delivered twice");
+    assert_eq!(maker_trades, taker_trades, "every fill reached both sides");
+    maker_seen.assert_gap_free();
+    taker_seen.assert_gap_free();
+    assert_eq!(maker.unprocessed(), 0);
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_resume_takes_over_a_half_open_connection() {
+    // The gateway would notice the dead connection only after 30 s; the resume comes
+    // within about a second and must not wait for that.
+    let gateway = TestGateway::start(1, |c| c.transport.idle_timeout_ms = 30_000);
+    let relay = Relay::start(gateway.addr).await;
+    let (client, mut events) = Client::connect(gateway.client_config(1, relay.addr))
+        .await
+        .expect("login");
+    let mut seen = Seen::default();
+    let session = client.session_id().expect("session id");
+    relay.blackhole();
+    let started = std::time::Instant::now();
+    until(&mut events, &mut seen, |s| s.resumes == 1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took over without waiting for the idle timeout"
+    );
+    tokio::time::timeout(WAIT, async {
+        while gateway.gateway.connection_count() > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the half-open connection was closed");
+    client
+        .new_order(OrderParams::limit_buy(1, 1, 100, 1))
+        .expect("send");
+    until(&mut events, &mut seen, |s| s.acked_client_seqs() == [1]).await;
+    assert_eq!(gateway.gateway.registry().len(), 1);
+    assert!(gateway.gateway.registry().get(session).is_some());
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn forged_superseded_and_reused_tokens_get_their_reason_codes() {
+    let gateway = TestGateway::start(1, |_| {});
+    let (raw, token0, _) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    raw.close();
+
+    let mut forged = token0;
+    forged.0[70] ^= 0x40;
+    let (raw, answer) = raw_resume(&gateway, 1, forged, 0).await;
+    assert_eq!(
+        answer,
+        Frame::ResumeRejected(proto::ResumeRejected {
+            reason: ReasonCode::TokenForged
+        })
+    );
+    assert_eq!(raw.close_code().await, Some(202));
+
+    // Presenting the same token again before its successor is used is allowed (the
+    // client may have lost the answer).
+    let (raw, first) = raw_resume(&gateway, 1, token0, 0).await;
+    assert!(matches!(first, Frame::ResumeAccepted(_)));
+    raw.close();
+    let (raw, again) = raw_resume(&gateway, 1, token0, 0).await;
+    let Frame::ResumeAccepted(accepted) = again else {
+        panic!("{again:?}")
+    };
+    raw.close();
+    let (raw, used) = raw_resume(&gateway, 1, accepted.token, 0).await;
+    assert!(matches!(used, Frame::ResumeAccepted(_)));
+    raw.close();
+
+    // Now the old token is stale: theft. The session ends for everyone.
+    let (raw, stale) = raw_resume(&gateway, 1, token0, 0).await;
+    assert_eq!(
+        stale,
+        Frame::ResumeRejected(proto::ResumeRejected {
+            reason: ReasonCode::TokenSuperseded
+        })
+    );
+    assert_eq!(raw.close_code().await, Some(204));
+    let (_, after) = raw_resume(&gateway, 1, accepted.token, 0).await;
+    assert_eq!(
+        after,
+        Frame::ResumeRejected(proto::ResumeRejected {
+            reason: ReasonCode::TokenSuperseded
+        })
+    );
+    assert!(gateway.gateway.registry().is_empty());
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refused() {
+    let gateway = TestGateway::start(1, |c| c.session.token_ttl_s = 1);
+    let (raw, token, _) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    raw.close();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (raw, answer) = raw_resume(&gateway, 1, token, 0).await;
+    assert_eq!(
+        answer,
+        Frame::ResumeRejected(proto::ResumeRejected {
+            reason: ReasonCode::TokenExpired
+        })
+    );
+    assert_eq!(raw.close_code().await, Some(203));
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_on_disconnect_fires_after_the_grace_period_and_not_before() {
+    let gateway = TestGateway::start(1, |_| {});
+    let (mut raw, token, _) = raw_login(&gateway, 1, CancelOnDisconnect::CancelAll, 1_000).await;
+    raw.send(&[new_order(1, Side::Buy, 90, 3)]).await;
+    assert!(matches!(raw.recv().await, Some(Frame::OrderAck(_))));
+    raw.close();
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (observer, _, orders) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    assert_eq!(
+        orders.iter().map(|o| o.status).collect::<Vec<_>>(),
+        [proto::OrderStatus::New],
+        "not yet"
+    );
+    observer.close();
+
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (mut raw, answer) = raw_resume(&gateway, 1, token, 1).await;
+    assert!(matches!(answer, Frame::ResumeAccepted(_)));
+    let cancelled = raw.recv().await;
+    assert!(
+        matches!(cancelled, Some(Frame::Cancelled(c)) if c.reason == CancelReason::CancelOnDisconnect && c.cancelled_quantity == 3),
+        "{cancelled:?}"
+    );
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_resume_within_the_grace_period_cancels_nothing() {
+    let gateway = TestGateway::start(1, |_| {});
+    let (mut raw, token, _) = raw_login(&gateway, 1, CancelOnDisconnect::CancelAll, 1_000).await;
+    raw.send(&[new_order(1, Side::Buy, 90, 3)]).await;
+    assert!(matches!(raw.recv().await, Some(Frame::OrderAck(_))));
+    raw.close();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_resumed, answer) = raw_resume(&gateway, 1, token, 1).await;
+    assert!(matches!(answer, Frame::ResumeAccepted(_)));
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (_observer, _, orders) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    assert_eq!(
+        orders.iter().map(|o| o.status).collect::<Vec<_>>(),
+        [proto::OrderStatus::New]
+    );
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_resume_beyond_the_window_gets_the_gap_and_a_snapshot() {
+    let gateway = TestGateway::start(2, |c| c.session.replay_window = 4);
+    let (mut maker, token, _) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    maker
+        .send(&[
+            new_order(1, Side::Sell, 100, 10),
+            new_order(2, Side::Sell, 105, 10),
+        ])
+        .await;
+    for _ in 0..2 {
+        assert!(matches!(maker.recv().await, Some(Frame::OrderAck(_))));
+    }
+    maker.close();
+
+    let (mut taker, _, _) = raw_login(&gateway, 2, CancelOnDisconnect::Off, 0).await;
+    for seq in 1..=6 {
+        taker.send(&[new_order(seq, Side::Buy, 100, 1)]).await;
+        assert!(matches!(taker.recv().await, Some(Frame::OrderAck(_))));
+        assert!(matches!(taker.recv().await, Some(Frame::Fill(_))));
+        taker
+            .send(&[proto::Ack {
+                server_seq: seq * 2,
+            }
+            .into()])
+            .await;
+    }
+
+    let (mut maker, answer) = raw_resume(&gateway, 1, token, 2).await;
+    let Frame::ResumeAccepted(accepted) = answer else {
+        panic!("{answer:?}")
+    };
+    assert!(accepted.snapshot_follows);
+    assert_eq!((accepted.replay_from, accepted.oldest_available), (9, 5));
+    let orders = read_snapshot(&mut maker).await;
+    let states: Vec<(u64, u64, u64)> = orders
+        .iter()
+        .map(|o| (o.client_order_id, o.filled_quantity, o.leaves_quantity))
+        .collect();
+    assert_eq!(states, [(1, 6, 4), (2, 0, 10)]);
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_first_frame_gets_a_typed_error_and_other_sessions_carry_on() {
+    let gateway = TestGateway::start(1, |_| {});
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+    let config = gateway.client_config(1, gateway.addr);
+    for (bytes, reason) in [
+        (vec![0x60, 0x00, 0x02, 0x07], ReasonCode::UnsupportedVersion),
+        (vec![0xff, 0xff, 0x02, 0x01], ReasonCode::FrameTooLarge),
+        (vec![0x00, 0x00, 0x7e, 0x01], ReasonCode::UnknownFrameType),
+        (
+            vec![0x03, 0x00, 0x02, 0x01, 1, 2, 3],
+            ReasonCode::MalformedFrame,
+        ),
+    ] {
+        let mut raw = Raw::open(&config).await;
+        raw.send_bytes(&bytes).await;
+        assert_eq!(
+            raw.recv_all().await,
+            [Frame::Close(proto::Close { reason })]
+        );
+        assert_eq!(raw.close_code().await, Some(u64::from(reason.to_wire())));
+    }
+    let mut raw = Raw::open(&config).await;
+    raw.send(&[proto::Ack { server_seq: 0 }.into()]).await;
+    assert_eq!(
+        raw.recv_all().await,
+        [Frame::Close(proto::Close {
+            reason: ReasonCode::UnexpectedFrame
+        })]
+    );
+
+    client
+        .new_order(OrderParams::limit_buy(1, 1, 100, 1))
+        .expect("send");
+    until(&mut events, &mut seen, |s| s.acked_client_seqs() == [1]).await;
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_logins_are_refused_with_their_reason() {
+    let gateway = TestGateway::start(1, |_| {});
+    let config = gateway.client_config(1, gateway.addr);
+    let mut login = config
+        .credentials
+        .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+        .expect("sign");
+    login.api_key_id = 4242;
+    let mut raw = Raw::open(&config).await;
+    raw.send(&[login.into()]).await;
+    assert_eq!(
+        raw.recv_all().await,
+        [Frame::LoginRejected(proto::LoginRejected {
+            reason: ReasonCode::UnknownApiKey,
+            retry_after_ms: 0
+        })]
+    );
+
+    let mut tampered = config
+        .credentials
+        .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+        .expect("sign");
+    tampered.timestamp_ns += 1;
+    let mut raw = Raw::open(&config).await;
+    raw.send(&[tampered.into()]).await;
+    assert_eq!(
+        raw.recv_all().await,
+        [Frame::LoginRejected(proto::LoginRejected {
+            reason: ReasonCode::BadSignature,
+            retry_after_ms: 0
+        })]
+    );
+    assert_eq!(raw.close_code().await, Some(101));
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sessions_log_in_concurrently() {
+    const SESSIONS: u64 = 1_000;
+    let gateway = TestGateway::start(10, |_| {});
+    // A thousand simultaneous handshakes on two cores take a while: no 1 s timeout.
+    let patient = |account| {
+        let mut config = gateway.client_config(account, gateway.addr);
+        config.idle_timeout = Duration::from_secs(30);
+        config.keep_alive = Duration::from_secs(10);
+        config
+    };
+    // Clients on 20 sockets of 50 connections each, as 20 client processes would be.
+    let endpoints: Vec<quinn::Endpoint> = (0..20)
+        .map(|_| gateway_client::client_endpoint(&patient(1)).expect("endpoint"))
+        .collect();
+    let mut logins = tokio::task::JoinSet::new();
+    for index in 0..SESSIONS {
+        let config = patient(index % 10 + 1);
+        let endpoint = endpoints[usize::try_from(index).expect("small") % endpoints.len()].clone();
+        logins.spawn(async move {
+            let link = gateway_client::open_on(endpoint, &config)
+                .await
+                .expect("connect");
+            let mut raw = Raw::from_link(link);
+            let login = config
+                .credentials
+                .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+                .expect("sign");
+            raw.send(&[login.into()]).await;
+            match raw.recv().await {
+                Some(Frame::LoginAccepted(accepted)) => (accepted.session_id, raw),
+                other => panic!("login {index}: {other:?}"),
+            }
+        });
+    }
+    let mut sessions = HashSet::new();
+    let mut connections = Vec::new();
+    while let Some(result) = logins.join_next().await {
+        let (session_id, raw) = result.expect("login task");
+        assert!(sessions.insert(session_id), "session ids are unique");
+        connections.push(raw);
+    }
+    assert_eq!(sessions.len() as u64, SESSIONS);
+    assert_eq!(gateway.gateway.registry().len() as u64, SESSIONS);
+    gateway.gateway.shutdown().await;
+}
