@@ -177,7 +177,8 @@ pub struct ClientConfig {
     pub ack_interval: Duration,
     /// Reconnect attempts after a loss before giving up.
     pub reconnect_attempts: u32,
-    /// Delay before the first reconnect attempt; doubles up to one second.
+    /// Delay after a failed reconnect attempt; doubles up to one second. The first
+    /// attempt is immediate.
     pub reconnect_backoff: Duration,
     /// Most client messages awaiting an answer before sends are refused.
     pub max_unprocessed: usize,
@@ -609,11 +610,11 @@ async fn finish(
 async fn reconnect(config: &ClientConfig) -> Option<Link> {
     let mut backoff = config.reconnect_backoff;
     for attempt in 1..=config.reconnect_attempts {
-        tokio::time::sleep(backoff).await;
         match open(config).await {
             Ok(link) => return Some(link),
             Err(error) => debug!(attempt, %error, "reconnect failed"),
         }
+        tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
     None

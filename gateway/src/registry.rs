@@ -61,6 +61,17 @@ pub struct NewSession {
     pub session: SessionHandle,
 }
 
+/// Counters of what the registry has done, for reports and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegistryStats {
+    /// Successful resumes.
+    pub resumes: u64,
+    /// Messages queued for replay by resumes.
+    pub messages_replayed: u64,
+    /// Resumes that needed a snapshot.
+    pub snapshot_resumes: u64,
+}
+
 /// Bounded memory of why recent sessions ended.
 #[derive(Debug, Default)]
 struct Endings {
@@ -79,6 +90,9 @@ pub struct Registry {
     keys: RwLock<TokenKeyRing>,
     config: Arc<SessionConfig>,
     limits: RegistryLimits,
+    resumes: AtomicU64,
+    messages_replayed: AtomicU64,
+    snapshot_resumes: AtomicU64,
 }
 
 impl Registry {
@@ -93,6 +107,18 @@ impl Registry {
             keys: RwLock::new(keys),
             config: Arc::new(config),
             limits,
+            resumes: AtomicU64::new(0),
+            messages_replayed: AtomicU64::new(0),
+            snapshot_resumes: AtomicU64::new(0),
+        }
+    }
+
+    /// What the registry has done so far.
+    pub fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            resumes: self.resumes.load(Ordering::Relaxed),
+            messages_replayed: self.messages_replayed.load(Ordering::Relaxed),
+            snapshot_resumes: self.snapshot_resumes.load(Ordering::Relaxed),
         }
     }
 
@@ -236,7 +262,13 @@ impl Registry {
             )
         };
         self.settle(claims.session_id, &out[start..]);
-        result.map(|()| session).map_err(|refused| refused.0)
+        let resumed = result.map_err(|refused| refused.0)?;
+        self.resumes.fetch_add(1, Ordering::Relaxed);
+        self.messages_replayed
+            .fetch_add(resumed.replayed, Ordering::Relaxed);
+        self.snapshot_resumes
+            .fetch_add(u64::from(resumed.snapshot), Ordering::Relaxed);
+        Ok(session)
     }
 
     /// Routes an engine event to the session that owns its order. Returns the

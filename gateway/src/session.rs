@@ -104,6 +104,15 @@ pub struct LoginGrant {
     pub cod: CodPolicy,
 }
 
+/// What a successful resume did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumed {
+    /// Retained messages queued for replay.
+    pub replayed: u64,
+    /// Whether a snapshot replaced messages beyond the window.
+    pub snapshot: bool,
+}
+
 /// Why a resume is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("resume refused: {0:?}")]
@@ -453,7 +462,7 @@ impl Session {
         now: Timestamp,
         mint: impl FnOnce(u32, Timestamp) -> Option<SessionToken>,
         out: &mut Vec<Action>,
-    ) -> Result<(), ResumeRefused> {
+    ) -> Result<Resumed, ResumeRefused> {
         if matches!(self.link, Link::Closed(_)) {
             return Err(ResumeRefused(ReasonCode::SessionNotFound));
         }
@@ -522,7 +531,10 @@ impl Session {
             }
         }
         self.cod_deadline = None;
-        Ok(())
+        Ok(Resumed {
+            replayed: self.ring.next_seq() - replay_from,
+            snapshot: snapshot_follows,
+        })
     }
 
     /// The connection `conn` is gone (closed, timed out, reset). Detaches the session

@@ -1,8 +1,192 @@
-//! The load and chaos client. Not implemented yet: it needs the QUIC gateway.
+//! The load tester: `loadtest --sessions 50 --rate 20000 --duration 10s`, against an
+//! in-process gateway unless `--gateway` says otherwise. Exits non-zero on any
+//! violation of the gateway's promises.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use gateway_client::Credentials;
+use loadtest::{Options, RemoteGateway, Report};
+
+/// Load, chaos and exactly-once verification for the session gateway.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Gateway address; absent: a gateway is started in this process on loopback.
+    #[arg(long, requires_all = ["cert", "keys"])]
+    gateway: Option<std::net::SocketAddr>,
+    /// The gateway's certificate (DER), e.g. .gateway-dev/cert.der.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Client keys of its accounts, e.g. .gateway-dev/client-keys.toml.
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    /// Sessions, one per account.
+    #[arg(long, default_value_t = 50)]
+    sessions: usize,
+    /// Orders per second in total (open loop); 0: as fast as --window allows.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// Unanswered requests per session at most.
+    #[arg(long, default_value_t = 4_096)]
+    window: usize,
+    /// How long to send, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Break a random session's connection this often (clean, abrupt, blackhole in
+    /// turn), e.g. 200ms. Off when absent.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    chaos_interval: Option<Duration>,
+    /// Also run a bare-QUIC echo with the same settings and report ratios.
+    #[arg(long)]
+    baseline: bool,
+    /// Messages in the replay measurement (in-process gateway only; 0 skips it).
+    #[arg(long, default_value_t = 1_000)]
+    replay: u64,
+    /// Seed of the order flow and chaos choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Log filter for diagnostics, e.g. `gateway_client=debug,gateway=debug`.
+    #[arg(long, env = "LOADTEST_LOG")]
+    log: Option<String>,
+}
+
+fn remote(cli: &Cli) -> anyhow::Result<Option<RemoteGateway>> {
+    let (Some(addr), Some(cert), Some(keys)) = (cli.gateway, &cli.cert, &cli.keys) else {
+        return Ok(None);
+    };
+    let cert = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let keys: Vec<(u64, Credentials)> = Credentials::load_dev_keys(keys)?;
+    Ok(Some(RemoteGateway {
+        addr,
+        cert: cert.into(),
+        keys,
+    }))
+}
+
+fn summary(report: &Report) {
+    let l = &report.ack_latency_us;
+    println!(
+        "sessions {}  rate {}/s  duration {:.1}s",
+        report.sessions, report.rate, report.duration_s
+    );
+    println!(
+        "sent {} orders, {} cancels; received {} acks, {} rejects, {} fills, {} cancelled",
+        report.orders_sent,
+        report.cancels_sent,
+        report.acks,
+        report.rejects,
+        report.fills,
+        report.cancelled
+    );
+    println!(
+        "order→answer µs: p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}   throughput {:.0}/s",
+        l.p50, l.p90, l.p99, l.p999, l.max, report.throughput_orders_per_s
+    );
+    println!(
+        "login {:.2} ms (p50)   resume {:.2} ms (p50 of {})   blackhole recovery {:.0} ms",
+        report.login_ms, report.resume_ms, report.resume_us.count, report.blackhole_recovery_ms
+    );
+    println!(
+        "disconnects {} (clean {}, abrupt {}, blackhole {}), resumes {}, replayed {} messages, {} snapshot resumes",
+        report.disconnects,
+        report.disconnects_by_mode.clean,
+        report.disconnects_by_mode.abrupt,
+        report.disconnects_by_mode.blackhole,
+        report.resumes,
+        report.messages_replayed,
+        report.snapshot_resumes
+    );
+    if let Some(replay) = &report.replay {
+        println!(
+            "replay of {} missed messages: ResumeAccepted {:.2} ms, first {:.2} ms, complete {:.2} ms",
+            replay.messages, replay.resume_ms, replay.first_message_ms, replay.complete_ms
+        );
+    }
+    if let (Some(baseline), Some(ratios)) = (&report.baseline, &report.ratios) {
+        println!(
+            "bare QUIC: echo µs p50 {:.0} p99 {:.0}, {:.0}/s, handshake {:.2} ms",
+            baseline.echo_rtt_us.p50,
+            baseline.echo_rtt_us.p99,
+            baseline.echo_throughput_per_s,
+            baseline.handshake_ms
+        );
+        println!(
+            "ratios: ack p50 {:.2}×  p99 {:.2}×  throughput {:.0}%  resume/(handshake+rtt) {:.2}×  login/resume {:.2}×",
+            ratios.ack_p50,
+            ratios.ack_p99,
+            ratios.throughput * 100.0,
+            ratios.resume_vs_handshake_plus_rtt,
+            ratios.login_vs_resume
+        );
+    }
+    let c = &report.checks;
+    println!(
+        "verified: {} answers, {} server sequences, {} trades, {} final order states",
+        c.answers, c.server_seqs, c.trades, c.final_states
+    );
+    if report.violations == 0 {
+        println!("violations: 0");
+    } else {
+        println!("VIOLATIONS: {}", report.violations);
+        for sample in &report.violation_samples {
+            println!("  {sample}");
+        }
+    }
+}
 
 fn main() -> ExitCode {
-    eprintln!("loadtest: not implemented yet; it needs the QUIC gateway server first.");
-    ExitCode::FAILURE
+    let cli = Cli::parse();
+    if let Some(filter) = &cli.log {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let run = || -> anyhow::Result<Report> {
+        let options = Options {
+            remote: remote(&cli)?,
+            sessions: cli.sessions,
+            rate: cli.rate,
+            window: cli.window.max(1),
+            duration: cli.duration,
+            chaos_interval: cli.chaos_interval,
+            baseline: cli.baseline,
+            progress: !cli.quiet,
+            seed: cli.seed,
+            replay_messages: cli.replay,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let report = runtime.block_on(loadtest::run(options))?;
+        if let Some(path) = &cli.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| path.display().to_string())?;
+        }
+        Ok(report)
+    };
+    match run() {
+        Ok(report) => {
+            summary(&report);
+            if report.violations == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("loadtest: {error:#}");
+            ExitCode::from(2)
+        }
+    }
 }

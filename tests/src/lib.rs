@@ -1,13 +1,10 @@
 //! Support for end-to-end tests over real QUIC on loopback: an in-process gateway
-//! with test accounts, clients for it, raw frame exchange, and a UDP relay that can
-//! make connections vanish without a trace.
+//! with test accounts, clients for it, and raw frame exchange. The UDP relay that
+//! makes connections vanish is the load tester's, re-exported here.
 //!
 //! The tests themselves are in `tests/`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -18,10 +15,10 @@ use gateway::token::TokenKeyRing;
 use gateway_client::{ClientConfig, Credentials, Link};
 use proto::Frame;
 
+pub use loadtest::relay::Relay;
+
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use rustls_pki_types::CertificateDer;
-use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
 
 /// Seed of an account's test key: deterministic, test-only.
 fn seed(account: u64) -> [u8; 32] {
@@ -170,124 +167,5 @@ impl Raw {
     /// Closes the connection from the client side.
     pub fn close(&self) {
         self.link.connection.close(0u32.into(), b"");
-    }
-}
-
-/// One client address's path through the relay.
-struct Flow {
-    upstream: Arc<UdpSocket>,
-    blackholed: Arc<AtomicBool>,
-    task: JoinHandle<()>,
-}
-
-/// A UDP relay on loopback in front of the gateway. Each client address gets its
-/// own upstream socket; [`Relay::blackhole`] silently drops every packet of the
-/// existing flows in both directions, so both ends see a connection that just went
-/// quiet, while new connections pass.
-pub struct Relay {
-    /// The address clients connect to.
-    pub addr: SocketAddr,
-    flows: Arc<Mutex<HashMap<SocketAddr, Flow>>>,
-    task: JoinHandle<()>,
-}
-
-/// Most flows a relay keeps; older ones are not evicted, new ones are dropped.
-const MAX_FLOWS: usize = 10_000;
-
-impl Relay {
-    /// Starts a relay to `upstream`.
-    pub async fn start(upstream: SocketAddr) -> Relay {
-        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
-        let addr = socket.local_addr().expect("relay address");
-        let flows: Arc<Mutex<HashMap<SocketAddr, Flow>>> = Arc::new(Mutex::new(HashMap::new()));
-        let task = tokio::spawn(forward(socket, upstream, Arc::clone(&flows)));
-        Relay { addr, flows, task }
-    }
-
-    /// Silently drops, from now on, every packet of the connections seen so far.
-    pub fn blackhole(&self) {
-        for flow in self
-            .flows
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
-            flow.blackholed.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-        for flow in self
-            .flows
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
-            flow.task.abort();
-        }
-    }
-}
-
-/// Client → gateway: one upstream socket per client address.
-async fn forward(
-    socket: Arc<UdpSocket>,
-    upstream: SocketAddr,
-    flows: Arc<Mutex<HashMap<SocketAddr, Flow>>>,
-) {
-    let mut packet = vec![0u8; 65_536];
-    while let Ok((len, client)) = socket.recv_from(&mut packet).await {
-        let route = {
-            let mut flows = flows.lock().unwrap_or_else(PoisonError::into_inner);
-            if !flows.contains_key(&client) && flows.len() < MAX_FLOWS {
-                if let Some(flow) = open_flow(&socket, client) {
-                    flows.insert(client, flow);
-                }
-            }
-            flows.get(&client).map(|flow| {
-                (
-                    Arc::clone(&flow.upstream),
-                    flow.blackholed.load(Ordering::Relaxed),
-                )
-            })
-        };
-        if let Some((upstream_socket, false)) = route {
-            let _ = upstream_socket.send_to(&packet[..len], upstream).await;
-        }
-    }
-}
-
-fn open_flow(socket: &Arc<UdpSocket>, client: SocketAddr) -> Option<Flow> {
-    let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
-    std_socket.set_nonblocking(true).ok()?;
-    let upstream = Arc::new(UdpSocket::from_std(std_socket).ok()?);
-    let blackholed = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(backward(
-        Arc::clone(&upstream),
-        Arc::clone(socket),
-        client,
-        Arc::clone(&blackholed),
-    ));
-    Some(Flow {
-        upstream,
-        blackholed,
-        task,
-    })
-}
-
-/// Gateway → client for one flow.
-async fn backward(
-    upstream: Arc<UdpSocket>,
-    socket: Arc<UdpSocket>,
-    client: SocketAddr,
-    blackholed: Arc<AtomicBool>,
-) {
-    let mut packet = vec![0u8; 65_536];
-    while let Ok(len) = upstream.recv(&mut packet).await {
-        if !blackholed.load(Ordering::Relaxed) {
-            let _ = socket.send_to(&packet[..len], client).await;
-        }
     }
 }

@@ -196,7 +196,7 @@ fn new_order(client_seq: u64, side: Side, price: i64, quantity: u64) -> Frame {
 #[tokio::test]
 async fn an_abrupt_loss_mid_flow_executes_every_order_once_and_delivers_every_fill_once() {
     let gateway = TestGateway::start(2, |_| {});
-    let relay = Relay::start(gateway.addr).await;
+    let relay = Relay::start(gateway.addr).await.expect("relay");
     let (maker, mut maker_events) = Client::connect(gateway.client_config(1, relay.addr))
         .await
         .expect("maker login");
@@ -262,7 +262,7 @@ async fn a_resume_takes_over_a_half_open_connection() {
     // The gateway would notice the dead connection only after 30 s; the resume comes
     // within about a second and must not wait for that.
     let gateway = TestGateway::start(1, |c| c.transport.idle_timeout_ms = 30_000);
-    let relay = Relay::start(gateway.addr).await;
+    let relay = Relay::start(gateway.addr).await.expect("relay");
     let (client, mut events) = Client::connect(gateway.client_config(1, relay.addr))
         .await
         .expect("login");

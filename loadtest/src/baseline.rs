@@ -1,0 +1,232 @@
+//! The bare-QUIC baseline: an echo server and clients with the same TLS setup,
+//! payload size, connection count and send schedule as the gateway run, plus plain
+//! handshake timing, so the report can print ratios that survive a noisy machine.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls_pki_types::CertificateDer;
+use serde::Serialize;
+
+use crate::{Pacer, Percentiles, RunError};
+
+/// What the baseline measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BaselineReport {
+    /// Echo round trip from the intended send time.
+    pub echo_rtt_us: Percentiles,
+    /// Echoes completed per second.
+    pub echo_throughput_per_s: f64,
+    /// Median time to complete a QUIC handshake (connect to established).
+    pub handshake_ms: f64,
+    /// Handshake distribution, microseconds.
+    pub handshake_us: Percentiles,
+}
+
+/// Settings of one baseline run.
+#[derive(Debug, Clone, Copy)]
+pub struct BaselineOptions {
+    /// Connections, as many as gateway sessions.
+    pub connections: usize,
+    /// Messages per second in total; 0 for as fast as the window allows.
+    pub rate: u64,
+    /// Unanswered messages per connection at most.
+    pub window: usize,
+    /// How long to send.
+    pub duration: Duration,
+    /// Bytes per message, as a `NewOrder` frame.
+    pub payload: usize,
+    /// Sequential handshakes to time.
+    pub handshakes: usize,
+}
+
+/// An echo server on loopback; returns it and the certificate to trust.
+fn echo_server(
+    socket_buffer: usize,
+) -> Result<(quinn::Endpoint, CertificateDer<'static>), RunError> {
+    let setup = |e: &dyn std::fmt::Display| RunError::Setup(format!("echo server: {e}"));
+    let (certs, key) = gateway::dev::self_signed().map_err(|e| setup(&e))?;
+    let cert = certs[0].clone();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| setup(&e))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| setup(&e))?;
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
+    let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| setup(&e))?;
+    let socket = socket2::Socket::from(socket);
+    let _ = socket.set_recv_buffer_size(socket_buffer);
+    let _ = socket.set_send_buffer_size(socket_buffer);
+    let runtime = quinn::default_runtime().ok_or_else(|| RunError::Setup("no runtime".into()))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket.into(),
+        runtime,
+    )
+    .map_err(|e| setup(&e))?;
+    let accepting = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            tokio::spawn(async move {
+                let Ok(connection) = incoming.await else {
+                    return;
+                };
+                while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                    tokio::spawn(async move {
+                        while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
+                            if send.write_chunk(chunk.bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    Ok((endpoint, cert))
+}
+
+fn client_config(
+    server: SocketAddr,
+    cert: CertificateDer<'static>,
+) -> Result<gateway_client::ClientConfig, RunError> {
+    // The echo server checks no credentials; the client settings need some.
+    let credentials = gateway_client::Credentials::from_seed(0, &[1u8; 32])
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let mut config = gateway_client::ClientConfig::new(server, cert, credentials);
+    config.idle_timeout = Duration::from_secs(30);
+    Ok(config)
+}
+
+/// Runs the baseline.
+pub async fn run(options: BaselineOptions) -> Result<BaselineReport, RunError> {
+    let connect_error = |e: &dyn std::fmt::Display| RunError::Setup(format!("echo client: {e}"));
+    let (server, cert) = echo_server(4 << 20)?;
+    let addr = server.local_addr().map_err(|e| connect_error(&e))?;
+    let config = client_config(addr, cert)?;
+
+    let endpoint = gateway_client::client_endpoint(&config).map_err(|e| connect_error(&e))?;
+    let mut handshakes = crate::histogram();
+    for _ in 0..options.handshakes {
+        let started = Instant::now();
+        let connection = endpoint
+            .connect(addr, &config.server_name)
+            .map_err(|e| connect_error(&e))?
+            .await
+            .map_err(|e| connect_error(&e))?;
+        crate::record(&mut handshakes, started.elapsed());
+        connection.close(0u32.into(), b"");
+    }
+
+    let histogram = Arc::new(Mutex::new(crate::histogram()));
+    let endpoints =
+        crate::shared_endpoints(&config, options.connections).map_err(|e| connect_error(&e))?;
+    let mut links = Vec::with_capacity(options.connections);
+    for index in 0..options.connections {
+        let link = gateway_client::open_on(endpoints[index % endpoints.len()].clone(), &config)
+            .await
+            .map_err(|e| connect_error(&e))?;
+        links.push(link);
+    }
+    let started = Instant::now();
+    let deadline = started + options.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for link in links {
+        let pacer = Pacer::new(options.rate, options.connections, started);
+        tasks.spawn(echo_connection(
+            link,
+            pacer,
+            options.window,
+            options.payload,
+            deadline,
+            Arc::clone(&histogram),
+        ));
+    }
+    let mut completed = 0;
+    while let Some(done) = tasks.join_next().await {
+        completed += done.unwrap_or(0);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    server.close(0u32.into(), b"done");
+    let histogram = histogram.lock().unwrap_or_else(PoisonError::into_inner);
+    Ok(BaselineReport {
+        echo_rtt_us: Percentiles::of(&histogram),
+        echo_throughput_per_s: completed as f64 / elapsed,
+        handshake_ms: handshakes.value_at_quantile(0.5) as f64 / 1_000.0,
+        handshake_us: Percentiles::of(&handshakes),
+    })
+}
+
+/// One echo connection driven by `pacer`; records round trips into `histogram`.
+async fn echo_connection(
+    link: gateway_client::Link,
+    mut pacer: Pacer,
+    window: usize,
+    payload: usize,
+    deadline: Instant,
+    histogram: Arc<Mutex<Histogram<u64>>>,
+) -> u64 {
+    let gateway_client::Link {
+        endpoint: _endpoint,
+        connection: _connection,
+        mut send,
+        mut recv,
+    } = link;
+    let in_flight: Arc<Mutex<VecDeque<Instant>>> = Arc::new(Mutex::new(VecDeque::new()));
+    let room = Arc::new(tokio::sync::Semaphore::new(window));
+    let sender_in_flight = Arc::clone(&in_flight);
+    let sender_room = Arc::clone(&room);
+    let message = vec![0x5au8; payload];
+    let sender = tokio::spawn(async move {
+        loop {
+            let Ok(permit) = sender_room.acquire().await else {
+                return;
+            };
+            permit.forget();
+            let Some(intended) = pacer.next(deadline).await else {
+                break;
+            };
+            sender_in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_back(intended);
+            if send.write_all(&message).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    let mut completed = 0u64;
+    let mut pending = 0usize;
+    while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
+        pending += chunk.bytes.len();
+        while pending >= payload {
+            pending -= payload;
+            let intended = in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
+            if let Some(intended) = intended {
+                let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let _ = histogram
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .record(micros.max(1));
+                completed += 1;
+            }
+            room.add_permits(1);
+        }
+    }
+    let _ = sender.await;
+    completed
+}

@@ -1,0 +1,1023 @@
+//! Load and chaos client for the session gateway, with an exactly-once verifier and a
+//! bare-QUIC baseline measured in the same run.
+//!
+//! [`run`] starts (or targets) a gateway, logs in one session per account, sends an
+//! open-loop order flow in which sessions cross each other, optionally breaks
+//! connections on purpose (clean close, abrupt drop, blackhole), checks every
+//! message against the promises, and reports latency and throughput, with ratios to
+//! bare QUIC when asked.
+//!
+//! # Layout
+//!
+//! - [`verify`]: the exactly-once verifier.
+//! - [`baseline`]: the bare-QUIC echo and handshake baseline.
+//! - [`relay`]: the UDP relay that makes connections vanish.
+
+pub mod baseline;
+pub mod relay;
+pub mod verify;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use gateway::auth::{AccountEntry, AccountsFile, ApiKeyEntry};
+use gateway::config::Config;
+use gateway::server::{Gateway, Setup};
+use gateway_client::{Client, ClientConfig, ClientError, Credentials, Event, OrderParams};
+use hdrhistogram::Histogram;
+use proto::{Frame, OrderType, Side, TimeInForce};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use rustls_pki_types::CertificateDer;
+use serde::Serialize;
+
+use crate::baseline::{BaselineOptions, BaselineReport};
+use crate::relay::Relay;
+use crate::verify::{Checks, Verifier};
+
+/// Why a run could not be carried out (as opposed to violations it found).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The gateway, accounts or sockets could not be set up.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// A client could not log in.
+    #[error("client: {0}")]
+    Client(#[from] ClientError),
+}
+
+/// A gateway run elsewhere.
+#[derive(Debug, Clone)]
+pub struct RemoteGateway {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its certificate.
+    pub cert: CertificateDer<'static>,
+    /// Credentials per account, as in a dev gateway's `client-keys.toml`.
+    pub keys: Vec<(u64, Credentials)>,
+}
+
+/// Settings of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A gateway to target; `None` starts one in this process on loopback.
+    pub remote: Option<RemoteGateway>,
+    /// Sessions, one per account.
+    pub sessions: usize,
+    /// Orders per second in total; 0 sends as fast as `window` allows.
+    pub rate: u64,
+    /// Unanswered requests per session at most.
+    pub window: usize,
+    /// How long to send.
+    pub duration: Duration,
+    /// Break a random session's connection this often.
+    pub chaos_interval: Option<Duration>,
+    /// Also run the bare-QUIC baseline.
+    pub baseline: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Seed of the order flow and chaos choices.
+    pub seed: u64,
+    /// Messages to replay in the replay measurement (0 skips it).
+    pub replay_messages: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            remote: None,
+            sessions: 50,
+            rate: 20_000,
+            window: 4_096,
+            duration: Duration::from_secs(10),
+            chaos_interval: None,
+            baseline: false,
+            progress: false,
+            seed: 1,
+            replay_messages: 1_000,
+        }
+    }
+}
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Maximum.
+    pub max: f64,
+    /// Samples.
+    pub count: u64,
+}
+
+impl Percentiles {
+    /// The percentiles of a histogram of microseconds.
+    pub fn of(histogram: &Histogram<u64>) -> Self {
+        let at = |q| histogram.value_at_quantile(q) as f64;
+        Percentiles {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: histogram.max() as f64,
+            count: histogram.len(),
+        }
+    }
+}
+
+/// A histogram of microseconds up to a minute.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
+        Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits are valid"))
+    })
+}
+
+/// Records a duration in microseconds (at least 1).
+pub fn record(histogram: &mut Histogram<u64>, duration: Duration) {
+    let micros = u64::try_from(duration.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    histogram.saturating_record(micros);
+}
+
+/// Client endpoints for `connections` connections, 50 per UDP socket, as separate
+/// client processes would have.
+pub fn shared_endpoints(
+    config: &ClientConfig,
+    connections: usize,
+) -> Result<Vec<quinn::Endpoint>, ClientError> {
+    (0..connections.div_ceil(50).max(1))
+        .map(|_| gateway_client::client_endpoint(config))
+        .collect()
+}
+
+/// Open-loop send schedule of one connection: a fixed interval from a start, so a
+/// stall shows up as latency (measured from the intended time) instead of hiding it.
+#[derive(Debug)]
+pub struct Pacer {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    /// A schedule for one of `connections` connections sharing `total_rate` per
+    /// second (0: no schedule, send as soon as allowed).
+    pub fn new(total_rate: u64, connections: usize, start: Instant) -> Self {
+        let interval = (total_rate > 0)
+            .then(|| Duration::from_secs_f64(connections as f64 / total_rate as f64));
+        Pacer {
+            interval,
+            next: start,
+        }
+    }
+
+    /// Delays the first send by `fraction` of an interval, to spread connections.
+    pub fn with_phase(mut self, fraction: f64) -> Self {
+        if let Some(interval) = self.interval {
+            self.next += interval.mul_f64(fraction.clamp(0.0, 1.0));
+        }
+        self
+    }
+
+    /// Waits for the next send time and returns it; `None` once past `deadline`.
+    pub async fn next(&mut self, deadline: Instant) -> Option<Instant> {
+        match self.interval {
+            Some(interval) => {
+                if self.next >= deadline {
+                    return None;
+                }
+                tokio::time::sleep_until(self.next.into()).await;
+                let intended = self.next;
+                self.next += interval;
+                Some(intended)
+            }
+            None => {
+                let now = Instant::now();
+                (now < deadline).then_some(now)
+            }
+        }
+    }
+}
+
+/// How a chaos event breaks a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChaosMode {
+    /// The client closes the connection properly.
+    Clean,
+    /// The client's connection vanishes (nothing more reaches the gateway, not even a
+    /// close) and the client reconnects at once.
+    Abrupt,
+    /// Packets are silently dropped both ways; the client notices by its idle
+    /// timeout, and the gateway still holds a half-open connection it must hand over.
+    Blackhole,
+}
+
+/// Disconnects by mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DisconnectCounts {
+    /// Clean closes.
+    pub clean: u64,
+    /// Abrupt drops.
+    pub abrupt: u64,
+    /// Blackholes.
+    pub blackhole: u64,
+}
+
+/// The replay measurement: messages a detached session missed, replayed on resume.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplayReport {
+    /// Messages replayed.
+    pub messages: u64,
+    /// Reconnect start to `ResumeAccepted`.
+    pub resume_ms: f64,
+    /// Reconnect start to the first replayed message.
+    pub first_message_ms: f64,
+    /// Reconnect start to the last replayed message.
+    pub complete_ms: f64,
+}
+
+/// Gateway ÷ bare QUIC.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ratios {
+    /// Order-to-ack p50 ÷ echo p50.
+    pub ack_p50: f64,
+    /// Order-to-ack p99 ÷ echo p99.
+    pub ack_p99: f64,
+    /// Order throughput ÷ echo throughput.
+    pub throughput: f64,
+    /// Resume p50 ÷ (handshake p50 + echo p50).
+    pub resume_vs_handshake_plus_rtt: f64,
+    /// Login p50 ÷ resume p50.
+    pub login_vs_resume: f64,
+}
+
+/// What a run found and measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Sessions.
+    pub sessions: usize,
+    /// Offered orders per second (0: window-limited).
+    pub rate: u64,
+    /// Sending time, seconds.
+    pub duration_s: f64,
+    /// New orders sent.
+    pub orders_sent: u64,
+    /// Cancels sent.
+    pub cancels_sent: u64,
+    /// `OrderAck`s received.
+    pub acks: u64,
+    /// `Reject`s received.
+    pub rejects: u64,
+    /// `Fill`s received (both sides counted).
+    pub fills: u64,
+    /// `Cancelled`s received.
+    pub cancelled: u64,
+    /// Forced disconnects.
+    pub disconnects: u64,
+    /// Forced disconnects by mode.
+    pub disconnects_by_mode: DisconnectCounts,
+    /// Resumes the clients completed.
+    pub resumes: u64,
+    /// Messages the gateway replayed on resumes.
+    pub messages_replayed: u64,
+    /// Resumes that needed a snapshot.
+    pub snapshot_resumes: u64,
+    /// Promise violations found; any is a failure.
+    pub violations: u64,
+    /// The first violations, described.
+    pub violation_samples: Vec<String>,
+    /// What the verifier checked.
+    pub checks: Checks,
+    /// Order (and cancel) to answer, from the intended send time.
+    pub ack_latency_us: Percentiles,
+    /// Answers per second over the run.
+    pub throughput_orders_per_s: f64,
+    /// Median full login (connect, handshake, login, accepted).
+    pub login_ms: f64,
+    /// Login distribution, microseconds.
+    pub login_us: Percentiles,
+    /// Median resume after a clean or abrupt disconnect (disconnect to
+    /// `ResumeAccepted`, which arrives in the same flight as the first replayed
+    /// message).
+    pub resume_ms: f64,
+    /// Resume distribution, microseconds.
+    pub resume_us: Percentiles,
+    /// Median blackhole recovery (includes the client's idle-timeout detection).
+    pub blackhole_recovery_ms: f64,
+    /// The replay measurement, if run.
+    pub replay: Option<ReplayReport>,
+    /// The bare-QUIC baseline, if run.
+    pub baseline: Option<BaselineReport>,
+    /// Ratios to the baseline, if run.
+    pub ratios: Option<Ratios>,
+}
+
+/// Where the sessions connect, with what.
+struct Target {
+    addr: SocketAddr,
+    cert: CertificateDer<'static>,
+    keys: Vec<(u64, Credentials)>,
+    gateway: Option<Gateway>,
+}
+
+/// Starts a gateway in this process with `accounts` fresh accounts.
+fn start_gateway(accounts: usize) -> Result<Target, RunError> {
+    let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
+    let random = SystemRandom::new();
+    let mut file = AccountsFile::default();
+    let mut keys = Vec::new();
+    for index in 1..=accounts as u64 {
+        let mut seed = [0u8; 32];
+        random
+            .fill(&mut seed)
+            .map_err(|_| RunError::Setup("random generator failed".into()))?;
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|e| setup(&e))?;
+        file.accounts.push(AccountEntry {
+            id: index,
+            max_sessions: None,
+            keys: vec![ApiKeyEntry {
+                id: 1_000 + index,
+                public_key: hex::encode(pair.public_key().as_ref()),
+            }],
+        });
+        keys.push((index, Credentials::from_seed(1_000 + index, &seed)?));
+    }
+    let mut config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Config::default()
+    };
+    config.session.max_sessions_per_account = 64;
+    config.auth.failures_per_window = 1_000_000;
+    let (certs, key) = gateway::dev::self_signed().map_err(|e| setup(&e))?;
+    let cert = certs[0].clone();
+    let gateway = Gateway::start(Setup {
+        config,
+        tls: (certs, key),
+        accounts: file,
+        token_keys: gateway::token::TokenKeyRing::generate(1).map_err(|e| setup(&e))?,
+    })
+    .map_err(|e| setup(&e))?;
+    let addr = gateway.local_addr().map_err(|e| setup(&e))?;
+    Ok(Target {
+        addr,
+        cert,
+        keys,
+        gateway: Some(gateway),
+    })
+}
+
+/// Per-session bookkeeping shared by its sender and receiver.
+#[derive(Default)]
+struct SessionBook {
+    /// Intended send time of each unanswered request, by client sequence.
+    intended: HashMap<u64, Instant>,
+    /// Working orders of this session, oldest first (cancel candidates).
+    working: VecDeque<u64>,
+    /// Orders known to be done, skipped when picking a cancel target.
+    done: HashSet<u64>,
+    /// A forced disconnect waiting for its resume.
+    chaos: Option<(Instant, ChaosMode)>,
+}
+
+impl SessionBook {
+    /// The oldest order still working, as far as this session knows.
+    fn next_cancel_target(&mut self) -> Option<u64> {
+        while let Some(id) = self.working.pop_front() {
+            if !self.done.remove(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+/// Counters and histograms of the run.
+struct Tally {
+    verifier: Verifier,
+    books: Vec<SessionBook>,
+    ack_latency: Histogram<u64>,
+    /// When the latest answer arrived.
+    last_answer: Option<Instant>,
+    resume: Histogram<u64>,
+    blackhole: Histogram<u64>,
+    counts: Counts,
+}
+
+#[derive(Default)]
+struct Counts {
+    orders_sent: u64,
+    cancels_sent: u64,
+    acks: u64,
+    rejects: u64,
+    fills: u64,
+    cancelled: u64,
+    resumes: u64,
+    disconnects: DisconnectCounts,
+}
+
+type Shared = Arc<Mutex<Tally>>;
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Tally> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn client_config(target: &Target, credentials: Credentials, addr: SocketAddr) -> ClientConfig {
+    let mut config = ClientConfig::new(addr, target.cert.clone(), credentials);
+    config.idle_timeout = Duration::from_millis(1_000);
+    config.keep_alive = Duration::from_millis(200);
+    config
+}
+
+/// Runs a load test.
+pub async fn run(options: Options) -> Result<Report, RunError> {
+    let target = match options.remote.clone() {
+        Some(remote) => Target {
+            addr: remote.addr,
+            cert: remote.cert,
+            keys: remote.keys,
+            gateway: None,
+        },
+        None => start_gateway(options.sessions.max(2))?,
+    };
+    if target.keys.len() < options.sessions {
+        return Err(RunError::Setup(format!(
+            "{} sessions need as many accounts; the gateway has keys for {}",
+            options.sessions,
+            target.keys.len()
+        )));
+    }
+
+    // Log in sequentially so the login time is not a measure of contention.
+    let mut login = histogram();
+    let mut sessions = Vec::with_capacity(options.sessions);
+    for (index, (account, credentials)) in target.keys.iter().take(options.sessions).enumerate() {
+        let relay = match options.chaos_interval {
+            Some(_) => Some(
+                Relay::start(target.addr)
+                    .await
+                    .map_err(|e| RunError::Setup(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let addr = relay.as_ref().map_or(target.addr, |r| r.addr);
+        let started = Instant::now();
+        let (client, events) =
+            Client::connect(client_config(&target, credentials.clone(), addr)).await?;
+        record(&mut login, started.elapsed());
+        sessions.push((index, *account, Arc::new(client), events, relay));
+    }
+
+    let shared: Shared = Arc::new(Mutex::new(Tally {
+        verifier: Verifier::new(options.sessions),
+        books: (0..options.sessions)
+            .map(|_| SessionBook::default())
+            .collect(),
+        ack_latency: histogram(),
+        last_answer: None,
+        resume: histogram(),
+        blackhole: histogram(),
+        counts: Counts::default(),
+    }));
+    let progress = progress_bar(&options);
+    let started = Instant::now();
+    let deadline = started + options.duration;
+    let mut senders = tokio::task::JoinSet::new();
+    let mut receivers = tokio::task::JoinSet::new();
+    let mut clients = Vec::new();
+    let mut relays = Vec::new();
+    for (index, account, client, events, relay) in sessions {
+        let pacer = Pacer::new(options.rate, options.sessions, started)
+            .with_phase(index as f64 / options.sessions as f64);
+        let rng = StdRng::seed_from_u64(
+            options
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(index as u64),
+        );
+        senders.spawn(send_orders(
+            index,
+            Arc::clone(&client),
+            Arc::clone(&shared),
+            pacer,
+            deadline,
+            options.window,
+            rng,
+        ));
+        receivers.spawn(receive_events(index, events, Arc::clone(&shared)));
+        clients.push((account, client));
+        relays.push(relay);
+    }
+    // The relays live until the end of the run: clients recovering from the last
+    // chaos events reconnect through them after the chaos loop has stopped.
+    let relays = Arc::new(relays);
+    let chaos = options.chaos_interval.map(|interval| {
+        let clients: Vec<Arc<Client>> = clients.iter().map(|(_, c)| Arc::clone(c)).collect();
+        let relays = Arc::clone(&relays);
+        let shared = Arc::clone(&shared);
+        let seed = options.seed;
+        tokio::spawn(
+            async move { chaos_loop(clients, relays, shared, interval, deadline, seed).await },
+        )
+    });
+    let ticker = progress.clone().map(|bar| {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let tally = lock(&shared);
+                bar.set_position(started.elapsed().as_secs().min(bar.length().unwrap_or(0)));
+                bar.set_message(format!(
+                    "sent {} acks {} fills {} resumes {} violations {}",
+                    tally.counts.orders_sent + tally.counts.cancels_sent,
+                    tally.counts.acks,
+                    tally.counts.fills,
+                    tally.counts.resumes,
+                    tally.verifier.violations()
+                ));
+            }
+        })
+    });
+
+    while senders.join_next().await.is_some() {}
+    let send_elapsed = started.elapsed();
+    if let Some(chaos) = chaos {
+        let _ = chaos.await;
+    }
+    if let Some(ticker) = ticker {
+        let _ = ticker.await;
+    }
+    // Wait for every answer (and the clients' resumes after the last chaos events).
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let waiting = {
+                let tally = lock(&shared);
+                (0..options.sessions)
+                    .map(|i| tally.verifier.unanswered(i))
+                    .sum::<usize>()
+                    + tally.books.iter().filter(|b| b.chaos.is_some()).count()
+            };
+            if waiting == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Let fills triggered by the last orders reach their resting sides.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock(&shared).verifier.finish();
+
+    // The engine's view of every account, from a fresh login's snapshot.
+    for (index, (account, _)) in clients.iter().enumerate() {
+        let credentials = target
+            .keys
+            .iter()
+            .find(|(a, _)| a == account)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| RunError::Setup("account vanished".into()))?;
+        let (observer, mut events) =
+            Client::connect(client_config(&target, credentials, target.addr)).await?;
+        if let Ok(Some(Event::Snapshot { orders, .. })) =
+            tokio::time::timeout(Duration::from_secs(5), events.recv()).await
+        {
+            lock(&shared).verifier.compare_final(index, &orders);
+        }
+        let _ = observer.logout();
+    }
+    if let Some(bar) = &progress {
+        bar.finish_and_clear();
+    }
+    drop(clients);
+    drop(relays);
+    receivers.abort_all();
+
+    let replay = match (&target.gateway, options.replay_messages) {
+        (Some(_), messages) if messages > 0 => Some(measure_replay(&target, messages).await?),
+        _ => None,
+    };
+    let (messages_replayed, snapshot_resumes) = target.gateway.as_ref().map_or((0, 0), |g| {
+        let stats = g.registry().stats();
+        (stats.messages_replayed, stats.snapshot_resumes)
+    });
+    if let Some(gateway) = target.gateway {
+        gateway.shutdown().await;
+    }
+
+    let mut report = {
+        let tally = lock(&shared);
+        let answers = tally.verifier.checks().answers;
+        Report {
+            sessions: options.sessions,
+            rate: options.rate,
+            duration_s: send_elapsed.as_secs_f64(),
+            orders_sent: tally.counts.orders_sent,
+            cancels_sent: tally.counts.cancels_sent,
+            acks: tally.counts.acks,
+            rejects: tally.counts.rejects,
+            fills: tally.counts.fills,
+            cancelled: tally.counts.cancelled,
+            disconnects: tally.counts.disconnects.clean
+                + tally.counts.disconnects.abrupt
+                + tally.counts.disconnects.blackhole,
+            disconnects_by_mode: tally.counts.disconnects.clone(),
+            resumes: tally.counts.resumes,
+            messages_replayed,
+            snapshot_resumes,
+            violations: tally.verifier.violations() + u64::from(drained.is_err()),
+            violation_samples: tally.verifier.samples().to_vec(),
+            checks: tally.verifier.checks().clone(),
+            ack_latency_us: Percentiles::of(&tally.ack_latency),
+            throughput_orders_per_s: answers as f64
+                / tally
+                    .last_answer
+                    .map_or(send_elapsed, |at| at.saturating_duration_since(started))
+                    .as_secs_f64()
+                    .max(1e-3),
+            login_ms: login.value_at_quantile(0.5) as f64 / 1_000.0,
+            login_us: Percentiles::of(&login),
+            resume_ms: tally.resume.value_at_quantile(0.5) as f64 / 1_000.0,
+            resume_us: Percentiles::of(&tally.resume),
+            blackhole_recovery_ms: tally.blackhole.value_at_quantile(0.5) as f64 / 1_000.0,
+            replay,
+            baseline: None,
+            ratios: None,
+        }
+    };
+    if drained.is_err() {
+        report
+            .violation_samples
+            .push("requests still unanswered 30 s after the run".into());
+    }
+
+    if options.baseline {
+        let baseline = baseline::run(BaselineOptions {
+            connections: options.sessions,
+            rate: options.rate,
+            window: options.window,
+            duration: options.duration,
+            payload: proto::HEADER_LEN + proto::NewOrder::BODY_LEN,
+            handshakes: 50,
+        })
+        .await?;
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        report.ratios = Some(Ratios {
+            ack_p50: ratio(report.ack_latency_us.p50, baseline.echo_rtt_us.p50),
+            ack_p99: ratio(report.ack_latency_us.p99, baseline.echo_rtt_us.p99),
+            throughput: ratio(
+                report.throughput_orders_per_s,
+                baseline.echo_throughput_per_s,
+            ),
+            resume_vs_handshake_plus_rtt: ratio(
+                report.resume_ms,
+                baseline.handshake_ms + baseline.echo_rtt_us.p50 / 1_000.0,
+            ),
+            login_vs_resume: ratio(report.login_ms, report.resume_ms),
+        });
+        report.baseline = Some(baseline);
+    }
+    Ok(report)
+}
+
+fn progress_bar(options: &Options) -> Option<indicatif::ProgressBar> {
+    options.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(options.duration.as_secs().max(1));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    })
+}
+
+/// One session's open-loop order flow: mostly new orders around one price so that
+/// sessions cross each other, some cancels of its own working orders.
+async fn send_orders(
+    index: usize,
+    client: Arc<Client>,
+    shared: Shared,
+    mut pacer: Pacer,
+    deadline: Instant,
+    window: usize,
+    mut rng: StdRng,
+) {
+    let mut next_order_id = 1u64;
+    while let Some(intended) = pacer.next(deadline).await {
+        // Window-limited mode: wait for answers rather than queue without bound.
+        while lock(&shared).verifier.unanswered(index) >= window {
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let mut tally = lock(&shared);
+        let cancel_target = (rng.gen_range(0..10) == 0)
+            .then(|| tally.books[index].next_cancel_target())
+            .flatten();
+        let sent = match cancel_target {
+            Some(client_order_id) => client.cancel(client_order_id).inspect(|&seq| {
+                tally.verifier.sent(index, seq);
+                tally.counts.cancels_sent += 1;
+            }),
+            None => {
+                let client_order_id = next_order_id;
+                next_order_id += 1;
+                let quantity = rng.gen_range(1..=3);
+                let order = OrderParams {
+                    instrument_id: 1,
+                    client_order_id,
+                    side: if rng.gen() { Side::Buy } else { Side::Sell },
+                    order_type: OrderType::Limit,
+                    time_in_force: if rng.gen_range(0..4) == 0 {
+                        TimeInForce::Ioc
+                    } else {
+                        TimeInForce::Gtc
+                    },
+                    price: 100 + rng.gen_range(0..=1),
+                    quantity,
+                };
+                client.new_order(order).inspect(|&seq| {
+                    tally
+                        .verifier
+                        .sent_order(index, seq, client_order_id, quantity);
+                    tally.counts.orders_sent += 1;
+                })
+            }
+        };
+        match sent {
+            Ok(seq) => {
+                tally.books[index].intended.insert(seq, intended);
+            }
+            Err(ClientError::Backpressure) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// One session's events: verified, counted, timed.
+async fn receive_events(
+    index: usize,
+    mut events: tokio::sync::mpsc::Receiver<Event>,
+    shared: Shared,
+) {
+    while let Some(event) = events.recv().await {
+        let now = Instant::now();
+        let mut tally = lock(&shared);
+        let tally = &mut *tally;
+        match event {
+            Event::Message(frame) => {
+                match frame {
+                    Frame::OrderAck(ack) => {
+                        tally.counts.acks += 1;
+                        tally.books[index].working.push_back(ack.client_order_id);
+                    }
+                    Frame::Reject(_) => tally.counts.rejects += 1,
+                    Frame::Fill(fill) => {
+                        tally.counts.fills += 1;
+                        if fill.leaves_quantity == 0 {
+                            tally.books[index].done.insert(fill.client_order_id);
+                        }
+                    }
+                    Frame::Cancelled(cancelled) => {
+                        tally.counts.cancelled += 1;
+                        tally.books[index].done.insert(cancelled.client_order_id);
+                    }
+                    _ => {}
+                }
+                if let Some(seq) = tally.verifier.message(index, &frame) {
+                    if let Some(intended) = tally.books[index].intended.remove(&seq) {
+                        record(
+                            &mut tally.ack_latency,
+                            now.saturating_duration_since(intended),
+                        );
+                    }
+                    tally.last_answer = Some(now);
+                }
+            }
+            Event::Snapshot {
+                as_of_server_seq,
+                orders,
+            } => tally.verifier.snapshot(index, as_of_server_seq, &orders),
+            Event::Resumed => {
+                tally.counts.resumes += 1;
+                if let Some((at, mode)) = tally.books[index].chaos.take() {
+                    let histogram = match mode {
+                        ChaosMode::Blackhole => &mut tally.blackhole,
+                        ChaosMode::Clean | ChaosMode::Abrupt => &mut tally.resume,
+                    };
+                    record(histogram, now.saturating_duration_since(at));
+                }
+            }
+            Event::Ended(reason) => {
+                tally
+                    .verifier
+                    .violation(format!("session {index} ended: {reason:?}"));
+                return;
+            }
+        }
+    }
+}
+
+/// Breaks a random idle session's connection every `interval`, cycling the modes.
+async fn chaos_loop(
+    clients: Vec<Arc<Client>>,
+    relays: Arc<Vec<Option<Relay>>>,
+    shared: Shared,
+    interval: Duration,
+    deadline: Instant,
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xc4a05);
+    let modes = [ChaosMode::Clean, ChaosMode::Abrupt, ChaosMode::Blackhole];
+    let mut turn = 0usize;
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let index = rng.gen_range(0..clients.len());
+        let mode = modes[turn % modes.len()];
+        {
+            let mut tally = lock(&shared);
+            if tally.books[index].chaos.is_some() {
+                continue;
+            }
+            tally.books[index].chaos = Some((Instant::now(), mode));
+            let counts = &mut tally.counts.disconnects;
+            match mode {
+                ChaosMode::Clean => counts.clean += 1,
+                ChaosMode::Abrupt => counts.abrupt += 1,
+                ChaosMode::Blackhole => counts.blackhole += 1,
+            }
+        }
+        turn += 1;
+        let relay = relays.get(index).and_then(Option::as_ref);
+        match mode {
+            ChaosMode::Clean => clients[index].drop_connection(),
+            ChaosMode::Abrupt => {
+                if let Some(relay) = relay {
+                    relay.blackhole();
+                }
+                clients[index].drop_connection();
+            }
+            ChaosMode::Blackhole => {
+                if let Some(relay) = relay {
+                    relay.blackhole();
+                }
+            }
+        }
+    }
+}
+
+/// Reads frames from a raw link until `stop` says so; `None` on silence or close.
+async fn read_until(
+    link: &mut gateway_client::Link,
+    buf: &mut bytes::BytesMut,
+    mut stop: impl FnMut(&Frame) -> bool,
+) -> Option<Frame> {
+    let read = async {
+        loop {
+            while let Ok(Some(frame)) = proto::decode_buf(buf) {
+                if stop(&frame) {
+                    return Some(frame);
+                }
+            }
+            match link.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                _ => return None,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn send_frame(link: &mut gateway_client::Link, frame: Frame) -> Result<(), RunError> {
+    link.send
+        .write_all(&frame.to_bytes())
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))
+}
+
+/// Detaches a session, makes `messages` fills happen to it, and times its resume and
+/// replay frame by frame (connect to `ResumeAccepted`, to the first and to the last
+/// replayed message).
+async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, RunError> {
+    let stalled = |what: &str| RunError::Setup(format!("replay measurement: {what}"));
+    let credentials = |index: usize| {
+        target
+            .keys
+            .get(index)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| stalled("needs two accounts"))
+    };
+    let maker_config = client_config(target, credentials(0)?, target.addr);
+
+    // The maker logs in and rests one large order, then its connection closes.
+    let mut link = gateway_client::open(&maker_config).await?;
+    let mut buf = bytes::BytesMut::new();
+    let login = maker_config
+        .credentials
+        .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)?;
+    send_frame(&mut link, login.into()).await?;
+    let resting = proto::NewOrder {
+        client_seq: 1,
+        client_order_id: 1,
+        instrument_id: 2,
+        side: Side::Sell,
+        order_type: OrderType::Limit,
+        time_in_force: TimeInForce::Gtc,
+        price: 1_000_000,
+        quantity: 10 * messages,
+    };
+    send_frame(&mut link, resting.into()).await?;
+    let mut token = None;
+    read_until(&mut link, &mut buf, |frame| {
+        if let Frame::LoginAccepted(accepted) = frame {
+            token = Some(accepted.token);
+        }
+        matches!(frame, Frame::OrderAck(_))
+    })
+    .await
+    .ok_or_else(|| stalled("no OrderAck"))?;
+    let token = token.ok_or_else(|| stalled("no LoginAccepted"))?;
+    link.connection.close(0u32.into(), b"");
+    drop(link);
+
+    // The taker trades against it, one lot per order, while it is detached.
+    let (taker, mut taker_events) =
+        Client::connect(client_config(target, credentials(1)?, target.addr)).await?;
+    for id in 1..=messages {
+        taker.new_order(OrderParams {
+            instrument_id: 2,
+            client_order_id: id,
+            side: Side::Buy,
+            order_type: OrderType::Limit,
+            time_in_force: TimeInForce::Ioc,
+            price: 1_000_000,
+            quantity: 10,
+        })?;
+    }
+    let mut fills = 0;
+    while fills < messages {
+        match tokio::time::timeout(Duration::from_secs(10), taker_events.recv()).await {
+            Ok(Some(Event::Message(Frame::Fill(_)))) => fills += 1,
+            Ok(Some(_)) => {}
+            _ => return Err(stalled("taker fills")),
+        }
+    }
+
+    // The maker resumes: one flight brings the answer and the replay.
+    let started = Instant::now();
+    let mut link = gateway_client::open(&maker_config).await?;
+    let mut buf = bytes::BytesMut::new();
+    send_frame(
+        &mut link,
+        proto::Resume {
+            token,
+            last_acked_server_seq: 1,
+            next_client_seq: 2,
+        }
+        .into(),
+    )
+    .await?;
+    let answer = read_until(&mut link, &mut buf, |_| true).await;
+    let resume_ms = started.elapsed().as_secs_f64() * 1e3;
+    if !matches!(answer, Some(Frame::ResumeAccepted(_))) {
+        return Err(stalled(&format!("resume answered {answer:?}")));
+    }
+    let mut replayed = 0;
+    let mut first_message_ms = 0.0;
+    read_until(&mut link, &mut buf, |frame| {
+        if frame.server_seq().is_some() {
+            replayed += 1;
+            if replayed == 1 {
+                first_message_ms = started.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        replayed == messages
+    })
+    .await
+    .ok_or_else(|| stalled("replay incomplete"))?;
+    let complete_ms = started.elapsed().as_secs_f64() * 1e3;
+    link.connection.close(0u32.into(), b"");
+    Ok(ReplayReport {
+        messages: replayed,
+        resume_ms,
+        first_message_ms,
+        complete_ms,
+    })
+}

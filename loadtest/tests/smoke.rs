@@ -1,0 +1,45 @@
+//! A short chaos run against an in-process gateway: every promise holds. Asserts
+//! correctness only, never timings.
+
+use std::time::Duration;
+
+use loadtest::{run, Options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_chaos_run_has_no_violations() {
+    let report = run(Options {
+        sessions: 6,
+        rate: 1_500,
+        duration: Duration::from_secs(3),
+        chaos_interval: Some(Duration::from_millis(150)),
+        replay_messages: 100,
+        ..Options::default()
+    })
+    .await
+    .expect("the run completes");
+
+    assert_eq!(report.violations, 0, "{:#?}", report.violation_samples);
+    assert!(
+        report.disconnects >= 6,
+        "chaos happened: {}",
+        report.disconnects
+    );
+    assert!(
+        report.disconnects_by_mode.clean > 0
+            && report.disconnects_by_mode.abrupt > 0
+            && report.disconnects_by_mode.blackhole > 0
+    );
+    assert_eq!(
+        report.resumes, report.disconnects,
+        "every forced disconnect ended in a resume"
+    );
+    assert!(
+        report.fills > 0 && report.checks.trades > 0,
+        "orders crossed"
+    );
+    assert_eq!(
+        report.checks.answers,
+        report.orders_sent + report.cancels_sent
+    );
+    assert_eq!(report.replay.map(|r| r.messages), Some(100));
+}
