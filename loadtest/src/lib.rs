@@ -880,6 +880,10 @@ async fn chaos_loop(
     }
 }
 
+/// Client order ids of the replay measurement, clear of the load sessions' own
+/// (the accounts may still have working orders from the run).
+const REPLAY_ORDER_IDS: u64 = 1 << 40;
+
 /// Reads frames from a raw link until `stop` says so; `None` on silence or close.
 async fn read_until(
     link: &mut gateway_client::Link,
@@ -935,7 +939,7 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     send_frame(&mut link, login.into()).await?;
     let resting = proto::NewOrder {
         client_seq: 1,
-        client_order_id: 1,
+        client_order_id: REPLAY_ORDER_IDS,
         instrument_id: 2,
         side: Side::Sell,
         order_type: OrderType::Limit,
@@ -963,7 +967,7 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     for id in 1..=messages {
         taker.new_order(OrderParams {
             instrument_id: 2,
-            client_order_id: id,
+            client_order_id: REPLAY_ORDER_IDS + id,
             side: Side::Buy,
             order_type: OrderType::Limit,
             time_in_force: TimeInForce::Ioc,
@@ -975,8 +979,18 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     while fills < messages {
         match tokio::time::timeout(Duration::from_secs(10), taker_events.recv()).await {
             Ok(Some(Event::Message(Frame::Fill(_)))) => fills += 1,
+            Ok(Some(Event::Message(Frame::Reject(reject)))) => {
+                return Err(stalled(&format!(
+                    "taker order rejected: {:?}",
+                    reject.reason
+                )))
+            }
             Ok(Some(_)) => {}
-            _ => return Err(stalled("taker fills")),
+            Ok(None) | Err(_) => {
+                return Err(stalled(&format!(
+                    "the taker got {fills} of {messages} fills"
+                )))
+            }
         }
     }
 

@@ -110,8 +110,10 @@ fn run<E: MatchingEngine>(
     mut sink: impl EventSink,
 ) -> E {
     let mut events = Vec::with_capacity(MAX_BATCH * 4);
-    while let Ok(mut message) = requests.recv() {
-        for _ in 0..MAX_BATCH {
+    while let Ok(first) = requests.recv() {
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(message) = next.take() {
             match message {
                 Message::Request(request) => engine.handle(request, &mut events),
                 Message::Stop => {
@@ -119,9 +121,11 @@ fn run<E: MatchingEngine>(
                     return engine;
                 }
             }
-            match requests.try_recv() {
-                Ok(next) => message = next,
-                Err(_) => break,
+            handled += 1;
+            // Take another queued request only if this batch has room for it: a
+            // request taken off the queue is always handled.
+            if handled < MAX_BATCH {
+                next = requests.try_recv().ok();
             }
         }
         sink.deliver(&mut events);

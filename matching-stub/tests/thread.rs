@@ -80,3 +80,41 @@ fn a_full_queue_hands_the_request_back() {
         2
     );
 }
+
+#[test]
+fn a_backlog_larger_than_a_batch_is_handled_completely_and_in_order() {
+    let (release, wait) = mpsc::channel::<()>();
+    let (tx, rx) = mpsc::channel();
+    let mut first_batch = true;
+    // The sink holds the engine on its first batch while a backlog of several
+    // batches builds up in the queue.
+    let thread = EngineThread::spawn(engine(), 4_096, move |events: &mut Vec<Event>| {
+        if std::mem::take(&mut first_batch) {
+            let _ = wait.recv();
+        }
+        for event in events.drain(..) {
+            tx.send(event).expect("test receiver alive");
+        }
+    })
+    .expect("spawn");
+    let sender = thread.sender();
+    let total = 3 * matching_stub::thread::MAX_BATCH as u64 + 17;
+    for id in 1..=total {
+        sender.submit(buy(id)).expect("queued");
+    }
+    drop(release);
+    let engine = thread.shutdown().expect("no panic");
+    assert_eq!(
+        engine.working_order_count() as u64,
+        total,
+        "no request was dropped"
+    );
+    let tags: Vec<u64> = rx
+        .iter()
+        .map(|event| match event {
+            Event::Accepted { tag, .. } => tag,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(tags, (1..=total).collect::<Vec<_>>());
+}
