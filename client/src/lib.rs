@@ -319,14 +319,16 @@ impl Client {
             ended: false,
         }));
         let (events, receiver) = mpsc::channel(config.event_capacity);
+        let quic = quic_config(&config)?;
         let login = config
             .credentials
             .signed_login(config.cancel_on_disconnect, config.cod_grace)?;
-        let link = open(&config).await?;
+        let link = open_on(endpoint_with(&config, quic.clone())?, &config).await?;
         let (established, on_established) = oneshot::channel();
         let driver = tokio::spawn(drive(
             Arc::clone(&shared),
             Arc::clone(&config),
+            quic,
             events,
             link,
             Frame::from(login),
@@ -468,6 +470,13 @@ pub async fn open(config: &ClientConfig) -> Result<Link, ClientError> {
 /// A client endpoint (one UDP socket) set up to reach the gateway in `config`; many
 /// connections can share it.
 pub fn client_endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
+    endpoint_with(config, quic_config(config)?)
+}
+
+/// The QUIC and TLS settings for `config`. Connections made with clones of one of
+/// these share its TLS session cache, so reconnects resume the TLS session instead of
+/// repeating the certificate exchange.
+pub fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
     let error = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
     for cert in &config.trusted_certs {
@@ -491,12 +500,21 @@ pub fn client_endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientE
         ))
         .keep_alive_interval(Some(config.keep_alive));
     quic.transport_config(Arc::new(transport));
+    Ok(quic)
+}
+
+/// A new client endpoint (UDP socket) using `quic`.
+pub fn endpoint_with(
+    config: &ClientConfig,
+    quic: quinn::ClientConfig,
+) -> Result<quinn::Endpoint, ClientError> {
     let bind: SocketAddr = if config.server.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| error(&e))?;
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connection(e.to_string()))?;
     endpoint.set_default_client_config(quic);
     Ok(endpoint)
 }
@@ -539,6 +557,7 @@ const fn ends_session(reason: ReasonCode) -> bool {
 async fn drive(
     shared: Arc<Mutex<Shared>>,
     config: Arc<ClientConfig>,
+    quic: quinn::ClientConfig,
     events: mpsc::Sender<Event>,
     mut link: Link,
     mut first_frame: Frame,
@@ -577,7 +596,7 @@ async fn drive(
             .state
             .resume_frame();
         let Some(resume) = resume else { return };
-        match reconnect(&config).await {
+        match reconnect(&config, &quic).await {
             Some(next) => {
                 link = next;
                 first_frame = resume;
@@ -607,10 +626,20 @@ async fn finish(
     }
 }
 
-async fn reconnect(config: &ClientConfig) -> Option<Link> {
+/// A new connection (on a new UDP socket: the old path may be what failed) sharing
+/// the TLS session cache of the earlier ones.
+async fn reconnect(config: &ClientConfig, quic: &quinn::ClientConfig) -> Option<Link> {
     let mut backoff = config.reconnect_backoff;
     for attempt in 1..=config.reconnect_attempts {
-        match open(config).await {
+        let endpoint = match endpoint_with(config, quic.clone()) {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                debug!(attempt, %error, "no socket for a reconnect");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        match open_on(endpoint, config).await {
             Ok(link) => return Some(link),
             Err(error) => debug!(attempt, %error, "reconnect failed"),
         }

@@ -12,7 +12,7 @@ use quinn::crypto::rustls::QuicServerConfig;
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 
-use crate::{Pacer, Percentiles, RunError};
+use crate::{Percentiles, RunError, Ticks};
 
 /// What the baseline measured.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -141,14 +141,17 @@ pub async fn run(options: BaselineOptions) -> Result<BaselineReport, RunError> {
     let started = Instant::now();
     let deadline = started + options.duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for link in links {
-        let pacer = Pacer::new(options.rate, options.connections, started);
+    for (link, ticks) in links.into_iter().zip(crate::schedule(
+        options.rate,
+        options.connections,
+        started,
+        deadline,
+    )) {
         tasks.spawn(echo_connection(
             link,
-            pacer,
+            ticks,
             options.window,
             options.payload,
-            deadline,
             Arc::clone(&histogram),
         ));
     }
@@ -167,13 +170,12 @@ pub async fn run(options: BaselineOptions) -> Result<BaselineReport, RunError> {
     })
 }
 
-/// One echo connection driven by `pacer`; records round trips into `histogram`.
+/// One echo connection driven by `ticks`; records round trips into `histogram`.
 async fn echo_connection(
     link: gateway_client::Link,
-    mut pacer: Pacer,
+    mut ticks: Ticks,
     window: usize,
     payload: usize,
-    deadline: Instant,
     histogram: Arc<Mutex<Histogram<u64>>>,
 ) -> u64 {
     let gateway_client::Link {
@@ -193,7 +195,7 @@ async fn echo_connection(
                 return;
             };
             permit.forget();
-            let Some(intended) = pacer.next(deadline).await else {
+            let Some(intended) = ticks.next().await else {
                 break;
             };
             sender_in_flight

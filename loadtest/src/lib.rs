@@ -161,52 +161,71 @@ pub fn shared_endpoints(
         .collect()
 }
 
-/// Open-loop send schedule of one connection: a fixed interval from a start, so a
-/// stall shows up as latency (measured from the intended time) instead of hiding it.
+/// The send times of one connection.
 #[derive(Debug)]
-pub struct Pacer {
-    interval: Option<Duration>,
-    next: Instant,
+pub enum Ticks {
+    /// Open loop: times from the schedule thread, fixed in advance, so a stall shows
+    /// up as latency (measured from the intended time) instead of hiding it.
+    Scheduled(tokio::sync::mpsc::UnboundedReceiver<Instant>),
+    /// As fast as the window allows, until the deadline; the intended time is now.
+    Unpaced {
+        /// When to stop.
+        deadline: Instant,
+    },
 }
 
-impl Pacer {
-    /// A schedule for one of `connections` connections sharing `total_rate` per
-    /// second (0: no schedule, send as soon as allowed).
-    pub fn new(total_rate: u64, connections: usize, start: Instant) -> Self {
-        let interval = (total_rate > 0)
-            .then(|| Duration::from_secs_f64(connections as f64 / total_rate as f64));
-        Pacer {
-            interval,
-            next: start,
-        }
-    }
-
-    /// Delays the first send by `fraction` of an interval, to spread connections.
-    pub fn with_phase(mut self, fraction: f64) -> Self {
-        if let Some(interval) = self.interval {
-            self.next += interval.mul_f64(fraction.clamp(0.0, 1.0));
-        }
-        self
-    }
-
-    /// Waits for the next send time and returns it; `None` once past `deadline`.
-    pub async fn next(&mut self, deadline: Instant) -> Option<Instant> {
-        match self.interval {
-            Some(interval) => {
-                if self.next >= deadline {
-                    return None;
-                }
-                tokio::time::sleep_until(self.next.into()).await;
-                let intended = self.next;
-                self.next += interval;
-                Some(intended)
-            }
-            None => {
+impl Ticks {
+    /// The next intended send time; `None` when the run is over.
+    pub async fn next(&mut self) -> Option<Instant> {
+        match self {
+            Ticks::Scheduled(times) => times.recv().await,
+            Ticks::Unpaced { deadline } => {
                 let now = Instant::now();
-                (now < deadline).then_some(now)
+                (now < *deadline).then_some(now)
             }
         }
     }
+}
+
+/// Send times for `connections` connections sharing `rate` per second from `start`
+/// to `deadline` (0: unpaced).
+///
+/// The open-loop schedule runs on its own OS thread: `std::thread::sleep` wakes within
+/// tens of microseconds, where tokio's timer rounds to a millisecond, which would show
+/// up as a millisecond of latency on every message. Connections take turns, so each
+/// sends at `rate / connections`.
+pub fn schedule(rate: u64, connections: usize, start: Instant, deadline: Instant) -> Vec<Ticks> {
+    if rate == 0 {
+        return (0..connections)
+            .map(|_| Ticks::Unpaced { deadline })
+            .collect();
+    }
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..connections)
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let spawned = std::thread::Builder::new()
+        .name("loadtest-schedule".into())
+        .spawn(move || {
+            for tick in 0u32.. {
+                let intended = start + interval * tick;
+                if intended >= deadline {
+                    return;
+                }
+                if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let connection = tick as usize % senders.len();
+                // A connection that stopped listening has ended its run.
+                let _ = senders[connection].send(intended);
+            }
+        });
+    if spawned.is_err() {
+        return (0..connections)
+            .map(|_| Ticks::Unpaced { deadline })
+            .collect();
+    }
+    receivers.into_iter().map(Ticks::Scheduled).collect()
 }
 
 /// How a chaos event breaks a connection.
@@ -239,6 +258,8 @@ pub struct DisconnectCounts {
 pub struct ReplayReport {
     /// Messages replayed.
     pub messages: u64,
+    /// Reconnect start to the QUIC connection and stream being ready.
+    pub connect_ms: f64,
     /// Reconnect start to `ResumeAccepted`.
     pub resume_ms: f64,
     /// Reconnect start to the first replayed message.
@@ -492,13 +513,13 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     let progress = progress_bar(&options);
     let started = Instant::now();
     let deadline = started + options.duration;
+    let mut ticks = schedule(options.rate, options.sessions, started, deadline).into_iter();
     let mut senders = tokio::task::JoinSet::new();
     let mut receivers = tokio::task::JoinSet::new();
     let mut clients = Vec::new();
     let mut relays = Vec::new();
     for (index, account, client, events, relay) in sessions {
-        let pacer = Pacer::new(options.rate, options.sessions, started)
-            .with_phase(index as f64 / options.sessions as f64);
+        let Some(ticks) = ticks.next() else { break };
         let rng = StdRng::seed_from_u64(
             options
                 .seed
@@ -509,7 +530,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             index,
             Arc::clone(&client),
             Arc::clone(&shared),
-            pacer,
+            ticks,
             deadline,
             options.window,
             rng,
@@ -708,13 +729,13 @@ async fn send_orders(
     index: usize,
     client: Arc<Client>,
     shared: Shared,
-    mut pacer: Pacer,
+    mut ticks: Ticks,
     deadline: Instant,
     window: usize,
     mut rng: StdRng,
 ) {
     let mut next_order_id = 1u64;
-    while let Some(intended) = pacer.next(deadline).await {
+    while let Some(intended) = ticks.next().await {
         // Window-limited mode: wait for answers rather than queue without bound.
         while lock(&shared).verifier.unanswered(index) >= window {
             if Instant::now() >= deadline {
@@ -930,8 +951,11 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     };
     let maker_config = client_config(target, credentials(0)?, target.addr);
 
-    // The maker logs in and rests one large order, then its connection closes.
-    let mut link = gateway_client::open(&maker_config).await?;
+    // The maker logs in and rests one large order, then its connection closes. Its
+    // connections share TLS settings, as the client library's do.
+    let quic = gateway_client::quic_config(&maker_config)?;
+    let connect = || gateway_client::endpoint_with(&maker_config, quic.clone());
+    let mut link = gateway_client::open_on(connect()?, &maker_config).await?;
     let mut buf = bytes::BytesMut::new();
     let login = maker_config
         .credentials
@@ -996,7 +1020,8 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
 
     // The maker resumes: one flight brings the answer and the replay.
     let started = Instant::now();
-    let mut link = gateway_client::open(&maker_config).await?;
+    let mut link = gateway_client::open_on(connect()?, &maker_config).await?;
+    let connect_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut buf = bytes::BytesMut::new();
     send_frame(
         &mut link,
@@ -1030,6 +1055,7 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     link.connection.close(0u32.into(), b"");
     Ok(ReplayReport {
         messages: replayed,
+        connect_ms,
         resume_ms,
         first_message_ms,
         complete_ms,

@@ -108,8 +108,8 @@ fn summary(report: &Report) {
     );
     if let Some(replay) = &report.replay {
         println!(
-            "replay of {} missed messages: ResumeAccepted {:.2} ms, first {:.2} ms, complete {:.2} ms",
-            replay.messages, replay.resume_ms, replay.first_message_ms, replay.complete_ms
+            "replay of {} missed messages: connected {:.2} ms, ResumeAccepted {:.2} ms, first {:.2} ms, complete {:.2} ms",
+            replay.messages, replay.connect_ms, replay.resume_ms, replay.first_message_ms, replay.complete_ms
         );
     }
     if let (Some(baseline), Some(ratios)) = (&report.baseline, &report.ratios) {
