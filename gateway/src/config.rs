@@ -140,10 +140,23 @@ pub struct InstrumentSettings {
     pub lot_size: u64,
 }
 
+/// Where the matching engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineMode {
+    /// On its own thread behind a bounded queue: for engines that may block.
+    Thread,
+    /// In place, under a lock, in the connection task that has the request: no thread
+    /// hop; for engines that never block, like the bundled one.
+    Inline,
+}
+
 /// Matching engine settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineSettings {
+    /// Where the engine runs.
+    pub mode: EngineMode,
     /// Requests queued for the engine before new orders are refused with `EngineBusy`.
     pub queue_capacity: usize,
     /// Finished orders kept per account for login snapshots.
@@ -234,6 +247,7 @@ impl Default for AuthSettings {
 impl Default for EngineSettings {
     fn default() -> Self {
         EngineSettings {
+            mode: EngineMode::Thread,
             queue_capacity: 65_536,
             finished_orders_per_account: 1_024,
             instruments: vec![

@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn, Instrument as _};
 
 use crate::auth::{AccountsFile, Authenticator};
-use crate::config::Config;
+use crate::config::{Config, EngineMode};
 use crate::dev::{SetupError, TlsIdentity};
 use crate::registry::{lock, Registry, SessionHandle};
 use crate::session::{Action, CodPolicy, ConnectionId, Transmit};
@@ -95,10 +95,21 @@ impl Conn {
     }
 }
 
+/// How requests reach the matching engine.
+enum EngineLink {
+    /// On its own thread behind a bounded queue; events come back through the
+    /// thread's sink.
+    Thread(engine::EngineSender),
+    /// Called in place, under a lock, by the task that has the request: no thread
+    /// hop. Events are routed while the lock is held, so every session still gets
+    /// them in engine order.
+    Inline(Mutex<OrderBookEngine>),
+}
+
 /// State shared by all tasks and the engine thread.
 struct Shared {
     registry: Registry,
-    engine: engine::EngineSender,
+    engine: EngineLink,
     conns: DashMap<ConnectionId, Arc<Conn>>,
     auth: Mutex<Authenticator>,
     queries: DashMap<u64, oneshot::Sender<Vec<engine::OrderView>>>,
@@ -113,7 +124,8 @@ struct Shared {
 pub struct Gateway {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
-    engine: EngineThread<OrderBookEngine>,
+    /// The engine thread, in thread mode.
+    engine: Option<EngineThread<OrderBookEngine>>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -160,17 +172,24 @@ impl Gateway {
         })
         .map_err(|e| StartError::Engine(e.to_string()))?;
         let routed_to: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
-        let sink_target = Arc::clone(&routed_to);
-        let engine = EngineThread::spawn(
-            book,
-            config.engine.queue_capacity,
-            move |events: &mut Vec<engine::Event>| {
-                if let Some(shared) = sink_target.get() {
-                    shared.on_engine_events(events);
-                }
-            },
-        )
-        .map_err(|e| StartError::Engine(e.to_string()))?;
+        let (engine_link, engine) = match config.engine.mode {
+            EngineMode::Inline => (EngineLink::Inline(Mutex::new(book)), None),
+            EngineMode::Thread => {
+                let sink_target = Arc::clone(&routed_to);
+                let thread = EngineThread::spawn(
+                    book,
+                    config.engine.queue_capacity,
+                    move |events: &mut Vec<engine::Event>| {
+                        if let Some(shared) = sink_target.get() {
+                            let actions = shared.route_events(events);
+                            shared.execute(actions);
+                        }
+                    },
+                )
+                .map_err(|e| StartError::Engine(e.to_string()))?;
+                (EngineLink::Thread(thread.sender()), Some(thread))
+            }
+        };
 
         let shared = Arc::new(Shared {
             registry: Registry::new(
@@ -178,7 +197,7 @@ impl Gateway {
                 config.session_config(),
                 config.registry_limits(),
             ),
-            engine: engine.sender(),
+            engine: engine_link,
             conns: DashMap::new(),
             auth: Mutex::new(
                 Authenticator::new(&accounts, config.auth_config()).map_err(SetupError::from)?,
@@ -253,8 +272,9 @@ impl Gateway {
         self.endpoint
             .close(close_code(ReasonCode::ShuttingDown), b"ShuttingDown");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
-        let engine = self.engine;
-        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        if let Some(engine) = self.engine {
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        }
         info!("gateway stopped");
     }
 }
@@ -588,15 +608,25 @@ impl Shared {
         }
     }
 
-    /// The account's orders, asked of the engine through its queue.
+    /// The account's orders, asked of the engine.
     async fn query_orders(&self, account: u64) -> Option<Vec<engine::OrderView>> {
+        let sender = match &self.engine {
+            EngineLink::Inline(book) => {
+                return Some(
+                    book.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .orders_of(account),
+                );
+            }
+            EngineLink::Thread(sender) => sender,
+        };
         let tag = self.next_query.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
         self.queries.insert(tag, answer);
         let request = engine::Request::QueryOrders { account, tag };
-        let submitted = match self.engine.try_submit(request) {
+        let submitted = match sender.try_submit(request) {
             Err(SubmitError::Full(request)) => {
-                let engine = self.engine.clone();
+                let engine = sender.clone();
                 tokio::task::spawn_blocking(move || engine.submit(request))
                     .await
                     .ok()
@@ -611,8 +641,9 @@ impl Shared {
         answered.await.ok()
     }
 
-    /// Called on the engine thread with each batch of events.
-    fn on_engine_events(&self, events: &mut Vec<engine::Event>) {
+    /// Routes a batch of engine events into their sessions and wakes their writers;
+    /// returns what the sessions asked for in turn.
+    fn route_events(&self, events: &mut Vec<engine::Event>) -> Vec<Action> {
         let now = Timestamp::now();
         let mut actions = Vec::new();
         for event in events.drain(..) {
@@ -628,7 +659,7 @@ impl Shared {
                 }
             }
         }
-        self.execute(actions);
+        actions
     }
 
     /// Carries out what the session core asked for.
@@ -650,11 +681,23 @@ impl Shared {
     }
 
     fn submit(&self, request: engine::Request) {
-        match self.engine.try_submit(request) {
+        let sender = match &self.engine {
+            EngineLink::Inline(book) => {
+                let actions = {
+                    let mut book = book.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut events = Vec::new();
+                    engine::MatchingEngine::handle(&mut *book, request, &mut events);
+                    self.route_events(&mut events)
+                };
+                return self.execute(actions);
+            }
+            EngineLink::Thread(sender) => sender,
+        };
+        match sender.try_submit(request) {
             Ok(()) => {}
             Err(SubmitError::Full(request @ engine::Request::MassCancel { .. })) => {
                 // Cancels must not be lost: wait for room off the async threads.
-                let engine = self.engine.clone();
+                let engine = sender.clone();
                 self.runtime.spawn_blocking(move || engine.submit(request));
             }
             Err(SubmitError::Full(request)) => {

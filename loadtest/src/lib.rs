@@ -19,7 +19,7 @@ pub mod verify;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway::auth::{AccountEntry, AccountsFile, ApiKeyEntry};
@@ -84,6 +84,8 @@ pub struct Options {
     pub seed: u64,
     /// Messages to replay in the replay measurement (0 skips it).
     pub replay_messages: u64,
+    /// Where the in-process gateway runs its engine.
+    pub engine_mode: gateway::config::EngineMode,
 }
 
 impl Default for Options {
@@ -99,6 +101,7 @@ impl Default for Options {
             progress: false,
             seed: 1,
             replay_messages: 1_000,
+            engine_mode: gateway::config::EngineMode::Thread,
         }
     }
 }
@@ -353,7 +356,10 @@ struct Target {
 }
 
 /// Starts a gateway in this process with `accounts` fresh accounts.
-fn start_gateway(accounts: usize) -> Result<Target, RunError> {
+fn start_gateway(
+    accounts: usize,
+    engine_mode: gateway::config::EngineMode,
+) -> Result<Target, RunError> {
     let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
     let random = SystemRandom::new();
     let mut file = AccountsFile::default();
@@ -380,6 +386,7 @@ fn start_gateway(accounts: usize) -> Result<Target, RunError> {
     };
     config.session.max_sessions_per_account = 64;
     config.auth.failures_per_window = 1_000_000;
+    config.engine.mode = engine_mode;
     let (certs, key) = gateway::dev::self_signed().map_err(|e| setup(&e))?;
     let cert = certs[0].clone();
     let gateway = Gateway::start(Setup {
@@ -447,10 +454,10 @@ struct Counts {
     disconnects: DisconnectCounts,
 }
 
-type Shared = Arc<Mutex<Tally>>;
+type Shared = Arc<parking_lot::Mutex<Tally>>;
 
-fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Tally> {
-    shared.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock(shared: &Shared) -> parking_lot::MutexGuard<'_, Tally> {
+    shared.lock()
 }
 
 fn client_config(target: &Target, credentials: Credentials, addr: SocketAddr) -> ClientConfig {
@@ -469,7 +476,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             keys: remote.keys,
             gateway: None,
         },
-        None => start_gateway(options.sessions.max(2))?,
+        None => start_gateway(options.sessions.max(2), options.engine_mode)?,
     };
     if target.keys.len() < options.sessions {
         return Err(RunError::Setup(format!(
@@ -499,7 +506,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         sessions.push((index, *account, Arc::new(client), events, relay));
     }
 
-    let shared: Shared = Arc::new(Mutex::new(Tally {
+    let shared: Shared = Arc::new(parking_lot::Mutex::new(Tally {
         verifier: Verifier::new(options.sessions),
         books: (0..options.sessions)
             .map(|_| SessionBook::default())

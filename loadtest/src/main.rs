@@ -46,6 +46,10 @@ struct Cli {
     /// Messages in the replay measurement (in-process gateway only; 0 skips it).
     #[arg(long, default_value_t = 1_000)]
     replay: u64,
+    /// Where the in-process gateway runs its engine: its own thread, or inline in
+    /// the connection tasks.
+    #[arg(long, value_enum, default_value = "thread")]
+    engine: EngineArg,
     /// Seed of the order flow and chaos choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -58,6 +62,15 @@ struct Cli {
     /// Log filter for diagnostics, e.g. `gateway_client=debug,gateway=debug`.
     #[arg(long, env = "LOADTEST_LOG")]
     log: Option<String>,
+}
+
+/// `--engine` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum EngineArg {
+    /// The engine's own thread.
+    Thread,
+    /// Inline in the connection tasks.
+    Inline,
 }
 
 fn remote(cli: &Cli) -> anyhow::Result<Option<RemoteGateway>> {
@@ -164,6 +177,10 @@ fn main() -> ExitCode {
             progress: !cli.quiet,
             seed: cli.seed,
             replay_messages: cli.replay,
+            engine_mode: match cli.engine {
+                EngineArg::Thread => gateway::config::EngineMode::Thread,
+                EngineArg::Inline => gateway::config::EngineMode::Inline,
+            },
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -43,3 +43,22 @@ async fn a_short_chaos_run_has_no_violations() {
     );
     assert_eq!(report.replay.map(|r| r.messages), Some(100));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_run_with_the_engine_inline_has_no_violations() {
+    let report = run(Options {
+        sessions: 4,
+        rate: 1_000,
+        duration: Duration::from_secs(2),
+        chaos_interval: Some(Duration::from_millis(200)),
+        replay_messages: 300,
+        engine_mode: gateway::config::EngineMode::Inline,
+        ..Options::default()
+    })
+    .await
+    .expect("the run completes");
+
+    assert_eq!(report.violations, 0, "{:#?}", report.violation_samples);
+    assert!(report.fills > 0 && report.resumes > 0);
+    assert_eq!(report.replay.map(|r| r.messages), Some(300));
+}
