@@ -699,6 +699,12 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         })
         .await?;
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        // Chaos resumes when there were any, else the replay measurement's resume
+        // (connect to ResumeAccepted, which arrives with the first replayed message).
+        let resume_ms = match (&report.replay, report.resume_us.count) {
+            (Some(replay), 0) => replay.resume_ms,
+            _ => report.resume_ms,
+        };
         report.ratios = Some(Ratios {
             ack_p50: ratio(report.ack_latency_us.p50, baseline.echo_rtt_us.p50),
             ack_p99: ratio(report.ack_latency_us.p99, baseline.echo_rtt_us.p99),
@@ -707,10 +713,10 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 baseline.echo_throughput_per_s,
             ),
             resume_vs_handshake_plus_rtt: ratio(
-                report.resume_ms,
+                resume_ms,
                 baseline.handshake_ms + baseline.echo_rtt_us.p50 / 1_000.0,
             ),
-            login_vs_resume: ratio(report.login_ms, report.resume_ms),
+            login_vs_resume: ratio(report.login_ms, resume_ms),
         });
         report.baseline = Some(baseline);
     }
