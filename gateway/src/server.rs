@@ -280,7 +280,7 @@ impl Gateway {
 }
 
 /// A UDP socket bound to `addr` with send and receive buffers of about `buffer_bytes`.
-fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
+pub fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -301,10 +301,10 @@ pub fn close_code(reason: ReasonCode) -> VarInt {
     VarInt::from_u32(u32::from(reason.to_wire()))
 }
 
-fn server_config(
-    config: &Config,
-    (certs, key): TlsIdentity,
-) -> Result<quinn::ServerConfig, StartError> {
+/// The gateway's TLS settings (TLS 1.3 only, ring provider, ALPN `sgw/1`, no 0-RTT)
+/// for QUIC. Shared with the load tester's bare-QUIC baseline so that both pay the
+/// same handshake.
+pub fn quic_crypto((certs, key): TlsIdentity) -> Result<QuicServerConfig, StartError> {
     let tls_error = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -316,7 +316,15 @@ fn server_config(
     .map_err(|e| tls_error(&e))?;
     tls.alpn_protocols = vec![proto::ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| tls_error(&e))?;
+    QuicServerConfig::try_from(tls).map_err(|e| tls_error(&e))
+}
+
+fn server_config(
+    config: &Config,
+    identity: TlsIdentity,
+) -> Result<quinn::ServerConfig, StartError> {
+    let tls_error = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
+    let crypto = quic_crypto(identity)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     let idle =

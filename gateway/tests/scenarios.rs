@@ -299,18 +299,19 @@ fn forged_tampered_and_foreign_tokens_are_rejected() {
         sim.resume_with(&mut client, other_session),
         Err(ReasonCode::TokenForged)
     );
-    let foreign = TokenKeyRing::new(9, &[1u8; 32])
-        .expect("key")
-        .mint(client.session_id, 1, 0, START.plus(Duration::from_secs(60)))
-        .expect("mint");
+    let session_id = client.session_id;
+    let mint_with = |key_id, secret: [u8; 32]| {
+        TokenKeyRing::new(key_id, &secret)
+            .expect("key")
+            .mint(session_id, 1, 0, START.plus(Duration::from_secs(60)))
+            .expect("mint")
+    };
+    let foreign = mint_with(9, [1u8; 32]);
     assert_eq!(
         sim.resume_with(&mut client, foreign),
         Err(ReasonCode::TokenUnknownKey)
     );
-    let same_id_other_key = TokenKeyRing::new(1, &[1u8; 32])
-        .expect("key")
-        .mint(client.session_id, 1, 0, START.plus(Duration::from_secs(60)))
-        .expect("mint");
+    let same_id_other_key = mint_with(1, [1u8; 32]);
     assert_eq!(
         sim.resume_with(&mut client, same_id_other_key),
         Err(ReasonCode::TokenForged)

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use quinn::crypto::rustls::QuicServerConfig;
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 
@@ -51,26 +50,15 @@ fn echo_server(
     let setup = |e: &dyn std::fmt::Display| RunError::Setup(format!("echo server: {e}"));
     let (certs, key) = gateway::dev::self_signed().map_err(|e| setup(&e))?;
     let cert = certs[0].clone();
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|e| setup(&e))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| setup(&e))?;
-    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
+    let crypto = gateway::server::quic_crypto((certs, key)).map_err(|e| setup(&e))?;
     let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| setup(&e))?;
-    let socket = socket2::Socket::from(socket);
-    let _ = socket.set_recv_buffer_size(socket_buffer);
-    let _ = socket.set_send_buffer_size(socket_buffer);
+    let socket = gateway::server::bind_udp(SocketAddr::from(([127, 0, 0, 1], 0)), socket_buffer)
+        .map_err(|e| setup(&e))?;
     let runtime = quinn::default_runtime().ok_or_else(|| RunError::Setup("no runtime".into()))?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server),
-        socket.into(),
+        socket,
         runtime,
     )
     .map_err(|e| setup(&e))?;

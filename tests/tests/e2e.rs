@@ -359,13 +359,20 @@ async fn an_expired_token_is_refused() {
     gateway.gateway.shutdown().await;
 }
 
-#[tokio::test]
-async fn cancel_on_disconnect_fires_after_the_grace_period_and_not_before() {
-    let gateway = TestGateway::start(1, |_| {});
-    let (mut raw, token, _) = raw_login(&gateway, 1, CancelOnDisconnect::CancelAll, 1_000).await;
+/// Logs in with cancel-on-disconnect after 1 s, rests a buy of 3, and closes the
+/// connection; returns the token.
+async fn rest_one_order_and_disconnect(gateway: &TestGateway) -> proto::SessionToken {
+    let (mut raw, token, _) = raw_login(gateway, 1, CancelOnDisconnect::CancelAll, 1_000).await;
     raw.send(&[new_order(1, Side::Buy, 90, 3)]).await;
     assert!(matches!(raw.recv().await, Some(Frame::OrderAck(_))));
     raw.close();
+    token
+}
+
+#[tokio::test]
+async fn cancel_on_disconnect_fires_after_the_grace_period_and_not_before() {
+    let gateway = TestGateway::start(1, |_| {});
+    let token = rest_one_order_and_disconnect(&gateway).await;
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (observer, _, orders) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
@@ -390,10 +397,7 @@ async fn cancel_on_disconnect_fires_after_the_grace_period_and_not_before() {
 #[tokio::test]
 async fn a_resume_within_the_grace_period_cancels_nothing() {
     let gateway = TestGateway::start(1, |_| {});
-    let (mut raw, token, _) = raw_login(&gateway, 1, CancelOnDisconnect::CancelAll, 1_000).await;
-    raw.send(&[new_order(1, Side::Buy, 90, 3)]).await;
-    assert!(matches!(raw.recv().await, Some(Frame::OrderAck(_))));
-    raw.close();
+    let token = rest_one_order_and_disconnect(&gateway).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_resumed, answer) = raw_resume(&gateway, 1, token, 1).await;
     assert!(matches!(answer, Frame::ResumeAccepted(_)));
