@@ -74,6 +74,7 @@ fn inbound_order(c: &mut Criterion) {
                     &[],
                     Duration::from_secs(10),
                     Arc::clone(&config),
+                    NOW,
                 )
             },
             |session| {

@@ -108,6 +108,9 @@ pub struct SessionSettings {
     pub max_cod_grace_ms: u64,
     /// Most open orders per session.
     pub max_open_orders: usize,
+    /// Sequenced client messages per second per session (bursts up to one second's
+    /// worth); beyond, requests are rejected with `RateExceeded`.
+    pub max_messages_per_second: u32,
     /// Finished orders kept per session for snapshots.
     pub finished_orders_retained: usize,
     /// Most sessions on the gateway.
@@ -226,6 +229,7 @@ impl Default for SessionSettings {
             detached_ttl_s: session.detached_ttl.as_secs(),
             max_cod_grace_ms: millis(session.max_cod_grace),
             max_open_orders: session.max_open_orders,
+            max_messages_per_second: session.max_messages_per_second,
             finished_orders_retained: session.finished_orders_retained,
             max_sessions: limits.max_sessions,
             max_sessions_per_account: limits.max_sessions_per_account,
@@ -346,6 +350,7 @@ impl Config {
             detached_ttl: Duration::from_secs(self.session.detached_ttl_s),
             max_cod_grace: Duration::from_millis(self.session.max_cod_grace_ms),
             max_open_orders: self.session.max_open_orders,
+            max_messages_per_second: self.session.max_messages_per_second,
             finished_orders_retained: self.session.finished_orders_retained,
             ..SessionConfig::default()
         }

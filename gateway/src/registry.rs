@@ -217,6 +217,7 @@ impl Registry {
             account_orders,
             idle_timeout,
             Arc::clone(&self.config),
+            now,
         )));
         self.sessions.insert(session_id, Arc::clone(&session));
         Ok(NewSession {

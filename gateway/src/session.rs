@@ -46,6 +46,10 @@ pub struct SessionConfig {
     /// Most `Duplicate` answers queued for an attached connection before it is
     /// closed as a slow consumer.
     pub max_queued_duplicates: usize,
+    /// Sequenced client messages per second a session may send on average; it may
+    /// burst up to one second's worth. Beyond, requests are answered with a `Reject`
+    /// (`RateExceeded`) and not executed.
+    pub max_messages_per_second: u32,
 }
 
 impl Default for SessionConfig {
@@ -58,6 +62,7 @@ impl Default for SessionConfig {
             max_open_orders: 10_000,
             finished_orders_retained: 256,
             max_queued_duplicates: 1_024,
+            max_messages_per_second: 10_000,
         }
     }
 }
@@ -166,6 +171,9 @@ pub struct Session {
     token_used: u32,
     /// When cancel-on-disconnect fires, while detached with it on.
     cod_deadline: Option<Timestamp>,
+    /// Message rate allowance (a token bucket) and when it was last topped up.
+    rate_allowance: u32,
+    rate_checked_at: Timestamp,
 }
 
 impl Session {
@@ -178,6 +186,7 @@ impl Session {
         account_orders: &[engine::OrderView],
         idle_timeout: Duration,
         config: Arc<SessionConfig>,
+        now: Timestamp,
     ) -> Self {
         let ring = OutboundRing::new(config.ring);
         let mut control = VecDeque::new();
@@ -212,6 +221,8 @@ impl Session {
             token_issued: 0,
             token_used: 0,
             cod_deadline: None,
+            rate_allowance: config.max_messages_per_second,
+            rate_checked_at: now,
             config,
         }
     }
@@ -304,23 +315,52 @@ impl Session {
             return self.drop_connection(ReasonCode::ClientSeqGap, now, out);
         }
         self.last_processed_client_seq = seq;
-        if let Frame::NewOrder(order) = frame {
-            if self.orders.working_count() + self.pending_new_orders.len()
+        let refusal = if !self.take_rate_allowance(now) {
+            Some(ReasonCode::RateExceeded)
+        } else if matches!(frame, Frame::NewOrder(_))
+            && self.orders.working_count() + self.pending_new_orders.len()
                 >= self.config.max_open_orders
-            {
-                let reject = Frame::from(proto::Reject {
-                    server_seq: self.ring.next_seq(),
-                    client_seq: seq,
-                    client_order_id: order.client_order_id,
-                    reason: ReasonCode::TooManyOpenOrders,
-                });
-                return self.append(&reject, now, out);
-            }
+        {
+            Some(ReasonCode::TooManyOpenOrders)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            let reject = Frame::from(proto::Reject {
+                server_seq: self.ring.next_seq(),
+                client_seq: seq,
+                client_order_id: client_order_id_of(frame),
+                reason,
+            });
+            return self.append(&reject, now, out);
+        }
+        if matches!(frame, Frame::NewOrder(_)) {
             self.pending_new_orders.push_back(seq);
         }
         if let Some(request) = convert::request_to_engine(frame, self.owner()) {
             out.push(Action::Engine(request));
         }
+    }
+
+    /// Takes one message from the rate allowance, topping it up for the time passed.
+    fn take_rate_allowance(&mut self, now: Timestamp) -> bool {
+        let rate = u64::from(self.config.max_messages_per_second);
+        let elapsed = now
+            .as_millis()
+            .saturating_sub(self.rate_checked_at.as_millis());
+        let earned = elapsed.saturating_mul(rate) / 1_000;
+        if earned > 0 {
+            let topped = u64::from(self.rate_allowance)
+                .saturating_add(earned)
+                .min(rate);
+            self.rate_allowance = u32::try_from(topped).unwrap_or(u32::MAX);
+            self.rate_checked_at = now;
+        }
+        if self.rate_allowance == 0 {
+            return false;
+        }
+        self.rate_allowance -= 1;
+        true
     }
 
     fn answer_duplicate(&mut self, seq: u64, now: Timestamp, out: &mut Vec<Action>) {
@@ -613,6 +653,16 @@ impl Session {
                 self.end(ReasonCode::SessionExpired, out);
             }
         }
+    }
+}
+
+/// The client order id a sequenced client message is about.
+fn client_order_id_of(frame: &Frame) -> u64 {
+    match frame {
+        Frame::NewOrder(order) => order.client_order_id,
+        Frame::Cancel(cancel) => cancel.client_order_id,
+        Frame::Replace(replace) => replace.client_order_id,
+        _ => 0,
     }
 }
 

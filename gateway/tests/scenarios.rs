@@ -628,3 +628,94 @@ fn an_accounts_own_session_limit_applies_when_lower() {
         .login(5, Some(1), NO_COD, conn, &[], IDLE_TIMEOUT, sim.now);
     assert_eq!(second.err(), Some(ReasonCode::TooManyAccountSessions));
 }
+
+#[test]
+fn a_session_over_its_message_rate_is_refused_without_reaching_the_engine() {
+    let mut sim = Sim::new(SessionConfig {
+        max_messages_per_second: 5,
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, NO_COD);
+    for id in 1..=7 {
+        client.new_order(id, Side::Buy, 90, 1);
+    }
+    sim.settle(&mut client);
+    let reasons: Vec<Option<ReasonCode>> = client
+        .received
+        .iter()
+        .map(|f| match f {
+            Frame::Reject(r) => Some(r.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some(ReasonCode::RateExceeded),
+            Some(ReasonCode::RateExceeded)
+        ]
+    );
+    assert_eq!(times_executed(&sim, client.session_id, 6), 0);
+    assert_eq!(
+        client.unanswered().len(),
+        0,
+        "every request was answered once"
+    );
+
+    // The allowance comes back with time, at the configured rate.
+    sim.advance(Duration::from_millis(400));
+    for id in 8..=10 {
+        client.new_order(id, Side::Buy, 90, 1);
+    }
+    sim.settle(&mut client);
+    let last: Vec<bool> = client.received[7..]
+        .iter()
+        .map(|f| matches!(f, Frame::OrderAck(_)))
+        .collect();
+    assert_eq!(last, [true, true, false], "400 ms earn two messages at 5/s");
+}
+
+#[test]
+fn a_client_that_never_acknowledges_is_cut_as_a_slow_consumer_and_keeps_its_session() {
+    let mut sim = Sim::new(SessionConfig {
+        ring: RingLimits {
+            max_messages: 3,
+            max_bytes: 1 << 20,
+        },
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, NO_COD);
+    let conn = client.conn.expect("attached");
+    for id in 1..=4 {
+        client.new_order(id, Side::Buy, 90, 1);
+    }
+    sim.deliver_to_gateway(&mut client, usize::MAX);
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::SlowConsumer));
+    let session = sim.session(&client);
+    assert_eq!(
+        lock(&session).ring().len(),
+        3,
+        "memory stays within the window"
+    );
+    assert_eq!(lock(&session).attached_to(), None, "detached, not ended");
+    drop(session);
+
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("the session is kept");
+    sim.settle(&mut client);
+    let resumed = client.control.iter().find_map(|f| match f {
+        Frame::ResumeAccepted(r) => Some(*r),
+        _ => None,
+    });
+    assert!(
+        resumed.is_some_and(|r| r.snapshot_follows),
+        "beyond the window: the snapshot path"
+    );
+    let (_, orders) = client.snapshot.clone().expect("snapshot");
+    assert_eq!(orders.len(), 4, "every order is in the snapshot");
+}
