@@ -95,6 +95,11 @@ struct DevKey {
 }
 
 impl Credentials {
+    /// The API key id.
+    pub fn api_key_id(&self) -> u64 {
+        self.api_key_id
+    }
+
     /// Credentials from an Ed25519 seed.
     pub fn from_seed(api_key_id: u64, seed: &[u8; 32]) -> Result<Self, ClientError> {
         let key = Ed25519KeyPair::from_seed_unchecked(seed)

@@ -349,6 +349,19 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, max_connect
             incoming.refuse();
             continue;
         }
+        // An address over its failed-login limit is refused before the TLS handshake,
+        // the expensive part of a flood.
+        let limited = shared
+            .auth
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(incoming.remote_address().ip(), Timestamp::now())
+            .is_err();
+        if limited {
+            debug!(remote = %incoming.remote_address(), "refusing connection: address rate limited");
+            incoming.refuse();
+            continue;
+        }
         let shared = Arc::clone(&shared);
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let remote = incoming.remote_address();

@@ -86,6 +86,9 @@ pub struct Options {
     pub replay_messages: u64,
     /// Where the in-process gateway runs its engine.
     pub engine_mode: gateway::config::EngineMode,
+    /// During the second half of the run, flood the gateway with bad logins from
+    /// this address, and compare the established sessions' latency of both halves.
+    pub flood: bool,
 }
 
 impl Default for Options {
@@ -102,6 +105,7 @@ impl Default for Options {
             seed: 1,
             replay_messages: 1_000,
             engine_mode: gateway::config::EngineMode::Thread,
+            flood: false,
         }
     }
 }
@@ -271,6 +275,25 @@ pub struct ReplayReport {
     pub complete_ms: f64,
 }
 
+/// Established sessions' latency without and with a bad-login flood, in one run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FloodReport {
+    /// Login attempts the flood made.
+    pub attempts: u64,
+    /// Attempts refused before the TLS handshake (address rate limited).
+    pub refused_before_handshake: u64,
+    /// Attempts answered `RateLimited`.
+    pub rate_limited: u64,
+    /// Attempts answered `BadSignature`.
+    pub bad_signature: u64,
+    /// Order-to-answer latency in the first half (no flood).
+    pub quiet_us: Percentiles,
+    /// Order-to-answer latency in the second half (flood).
+    pub flood_us: Percentiles,
+    /// p99 with the flood ÷ p99 without.
+    pub p99_ratio: f64,
+}
+
 /// Gateway ÷ bare QUIC.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Ratios {
@@ -341,6 +364,8 @@ pub struct Report {
     pub blackhole_recovery_ms: f64,
     /// The replay measurement, if run.
     pub replay: Option<ReplayReport>,
+    /// The flood comparison, if run.
+    pub flood: Option<FloodReport>,
     /// The bare-QUIC baseline, if run.
     pub baseline: Option<BaselineReport>,
     /// Ratios to the baseline, if run.
@@ -356,10 +381,8 @@ struct Target {
 }
 
 /// Starts a gateway in this process with `accounts` fresh accounts.
-fn start_gateway(
-    accounts: usize,
-    engine_mode: gateway::config::EngineMode,
-) -> Result<Target, RunError> {
+fn start_gateway(options: &Options) -> Result<Target, RunError> {
+    let accounts = options.sessions.max(2);
     let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
     let random = SystemRandom::new();
     let mut file = AccountsFile::default();
@@ -385,8 +408,10 @@ fn start_gateway(
         ..Config::default()
     };
     config.session.max_sessions_per_account = 64;
-    config.auth.failures_per_window = 1_000_000;
-    config.engine.mode = engine_mode;
+    config.engine.mode = options.engine_mode;
+    // A short failure window, so that the address the flood shares with the load
+    // sessions is admitted again soon after the flood ends.
+    config.auth.failure_window_ms = 500;
     let (certs, key) = gateway::dev::self_signed().map_err(|e| setup(&e))?;
     let cert = certs[0].clone();
     let gateway = Gateway::start(Setup {
@@ -435,6 +460,8 @@ struct Tally {
     verifier: Verifier,
     books: Vec<SessionBook>,
     ack_latency: Histogram<u64>,
+    /// With `--flood`: latency of requests intended before and after the flood began.
+    phase_latency: Option<(Instant, Histogram<u64>, Histogram<u64>)>,
     /// When the latest answer arrived.
     last_answer: Option<Instant>,
     resume: Histogram<u64>,
@@ -476,7 +503,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             keys: remote.keys,
             gateway: None,
         },
-        None => start_gateway(options.sessions.max(2), options.engine_mode)?,
+        None => start_gateway(&options)?,
     };
     if target.keys.len() < options.sessions {
         return Err(RunError::Setup(format!(
@@ -512,6 +539,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             .map(|_| SessionBook::default())
             .collect(),
         ack_latency: histogram(),
+        phase_latency: None,
         last_answer: None,
         resume: histogram(),
         blackhole: histogram(),
@@ -520,6 +548,15 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     let progress = progress_bar(&options);
     let started = Instant::now();
     let deadline = started + options.duration;
+    let midpoint = started + options.duration / 2;
+    lock(&shared).phase_latency = options.flood.then(|| (midpoint, histogram(), histogram()));
+    let flood = options.flood.then(|| {
+        let config = flood_config(&target);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(midpoint.into()).await;
+            flood_logins(config, deadline).await
+        })
+    });
     let mut ticks = schedule(options.rate, options.sessions, started, deadline).into_iter();
     let mut senders = tokio::task::JoinSet::new();
     let mut receivers = tokio::task::JoinSet::new();
@@ -579,6 +616,10 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
 
     while senders.join_next().await.is_some() {}
     let send_elapsed = started.elapsed();
+    let flood_counts = match flood {
+        Some(flood) => flood.await.ok(),
+        None => None,
+    };
     if let Some(chaos) = chaos {
         let _ = chaos.await;
     }
@@ -606,6 +647,10 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock(&shared).verifier.finish();
 
+    if options.flood {
+        // The flood's address is this one: wait for its failure window to pass.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
     // The engine's view of every account, from a fresh login's snapshot.
     for (index, (account, _)) in clients.iter().enumerate() {
         let credentials = target
@@ -642,6 +687,20 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         gateway.shutdown().await;
     }
 
+    let flood_report = flood_counts.and_then(|counts| {
+        let tally = lock(&shared);
+        let (_, quiet, flooded) = tally.phase_latency.as_ref()?;
+        let (quiet_us, flood_us) = (Percentiles::of(quiet), Percentiles::of(flooded));
+        Some(FloodReport {
+            attempts: counts.attempts,
+            refused_before_handshake: counts.refused,
+            rate_limited: counts.rate_limited,
+            bad_signature: counts.bad_signature,
+            quiet_us,
+            flood_us,
+            p99_ratio: flood_us.p99 / quiet_us.p99.max(1.0),
+        })
+    });
     let mut report = {
         let tally = lock(&shared);
         let answers = tally.verifier.checks().answers;
@@ -678,6 +737,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             resume_us: Percentiles::of(&tally.resume),
             blackhole_recovery_ms: tally.blackhole.value_at_quantile(0.5) as f64 / 1_000.0,
             replay,
+            flood: flood_report,
             baseline: None,
             ratios: None,
         }
@@ -832,10 +892,11 @@ async fn receive_events(
                 }
                 if let Some(seq) = tally.verifier.message(index, &frame) {
                     if let Some(intended) = tally.books[index].intended.remove(&seq) {
-                        record(
-                            &mut tally.ack_latency,
-                            now.saturating_duration_since(intended),
-                        );
+                        let latency = now.saturating_duration_since(intended);
+                        record(&mut tally.ack_latency, latency);
+                        if let Some((midpoint, quiet, flooded)) = &mut tally.phase_latency {
+                            record(if intended < *midpoint { quiet } else { flooded }, latency);
+                        }
                     }
                     tally.last_answer = Some(now);
                 }
@@ -917,6 +978,78 @@ async fn chaos_loop(
 /// Client order ids of the replay measurement, clear of the load sessions' own
 /// (the accounts may still have working orders from the run).
 const REPLAY_ORDER_IDS: u64 = 1 << 40;
+
+/// What the flood saw.
+#[derive(Debug, Default)]
+struct FloodCounts {
+    attempts: u64,
+    refused: u64,
+    rate_limited: u64,
+    bad_signature: u64,
+}
+
+/// Client settings with a key id the gateway knows and a key it does not: every
+/// login signed with them fails the signature check.
+fn flood_config(target: &Target) -> Option<ClientConfig> {
+    let key_id = target.keys.first().map(|(_, c)| c.api_key_id())?;
+    let wrong_key = Credentials::from_seed(key_id, &[0x5a; 32]).ok()?;
+    let mut config = client_config(target, wrong_key, target.addr);
+    config.idle_timeout = Duration::from_millis(500);
+    Some(config)
+}
+
+/// Bad logins from this address, 8 at a time, until `deadline`.
+async fn flood_logins(config: Option<ClientConfig>, deadline: Instant) -> FloodCounts {
+    let Some(config) = config else {
+        return FloodCounts::default();
+    };
+    let config = Arc::new(config);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let config = Arc::clone(&config);
+        workers.spawn(async move {
+            let mut counts = FloodCounts::default();
+            while Instant::now() < deadline {
+                // About 1,600 attempts a second in all: a flood, not a benchmark of
+                // the attacker's own CPU, which shares this machine.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                counts.attempts += 1;
+                let Ok(mut link) = gateway_client::open(&config).await else {
+                    counts.refused += 1;
+                    continue;
+                };
+                let Ok(login) = config
+                    .credentials
+                    .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)
+                else {
+                    break;
+                };
+                if send_frame(&mut link, login.into()).await.is_err() {
+                    continue;
+                }
+                let mut buf = bytes::BytesMut::new();
+                if let Some(Frame::LoginRejected(rejected)) =
+                    read_until(&mut link, &mut buf, |_| true).await
+                {
+                    match rejected.reason {
+                        proto::ReasonCode::RateLimited => counts.rate_limited += 1,
+                        proto::ReasonCode::BadSignature => counts.bad_signature += 1,
+                        _ => {}
+                    }
+                }
+            }
+            counts
+        });
+    }
+    let mut total = FloodCounts::default();
+    while let Some(Ok(counts)) = workers.join_next().await {
+        total.attempts += counts.attempts;
+        total.refused += counts.refused;
+        total.rate_limited += counts.rate_limited;
+        total.bad_signature += counts.bad_signature;
+    }
+    total
+}
 
 /// Reads frames from a raw link until `stop` says so; `None` on silence or close.
 async fn read_until(

@@ -50,6 +50,10 @@ struct Cli {
     /// the connection tasks.
     #[arg(long, value_enum, default_value = "thread")]
     engine: EngineArg,
+    /// Flood the gateway with bad logins during the second half of the run and
+    /// compare the established sessions' latency of both halves.
+    #[arg(long)]
+    flood: bool,
     /// Seed of the order flow and chaos choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -142,6 +146,18 @@ fn summary(report: &Report) {
             ratios.login_vs_resume
         );
     }
+    if let Some(flood) = &report.flood {
+        println!(
+            "flood: {} bad logins ({} refused before the handshake, {} rate limited, {} bad signature); established p99 {:.0} µs quiet, {:.0} µs flooded: {:.2}×",
+            flood.attempts,
+            flood.refused_before_handshake,
+            flood.rate_limited,
+            flood.bad_signature,
+            flood.quiet_us.p99,
+            flood.flood_us.p99,
+            flood.p99_ratio
+        );
+    }
     let c = &report.checks;
     println!(
         "verified: {} answers, {} server sequences, {} trades, {} final order states",
@@ -177,6 +193,7 @@ fn main() -> ExitCode {
             progress: !cli.quiet,
             seed: cli.seed,
             replay_messages: cli.replay,
+            flood: cli.flood,
             engine_mode: match cli.engine {
                 EngineArg::Thread => gateway::config::EngineMode::Thread,
                 EngineArg::Inline => gateway::config::EngineMode::Inline,

@@ -574,3 +574,35 @@ async fn a_thousand_sessions_log_in_concurrently() {
     assert_eq!(gateway.gateway.registry().len() as u64, SESSIONS);
     gateway.gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_address_over_its_failure_limit_is_refused_before_the_handshake() {
+    let gateway = TestGateway::start(1, |c| c.auth.failures_per_window = 5);
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+    let mut config = gateway.client_config(1, gateway.addr);
+    config.credentials = gateway_client::Credentials::from_seed(1_001, &[0x5a; 32]).expect("key");
+    for _ in 0..5 {
+        let login = config
+            .credentials
+            .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+            .expect("sign");
+        let mut raw = Raw::open(&config).await;
+        raw.send(&[login.into()]).await;
+        assert!(matches!(
+            raw.recv_all().await.as_slice(),
+            [Frame::LoginRejected(r)] if r.reason == ReasonCode::BadSignature
+        ));
+    }
+    let refused = gateway_client::open(&config).await;
+    assert!(
+        refused.is_err(),
+        "the sixth attempt never gets a TLS handshake"
+    );
+
+    // The established session is untouched.
+    client
+        .new_order(OrderParams::limit_buy(1, 1, 100, 1))
+        .expect("send");
+    until(&mut events, &mut seen, |s| s.acked_client_seqs() == [1]).await;
+    gateway.gateway.shutdown().await;
+}
