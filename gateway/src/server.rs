@@ -425,7 +425,8 @@ async fn serve_connection(
 
     let opened = tokio::time::timeout(shared.handshake_timeout, async {
         let (send, mut recv) = connection.accept_bi().await.ok()?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        // Room for a couple of frames; it grows only if a read brings more.
+        let mut buf = BytesMut::with_capacity(2 * proto::MAX_FRAME_LEN);
         let first = read_frame(&mut recv, &mut buf).await;
         Some((send, recv, buf, first))
     })

@@ -1051,6 +1051,82 @@ async fn flood_logins(config: Option<ClientConfig>, deadline: Instant) -> FloodC
     total
 }
 
+/// Logs in `sessions` sessions (round robin over the accounts), holds them attached
+/// for `hold`, then drops every connection so they are detached and waits `hold`
+/// again: the gateway's memory can be read in each phase. Prints the phases.
+///
+/// With `detach_at_once`, each connection is closed right after its login, so only
+/// detached sessions accumulate (freed connection memory stays in the gateway's
+/// allocator, so detaching after holding all attached does not show in its RSS).
+pub async fn hold_sessions(
+    remote: RemoteGateway,
+    sessions: usize,
+    hold: Duration,
+    detach_at_once: bool,
+) -> Result<(), RunError> {
+    let target = Target {
+        addr: remote.addr,
+        cert: remote.cert,
+        keys: remote.keys,
+        gateway: None,
+    };
+    let first = target
+        .keys
+        .first()
+        .ok_or_else(|| RunError::Setup("no accounts".into()))?;
+    let mut config = client_config(&target, first.1.clone(), target.addr);
+    config.idle_timeout = Duration::from_secs(60);
+    config.keep_alive = Duration::from_secs(20);
+    let endpoints = shared_endpoints(&config, sessions)?;
+    let started = Instant::now();
+    let mut links = Vec::with_capacity(sessions);
+    let mut logins = tokio::task::JoinSet::new();
+    for index in 0..sessions {
+        let mut config = config.clone();
+        config.credentials = target.keys[index % target.keys.len()].1.clone();
+        let endpoint = endpoints[index % endpoints.len()].clone();
+        logins.spawn(async move {
+            let mut link = gateway_client::open_on(endpoint, &config).await?;
+            let login = config
+                .credentials
+                .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)?;
+            send_frame(&mut link, login.into()).await?;
+            let mut buf = bytes::BytesMut::new();
+            match read_until(&mut link, &mut buf, |f| matches!(f, Frame::SnapshotEnd(_))).await {
+                Some(_) if detach_at_once => {
+                    link.connection.close(0u32.into(), b"");
+                    Ok(None)
+                }
+                Some(_) => Ok(Some(link)),
+                None => Err(RunError::Setup("login not answered".into())),
+            }
+        });
+        // At most 64 logins in flight.
+        while logins.len() >= 64 {
+            if let Some(done) = logins.join_next().await {
+                links.extend(done.map_err(|e| RunError::Setup(e.to_string()))??);
+            }
+        }
+    }
+    while let Some(done) = logins.join_next().await {
+        links.extend(done.map_err(|e| RunError::Setup(e.to_string()))??);
+    }
+    println!(
+        "attached: {sessions} sessions logged in in {:.1} s ({} still attached); holding {hold:?}",
+        started.elapsed().as_secs_f64(),
+        links.len()
+    );
+    tokio::time::sleep(hold).await;
+    for link in &links {
+        link.connection.close(0u32.into(), b"");
+    }
+    drop(links);
+    println!("detached: connections closed; holding {hold:?}");
+    tokio::time::sleep(hold).await;
+    println!("done");
+    Ok(())
+}
+
 /// Reads frames from a raw link until `stop` says so; `None` on silence or close.
 async fn read_until(
     link: &mut gateway_client::Link,

@@ -54,6 +54,18 @@ struct Cli {
     /// compare the established sessions' latency of both halves.
     #[arg(long)]
     flood: bool,
+    /// Instead of a load run: log in this many sessions to --gateway, hold them
+    /// attached for --hold, then detached for --hold, to measure the gateway's
+    /// memory per session.
+    #[arg(long, requires = "gateway")]
+    memory: Option<usize>,
+    /// With --memory: close each connection right after its login, so only detached
+    /// sessions accumulate.
+    #[arg(long, requires = "memory")]
+    detach_at_once: bool,
+    /// How long --memory holds each phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    hold: Duration,
     /// Seed of the order flow and chaos choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -202,6 +214,15 @@ fn main() -> ExitCode {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
+        if let (Some(sessions), Some(remote)) = (cli.memory, options.remote.clone()) {
+            runtime.block_on(loadtest::hold_sessions(
+                remote,
+                sessions,
+                cli.hold,
+                cli.detach_at_once,
+            ))?;
+            std::process::exit(0);
+        }
         let report = runtime.block_on(loadtest::run(options))?;
         if let Some(path) = &cli.json {
             std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -606,3 +606,54 @@ async fn an_address_over_its_failure_limit_is_refused_before_the_handshake() {
     until(&mut events, &mut seen, |s| s.acked_client_seqs() == [1]).await;
     gateway.gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn rotating_the_token_key_keeps_live_sessions_resumable_and_revocation_ends_them() {
+    let gateway = TestGateway::start(2, |_| {});
+    let (raw, old_key_token, _) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    raw.close();
+    gateway
+        .gateway
+        .registry()
+        .with_keys(|keys| keys.rotate(2, &[0x77; 32]))
+        .expect("rotate");
+
+    // A token minted under the old key still resumes; its successor uses the new key.
+    let (resumed, answer) = raw_resume(&gateway, 1, old_key_token, 0).await;
+    let Frame::ResumeAccepted(accepted) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(
+        accepted.token.0[..4],
+        2u32.to_le_bytes(),
+        "new tokens use the new key"
+    );
+    resumed.close();
+    // New logins get new-key tokens straight away.
+    let (other, new_login_token, _) = raw_login(&gateway, 2, CancelOnDisconnect::Off, 0).await;
+    assert_eq!(new_login_token.0[..4], 2u32.to_le_bytes());
+    other.close();
+
+    // Revocation ends the session, and its token with it.
+    let (mut live, answer) = raw_resume(&gateway, 1, accepted.token, 0).await;
+    let Frame::ResumeAccepted(latest) = answer else {
+        panic!("{answer:?}")
+    };
+    let session_id = u64::from_le_bytes(latest.token.0[4..12].try_into().expect("8 bytes"));
+    assert!(gateway.gateway.revoke(session_id));
+    assert_eq!(
+        live.recv_all().await,
+        [Frame::Close(proto::Close {
+            reason: ReasonCode::Revoked
+        })]
+    );
+    assert_eq!(live.close_code().await, Some(405));
+    let (_, after) = raw_resume(&gateway, 1, latest.token, 0).await;
+    assert_eq!(
+        after,
+        Frame::ResumeRejected(proto::ResumeRejected {
+            reason: ReasonCode::Revoked
+        })
+    );
+    gateway.gateway.shutdown().await;
+}
