@@ -82,6 +82,14 @@ async fn until(events: &mut mpsc::Receiver<Event>, seen: &mut Seen, done: impl F
     );
 }
 
+/// The session's first order is acknowledged: it is alive and trading.
+async fn assert_still_trades(client: &Client, events: &mut mpsc::Receiver<Event>, seen: &mut Seen) {
+    client
+        .new_order(OrderParams::limit_buy(1, 1, 100, 1))
+        .expect("send");
+    until(events, seen, |s| s.acked_client_seqs() == [1]).await;
+}
+
 async fn connect(gateway: &TestGateway, account: u64) -> (Client, mpsc::Receiver<Event>, Seen) {
     let (client, events) = Client::connect(gateway.client_config(account, gateway.addr))
         .await
@@ -282,10 +290,7 @@ async fn a_resume_takes_over_a_half_open_connection() {
     })
     .await
     .expect("the half-open connection was closed");
-    client
-        .new_order(OrderParams::limit_buy(1, 1, 100, 1))
-        .expect("send");
-    until(&mut events, &mut seen, |s| s.acked_client_seqs() == [1]).await;
+    assert_still_trades(&client, &mut events, &mut seen).await;
     assert_eq!(gateway.gateway.registry().len(), 1);
     assert!(gateway.gateway.registry().get(session).is_some());
     gateway.gateway.shutdown().await;
@@ -484,10 +489,7 @@ async fn a_malformed_first_frame_gets_a_typed_error_and_other_sessions_carry_on(
         })]
     );
 
-    client
-        .new_order(OrderParams::limit_buy(1, 1, 100, 1))
-        .expect("send");
-    until(&mut events, &mut seen, |s| s.acked_client_seqs() == [1]).await;
+    assert_still_trades(&client, &mut events, &mut seen).await;
     gateway.gateway.shutdown().await;
 }
 
@@ -600,10 +602,7 @@ async fn an_address_over_its_failure_limit_is_refused_before_the_handshake() {
     );
 
     // The established session is untouched.
-    client
-        .new_order(OrderParams::limit_buy(1, 1, 100, 1))
-        .expect("send");
-    until(&mut events, &mut seen, |s| s.acked_client_seqs() == [1]).await;
+    assert_still_trades(&client, &mut events, &mut seen).await;
     gateway.gateway.shutdown().await;
 }
 
