@@ -544,6 +544,9 @@ pub async fn open_on(
     })
 }
 
+/// Most queued frames sent in one stream write.
+const WRITE_BATCH: usize = 64;
+
 /// Reasons after which resuming is pointless.
 const fn ends_session(reason: ReasonCode) -> bool {
     !matches!(
@@ -683,11 +686,22 @@ async fn run_connection(
     let ack_interval = config.ack_interval;
     let writer = async move {
         let mut tick = tokio::time::interval(ack_interval);
+        let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
         loop {
             tokio::select! {
                 bytes = outgoing.recv() => {
                     let Some(bytes) = bytes else { return };
-                    if send.write_all(&bytes).await.is_err() { return; }
+                    // Whatever else is already queued goes out in the same write.
+                    batch.push(bytes);
+                    while batch.len() < WRITE_BATCH {
+                        match outgoing.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(_) => break,
+                        }
+                    }
+                    let written = send.write_all_chunks(&mut batch).await;
+                    batch.clear();
+                    if written.is_err() { return; }
                 }
                 _ = tick.tick() => {
                     let ack = writer_shared.lock().unwrap_or_else(PoisonError::into_inner).state.take_ack();
