@@ -509,10 +509,16 @@ async fn read_loop(
             Err(reason) => return conn.close(reason),
         };
         let mut actions = Vec::new();
-        lock(session).handle_frame(conn_id, &frame, Timestamp::now(), &mut actions);
+        let queued = {
+            let mut session = lock(session);
+            session.handle_frame(conn_id, &frame, Timestamp::now(), &mut actions);
+            // Duplicates and gateway-side rejects; engine answers wake it when routed.
+            session.has_output_for(conn_id)
+        };
+        if queued {
+            conn.wake.notify_one();
+        }
         shared.execute(actions);
-        // Duplicates and gateway-side rejects are queued for the writer.
-        conn.wake.notify_one();
         if conn.closing().is_some() {
             return;
         }
@@ -553,6 +559,13 @@ async fn write_loop(
 impl Shared {
     fn forget(&self, conn_id: ConnectionId) {
         self.conns.remove(&conn_id);
+    }
+
+    /// Tells a connection's writer that its session has frames to send.
+    fn wake(&self, conn_id: ConnectionId) {
+        if let Some(conn) = self.conns.get(&conn_id) {
+            conn.wake.notify_one();
+        }
     }
 
     async fn login(
@@ -676,9 +689,7 @@ impl Shared {
                 continue;
             }
             if let Some(conn_id) = self.registry.route(&event, now, &mut actions) {
-                if let Some(conn) = self.conns.get(&conn_id) {
-                    conn.wake.notify_one();
-                }
+                self.wake(conn_id);
             }
         }
         actions
@@ -724,13 +735,7 @@ impl Shared {
             }
             Err(SubmitError::Full(request)) => {
                 warn!("engine queue full; refusing request");
-                let owner = match request {
-                    engine::Request::New(order) => Some(order.owner),
-                    engine::Request::Cancel { owner, .. }
-                    | engine::Request::Replace { owner, .. } => Some(owner),
-                    _ => None,
-                };
-                if let Some(session) = owner.and_then(|o| self.registry.get(o.session)) {
+                if let Some(session) = request.owner().and_then(|o| self.registry.get(o.session)) {
                     let mut actions = Vec::new();
                     let wake = lock(&session).refuse_request(
                         &request,
@@ -738,8 +743,8 @@ impl Shared {
                         Timestamp::now(),
                         &mut actions,
                     );
-                    if let Some(conn) = wake.and_then(|c| self.conns.get(&c)) {
-                        conn.wake.notify_one();
+                    if let Some(conn_id) = wake {
+                        self.wake(conn_id);
                     }
                     self.execute(actions);
                 }

@@ -471,21 +471,30 @@ impl Session {
         if attachment.conn != conn {
             return Transmit::NotAttached;
         }
-        let mut room = max;
-        while room > 0 {
-            let Some(frame) = attachment.control.pop_front() else {
-                break;
-            };
-            out.push(frame);
-            room -= 1;
-        }
+        let control = max.min(attachment.control.len());
+        out.extend(attachment.control.drain(..control));
         if attachment.control.is_empty() {
             attachment.queued_duplicates = 0;
         }
         let before = out.len();
-        out.extend(self.ring.replay_from(attachment.cursor).take(room).cloned());
+        out.extend(
+            self.ring
+                .replay_from(attachment.cursor)
+                .take(max - control)
+                .cloned(),
+        );
         attachment.cursor += (out.len() - before) as u64;
         Transmit::Ready
+    }
+
+    /// Whether [`Session::poll_transmit`] has something for `conn` right now.
+    pub fn has_output_for(&self, conn: ConnectionId) -> bool {
+        match &self.link {
+            Link::Attached(attachment) if attachment.conn == conn => {
+                !attachment.control.is_empty() || attachment.cursor < self.ring.next_seq()
+            }
+            _ => false,
+        }
     }
 
     /// Resumes the session on `conn` for a client presenting a verified token of

@@ -249,7 +249,17 @@ fn a_duplicate_client_sequence_is_answered_and_never_executed_again() {
             price: 90,
             quantity: 1,
         }));
+    let conn = client.conn.expect("attached");
+    assert!(
+        !lock(&sim.session(&client)).has_output_for(conn),
+        "all sent"
+    );
     client.to_gateway.push_back(replayed);
+    sim.deliver_to_gateway(&mut client, 1);
+    assert!(
+        lock(&sim.session(&client)).has_output_for(conn),
+        "the Duplicate answer waits for the writer"
+    );
     sim.settle(&mut client);
     assert_eq!(times_executed(&sim, client.session_id, 1), 1);
     assert!(client.control.iter().any(|f| matches!(f, Frame::Duplicate(d) if d.client_seq == 1 && d.last_processed_client_seq == 1)));

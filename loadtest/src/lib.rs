@@ -144,9 +144,7 @@ impl Percentiles {
 
 /// A histogram of microseconds up to a minute.
 pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
-        Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits are valid"))
-    })
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
 }
 
 /// Records a duration in microseconds (at least 1).

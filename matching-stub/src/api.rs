@@ -171,6 +171,17 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The session that made the request, for requests of one session.
+    pub const fn owner(&self) -> Option<Owner> {
+        match self {
+            Request::New(order) => Some(order.owner),
+            Request::Cancel { owner, .. } | Request::Replace { owner, .. } => Some(*owner),
+            Request::MassCancel { .. } | Request::QueryOrders { .. } => None,
+        }
+    }
+}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum RejectReason {
