@@ -53,6 +53,19 @@ fn passive_price(rng: &mut StdRng, side: Side) -> Price {
     }
 }
 
+/// A GTC order on a random side that rests without trading.
+fn passive_order(rng: &mut StdRng, id: u64) -> Request {
+    let side = if rng.gen() { Side::Buy } else { Side::Sell };
+    let price = passive_price(rng, side);
+    new_order(
+        id,
+        side,
+        TimeInForce::Gtc,
+        price,
+        rng.gen_range(1..=10) * 10,
+    )
+}
+
 /// A book with `RESTING` orders, and a seeded request stream to run on it.
 fn workload() -> (OrderBookEngine, Vec<Request>) {
     let mut rng = StdRng::seed_from_u64(7);
@@ -66,18 +79,7 @@ fn workload() -> (OrderBookEngine, Vec<Request>) {
     let mut next_id = 1u64;
     let mut events = Vec::new();
     for _ in 0..RESTING {
-        let side = if rng.gen() { Side::Buy } else { Side::Sell };
-        let price = passive_price(&mut rng, side);
-        engine.handle(
-            new_order(
-                next_id,
-                side,
-                TimeInForce::Gtc,
-                price,
-                rng.gen_range(1..=10) * 10,
-            ),
-            &mut events,
-        );
+        engine.handle(passive_order(&mut rng, next_id), &mut events);
         live.push(next_id);
         next_id += 1;
     }
@@ -87,15 +89,8 @@ fn workload() -> (OrderBookEngine, Vec<Request>) {
         let side = if rng.gen() { Side::Buy } else { Side::Sell };
         let roll = rng.gen_range(0..100);
         let request = if roll < 45 {
-            let price = passive_price(&mut rng, side);
             live.push(next_id);
-            new_order(
-                next_id,
-                side,
-                TimeInForce::Gtc,
-                price,
-                rng.gen_range(1..=10) * 10,
-            )
+            passive_order(&mut rng, next_id)
         } else if roll < 85 && !live.is_empty() {
             let id = live.swap_remove(rng.gen_range(0..live.len()));
             Request::Cancel {

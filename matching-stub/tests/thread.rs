@@ -13,6 +13,16 @@ fn engine() -> OrderBookEngine {
     .expect("valid config")
 }
 
+/// The tags of the `Accepted` events received, in order; any other event fails.
+fn accepted_tags(rx: &mpsc::Receiver<Event>) -> Vec<u64> {
+    rx.iter()
+        .map(|event| match event {
+            Event::Accepted { tag, .. } => tag,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect()
+}
+
 fn buy(id: u64) -> Request {
     Request::New(NewOrder {
         owner: Owner {
@@ -45,13 +55,7 @@ fn events_arrive_in_submission_order_and_shutdown_returns_the_engine() {
     }
     let engine = thread.shutdown().expect("engine thread did not panic");
     assert_eq!(engine.working_order_count(), 100);
-    let tags: Vec<u64> = rx
-        .iter()
-        .map(|event| match event {
-            Event::Accepted { tag, .. } => tag,
-            other => panic!("unexpected {other:?}"),
-        })
-        .collect();
+    let tags = accepted_tags(&rx);
     assert_eq!(tags, (1..=100).collect::<Vec<_>>());
     assert!(matches!(
         sender.try_submit(buy(101)),
@@ -109,12 +113,6 @@ fn a_backlog_larger_than_a_batch_is_handled_completely_and_in_order() {
         total,
         "no request was dropped"
     );
-    let tags: Vec<u64> = rx
-        .iter()
-        .map(|event| match event {
-            Event::Accepted { tag, .. } => tag,
-            other => panic!("unexpected {other:?}"),
-        })
-        .collect();
+    let tags = accepted_tags(&rx);
     assert_eq!(tags, (1..=total).collect::<Vec<_>>());
 }
