@@ -328,15 +328,13 @@ impl Client {
         let login = config
             .credentials
             .signed_login(config.cancel_on_disconnect, config.cod_grace)?;
-        let link = open_on(endpoint_with(&config, quic.clone())?, &config).await?;
+        let link = open_sending(endpoint_with(&config, quic)?, &config, &login.into()).await?;
         let (established, on_established) = oneshot::channel();
         let driver = tokio::spawn(drive(
             Arc::clone(&shared),
             Arc::clone(&config),
-            quic,
             events,
             link,
-            Frame::from(login),
             established,
         ));
         match on_established.await {
@@ -465,6 +463,8 @@ pub struct Link {
     pub send: quinn::SendStream,
     /// The session stream, gateway to client.
     pub recv: quinn::RecvStream,
+    /// Whether the first frame went as 0-RTT data and the gateway took it.
+    pub early_data_accepted: bool,
 }
 
 /// Opens a connection (its own UDP socket) and the session stream.
@@ -480,7 +480,8 @@ pub fn client_endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientE
 
 /// The QUIC and TLS settings for `config`. Connections made with clones of one of
 /// these share its TLS session cache, so reconnects resume the TLS session instead of
-/// repeating the certificate exchange.
+/// repeating the certificate exchange, and may send their first frame as 0-RTT data
+/// (see [`open_sending`]).
 pub fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
     let error = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
@@ -495,6 +496,7 @@ pub fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientE
     .with_root_certificates(roots)
     .with_no_client_auth();
     tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    tls.enable_early_data = true;
     let mut quic = quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).map_err(|e| error(&e))?,
     ));
@@ -513,15 +515,27 @@ pub fn endpoint_with(
     config: &ClientConfig,
     quic: quinn::ClientConfig,
 ) -> Result<quinn::Endpoint, ClientError> {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| ClientError::Connection("no async runtime".into()))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        fresh_socket(config).map_err(|e| ClientError::Connection(e.to_string()))?,
+        runtime,
+    )
+    .map_err(|e| ClientError::Connection(e.to_string()))?;
+    endpoint.set_default_client_config(quic);
+    Ok(endpoint)
+}
+
+/// A UDP socket on an ephemeral port, of the gateway address's family.
+fn fresh_socket(config: &ClientConfig) -> std::io::Result<std::net::UdpSocket> {
     let bind: SocketAddr = if config.server.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connection(e.to_string()))?;
-    endpoint.set_default_client_config(quic);
-    Ok(endpoint)
+    std::net::UdpSocket::bind(bind)
 }
 
 /// Opens a connection and the session stream on an existing endpoint.
@@ -541,6 +555,68 @@ pub async fn open_on(
         connection,
         send,
         recv,
+        early_data_accepted: false,
+    })
+}
+
+/// Opens a connection and the session stream, and sends `first` (the `Login` or
+/// `Resume`).
+///
+/// When the endpoint holds a TLS session ticket from an earlier connection to the
+/// gateway, `first` travels as 0-RTT data in the handshake's first flight and the
+/// gateway answers in its own, so a resume takes one round trip instead of two (see
+/// `PROTOCOL.md` for why that is replay-safe). If the gateway declines the early
+/// data, `first` is sent again once the handshake is done.
+pub async fn open_sending(
+    endpoint: quinn::Endpoint,
+    config: &ClientConfig,
+    first: &Frame,
+) -> Result<Link, ClientError> {
+    let error = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
+    let bytes = first.to_bytes();
+    let connecting = endpoint
+        .connect(config.server, &config.server_name)
+        .map_err(|e| error(&e))?;
+    let connection = match connecting.into_0rtt() {
+        Ok((connection, accepted)) => {
+            let early = async {
+                let (mut send, recv) = connection.open_bi().await.ok()?;
+                send.write_all(&bytes).await.ok()?;
+                Some((send, recv))
+            }
+            .await;
+            match (accepted.await, early) {
+                (true, Some((send, recv))) => {
+                    return Ok(Link {
+                        endpoint,
+                        connection,
+                        send,
+                        recv,
+                        early_data_accepted: true,
+                    })
+                }
+                (true, None) => {
+                    return Err(ClientError::Connection(
+                        "the session stream failed in 0-RTT".into(),
+                    ))
+                }
+                // Declined (or the handshake failed): start over on 1-RTT keys.
+                (false, _) => {
+                    debug!("the gateway declined 0-RTT data");
+                    connection
+                }
+            }
+        }
+        Err(connecting) => connecting.await.map_err(|e| error(&e))?,
+    };
+    let (mut send, recv) = connection.open_bi().await.map_err(|e| error(&e))?;
+    send.write_all(&bytes).await.map_err(|e| error(&e))?;
+    Ok(Link {
+        endpoint,
+        connection,
+        send,
+        recv,
+        early_data_accepted: false,
     })
 }
 
@@ -560,28 +636,21 @@ const fn ends_session(reason: ReasonCode) -> bool {
     )
 }
 
-/// Runs connections until the session ends: the first with `first_frame` (the
-/// login), then resumes.
+/// Runs connections until the session ends: the first (whose login is sent), then
+/// resumes on the same endpoint.
 async fn drive(
     shared: Arc<Mutex<Shared>>,
     config: Arc<ClientConfig>,
-    quic: quinn::ClientConfig,
     events: mpsc::Sender<Event>,
     mut link: Link,
-    mut first_frame: Frame,
     established: oneshot::Sender<Result<(), ClientError>>,
 ) {
+    let endpoint = link.endpoint.clone();
     let mut established = Some(established);
+    let mut resuming = false;
     loop {
-        let outcome = run_connection(
-            &shared,
-            &config,
-            &events,
-            link,
-            first_frame,
-            &mut established,
-        )
-        .await;
+        let outcome =
+            run_connection(&shared, &config, &events, link, resuming, &mut established).await;
         {
             let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
             guard.out = None;
@@ -604,10 +673,10 @@ async fn drive(
             .state
             .resume_frame();
         let Some(resume) = resume else { return };
-        match reconnect(&config, &quic).await {
+        match reconnect(&config, &endpoint, &resume).await {
             Some(next) => {
                 link = next;
-                first_frame = resume;
+                resuming = true;
             }
             None => {
                 finish(&shared, &events, None, ReasonCode::InternalError).await;
@@ -634,20 +703,22 @@ async fn finish(
     }
 }
 
-/// A new connection (on a new UDP socket: the old path may be what failed) sharing
-/// the TLS session cache of the earlier ones.
-async fn reconnect(config: &ClientConfig, quic: &quinn::ClientConfig) -> Option<Link> {
+/// A new connection that sends `resume` first, on the same endpoint (so it shares
+/// the TLS session cache and skips setting up a socket); from the second attempt on,
+/// the endpoint moves to a fresh UDP socket, as the old path may be what failed.
+async fn reconnect(
+    config: &ClientConfig,
+    endpoint: &quinn::Endpoint,
+    resume: &Frame,
+) -> Option<Link> {
     let mut backoff = config.reconnect_backoff;
     for attempt in 1..=config.reconnect_attempts {
-        let endpoint = match endpoint_with(config, quic.clone()) {
-            Ok(endpoint) => endpoint,
-            Err(error) => {
-                debug!(attempt, %error, "no socket for a reconnect");
-                tokio::time::sleep(backoff).await;
-                continue;
+        if attempt > 1 {
+            if let Err(error) = fresh_socket(config).and_then(|socket| endpoint.rebind(socket)) {
+                debug!(attempt, %error, "no fresh socket for a reconnect");
             }
-        };
-        match open_on(endpoint, config).await {
+        }
+        match open_sending(endpoint.clone(), config, resume).await {
             Ok(link) => return Some(link),
             Err(error) => debug!(attempt, %error, "reconnect failed"),
         }
@@ -663,20 +734,16 @@ async fn run_connection(
     config: &ClientConfig,
     events: &mpsc::Sender<Event>,
     link: Link,
-    first_frame: Frame,
+    resuming: bool,
     established: &mut Option<oneshot::Sender<Result<(), ClientError>>>,
 ) -> Option<ReasonCode> {
     let Link {
-        endpoint: _endpoint,
         connection,
         mut send,
         mut recv,
+        ..
     } = link;
     let (out, mut outgoing) = mpsc::unbounded_channel::<Bytes>();
-    if out.send(first_frame.to_bytes()).is_err() {
-        return None;
-    }
-    let resuming = matches!(first_frame, Frame::Resume(_));
     shared
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

@@ -64,14 +64,29 @@ pub struct Config {
     pub log: LogSettings,
 }
 
-/// TLS files.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// TLS files and session resumption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSettings {
     /// Certificate chain, PEM.
     pub cert: Option<PathBuf>,
     /// Private key, PEM.
     pub key: Option<PathBuf>,
+    /// TLS sessions remembered so that reconnecting clients skip the certificate
+    /// exchange and send their `Resume` as 0-RTT data (each connection leaves two
+    /// single-use tickets; a few hundred bytes each). 0 turns both off; a client whose
+    /// ticket was forgotten simply does a full handshake.
+    pub resumption_cache: usize,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            cert: None,
+            key: None,
+            resumption_cache: 16_384,
+        }
+    }
 }
 
 /// QUIC transport settings.

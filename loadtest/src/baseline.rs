@@ -50,7 +50,11 @@ fn echo_server(
     let setup = |e: &dyn std::fmt::Display| RunError::Setup(format!("echo server: {e}"));
     let (certs, key) = gateway::dev::self_signed().map_err(|e| setup(&e))?;
     let cert = certs[0].clone();
-    let crypto = gateway::server::quic_crypto((certs, key)).map_err(|e| setup(&e))?;
+    let crypto = gateway::server::quic_crypto(
+        (certs, key),
+        gateway::config::TlsSettings::default().resumption_cache,
+    )
+    .map_err(|e| setup(&e))?;
     let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let socket = gateway::server::bind_udp(SocketAddr::from(([127, 0, 0, 1], 0)), socket_buffer)
         .map_err(|e| setup(&e))?;
@@ -171,6 +175,7 @@ async fn echo_connection(
         connection: _connection,
         mut send,
         mut recv,
+        ..
     } = link;
     let in_flight: Arc<Mutex<VecDeque<Instant>>> = Arc::new(Mutex::new(VecDeque::new()));
     let room = Arc::new(tokio::sync::Semaphore::new(window));

@@ -656,3 +656,196 @@ async fn rotating_the_token_key_keeps_live_sessions_resumable_and_revocation_end
     );
     gateway.gateway.shutdown().await;
 }
+
+// TLS resumption and 0-RTT resume.
+
+/// Logs in on a new client endpoint, which keeps the TLS session tickets that follow
+/// the handshake; returns the endpoint and the session token.
+async fn login_keeping_tickets(
+    config: &gateway_client::ClientConfig,
+) -> (quinn::Endpoint, proto::SessionToken) {
+    let endpoint = gateway_client::client_endpoint(config).expect("endpoint");
+    let login = config
+        .credentials
+        .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+        .expect("sign");
+    let link = gateway_client::open_sending(endpoint.clone(), config, &login.into())
+        .await
+        .expect("connect");
+    assert!(
+        !link.early_data_accepted,
+        "a first connection has no ticket"
+    );
+    let mut raw = Raw::from_link(link);
+    let Some(Frame::LoginAccepted(accepted)) = raw.recv().await else {
+        panic!("login refused");
+    };
+    read_snapshot(&mut raw).await;
+    // The tickets come in the gateway's first flight after the handshake; give a slow
+    // machine time to process them.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    raw.close();
+    (endpoint, accepted.token)
+}
+
+/// Resumes on `endpoint`; returns the connection, whether the `Resume` went as 0-RTT
+/// data, and the first answer.
+async fn resume_on(
+    endpoint: quinn::Endpoint,
+    config: &gateway_client::ClientConfig,
+    token: proto::SessionToken,
+) -> (Raw, bool, Frame) {
+    let resume = proto::Resume {
+        token,
+        last_acked_server_seq: 0,
+        next_client_seq: 1,
+    };
+    let link = gateway_client::open_sending(endpoint, config, &resume.into())
+        .await
+        .expect("reconnect");
+    let early = link.early_data_accepted;
+    let mut raw = Raw::from_link(link);
+    let answer = raw.recv().await.expect("an answer");
+    (raw, early, answer)
+}
+
+/// Sends one order on a raw session and expects its `OrderAck`.
+async fn assert_raw_session_trades(raw: &mut Raw, client_seq: u64) {
+    raw.send(&[new_order(client_seq, Side::Buy, 90, 1)]).await;
+    loop {
+        match raw.recv().await {
+            Some(Frame::OrderAck(ack)) => return assert_eq!(ack.client_seq, client_seq),
+            Some(_) => {}
+            None => panic!("no OrderAck"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_resume_rides_in_0rtt_data_and_falls_back_when_the_gateway_declines() {
+    for (cache, expect_early) in [(16_384, true), (0, false)] {
+        let gateway = TestGateway::start(1, |c| c.tls.resumption_cache = cache);
+        let config = gateway.client_config(1, gateway.addr);
+        let (endpoint, token) = login_keeping_tickets(&config).await;
+        let (mut raw, early, answer) = resume_on(endpoint, &config, token).await;
+        assert_eq!(early, expect_early, "resumption cache {cache}");
+        assert!(matches!(answer, Frame::ResumeAccepted(_)), "{answer:?}");
+        assert_raw_session_trades(&mut raw, 1).await;
+        gateway.gateway.shutdown().await;
+    }
+}
+
+/// A UDP forwarder for one client that keeps a copy of every datagram the client sent.
+struct Recorder {
+    addr: std::net::SocketAddr,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    async fn start(upstream: std::net::SocketAddr) -> Recorder {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        back.connect(upstream).await.expect("connect");
+        let addr = front.local_addr().expect("address");
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = std::sync::Arc::clone(&sent);
+        let task = tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((len, from)) = front.recv_from(&mut up) => {
+                        record.lock().expect("record").push(up[..len].to_vec());
+                        client = Some(from);
+                        let _ = back.send(&up[..len]).await;
+                    }
+                    Ok(len) = back.recv(&mut down) => {
+                        if let Some(client) = client {
+                            let _ = front.send_to(&down[..len], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        Recorder { addr, sent, task }
+    }
+
+    /// How many datagrams the client has sent so far.
+    fn mark(&self) -> usize {
+        self.sent.lock().expect("record").len()
+    }
+
+    /// The datagrams sent since `mark` that carry QUIC Initial or 0-RTT packets: the
+    /// first flight of a connection.
+    fn first_flight_since(&self, mark: usize) -> Vec<Vec<u8>> {
+        self.sent.lock().expect("record")[mark..]
+            .iter()
+            .filter(|datagram| {
+                datagram
+                    .first()
+                    .is_some_and(|b| b & 0x80 != 0 && b & 0x20 == 0)
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_0rtt_resume_flight_changes_nothing() {
+    let gateway = TestGateway::start(1, |_| {});
+    let recorder = Recorder::start(gateway.addr).await;
+    let config = gateway.client_config(1, recorder.addr);
+    let (endpoint, token) = login_keeping_tickets(&config).await;
+    let mark = recorder.mark();
+    let (raw, early, answer) = resume_on(endpoint.clone(), &config, token).await;
+    assert!(early, "the resume went as 0-RTT data");
+    let Frame::ResumeAccepted(accepted) = answer else {
+        panic!("resume refused: {answer:?}");
+    };
+    // Let the new tickets arrive, then leave; wait until the gateway has forgotten
+    // the connection (a live one would swallow the replay as a duplicate).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    raw.close();
+    tokio::time::timeout(WAIT, async {
+        while gateway.gateway.connection_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gateway let the connection go");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // An attacker on the path replays the captured flight. Acted on, its `Resume`
+    // (with a token since superseded) would end the session as stolen.
+    let flight = recorder.first_flight_since(mark);
+    assert!(!flight.is_empty(), "the first flight was captured");
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    for datagram in &flight {
+        attacker
+            .send_to(datagram, gateway.addr)
+            .await
+            .expect("replay");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The ticket was single use: the early data was discarded unread.
+    assert_eq!(gateway.gateway.registry().stats().resumes, 1);
+    assert_eq!(gateway.gateway.registry().len(), 1, "the session lives");
+    let (mut raw, _, answer) = resume_on(endpoint, &config, accepted.token).await;
+    assert!(matches!(answer, Frame::ResumeAccepted(_)), "{answer:?}");
+    assert_raw_session_trades(&mut raw, 1).await;
+    gateway.gateway.shutdown().await;
+}
