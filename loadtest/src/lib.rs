@@ -273,6 +273,20 @@ pub struct ReplayReport {
     pub complete_ms: f64,
 }
 
+/// Full logins and resumes timed one after the other on a quiet gateway, so that the
+/// two compare like for like.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CycleReport {
+    /// Login-then-resume cycles run.
+    pub cycles: u64,
+    /// A new client's login: new endpoint, full TLS handshake, `Login` →
+    /// `LoginAccepted`.
+    pub login_us: Percentiles,
+    /// The same client's resume after a clean close: TLS resumption with the `Resume`
+    /// in 0-RTT data → `ResumeAccepted`.
+    pub resume_us: Percentiles,
+}
+
 /// Established sessions' latency without and with a bad-login flood, in one run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FloodReport {
@@ -362,6 +376,8 @@ pub struct Report {
     pub blackhole_recovery_ms: f64,
     /// The replay measurement, if run.
     pub replay: Option<ReplayReport>,
+    /// The quiet login and resume cycles, if run (with the replay measurement).
+    pub cycles: Option<CycleReport>,
     /// The flood comparison, if run.
     pub flood: Option<FloodReport>,
     /// The bare-QUIC baseline, if run.
@@ -673,9 +689,12 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     drop(relays);
     receivers.abort_all();
 
-    let replay = match (&target.gateway, options.replay_messages) {
-        (Some(_), messages) if messages > 0 => Some(measure_replay(&target, messages).await?),
-        _ => None,
+    let (replay, cycles) = match (&target.gateway, options.replay_messages) {
+        (Some(_), messages) if messages > 0 => (
+            Some(measure_replay(&target, messages).await?),
+            Some(measure_cycles(&target, RESUME_CYCLES).await?),
+        ),
+        _ => (None, None),
     };
     let (messages_replayed, snapshot_resumes) = target.gateway.as_ref().map_or((0, 0), |g| {
         let stats = g.registry().stats();
@@ -735,6 +754,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             resume_us: Percentiles::of(&tally.resume),
             blackhole_recovery_ms: tally.blackhole.value_at_quantile(0.5) as f64 / 1_000.0,
             replay,
+            cycles,
             flood: flood_report,
             baseline: None,
             ratios: None,
@@ -757,11 +777,11 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         })
         .await?;
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-        // Chaos resumes when there were any, else the replay measurement's resume
-        // (connect to ResumeAccepted, which arrives with the first replayed message).
-        let resume_ms = match (&report.replay, report.resume_us.count) {
-            (Some(replay), 0) => replay.resume_ms,
-            _ => report.resume_ms,
+        // The quiet cycles when run (login and resume measured alike), else the
+        // chaos resumes against the sessions' logins.
+        let (login_ms, resume_ms) = match &report.cycles {
+            Some(cycles) => (cycles.login_us.p50 / 1e3, cycles.resume_us.p50 / 1e3),
+            None => (report.login_ms, report.resume_ms),
         };
         report.ratios = Some(Ratios {
             ack_p50: ratio(report.ack_latency_us.p50, baseline.echo_rtt_us.p50),
@@ -774,7 +794,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 resume_ms,
                 baseline.handshake_ms + baseline.echo_rtt_us.p50 / 1_000.0,
             ),
-            login_vs_resume: ratio(report.login_ms, resume_ms),
+            login_vs_resume: ratio(login_ms, resume_ms),
         });
         report.baseline = Some(baseline);
     }
@@ -1125,6 +1145,74 @@ pub async fn hold_sessions(
     Ok(())
 }
 
+/// Login-then-resume cycles in the quiet measurement.
+const RESUME_CYCLES: usize = 50;
+
+/// Times `cycles` full logins, each followed by a clean close and a resume from the
+/// same client endpoint, as the client library does it.
+async fn measure_cycles(target: &Target, cycles: usize) -> Result<CycleReport, RunError> {
+    let stalled = |what: &str| RunError::Setup(format!("resume cycles: {what}"));
+    let (_, credentials) = target
+        .keys
+        .first()
+        .ok_or_else(|| stalled("needs an account"))?;
+    let config = client_config(target, credentials.clone(), target.addr);
+    let (mut logins, mut resumes) = (histogram(), histogram());
+    for _ in 0..cycles {
+        let login = config
+            .credentials
+            .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)?;
+        let started = Instant::now();
+        let endpoint = gateway_client::client_endpoint(&config)?;
+        let mut link =
+            gateway_client::open_sending(endpoint.clone(), &config, &login.into()).await?;
+        let mut buf = bytes::BytesMut::new();
+        let Some(Frame::LoginAccepted(accepted)) = read_until(&mut link, &mut buf, |frame| {
+            matches!(frame, Frame::LoginAccepted(_) | Frame::LoginRejected(_))
+        })
+        .await
+        else {
+            return Err(stalled("login not accepted"));
+        };
+        record(&mut logins, started.elapsed());
+        // Let the TLS session tickets that follow the handshake arrive, as they would
+        // on any connection that lived a little.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        link.connection.close(0u32.into(), b"");
+
+        let resume = proto::Resume {
+            token: accepted.token,
+            last_acked_server_seq: 0,
+            next_client_seq: 1,
+        };
+        let started = Instant::now();
+        let mut link = gateway_client::open_sending(endpoint, &config, &resume.into()).await?;
+        let mut buf = bytes::BytesMut::new();
+        if !matches!(
+            read_until(&mut link, &mut buf, |frame| matches!(
+                frame,
+                Frame::ResumeAccepted(_) | Frame::ResumeRejected(_)
+            ))
+            .await,
+            Some(Frame::ResumeAccepted(_))
+        ) {
+            return Err(stalled("resume not accepted"));
+        }
+        record(&mut resumes, started.elapsed());
+        send_frame(&mut link, proto::Logout {}.into()).await?;
+        let _ = read_until(&mut link, &mut buf, |frame| {
+            matches!(frame, Frame::Close(_))
+        })
+        .await;
+        link.connection.close(0u32.into(), b"");
+    }
+    Ok(CycleReport {
+        cycles: cycles as u64,
+        login_us: Percentiles::of(&logins),
+        resume_us: Percentiles::of(&resumes),
+    })
+}
+
 /// Reads frames from a raw link until `stop` says so; `None` on silence or close.
 async fn read_until(
     link: &mut gateway_client::Link,
@@ -1171,16 +1259,16 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     };
     let maker_config = client_config(target, credentials(0)?, target.addr);
 
-    // The maker logs in and rests one large order, then its connection closes. Its
-    // connections share TLS settings, as the client library's do.
-    let quic = gateway_client::quic_config(&maker_config)?;
-    let connect = || gateway_client::endpoint_with(&maker_config, quic.clone());
-    let mut link = gateway_client::open_on(connect()?, &maker_config).await?;
-    let mut buf = bytes::BytesMut::new();
+    // The maker logs in and rests one large order, then its connection closes. It
+    // keeps its endpoint (and TLS session tickets) for the resume, as the client
+    // library does.
+    let endpoint = gateway_client::client_endpoint(&maker_config)?;
     let login = maker_config
         .credentials
         .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)?;
-    send_frame(&mut link, login.into()).await?;
+    let mut link =
+        gateway_client::open_sending(endpoint.clone(), &maker_config, &login.into()).await?;
+    let mut buf = bytes::BytesMut::new();
     let resting = proto::NewOrder {
         client_seq: 1,
         client_order_id: REPLAY_ORDER_IDS,
@@ -1238,21 +1326,17 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
         }
     }
 
-    // The maker resumes: one flight brings the answer and the replay.
+    // The maker resumes, its Resume in 0-RTT data: one flight brings the answer and
+    // the replay.
+    let resume = proto::Resume {
+        token,
+        last_acked_server_seq: 1,
+        next_client_seq: 2,
+    };
     let started = Instant::now();
-    let mut link = gateway_client::open_on(connect()?, &maker_config).await?;
+    let mut link = gateway_client::open_sending(endpoint, &maker_config, &resume.into()).await?;
     let connect_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut buf = bytes::BytesMut::new();
-    send_frame(
-        &mut link,
-        proto::Resume {
-            token,
-            last_acked_server_seq: 1,
-            next_client_seq: 2,
-        }
-        .into(),
-    )
-    .await?;
     let answer = read_until(&mut link, &mut buf, |_| true).await;
     let resume_ms = started.elapsed().as_secs_f64() * 1e3;
     if !matches!(answer, Some(Frame::ResumeAccepted(_))) {

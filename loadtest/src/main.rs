@@ -141,6 +141,16 @@ fn summary(report: &Report) {
             replay.messages, replay.connect_ms, replay.resume_ms, replay.first_message_ms, replay.complete_ms
         );
     }
+    if let Some(cycles) = &report.cycles {
+        println!(
+            "quiet, {} cycles: login {:.2} ms, resume {:.2} ms (p50; p99 {:.2} / {:.2} ms)",
+            cycles.cycles,
+            cycles.login_us.p50 / 1e3,
+            cycles.resume_us.p50 / 1e3,
+            cycles.login_us.p99 / 1e3,
+            cycles.resume_us.p99 / 1e3
+        );
+    }
     if let (Some(baseline), Some(ratios)) = (&report.baseline, &report.ratios) {
         println!(
             "bare QUIC: echo µs p50 {:.0} p99 {:.0}, {:.0}/s, handshake {:.2} ms",
