@@ -89,6 +89,9 @@ pub struct Options {
     /// During the second half of the run, flood the gateway with bad logins from
     /// this address, and compare the established sessions' latency of both halves.
     pub flood: bool,
+    /// Loss and delay on every session's path (through a relay each). The quiet
+    /// measurements and the baseline stay unimpaired.
+    pub path: relay::Impairment,
 }
 
 impl Default for Options {
@@ -106,6 +109,7 @@ impl Default for Options {
             replay_messages: 1_000,
             engine_mode: gateway::config::EngineMode::Thread,
             flood: false,
+            path: relay::Impairment::default(),
         }
     }
 }
@@ -531,13 +535,14 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     let mut login = histogram();
     let mut sessions = Vec::with_capacity(options.sessions);
     for (index, (account, credentials)) in target.keys.iter().take(options.sessions).enumerate() {
-        let relay = match options.chaos_interval {
-            Some(_) => Some(
-                Relay::start(target.addr)
+        let relay = if options.chaos_interval.is_some() || options.path.is_active() {
+            Some(
+                Relay::start_impaired(target.addr, options.path)
                     .await
                     .map_err(|e| RunError::Setup(e.to_string()))?,
-            ),
-            None => None,
+            )
+        } else {
+            None
         };
         let addr = relay.as_ref().map_or(target.addr, |r| r.addr);
         let started = Instant::now();

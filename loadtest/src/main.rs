@@ -40,6 +40,13 @@ struct Cli {
     /// turn), e.g. 200ms. Off when absent.
     #[arg(long, value_parser = humantime::parse_duration)]
     chaos_interval: Option<Duration>,
+    /// Drop this percentage of the sessions' packets at random, in each direction
+    /// (through a relay per session), e.g. 1.5.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_loss)]
+    loss: f64,
+    /// Delay each of the sessions' packets this long, in each direction, e.g. 5ms.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    delay: Duration,
     /// Also run a bare-QUIC echo with the same settings and report ratios.
     #[arg(long)]
     baseline: bool,
@@ -195,6 +202,18 @@ fn summary(report: &Report) {
     }
 }
 
+/// A loss percentage from 0 to 50 (beyond, QUIC hardly gets anything through).
+fn parse_loss(text: &str) -> Result<f64, String> {
+    let percent: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=50.0).contains(&percent) {
+        Ok(percent)
+    } else {
+        Err(format!("{percent} is not a percentage from 0 to 50"))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(filter) = &cli.log {
@@ -211,6 +230,10 @@ fn main() -> ExitCode {
             window: cli.window.max(1),
             duration: cli.duration,
             chaos_interval: cli.chaos_interval,
+            path: loadtest::relay::Impairment {
+                loss: cli.loss / 100.0,
+                delay: cli.delay,
+            },
             baseline: cli.baseline,
             progress: !cli.quiet,
             seed: cli.seed,

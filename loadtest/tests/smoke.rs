@@ -62,3 +62,25 @@ async fn a_short_run_with_the_engine_inline_has_no_violations() {
     assert!(report.fills > 0 && report.resumes > 0);
     assert_eq!(report.replay.map(|r| r.messages), Some(300));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_chaos_run_over_a_lossy_slow_path_has_no_violations() {
+    let report = run(Options {
+        sessions: 4,
+        rate: 800,
+        duration: Duration::from_secs(3),
+        chaos_interval: Some(Duration::from_millis(250)),
+        replay_messages: 0,
+        path: loadtest::relay::Impairment {
+            loss: 0.02,
+            delay: Duration::from_millis(1),
+        },
+        ..Options::default()
+    })
+    .await
+    .expect("the run completes");
+
+    assert_eq!(report.violations, 0, "{:#?}", report.violation_samples);
+    assert_eq!(report.resumes, report.disconnects);
+    assert!(report.fills > 0 && report.resumes > 0);
+}
