@@ -549,7 +549,18 @@ pub async fn open_on(
         .map_err(|e| error(&e))?
         .await
         .map_err(|e| error(&e))?;
-    let (send, recv) = connection.open_bi().await.map_err(|e| error(&e))?;
+    open_stream(endpoint, connection).await
+}
+
+/// Opens the session stream on an established connection.
+async fn open_stream(
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+) -> Result<Link, ClientError> {
+    let (send, recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::Connection(e.to_string()))?;
     Ok(Link {
         endpoint,
         connection,
@@ -609,15 +620,9 @@ pub async fn open_sending(
         }
         Err(connecting) => connecting.await.map_err(|e| error(&e))?,
     };
-    let (mut send, recv) = connection.open_bi().await.map_err(|e| error(&e))?;
-    send.write_all(&bytes).await.map_err(|e| error(&e))?;
-    Ok(Link {
-        endpoint,
-        connection,
-        send,
-        recv,
-        early_data_accepted: false,
-    })
+    let mut link = open_stream(endpoint, connection).await?;
+    link.send.write_all(&bytes).await.map_err(|e| error(&e))?;
+    Ok(link)
 }
 
 /// Most queued frames sent in one stream write.

@@ -3,11 +3,18 @@
 
 use std::time::Duration;
 
-use loadtest::{run, Options};
+use loadtest::{run, Options, Report};
+
+/// Runs `options` and checks that the verifier found nothing wrong.
+async fn run_without_violations(options: Options) -> Report {
+    let report = run(options).await.expect("the run completes");
+    assert_eq!(report.violations, 0, "{:#?}", report.violation_samples);
+    report
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_chaos_run_has_no_violations() {
-    let report = run(Options {
+    let report = run_without_violations(Options {
         sessions: 6,
         rate: 1_500,
         duration: Duration::from_secs(3),
@@ -15,10 +22,8 @@ async fn a_short_chaos_run_has_no_violations() {
         replay_messages: 100,
         ..Options::default()
     })
-    .await
-    .expect("the run completes");
+    .await;
 
-    assert_eq!(report.violations, 0, "{:#?}", report.violation_samples);
     assert!(
         report.disconnects >= 6,
         "chaos happened: {}",
@@ -46,7 +51,7 @@ async fn a_short_chaos_run_has_no_violations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_run_with_the_engine_inline_has_no_violations() {
-    let report = run(Options {
+    let report = run_without_violations(Options {
         sessions: 4,
         rate: 1_000,
         duration: Duration::from_secs(2),
@@ -55,17 +60,15 @@ async fn a_short_run_with_the_engine_inline_has_no_violations() {
         engine_mode: gateway::config::EngineMode::Inline,
         ..Options::default()
     })
-    .await
-    .expect("the run completes");
+    .await;
 
-    assert_eq!(report.violations, 0, "{:#?}", report.violation_samples);
     assert!(report.fills > 0 && report.resumes > 0);
     assert_eq!(report.replay.map(|r| r.messages), Some(300));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_chaos_run_over_a_lossy_slow_path_has_no_violations() {
-    let report = run(Options {
+    let report = run_without_violations(Options {
         sessions: 4,
         rate: 800,
         duration: Duration::from_secs(3),
@@ -77,10 +80,8 @@ async fn a_short_chaos_run_over_a_lossy_slow_path_has_no_violations() {
         },
         ..Options::default()
     })
-    .await
-    .expect("the run completes");
+    .await;
 
-    assert_eq!(report.violations, 0, "{:#?}", report.violation_samples);
     assert_eq!(report.resumes, report.disconnects);
     assert!(report.fills > 0 && report.resumes > 0);
 }
