@@ -132,6 +132,11 @@ pub struct SessionSettings {
     pub max_sessions: usize,
     /// Most sessions per account (an account's own limit may be lower).
     pub max_sessions_per_account: usize,
+    /// Fills and cancels of orders whose session ended (without cancel-on-disconnect)
+    /// kept per account while the account has no live session, for its next login
+    /// (beyond, the oldest go; the login snapshot still shows every order's end
+    /// state). Capped at `replay_window`, so a login's backlog fits its replay ring.
+    pub unclaimed_events_per_account: usize,
 }
 
 /// Login settings.
@@ -248,6 +253,7 @@ impl Default for SessionSettings {
             finished_orders_retained: session.finished_orders_retained,
             max_sessions: limits.max_sessions,
             max_sessions_per_account: limits.max_sessions_per_account,
+            unclaimed_events_per_account: limits.unclaimed_events_per_account,
         }
     }
 }
@@ -376,6 +382,10 @@ impl Config {
         RegistryLimits {
             max_sessions: self.session.max_sessions,
             max_sessions_per_account: self.session.max_sessions_per_account,
+            unclaimed_events_per_account: self
+                .session
+                .unclaimed_events_per_account
+                .min(self.session.replay_window),
             ..RegistryLimits::default()
         }
     }

@@ -8,6 +8,12 @@
 //! Methods here carry out [`Action::Ended`] themselves (the session is removed).
 //! When the IO layer calls a [`Session`] method directly and gets `Ended`, it calls
 //! [`Registry::remove`].
+//!
+//! Orders outlive their session when it ends without cancel-on-disconnect. What then
+//! happens to them (fills, unsolicited cancels) goes to the account's newest session
+//! if it is live, else waits, bounded per account, for the account's next login,
+//! whose stream carries it right after the login snapshot: no fill is ever dropped
+//! for want of a session.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +46,10 @@ pub struct RegistryLimits {
     pub max_sessions_per_account: usize,
     /// How many ended sessions are remembered, to tell a late resume why.
     pub remembered_endings: usize,
+    /// Events about orders of ended sessions kept per account for its next login;
+    /// beyond, the oldest are dropped (the login snapshot still shows every working
+    /// order's filled quantity).
+    pub unclaimed_events_per_account: usize,
 }
 
 impl Default for RegistryLimits {
@@ -48,6 +58,7 @@ impl Default for RegistryLimits {
             max_sessions: 100_000,
             max_sessions_per_account: 16,
             remembered_endings: 65_536,
+            unclaimed_events_per_account: 4_096,
         }
     }
 }
@@ -70,6 +81,10 @@ pub struct RegistryStats {
     pub messages_replayed: u64,
     /// Resumes that needed a snapshot.
     pub snapshot_resumes: u64,
+    /// Events about orders of ended sessions handed to another session of the account.
+    pub events_rehomed: u64,
+    /// Such events dropped because their account's queue was full.
+    pub unclaimed_dropped: u64,
 }
 
 /// Bounded memory of why recent sessions ended.
@@ -93,6 +108,12 @@ pub struct Registry {
     resumes: AtomicU64,
     messages_replayed: AtomicU64,
     snapshot_resumes: AtomicU64,
+    /// Newest session of each account: where events of its ended sessions go.
+    heirs: DashMap<u64, u64>,
+    /// Per account, events of ended sessions waiting for a live heir.
+    unclaimed: Mutex<HashMap<u64, VecDeque<engine::Event>>>,
+    events_rehomed: AtomicU64,
+    unclaimed_dropped: AtomicU64,
 }
 
 impl Registry {
@@ -110,6 +131,10 @@ impl Registry {
             resumes: AtomicU64::new(0),
             messages_replayed: AtomicU64::new(0),
             snapshot_resumes: AtomicU64::new(0),
+            heirs: DashMap::new(),
+            unclaimed: Mutex::new(HashMap::new()),
+            events_rehomed: AtomicU64::new(0),
+            unclaimed_dropped: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +144,8 @@ impl Registry {
             resumes: self.resumes.load(Ordering::Relaxed),
             messages_replayed: self.messages_replayed.load(Ordering::Relaxed),
             snapshot_resumes: self.snapshot_resumes.load(Ordering::Relaxed),
+            events_rehomed: self.events_rehomed.load(Ordering::Relaxed),
+            unclaimed_dropped: self.unclaimed_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -166,7 +193,9 @@ impl Registry {
     ///
     /// `account_orders` are the account's orders for the login snapshot;
     /// `account_limit` is the account's own session limit, if it has one (the lower of
-    /// it and the gateway's per-account limit applies).
+    /// it and the gateway's per-account limit applies). Events of the account's ended
+    /// sessions that were waiting follow the snapshot in the new session's stream, and
+    /// later ones come to it while it is the account's newest session.
     #[allow(clippy::too_many_arguments)]
     pub fn login(
         &self,
@@ -177,6 +206,7 @@ impl Registry {
         account_orders: &[engine::OrderView],
         idle_timeout: Duration,
         now: Timestamp,
+        out: &mut Vec<Action>,
     ) -> Result<NewSession, ReasonCode> {
         if cod.grace > self.config.max_cod_grace {
             return Err(ReasonCode::InvalidLoginParameter);
@@ -220,6 +250,23 @@ impl Registry {
             now,
         )));
         self.sessions.insert(session_id, Arc::clone(&session));
+        {
+            // Under the queue's lock, so no event can be queued after the drain yet
+            // before this session becomes the heir.
+            let mut unclaimed = self
+                .unclaimed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(events) = unclaimed.remove(&account) {
+                let mut guard = lock(&session);
+                for event in &events {
+                    guard.on_engine_event(event, now, out);
+                }
+                self.events_rehomed
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+            }
+            self.heirs.insert(account, session_id);
+        }
         Ok(NewSession {
             session_id,
             session,
@@ -282,11 +329,78 @@ impl Registry {
         out: &mut Vec<Action>,
     ) -> Option<ConnectionId> {
         let owner = event.owner()?;
-        let session = self.get(owner.session)?;
-        let start = out.len();
-        let wake = lock(&session).on_engine_event(event, now, out);
-        self.settle(owner.session, &out[start..]);
-        wake
+        if let Some(session) = self.get(owner.session) {
+            let start = out.len();
+            let mut guard = lock(&session);
+            if guard.closed_reason().is_none() {
+                let wake = guard.on_engine_event(event, now, out);
+                drop(guard);
+                self.settle(owner.session, &out[start..]);
+                return wake;
+            }
+        }
+        self.rehome(owner.account, event, now, out)
+    }
+
+    /// An event about an order whose session has ended: to the account's newest
+    /// session if it is live, else queued for the account's next login. Answers to
+    /// the ended session's own requests are not handed on (no other session asked);
+    /// a cancel it had asked for goes on as an unsolicited one.
+    fn rehome(
+        &self,
+        account: u64,
+        event: &engine::Event,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) -> Option<ConnectionId> {
+        let event = match *event {
+            engine::Event::Fill(fill) => engine::Event::Fill(fill),
+            engine::Event::Cancelled {
+                owner,
+                order_id,
+                client_order_id,
+                cancelled_quantity,
+                reason,
+                ..
+            } => engine::Event::Cancelled {
+                owner,
+                tag: None,
+                order_id,
+                client_order_id,
+                cancelled_quantity,
+                reason,
+            },
+            _ => return None,
+        };
+        let mut unclaimed = self
+            .unclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let heir = self.heirs.get(&account).map(|entry| *entry);
+        if let Some((heir_id, session)) = heir.and_then(|id| Some((id, self.get(id)?))) {
+            let start = out.len();
+            let mut guard = lock(&session);
+            if guard.closed_reason().is_none() {
+                let wake = guard.on_engine_event(&event, now, out);
+                drop(guard);
+                drop(unclaimed);
+                self.events_rehomed.fetch_add(1, Ordering::Relaxed);
+                self.settle(heir_id, &out[start..]);
+                return wake;
+            }
+        }
+        let limit = self.limits.unclaimed_events_per_account;
+        if limit == 0 {
+            self.unclaimed_dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let queue = unclaimed.entry(account).or_default();
+        if queue.len() >= limit {
+            queue.pop_front();
+            self.unclaimed_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        queue.push_back(event);
+        None
     }
 
     /// Ends a session on an operator's request. Returns whether it existed.

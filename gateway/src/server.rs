@@ -635,6 +635,7 @@ impl Shared {
             mode: login.cancel_on_disconnect,
             grace: Duration::from_millis(u64::from(login.cod_grace_ms)),
         };
+        let mut actions = Vec::new();
         let new = self
             .registry
             .login(
@@ -645,8 +646,10 @@ impl Shared {
                 &orders,
                 self.idle_timeout,
                 now,
+                &mut actions,
             )
             .map_err(|reason| rejected(reason, 0))?;
+        self.execute(actions);
         info!(session = new.session_id, account = grant.account, "login");
         Ok(new.session)
     }

@@ -43,6 +43,7 @@ fn an_idle_detached_session_costs_well_under_a_kilobyte() {
                 &[],
                 Duration::from_secs(10),
                 now,
+                &mut Vec::new(),
             )
             .expect("login");
         lock(&new.session).connection_lost(conn, now);

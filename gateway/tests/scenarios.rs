@@ -15,6 +15,28 @@ fn sim() -> Sim {
     Sim::new(SessionConfig::default())
 }
 
+/// A login straight on the registry (no simulated client); returns the session id.
+fn try_login(
+    sim: &mut Sim,
+    account: u64,
+    account_limit: Option<usize>,
+    cod: gateway::session::CodPolicy,
+) -> Result<u64, ReasonCode> {
+    let conn = sim.new_conn();
+    sim.registry
+        .login(
+            account,
+            account_limit,
+            cod,
+            conn,
+            &[],
+            IDLE_TIMEOUT,
+            sim.now,
+            &mut Vec::new(),
+        )
+        .map(|new| new.session_id)
+}
+
 fn fills(client: &Client) -> Vec<proto::Fill> {
     client
         .received
@@ -510,14 +532,10 @@ fn session_limits_are_enforced_per_gateway_and_per_account() {
         max_sessions: 3,
         max_sessions_per_account: 2,
         remembered_endings: 10,
+        ..RegistryLimits::default()
     };
     let mut sim = Sim::with_limits(SessionConfig::default(), limits);
-    let login = |sim: &mut Sim, account| {
-        let conn = sim.new_conn();
-        sim.registry
-            .login(account, None, NO_COD, conn, &[], IDLE_TIMEOUT, sim.now)
-            .map(|s| s.session_id)
-    };
+    let login = |sim: &mut Sim, account| try_login(sim, account, None, NO_COD);
     let first = login(&mut sim, 1).expect("first");
     login(&mut sim, 1).expect("second");
     assert_eq!(
@@ -534,16 +552,7 @@ fn session_limits_are_enforced_per_gateway_and_per_account() {
 #[test]
 fn an_over_long_cancel_on_disconnect_grace_is_refused() {
     let mut sim = sim();
-    let conn = sim.new_conn();
-    let result = sim.registry.login(
-        1,
-        None,
-        cod(Duration::from_secs(61)),
-        conn,
-        &[],
-        IDLE_TIMEOUT,
-        sim.now,
-    );
+    let result = try_login(&mut sim, 1, None, cod(Duration::from_secs(61)));
     assert_eq!(result.err(), Some(ReasonCode::InvalidLoginParameter));
     assert!(sim.registry.is_empty());
 }
@@ -627,16 +636,11 @@ fn rotating_the_key_keeps_live_tokens_working() {
 #[test]
 fn an_accounts_own_session_limit_applies_when_lower() {
     let mut sim = sim();
-    let conn = sim.new_conn();
-    let first = sim
-        .registry
-        .login(5, Some(1), NO_COD, conn, &[], IDLE_TIMEOUT, sim.now);
-    assert!(first.is_ok());
-    let conn = sim.new_conn();
-    let second = sim
-        .registry
-        .login(5, Some(1), NO_COD, conn, &[], IDLE_TIMEOUT, sim.now);
-    assert_eq!(second.err(), Some(ReasonCode::TooManyAccountSessions));
+    assert!(try_login(&mut sim, 5, Some(1), NO_COD).is_ok());
+    assert_eq!(
+        try_login(&mut sim, 5, Some(1), NO_COD).err(),
+        Some(ReasonCode::TooManyAccountSessions)
+    );
 }
 
 #[test]
@@ -728,4 +732,101 @@ fn a_client_that_never_acknowledges_is_cut_as_a_slow_consumer_and_keeps_its_sess
     );
     let (_, orders) = client.snapshot.clone().expect("snapshot");
     assert_eq!(orders.len(), 4, "every order is in the snapshot");
+}
+
+/// Logs a simulated client out; its session ends, its orders stay in the book.
+fn log_out(sim: &mut Sim, client: &mut Client) {
+    client.to_gateway.push_back(proto::Logout {}.into());
+    sim.deliver_to_gateway(client, usize::MAX);
+    assert!(sim.registry.get(client.session_id).is_none());
+}
+
+/// A taker on account 2 buys `quantity` at 100.
+fn take(sim: &mut Sim, client_order_id: u64, quantity: u64) {
+    let mut taker = sim.login(2, NO_COD);
+    taker.new_order(client_order_id, Side::Buy, 100, quantity);
+    sim.settle(&mut taker);
+}
+
+#[test]
+fn fills_of_an_ended_sessions_orders_wait_for_the_accounts_next_login() {
+    let mut sim = sim();
+    let mut maker = sim.login(1, NO_COD);
+    maker.new_order(10, Side::Sell, 100, 5);
+    sim.settle(&mut maker);
+    log_out(&mut sim, &mut maker);
+    assert_eq!(
+        sim.engine.working_order_count(),
+        1,
+        "no cancel-on-disconnect"
+    );
+
+    take(&mut sim, 20, 5);
+    let later = sim.login(1, NO_COD);
+    let (_, snapshot) = later.snapshot.clone().expect("a login snapshot");
+    assert_eq!(
+        snapshot
+            .iter()
+            .map(|o| (o.client_order_id, o.status))
+            .collect::<Vec<_>>(),
+        vec![(10, OrderStatus::Filled)],
+        "the snapshot shows the end state"
+    );
+    let fill = fills(&later);
+    assert_eq!(fill.len(), 1, "the fill follows the snapshot");
+    assert_eq!(
+        (
+            fill[0].server_seq,
+            fill[0].client_order_id,
+            fill[0].quantity,
+            fill[0].leaves_quantity
+        ),
+        (1, 10, 5, 0)
+    );
+    assert_eq!(sim.registry.stats().events_rehomed, 1);
+}
+
+#[test]
+fn fills_of_an_ended_sessions_orders_go_to_the_accounts_newest_live_session() {
+    let mut sim = sim();
+    let mut maker = sim.login(1, NO_COD);
+    maker.new_order(10, Side::Sell, 100, 5);
+    sim.settle(&mut maker);
+    let mut heir = sim.login(1, NO_COD);
+    log_out(&mut sim, &mut maker);
+
+    take(&mut sim, 20, 2);
+    sim.settle(&mut heir);
+    let fill = fills(&heir);
+    assert_eq!(fill.len(), 1);
+    assert_eq!(
+        (
+            fill[0].client_order_id,
+            fill[0].quantity,
+            fill[0].leaves_quantity
+        ),
+        (10, 2, 3)
+    );
+}
+
+#[test]
+fn events_waiting_for_a_login_are_bounded_per_account() {
+    let limits = RegistryLimits {
+        unclaimed_events_per_account: 2,
+        ..RegistryLimits::default()
+    };
+    let mut sim = Sim::with_limits(SessionConfig::default(), limits);
+    let mut maker = sim.login(1, NO_COD);
+    for id in 1..=3 {
+        maker.new_order(id, Side::Sell, 100, 1);
+    }
+    sim.settle(&mut maker);
+    log_out(&mut sim, &mut maker);
+
+    take(&mut sim, 20, 3);
+    let later = sim.login(1, NO_COD);
+    let ids: Vec<u64> = fills(&later).iter().map(|f| f.client_order_id).collect();
+    assert_eq!(ids, vec![2, 3], "the oldest was dropped");
+    let stats = sim.registry.stats();
+    assert_eq!((stats.events_rehomed, stats.unclaimed_dropped), (2, 1));
 }

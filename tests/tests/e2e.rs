@@ -657,6 +657,64 @@ async fn rotating_the_token_key_keeps_live_sessions_resumable_and_revocation_end
     gateway.gateway.shutdown().await;
 }
 
+/// The next frame that `pick` accepts, skipping others.
+async fn next_matching<T>(raw: &mut Raw, pick: impl Fn(&Frame) -> Option<T>) -> T {
+    loop {
+        let frame = raw.recv().await.expect("a frame");
+        if let Some(found) = pick(&frame) {
+            return found;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_fill_after_logout_reaches_the_accounts_next_login() {
+    let gateway = TestGateway::start(2, |_| {});
+    let (mut maker, _, _) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    maker.send(&[new_order(1, Side::Sell, 100, 5)]).await;
+    next_matching(&mut maker, |f| {
+        matches!(f, Frame::OrderAck(_)).then_some(())
+    })
+    .await;
+    maker.send(&[proto::Logout {}.into()]).await;
+    next_matching(&mut maker, |f| matches!(f, Frame::Close(_)).then_some(())).await;
+
+    // Account 2 trades against the order while account 1 has no session.
+    let (mut taker, _, _) = raw_login(&gateway, 2, CancelOnDisconnect::Off, 0).await;
+    taker.send(&[new_order(1, Side::Buy, 100, 5)]).await;
+    let taker_fill = next_matching(&mut taker, |f| {
+        if let Frame::Fill(fill) = f {
+            Some(*fill)
+        } else {
+            None
+        }
+    })
+    .await;
+
+    let (mut later, _, snapshot) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    assert_eq!(
+        snapshot
+            .iter()
+            .map(|o| (o.client_order_id, o.filled_quantity))
+            .collect::<Vec<_>>(),
+        vec![(1, 5)]
+    );
+    let Some(Frame::Fill(fill)) = later.recv().await else {
+        panic!("the fill follows the snapshot");
+    };
+    assert_eq!(
+        (
+            fill.server_seq,
+            fill.client_order_id,
+            fill.trade_id,
+            fill.price,
+            fill.quantity
+        ),
+        (1, 1, taker_fill.trade_id, 100, 5)
+    );
+    gateway.gateway.shutdown().await;
+}
+
 // TLS resumption and 0-RTT resume.
 
 /// Logs in on a new client endpoint, which keeps the TLS session tickets that follow

@@ -94,10 +94,21 @@ impl Sim {
     pub fn login(&mut self, account: u64, cod: CodPolicy) -> Client {
         let conn = self.new_conn();
         let orders = self.engine.orders_of(account);
+        let mut out = Vec::new();
         let new = self
             .registry
-            .login(account, None, cod, conn, &orders, IDLE_TIMEOUT, self.now)
+            .login(
+                account,
+                None,
+                cod,
+                conn,
+                &orders,
+                IDLE_TIMEOUT,
+                self.now,
+                &mut out,
+            )
             .expect("login accepted");
+        self.apply(out);
         let mut client = Client::new(new.session_id, conn);
         self.transmit(&mut client, usize::MAX);
         self.deliver_to_client(&mut client, usize::MAX);
