@@ -178,6 +178,10 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// QUIC keep-alive interval.
     pub keep_alive: Duration,
+    /// Round-trip time assumed before a connection has measured one; a lost handshake
+    /// packet is sent again after about three times this. Set it near the real round
+    /// trip to the gateway to reconnect faster over a lossy path.
+    pub initial_rtt: Duration,
     /// Acknowledge received messages at least this often.
     pub ack_interval: Duration,
     /// Reconnect attempts after a loss before giving up.
@@ -207,6 +211,7 @@ impl ClientConfig {
             cod_grace: Duration::ZERO,
             idle_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(1),
+            initial_rtt: Duration::from_millis(333),
             ack_interval: Duration::from_millis(10),
             reconnect_attempts: 20,
             reconnect_backoff: Duration::from_millis(10),
@@ -505,7 +510,8 @@ pub fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientE
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(config.idle_timeout).map_err(|e| error(&e))?,
         ))
-        .keep_alive_interval(Some(config.keep_alive));
+        .keep_alive_interval(Some(config.keep_alive))
+        .initial_rtt(config.initial_rtt);
     quic.transport_config(Arc::new(transport));
     Ok(quic)
 }

@@ -367,7 +367,8 @@ fn server_config(
                 .then(|| Duration::from_millis(config.transport.keep_alive_ms)),
         )
         .max_concurrent_bidi_streams(VarInt::from_u32(1))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .initial_rtt(Duration::from_millis(config.transport.initial_rtt_ms));
     server.transport_config(Arc::new(transport));
     Ok(server)
 }

@@ -92,6 +92,9 @@ pub struct Options {
     /// Loss and delay on every session's path (through a relay each). The quiet
     /// measurements and the baseline stay unimpaired.
     pub path: relay::Impairment,
+    /// Initial round-trip estimate of the load clients and of the in-process
+    /// gateway; `None` keeps their defaults.
+    pub initial_rtt: Option<Duration>,
 }
 
 impl Default for Options {
@@ -110,6 +113,7 @@ impl Default for Options {
             engine_mode: gateway::config::EngineMode::Thread,
             flood: false,
             path: relay::Impairment::default(),
+            initial_rtt: None,
         }
     }
 }
@@ -396,6 +400,7 @@ struct Target {
     cert: CertificateDer<'static>,
     keys: Vec<(u64, Credentials)>,
     gateway: Option<Gateway>,
+    initial_rtt: Option<Duration>,
 }
 
 /// Starts a gateway in this process with `accounts` fresh accounts.
@@ -427,6 +432,9 @@ fn start_gateway(options: &Options) -> Result<Target, RunError> {
     };
     config.session.max_sessions_per_account = 64;
     config.engine.mode = options.engine_mode;
+    if let Some(rtt) = options.initial_rtt {
+        config.transport.initial_rtt_ms = u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX).max(1);
+    }
     // A short failure window, so that the address the flood shares with the load
     // sessions is admitted again soon after the flood ends.
     config.auth.failure_window_ms = 500;
@@ -445,6 +453,7 @@ fn start_gateway(options: &Options) -> Result<Target, RunError> {
         cert,
         keys,
         gateway: Some(gateway),
+        initial_rtt: options.initial_rtt,
     })
 }
 
@@ -509,6 +518,9 @@ fn client_config(target: &Target, credentials: Credentials, addr: SocketAddr) ->
     let mut config = ClientConfig::new(addr, target.cert.clone(), credentials);
     config.idle_timeout = Duration::from_millis(1_000);
     config.keep_alive = Duration::from_millis(200);
+    if let Some(rtt) = target.initial_rtt {
+        config.initial_rtt = rtt;
+    }
     config
 }
 
@@ -520,6 +532,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             cert: remote.cert,
             keys: remote.keys,
             gateway: None,
+            initial_rtt: options.initial_rtt,
         },
         None => start_gateway(&options)?,
     };
@@ -1092,6 +1105,7 @@ pub async fn hold_sessions(
         cert: remote.cert,
         keys: remote.keys,
         gateway: None,
+        initial_rtt: None,
     };
     let first = target
         .keys
