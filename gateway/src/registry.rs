@@ -15,7 +15,8 @@
 //! whose stream carries it right after the login snapshot: no fill is ever dropped
 //! for want of a session.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -114,6 +115,47 @@ pub struct Registry {
     unclaimed: Mutex<HashMap<u64, VecDeque<engine::Event>>>,
     events_rehomed: AtomicU64,
     unclaimed_dropped: AtomicU64,
+    /// When sessions' timers (cancel-on-disconnect, detached expiry) come due.
+    timers: Mutex<Timers>,
+    /// When every session was last checked for due timers, as a backstop.
+    last_full_sweep: Mutex<Option<Timestamp>>,
+}
+
+/// How often [`Registry::handle_timeouts`] also checks every session, in case a timer
+/// was armed by a path that did not schedule it.
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Sessions' next deadlines, soonest first, at most one live entry per session (a
+/// replaced later entry stays in the heap as stale until it comes up).
+#[derive(Debug, Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(Timestamp, u64)>>,
+    pending: HashMap<u64, Timestamp>,
+}
+
+impl Timers {
+    /// Makes sure the session is looked at by `at`.
+    fn schedule(&mut self, session_id: u64, at: Timestamp) {
+        if self.pending.get(&session_id).is_some_and(|&due| due <= at) {
+            return;
+        }
+        self.pending.insert(session_id, at);
+        self.heap.push(Reverse((at, session_id)));
+    }
+
+    /// Takes the sessions due by `now` into `due`.
+    fn take_due(&mut self, now: Timestamp, due: &mut Vec<u64>) {
+        while let Some(&Reverse((at, session_id))) = self.heap.peek() {
+            if at > now {
+                return;
+            }
+            self.heap.pop();
+            if self.pending.get(&session_id) == Some(&at) {
+                self.pending.remove(&session_id);
+                due.push(session_id);
+            }
+        }
+    }
 }
 
 impl Registry {
@@ -135,6 +177,8 @@ impl Registry {
             unclaimed: Mutex::new(HashMap::new()),
             events_rehomed: AtomicU64::new(0),
             unclaimed_dropped: AtomicU64::new(0),
+            timers: Mutex::new(Timers::default()),
+            last_full_sweep: Mutex::new(None),
         }
     }
 
@@ -414,21 +458,63 @@ impl Registry {
         true
     }
 
-    /// Fires due cancel-on-disconnect and expiry timers of every session.
+    /// Tells the session its connection `conn` is gone (it detaches if that was its
+    /// connection) and schedules the timers that arms.
+    pub fn connection_lost(&self, session: &SessionHandle, conn: ConnectionId, now: Timestamp) {
+        let mut guard = lock(session);
+        guard.connection_lost(conn, now);
+        if let Some(at) = guard.next_timeout() {
+            self.schedule(guard.id(), at);
+        }
+    }
+
+    fn schedule(&self, session_id: u64, at: Timestamp) {
+        self.timers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .schedule(session_id, at);
+    }
+
+    /// Fires due cancel-on-disconnect and expiry timers: those scheduled, and, once
+    /// every [`FULL_SWEEP_EVERY`], any other session's.
     pub fn handle_timeouts(&self, now: Timestamp, out: &mut Vec<Action>) {
-        let due: Vec<(u64, SessionHandle)> = self
-            .sessions
-            .iter()
-            .map(|entry| (*entry.key(), Arc::clone(entry.value())))
-            .collect();
-        for (session_id, session) in due {
+        let mut due = Vec::new();
+        self.timers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take_due(now, &mut due);
+        let sweep = {
+            let mut last = self
+                .last_full_sweep
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let sweep = last.is_none_or(|at| now >= at.plus(FULL_SWEEP_EVERY));
+            if sweep {
+                *last = Some(now);
+            }
+            sweep
+        };
+        if sweep {
+            due.extend(self.sessions.iter().map(|entry| *entry.key()));
+        }
+        for session_id in due {
+            let Some(session) = self.get(session_id) else {
+                continue;
+            };
             let start = out.len();
             {
                 let mut guard = lock(&session);
-                if guard.next_timeout().is_none_or(|at| at > now) {
-                    continue;
+                match guard.next_timeout() {
+                    None => continue,
+                    Some(at) if at > now => {
+                        self.schedule(session_id, at);
+                        continue;
+                    }
+                    Some(_) => guard.handle_timeout(now, out),
                 }
-                guard.handle_timeout(now, out);
+                if let Some(at) = guard.next_timeout() {
+                    self.schedule(session_id, at);
+                }
             }
             self.settle(session_id, &out[start..]);
         }

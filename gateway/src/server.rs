@@ -511,7 +511,9 @@ async fn serve_connection(
         send,
     ));
     read_loop(&shared, &session, conn_id, &conn, recv, buf).await;
-    lock(&session).connection_lost(conn_id, Timestamp::now());
+    shared
+        .registry
+        .connection_lost(&session, conn_id, Timestamp::now());
     conn.wake.notify_one();
     let _ = writer.await;
     shared.forget(conn_id);

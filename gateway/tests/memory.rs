@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gateway::registry::{lock, Registry, RegistryLimits};
+use gateway::registry::{Registry, RegistryLimits};
 use gateway::session::{CodPolicy, SessionConfig};
 use gateway::time::Timestamp;
 use gateway::token::TokenKeyRing;
@@ -46,7 +46,7 @@ fn an_idle_detached_session_costs_well_under_a_kilobyte() {
                 &mut Vec::new(),
             )
             .expect("login");
-        lock(&new.session).connection_lost(conn, now);
+        registry.connection_lost(&new.session, conn, now);
     }
     let after = dhat::HeapStats::get().curr_bytes;
     let per_session = (after - before) / SESSIONS;

@@ -830,3 +830,23 @@ fn events_waiting_for_a_login_are_bounded_per_account() {
     let stats = sim.registry.stats();
     assert_eq!((stats.events_rehomed, stats.unclaimed_dropped), (2, 1));
 }
+
+#[test]
+fn a_timer_armed_by_a_lost_connection_fires_on_time_between_full_sweeps() {
+    let mut sim = sim();
+    let mut client = sim.login(1, cod(Duration::from_millis(300)));
+    client.new_order(1, Side::Buy, 90, 3);
+    sim.settle(&mut client);
+    // A full sweep of every session happens now; the next one is a second away.
+    sim.advance(Duration::ZERO);
+    sim.drop_connection(&mut client);
+
+    sim.advance(Duration::from_millis(299));
+    assert_eq!(sim.engine.working_order_count(), 1);
+    sim.advance(Duration::from_millis(1));
+    assert_eq!(
+        sim.engine.working_order_count(),
+        0,
+        "fired from its schedule, not from a sweep"
+    );
+}

@@ -214,7 +214,7 @@ impl Sim {
         client.to_client.clear();
         if let Some(conn) = client.conn.take() {
             if let Some(session) = self.registry.get(client.session_id) {
-                lock(&session).connection_lost(conn, self.now);
+                self.registry.connection_lost(&session, conn, self.now);
             }
         }
     }
