@@ -476,7 +476,7 @@ impl Registry {
     }
 
     /// Fires due cancel-on-disconnect and expiry timers: those scheduled, and, once
-    /// every [`FULL_SWEEP_EVERY`], any other session's.
+    /// a second, any other session's.
     pub fn handle_timeouts(&self, now: Timestamp, out: &mut Vec<Action>) {
         let mut due = Vec::new();
         self.timers
