@@ -504,13 +504,8 @@ impl Registry {
             let start = out.len();
             {
                 let mut guard = lock(&session);
-                match guard.next_timeout() {
-                    None => continue,
-                    Some(at) if at > now => {
-                        self.schedule(session_id, at);
-                        continue;
-                    }
-                    Some(_) => guard.handle_timeout(now, out),
+                if guard.next_timeout().is_some_and(|at| at <= now) {
+                    guard.handle_timeout(now, out);
                 }
                 if let Some(at) = guard.next_timeout() {
                     self.schedule(session_id, at);
