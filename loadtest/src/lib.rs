@@ -271,7 +271,8 @@ pub struct DisconnectCounts {
 pub struct ReplayReport {
     /// Messages replayed.
     pub messages: u64,
-    /// Reconnect start to the QUIC connection and stream being ready.
+    /// Reconnect start to the handshake completing, with `Resume` sent (as 0-RTT
+    /// data when a ticket allowed it).
     pub connect_ms: f64,
     /// Reconnect start to `ResumeAccepted`.
     pub resume_ms: f64,
