@@ -128,9 +128,12 @@ impl Credentials {
             .collect()
     }
 
-    /// A signed `Login` with a fresh nonce and the current time.
+    /// A signed `Login` for the gateway of `venue` (its venue id, which the venue
+    /// publishes; [`proto::DEFAULT_VENUE`] for a development gateway) with a fresh
+    /// nonce and the current time.
     pub fn signed_login(
         &self,
+        venue: &str,
         cancel_on_disconnect: CancelOnDisconnect,
         cod_grace: Duration,
     ) -> Result<proto::Login, ClientError> {
@@ -149,7 +152,7 @@ impl Credentials {
             cod_grace_ms: u32::try_from(cod_grace.as_millis()).unwrap_or(u32::MAX),
             signature: proto::Signature([0; 64]),
         };
-        let signature = self.key.sign(&login.signing_message());
+        let signature = self.key.sign(&login.signing_message(venue));
         login.signature.0.copy_from_slice(signature.as_ref());
         Ok(login)
     }
@@ -170,6 +173,8 @@ pub struct ClientConfig {
     pub trusted_certs: Vec<CertificateDer<'static>>,
     /// The API key.
     pub credentials: Credentials,
+    /// The gateway's venue id, part of the signed login (the venue publishes it).
+    pub venue: String,
     /// Cancel-on-disconnect policy for the session.
     pub cancel_on_disconnect: CancelOnDisconnect,
     /// Its grace period.
@@ -207,6 +212,7 @@ impl ClientConfig {
             server_name: "localhost".into(),
             trusted_certs: vec![cert],
             credentials,
+            venue: proto::DEFAULT_VENUE.to_string(),
             cancel_on_disconnect: CancelOnDisconnect::Off,
             cod_grace: Duration::ZERO,
             idle_timeout: Duration::from_secs(5),
@@ -330,9 +336,11 @@ impl Client {
         }));
         let (events, receiver) = mpsc::channel(config.event_capacity);
         let quic = quic_config(&config)?;
-        let login = config
-            .credentials
-            .signed_login(config.cancel_on_disconnect, config.cod_grace)?;
+        let login = config.credentials.signed_login(
+            &config.venue,
+            config.cancel_on_disconnect,
+            config.cod_grace,
+        )?;
         let link = open_sending(endpoint_with(&config, quic)?, &config, &login.into()).await?;
         let (established, on_established) = oneshot::channel();
         let driver = tokio::spawn(drive(

@@ -85,30 +85,52 @@ struct ApiKey {
 }
 
 /// Settings of the authenticator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthConfig {
+    /// This gateway's venue id, part of every login's signed message so that a login
+    /// signed for one venue or environment (say, a test gateway sharing keys with
+    /// production) is refused by every other.
+    pub venue: String,
     /// Largest accepted difference between the client's timestamp and our clock.
     pub max_clock_skew: Duration,
-    /// Most nonces remembered; when full, logins are refused (`RateLimited`) until old
-    /// ones expire, rather than forgetting a nonce that could then be replayed.
-    pub max_remembered_nonces: usize,
-    /// Failed logins an address may make per window before it is refused.
+    /// Most nonces remembered per API key; when full, that key's logins are refused
+    /// (`RateLimited`) until old ones expire, rather than forgetting a nonce that
+    /// could then be replayed. Other keys are not affected.
+    pub max_remembered_nonces_per_key: usize,
+    /// Failed authentications an address may make per window before its logins are
+    /// refused (`RateLimited`) for the rest of the window.
     pub failures_per_window: u32,
     /// The failure counting window.
     pub failure_window: Duration,
-    /// Most addresses tracked for failures.
+    /// Most addresses tracked for failures; beyond, the longest-tracked is forgotten.
     pub max_tracked_addresses: usize,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
+            venue: proto::DEFAULT_VENUE.to_string(),
             max_clock_skew: Duration::from_secs(30),
-            max_remembered_nonces: 1_000_000,
+            max_remembered_nonces_per_key: 100_000,
             failures_per_window: 20,
             failure_window: Duration::from_secs(10),
             max_tracked_addresses: 100_000,
         }
+    }
+}
+
+/// The key an address is rate limited under: an IPv4 address itself (also when
+/// written IPv4-mapped), an IPv6 address's /64, which one subscriber usually holds
+/// whole.
+pub fn address_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                v6.to_bits() & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 
@@ -138,20 +160,45 @@ struct Failures {
     count: u32,
 }
 
+/// Nonces one API key used recently, with when each may be forgotten.
+#[derive(Debug, Default)]
+struct KeyNonces {
+    seen: HashMap<[u8; 16], Timestamp>,
+    expiry: VecDeque<(Timestamp, [u8; 16])>,
+}
+
+impl KeyNonces {
+    fn expire(&mut self, now: Timestamp) {
+        while let Some(&(at, nonce)) = self.expiry.front() {
+            // Entries are pushed roughly in time order; an out-of-order later entry
+            // only delays forgetting, never forgets early.
+            if at > now {
+                break;
+            }
+            self.expiry.pop_front();
+            self.seen.remove(&nonce);
+        }
+    }
+}
+
 /// Checks logins. Not thread-safe by itself; the IO layer wraps it in a lock.
 pub struct Authenticator {
     keys: HashMap<u64, ApiKey>,
     config: AuthConfig,
-    nonces: HashMap<(u64, [u8; 16]), Timestamp>,
-    nonce_expiry: VecDeque<(Timestamp, u64, [u8; 16])>,
+    nonces: HashMap<u64, KeyNonces>,
     failures: HashMap<IpAddr, Failures>,
+    /// Tracked addresses, oldest first, for forgetting when the table is full.
+    failure_order: VecDeque<IpAddr>,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
             .field("api_keys", &self.keys.len())
-            .field("remembered_nonces", &self.nonces.len())
+            .field(
+                "remembered_nonces",
+                &self.nonces.values().map(|n| n.seen.len()).sum::<usize>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -191,15 +238,15 @@ impl Authenticator {
             keys,
             config,
             nonces: HashMap::new(),
-            nonce_expiry: VecDeque::new(),
             failures: HashMap::new(),
+            failure_order: VecDeque::new(),
         })
     }
 
     /// Whether `source` may attempt a login now; refused with `RateLimited` after too
     /// many failures in the window.
     pub fn admit(&mut self, source: IpAddr, now: Timestamp) -> Result<(), LoginRefused> {
-        let Some(failures) = self.failures.get(&source) else {
+        let Some(failures) = self.failures.get(&address_key(source)) else {
             return Ok(());
         };
         let window_end = failures.window_start.plus(self.config.failure_window);
@@ -213,17 +260,20 @@ impl Authenticator {
         })
     }
 
-    /// Counts a failed login or resume of `source`.
+    /// Counts a failed authentication (a bad signature or key, a forged token) of
+    /// `source`. When the table is full, the longest-tracked address is forgotten:
+    /// the limiter never stops counting.
     pub fn record_failure(&mut self, source: IpAddr, now: Timestamp) {
+        let source = address_key(source);
         let window = self.config.failure_window;
-        if !self.failures.contains_key(&source)
-            && self.failures.len() >= self.config.max_tracked_addresses
-        {
-            self.failures
-                .retain(|_, f| now < f.window_start.plus(window));
-            if self.failures.len() >= self.config.max_tracked_addresses {
-                return;
+        if !self.failures.contains_key(&source) {
+            while self.failures.len() >= self.config.max_tracked_addresses.max(1) {
+                let Some(oldest) = self.failure_order.pop_front() else {
+                    break;
+                };
+                self.failures.remove(&oldest);
             }
+            self.failure_order.push_back(source);
         }
         let failures = self.failures.entry(source).or_insert(Failures {
             window_start: now,
@@ -238,15 +288,20 @@ impl Authenticator {
         failures.count = failures.count.saturating_add(1);
     }
 
-    /// Verifies a `Login`: key, signature, timestamp, nonce. A success remembers the
-    /// nonce.
+    /// Verifies a `Login`: key, signature (over this gateway's venue id), timestamp,
+    /// nonce. A success reserves the nonce; if the login is then refused for another
+    /// reason, [`Authenticator::release_nonce`] gives it back, so only logins that
+    /// succeed fill the key's nonce memory.
     pub fn verify(&mut self, login: &Login, now: Timestamp) -> Result<Grant, LoginRefused> {
         let key = self
             .keys
             .get(&login.api_key_id)
             .ok_or(LoginRefused::because(ReasonCode::UnknownApiKey))?;
         UnparsedPublicKey::new(&ED25519, &key.public_key)
-            .verify(&login.signing_message(), &login.signature.0)
+            .verify(
+                &login.signing_message(&self.config.venue),
+                &login.signature.0,
+            )
             .map_err(|_| LoginRefused::because(ReasonCode::BadSignature))?;
         let grant = Grant {
             account: key.account,
@@ -257,35 +312,35 @@ impl Authenticator {
         if client_ms.abs_diff(now.as_millis()) > skew_ms {
             return Err(LoginRefused::because(ReasonCode::ClockSkew));
         }
-        self.expire_nonces(now);
-        let nonce_key = (login.api_key_id, login.nonce.0);
-        if self.nonces.contains_key(&nonce_key) {
+        let limit = self.config.max_remembered_nonces_per_key;
+        let nonces = self.nonces.entry(login.api_key_id).or_default();
+        nonces.expire(now);
+        if nonces.seen.contains_key(&login.nonce.0) {
             return Err(LoginRefused::because(ReasonCode::NonceReused));
         }
-        if self.nonces.len() >= self.config.max_remembered_nonces {
+        if nonces.seen.len() >= limit {
+            let retry_after = nonces.expiry.front().map_or(1_000, |&(at, _)| {
+                at.as_millis().saturating_sub(now.as_millis()).max(1)
+            });
             return Err(LoginRefused {
                 reason: ReasonCode::RateLimited,
-                retry_after_ms: 1_000,
+                retry_after_ms: u32::try_from(retry_after).unwrap_or(u32::MAX),
             });
         }
         // A nonce is only dangerous while its timestamp is acceptable: remember it
         // until the client's timestamp plus the skew has passed.
         let forget_at = Timestamp::from_millis(client_ms.saturating_add(skew_ms)).max(now);
-        self.nonces.insert(nonce_key, forget_at);
-        self.nonce_expiry
-            .push_back((forget_at, nonce_key.0, nonce_key.1));
+        nonces.seen.insert(login.nonce.0, forget_at);
+        nonces.expiry.push_back((forget_at, login.nonce.0));
         Ok(grant)
     }
 
-    fn expire_nonces(&mut self, now: Timestamp) {
-        while let Some(&(at, key_id, nonce)) = self.nonce_expiry.front() {
-            // Entries are pushed roughly in time order; an out-of-order later entry
-            // only delays forgetting, never forgets early.
-            if at > now {
-                break;
-            }
-            self.nonce_expiry.pop_front();
-            self.nonces.remove(&(key_id, nonce));
+    /// Forgets the nonce of a verified login that was then refused (session limits,
+    /// parameters), so refused logins cannot fill the key's nonce memory.
+    pub fn release_nonce(&mut self, login: &Login) {
+        if let Some(nonces) = self.nonces.get_mut(&login.api_key_id) {
+            // Its expiry entry stays queued and finds nothing to remove later.
+            nonces.seen.remove(&login.nonce.0);
         }
     }
 }
@@ -332,7 +387,7 @@ mod tests {
     }
 
     fn sign_login(key: &Ed25519KeyPair, login: &mut Login) {
-        let signature = key.sign(&login.signing_message());
+        let signature = key.sign(&login.signing_message(proto::DEFAULT_VENUE));
         login.signature = Signature(signature.as_ref().try_into().expect("64-byte signature"));
     }
 
@@ -415,7 +470,7 @@ mod tests {
     #[test]
     fn a_full_nonce_memory_refuses_rather_than_forgets() {
         let mut auth = authenticator();
-        auth.config.max_remembered_nonces = 2;
+        auth.config.max_remembered_nonces_per_key = 2;
         assert!(auth.verify(&login(1, NOW), NOW).is_ok());
         assert!(auth.verify(&login(2, NOW), NOW).is_ok());
         let third = auth.verify(&login(3, NOW), NOW);
@@ -465,5 +520,126 @@ mod tests {
             Authenticator::new(&bad_key, AuthConfig::default()).err(),
             Some(AccountsError::BadPublicKey { key_id: 5 })
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    //! What a hostile key holder or address can and cannot do to others.
+
+    use super::*;
+    use proto::{CancelOnDisconnect, Nonce, Signature};
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    const NOW: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
+    fn key(seed: u8) -> Ed25519KeyPair {
+        Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("seed")
+    }
+
+    /// Two accounts, one key each: 1001 (seed 1) and 2002 (seed 2).
+    fn authenticator(config: AuthConfig) -> Authenticator {
+        let account = |id, key_id, seed| AccountEntry {
+            id,
+            max_sessions: None,
+            keys: vec![ApiKeyEntry {
+                id: key_id,
+                public_key: hex::encode(key(seed).public_key().as_ref()),
+            }],
+        };
+        let file = AccountsFile {
+            accounts: vec![account(1, 1001, 1), account(2, 2002, 2)],
+        };
+        Authenticator::new(&file, config).expect("valid")
+    }
+
+    fn login(key_id: u64, seed: u8, nonce: u8, venue: &str) -> Login {
+        let mut login = Login {
+            api_key_id: key_id,
+            timestamp_ns: NOW.as_millis() * 1_000_000,
+            nonce: Nonce([nonce; 16]),
+            cancel_on_disconnect: CancelOnDisconnect::Off,
+            cod_grace_ms: 0,
+            signature: Signature([0; 64]),
+        };
+        let signature = key(seed).sign(&login.signing_message(venue));
+        login.signature = Signature(signature.as_ref().try_into().expect("64 bytes"));
+        login
+    }
+
+    #[test]
+    fn one_keys_logins_cannot_fill_another_keys_nonce_memory() {
+        let mut auth = authenticator(AuthConfig {
+            max_remembered_nonces_per_key: 3,
+            ..AuthConfig::default()
+        });
+        for nonce in 0..3 {
+            assert!(auth.verify(&login(1001, 1, nonce, "dev"), NOW).is_ok());
+        }
+        let refused = auth.verify(&login(1001, 1, 9, "dev"), NOW);
+        assert_eq!(refused.map_err(|r| r.reason), Err(ReasonCode::RateLimited));
+        assert!(auth.verify(&login(2002, 2, 9, "dev"), NOW).is_ok());
+    }
+
+    #[test]
+    fn a_login_refused_after_verification_gives_its_nonce_back() {
+        let mut auth = authenticator(AuthConfig {
+            max_remembered_nonces_per_key: 1,
+            ..AuthConfig::default()
+        });
+        let refused_later = login(1001, 1, 1, "dev");
+        assert!(auth.verify(&refused_later, NOW).is_ok());
+        auth.release_nonce(&refused_later);
+        assert!(auth.verify(&login(1001, 1, 2, "dev"), NOW).is_ok());
+    }
+
+    #[test]
+    fn a_login_signed_for_another_venue_is_refused() {
+        let mut auth = authenticator(AuthConfig {
+            venue: "XMPL-PROD".into(),
+            ..AuthConfig::default()
+        });
+        let for_test = login(1001, 1, 1, "XMPL-TEST");
+        assert_eq!(
+            auth.verify(&for_test, NOW).map_err(|r| r.reason),
+            Err(ReasonCode::BadSignature)
+        );
+        assert!(auth.verify(&login(1001, 1, 2, "XMPL-PROD"), NOW).is_ok());
+    }
+
+    #[test]
+    fn a_full_failure_table_forgets_the_oldest_address_and_keeps_counting() {
+        let mut auth = authenticator(AuthConfig {
+            max_tracked_addresses: 2,
+            failures_per_window: 1,
+            ..AuthConfig::default()
+        });
+        let first: IpAddr = [10, 0, 0, 1].into();
+        let second: IpAddr = [10, 0, 0, 2].into();
+        let third: IpAddr = [10, 0, 0, 3].into();
+        for address in [first, second, third] {
+            auth.record_failure(address, NOW);
+        }
+        assert!(auth.admit(first, NOW).is_ok(), "the oldest was forgotten");
+        assert!(auth.admit(second, NOW).is_err());
+        assert!(auth.admit(third, NOW).is_err(), "a new address is counted");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_limited_per_64() {
+        let mut auth = authenticator(AuthConfig {
+            failures_per_window: 2,
+            ..AuthConfig::default()
+        });
+        let a: IpAddr = "2001:db8:1:2::1".parse().expect("address");
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("address");
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().expect("address");
+        auth.record_failure(a, NOW);
+        auth.record_failure(b, NOW);
+        assert!(auth.admit(a, NOW).is_err());
+        assert!(auth.admit(b, NOW).is_err());
+        assert!(auth.admit(elsewhere, NOW).is_ok());
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("address");
+        assert_eq!(address_key(mapped), IpAddr::from([10, 0, 0, 1]));
     }
 }

@@ -107,6 +107,17 @@ pub struct TransportSettings {
     pub initial_rtt_ms: u64,
     /// Most simultaneous connections; more are refused at the QUIC level.
     pub max_connections: usize,
+    /// Connections kept for resumes of existing sessions: a login is refused
+    /// (`TooManySessions`) once fewer than this many connection slots are free.
+    pub resume_reserved_connections: usize,
+    /// Most connections that have not yet logged in or resumed. From half of it on,
+    /// a client whose address QUIC has not validated is asked to (a Retry round
+    /// trip; clients holding a token from an earlier connection skip it); at the
+    /// limit, new connections are refused.
+    pub max_handshaking: usize,
+    /// Most connections from one address (IPv6: one /64) that have not yet logged
+    /// in or resumed; more are refused.
+    pub max_handshaking_per_address: usize,
     /// UDP socket send and receive buffer size asked of the kernel (which may cap
     /// it, e.g. at `net.core.rmem_max`). Large buffers absorb bursts such as many
     /// clients reconnecting at once.
@@ -149,9 +160,16 @@ pub struct SessionSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
+    /// This gateway's venue id (ASCII, at most 64 bytes), part of every login's
+    /// signed message: give test and production gateways different ids so that a
+    /// login captured at one is refused by the other. Clients must be told it.
+    pub venue: String,
     /// Largest accepted client clock difference.
     pub max_clock_skew_ms: u64,
-    /// Failed logins or resumes per address and window before it is refused.
+    /// Failed authentications (unknown API key, bad signature, forged token) per
+    /// address (IPv6: per /64) and window before its logins are answered
+    /// `RateLimited` with a `retry_after_ms`. Resumes of live sessions are never
+    /// refused for it.
     pub failures_per_window: u32,
     /// The failure counting window.
     pub failure_window_ms: u64,
@@ -190,6 +208,9 @@ pub struct EngineSettings {
     pub queue_capacity: usize,
     /// Finished orders kept per account for login snapshots.
     pub finished_orders_per_account: usize,
+    /// Most working orders of one account across all its sessions, ended ones
+    /// included; beyond, new orders are rejected with `TooManyOpenOrders`.
+    pub max_working_orders_per_account: usize,
     /// The tradable instruments.
     pub instruments: Vec<InstrumentSettings>,
 }
@@ -240,6 +261,9 @@ impl Default for TransportSettings {
             handshake_timeout_ms: 5_000,
             initial_rtt_ms: 333,
             max_connections: 20_000,
+            resume_reserved_connections: 2_000,
+            max_handshaking: 2_048,
+            max_handshaking_per_address: 64,
             socket_buffer_bytes: 4 << 20,
         }
     }
@@ -269,6 +293,7 @@ impl Default for AuthSettings {
     fn default() -> Self {
         let auth = AuthConfig::default();
         AuthSettings {
+            venue: auth.venue,
             max_clock_skew_ms: millis(auth.max_clock_skew),
             failures_per_window: auth.failures_per_window,
             failure_window_ms: millis(auth.failure_window),
@@ -282,6 +307,7 @@ impl Default for EngineSettings {
             mode: EngineMode::Thread,
             queue_capacity: 65_536,
             finished_orders_per_account: 1_024,
+            max_working_orders_per_account: 50_000,
             instruments: vec![
                 InstrumentSettings {
                     id: 1,
@@ -351,12 +377,26 @@ impl Config {
         {
             return invalid("transport timeouts and initial_rtt_ms must be positive");
         }
+        if self.transport.resume_reserved_connections >= self.transport.max_connections {
+            return invalid("transport.resume_reserved_connections must be below max_connections");
+        }
+        if self.transport.max_handshaking == 0 || self.transport.max_handshaking_per_address == 0 {
+            return invalid(
+                "transport.max_handshaking and max_handshaking_per_address must be positive",
+            );
+        }
         if self.session.replay_window == 0
             || self.session.replay_window_bytes < proto::MAX_FRAME_LEN
         {
             return invalid(
                 "session.replay_window must be positive and replay_window_bytes at least one frame",
             );
+        }
+        if self.auth.venue.is_empty()
+            || self.auth.venue.len() > proto::MAX_VENUE_LEN
+            || !self.auth.venue.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return invalid("auth.venue must be 1 to 64 printable ASCII characters, no spaces");
         }
         if self.engine.queue_capacity == 0 {
             return invalid("engine.queue_capacity must be positive");
@@ -403,6 +443,7 @@ impl Config {
     /// The authenticator's settings.
     pub fn auth_config(&self) -> AuthConfig {
         AuthConfig {
+            venue: self.auth.venue.clone(),
             max_clock_skew: Duration::from_millis(self.auth.max_clock_skew_ms),
             failures_per_window: self.auth.failures_per_window,
             failure_window: Duration::from_millis(self.auth.failure_window_ms),

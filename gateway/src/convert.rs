@@ -66,6 +66,7 @@ pub const fn reject_reason_to_wire(reason: engine::RejectReason) -> ReasonCode {
         engine::RejectReason::UnknownOrder => ReasonCode::UnknownOrder,
         engine::RejectReason::DuplicateClientOrderId => ReasonCode::DuplicateClientOrderId,
         engine::RejectReason::InvalidTimeInForce => ReasonCode::InvalidTimeInForce,
+        engine::RejectReason::TooManyOpenOrders => ReasonCode::TooManyOpenOrders,
     }
 }
 
@@ -180,6 +181,6 @@ pub fn event_to_wire(event: &engine::Event, server_seq: u64) -> Option<proto::Fr
             leaves_quantity: order.leaves,
         }
         .into(),
-        engine::Event::OrderStates { .. } => return None,
+        engine::Event::OrderStates { .. } | engine::Event::MassCancelDone { .. } => return None,
     })
 }

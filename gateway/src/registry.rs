@@ -9,14 +9,18 @@
 //! When the IO layer calls a [`Session`] method directly and gets `Ended`, it calls
 //! [`Registry::remove`].
 //!
+//! Answers go to the session that asked. Any session of an account may cancel or
+//! replace the account's orders: the answer goes to the requester, and the order's
+//! owner gets the change as an unsolicited message (`client_seq` 0).
+//!
 //! Orders outlive their session when it ends without cancel-on-disconnect. What then
-//! happens to them (fills, unsolicited cancels) goes to the account's newest session
-//! if it is live, else waits, bounded per account, for the account's next login,
-//! whose stream carries it right after the login snapshot: no fill is ever dropped
-//! for want of a session.
+//! happens to them (fills, unsolicited cancels) goes to the account's newest live
+//! session, else waits, bounded per account, for the account's next login, whose
+//! stream carries it right after the login snapshot: no fill is ever dropped for want
+//! of a session.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -28,6 +32,7 @@ use proto::{ReasonCode, SessionToken};
 use crate::session::{Action, CodPolicy, ConnectionId, LoginGrant, Session, SessionConfig};
 use crate::time::Timestamp;
 use crate::token::{KeyError, TokenKeyRing};
+use proto::CancelOnDisconnect;
 
 /// A shared, lockable session.
 pub type SessionHandle = Arc<Mutex<Session>>;
@@ -86,6 +91,8 @@ pub struct RegistryStats {
     pub events_rehomed: u64,
     /// Such events dropped because their account's queue was full.
     pub unclaimed_dropped: u64,
+    /// Detached sessions ended to make room for a login of their account.
+    pub evicted: u64,
 }
 
 /// Bounded memory of why recent sessions ended.
@@ -99,7 +106,8 @@ struct Endings {
 #[derive(Debug)]
 pub struct Registry {
     sessions: DashMap<u64, SessionHandle>,
-    per_account: DashMap<u64, usize>,
+    /// Each account's sessions, by id (so by login order).
+    per_account: DashMap<u64, BTreeSet<u64>>,
     session_count: AtomicUsize,
     next_session_id: AtomicU64,
     endings: Mutex<Endings>,
@@ -109,12 +117,11 @@ pub struct Registry {
     resumes: AtomicU64,
     messages_replayed: AtomicU64,
     snapshot_resumes: AtomicU64,
-    /// Newest session of each account: where events of its ended sessions go.
-    heirs: DashMap<u64, u64>,
     /// Per account, events of ended sessions waiting for a live heir.
     unclaimed: Mutex<HashMap<u64, VecDeque<engine::Event>>>,
     events_rehomed: AtomicU64,
     unclaimed_dropped: AtomicU64,
+    evicted: AtomicU64,
     /// When sessions' timers (cancel-on-disconnect, detached expiry) come due.
     timers: Mutex<Timers>,
     /// When every session was last checked for due timers, as a backstop.
@@ -173,10 +180,10 @@ impl Registry {
             resumes: AtomicU64::new(0),
             messages_replayed: AtomicU64::new(0),
             snapshot_resumes: AtomicU64::new(0),
-            heirs: DashMap::new(),
             unclaimed: Mutex::new(HashMap::new()),
             events_rehomed: AtomicU64::new(0),
             unclaimed_dropped: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
             timers: Mutex::new(Timers::default()),
             last_full_sweep: Mutex::new(None),
         }
@@ -190,6 +197,7 @@ impl Registry {
             snapshot_resumes: self.snapshot_resumes.load(Ordering::Relaxed),
             events_rehomed: self.events_rehomed.load(Ordering::Relaxed),
             unclaimed_dropped: self.unclaimed_dropped.load(Ordering::Relaxed),
+            evicted: self.evicted.load(Ordering::Relaxed),
         }
     }
 
@@ -237,9 +245,12 @@ impl Registry {
     ///
     /// `account_orders` are the account's orders for the login snapshot;
     /// `account_limit` is the account's own session limit, if it has one (the lower of
-    /// it and the gateway's per-account limit applies). Events of the account's ended
-    /// sessions that were waiting follow the snapshot in the new session's stream, and
-    /// later ones come to it while it is the account's newest session.
+    /// it and the gateway's per-account limit applies). At that limit, the account's
+    /// longest-detached session is ended (as expired) to make room; only when every
+    /// session of the account is attached is the login refused. Events of the
+    /// account's ended sessions that were waiting follow the snapshot in the new
+    /// session's stream, and later ones come to it while it is the account's newest
+    /// live session.
     #[allow(clippy::too_many_arguments)]
     pub fn login(
         &self,
@@ -252,30 +263,25 @@ impl Registry {
         now: Timestamp,
         out: &mut Vec<Action>,
     ) -> Result<NewSession, ReasonCode> {
-        if cod.grace > self.config.max_cod_grace {
+        if cod.mode == CancelOnDisconnect::CancelAll && cod.grace > self.config.max_cod_grace {
             return Err(ReasonCode::InvalidLoginParameter);
         }
         if self.session_count.fetch_add(1, Ordering::AcqRel) >= self.limits.max_sessions {
             self.session_count.fetch_sub(1, Ordering::AcqRel);
             return Err(ReasonCode::TooManySessions);
         }
-        {
-            let mut count = self.per_account.entry(account).or_insert(0);
-            let limit = account_limit.map_or(self.limits.max_sessions_per_account, |own| {
-                own.min(self.limits.max_sessions_per_account)
-            });
-            if *count >= limit {
-                drop(count);
-                self.session_count.fetch_sub(1, Ordering::AcqRel);
-                return Err(ReasonCode::TooManyAccountSessions);
-            }
-            *count += 1;
-        }
+        let limit = account_limit.map_or(self.limits.max_sessions_per_account, |own| {
+            own.min(self.limits.max_sessions_per_account)
+        });
         let session_id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+        if !self.claim_account_slot(account, session_id, limit, out) {
+            self.session_count.fetch_sub(1, Ordering::AcqRel);
+            return Err(ReasonCode::TooManyAccountSessions);
+        }
         let token = match self.mint(session_id, account, 0, now.plus(self.config.token_ttl)) {
             Ok(token) => token,
             Err(_) => {
-                self.release_slot(account);
+                self.release_slot(account, session_id);
                 return Err(ReasonCode::InternalError);
             }
         };
@@ -309,12 +315,54 @@ impl Registry {
                 self.events_rehomed
                     .fetch_add(events.len() as u64, Ordering::Relaxed);
             }
-            self.heirs.insert(account, session_id);
         }
         Ok(NewSession {
             session_id,
             session,
         })
+    }
+
+    /// Adds `session_id` to the account's sessions if it is under `limit`, first
+    /// ending its longest-detached session if it is at the limit. False when every
+    /// session of the account is attached (or ending).
+    fn claim_account_slot(
+        &self,
+        account: u64,
+        session_id: u64,
+        limit: usize,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        loop {
+            let members: Vec<u64> = {
+                let mut sessions = self.per_account.entry(account).or_default();
+                if sessions.len() < limit {
+                    sessions.insert(session_id);
+                    return true;
+                }
+                sessions.iter().copied().collect()
+            };
+            // Sessions are locked only after the map's guard is gone.
+            let oldest_detached = members
+                .into_iter()
+                .filter_map(|id| {
+                    let since = lock(&self.get(id)?).detached_since()?;
+                    Some((since, id))
+                })
+                .min();
+            let Some((_, victim)) = oldest_detached else {
+                return false;
+            };
+            let Some(session) = self.get(victim) else {
+                continue;
+            };
+            let start = out.len();
+            lock(&session).end(ReasonCode::SessionExpired, out);
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+            // Its slot is free once it is out of the map; with cancels still on their
+            // way it stays routable, so take it out of the account's count now.
+            self.settle(victim, &out[start..]);
+            self.release_member(account, victim);
+        }
     }
 
     /// Resumes the session a token names on `conn`; no signature check, no account
@@ -330,7 +378,7 @@ impl Registry {
             .keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .verify(&request.token.0, now)
+            .verify_tag(&request.token.0)
             .map_err(|error| error.reason())?;
         let Some(session) = self.get(claims.session_id) else {
             return Err(self.ending_of(claims.session_id));
@@ -340,6 +388,9 @@ impl Registry {
             let mut guard = lock(&session);
             if guard.account() != claims.account_id {
                 return Err(ReasonCode::TokenForged);
+            }
+            if !guard.token_valid(claims.expires_at, now) {
+                return Err(ReasonCode::TokenExpired);
             }
             guard.resume(
                 conn,
@@ -363,27 +414,64 @@ impl Registry {
         Ok(session)
     }
 
-    /// Routes an engine event to the session that owns its order. Returns the
-    /// connection to wake, if the session is attached. Events for sessions that no
-    /// longer exist are dropped (`None`).
+    /// Routes an engine event into the streams it belongs in, and pushes the
+    /// connections whose writers have new frames onto `wake`.
+    ///
+    /// An answer goes to the session that asked. When that is not the order's owner
+    /// (another session of the account cancelled or replaced it), the owner gets the
+    /// change as an unsolicited message. Events about orders of an ended session go
+    /// to a live session of the account, or wait for its next login; answers to an
+    /// ended session's requests are not handed on.
     pub fn route(
         &self,
         event: &engine::Event,
         now: Timestamp,
         out: &mut Vec<Action>,
-    ) -> Option<ConnectionId> {
-        let owner = event.owner()?;
-        if let Some(session) = self.get(owner.session) {
-            let start = out.len();
-            let mut guard = lock(&session);
-            if guard.closed_reason().is_none() {
-                let wake = guard.on_engine_event(event, now, out);
-                drop(guard);
-                self.settle(owner.session, &out[start..]);
-                return wake;
+        wake: &mut Vec<ConnectionId>,
+    ) {
+        let Some(owner) = event.owner() else {
+            return;
+        };
+        match event.requester() {
+            Some(requester) if requester.session != owner.session => {
+                if let Some(Some(conn)) = self.deliver(requester.session, event, now, out) {
+                    wake.push(conn);
+                }
+                // If the owner has ended, the requester (a live session of the
+                // account) already has the news: nothing to hand on.
+                if let Some(Some(conn)) = self.deliver(owner.session, &notice(event), now, out) {
+                    wake.push(conn);
+                }
+            }
+            _ => {
+                let delivered = match self.deliver(owner.session, event, now, out) {
+                    Some(delivered) => delivered,
+                    None => self.rehome(owner.account, event, now, out),
+                };
+                wake.extend(delivered);
             }
         }
-        self.rehome(owner.account, event, now, out)
+    }
+
+    /// Puts an event into a session's stream if it takes events; `None` if it does
+    /// not (ended or gone), else the connection to wake, if any.
+    fn deliver(
+        &self,
+        session_id: u64,
+        event: &engine::Event,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) -> Option<Option<ConnectionId>> {
+        let session = self.get(session_id)?;
+        let start = out.len();
+        let mut guard = lock(&session);
+        if !guard.takes_events() {
+            return None;
+        }
+        let wake = guard.on_engine_event(event, now, out);
+        drop(guard);
+        self.settle(session_id, &out[start..]);
+        Some(wake)
     }
 
     /// An event about an order whose session has ended: to the account's newest
@@ -397,31 +485,23 @@ impl Registry {
         now: Timestamp,
         out: &mut Vec<Action>,
     ) -> Option<ConnectionId> {
-        let event = match *event {
-            engine::Event::Fill(fill) => engine::Event::Fill(fill),
-            engine::Event::Cancelled {
-                owner,
-                order_id,
-                client_order_id,
-                cancelled_quantity,
-                reason,
-                ..
-            } => engine::Event::Cancelled {
-                owner,
-                tag: None,
-                order_id,
-                client_order_id,
-                cancelled_quantity,
-                reason,
-            },
+        let event = match event {
+            engine::Event::Fill(_) | engine::Event::Cancelled { .. } => notice(event),
             _ => return None,
         };
         let mut unclaimed = self
             .unclaimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let heir = self.heirs.get(&account).map(|entry| *entry);
-        if let Some((heir_id, session)) = heir.and_then(|id| Some((id, self.get(id)?))) {
+        let members: Vec<u64> = self
+            .per_account
+            .get(&account)
+            .map(|sessions| sessions.iter().rev().copied().collect())
+            .unwrap_or_default();
+        for heir in members {
+            let Some(session) = self.get(heir) else {
+                continue;
+            };
             let start = out.len();
             let mut guard = lock(&session);
             if guard.closed_reason().is_none() {
@@ -429,7 +509,7 @@ impl Registry {
                 drop(guard);
                 drop(unclaimed);
                 self.events_rehomed.fetch_add(1, Ordering::Relaxed);
-                self.settle(heir_id, &out[start..]);
+                self.settle(heir, &out[start..]);
                 return wake;
             }
         }
@@ -456,6 +536,21 @@ impl Registry {
         lock(&session).end(ReasonCode::Revoked, out);
         self.settle(session_id, &out[start..]);
         true
+    }
+
+    /// Ends every session for `reason` (a gateway shutting down): each one's
+    /// cancel-on-disconnect runs, and a connected client gets the rest of its stream
+    /// and `Close`.
+    pub fn end_all(&self, reason: ReasonCode, out: &mut Vec<Action>) {
+        let ids: Vec<u64> = self.sessions.iter().map(|entry| *entry.key()).collect();
+        for session_id in ids {
+            let Some(session) = self.get(session_id) else {
+                continue;
+            };
+            let start = out.len();
+            lock(&session).end(reason, out);
+            self.settle(session_id, &out[start..]);
+        }
     }
 
     /// Tells the session its connection `conn` is gone (it detaches if that was its
@@ -521,7 +616,7 @@ impl Registry {
             return;
         };
         let account = lock(&session).account();
-        self.release_slot(account);
+        self.release_slot(account, session_id);
         let mut endings = self.endings.lock().unwrap_or_else(PoisonError::into_inner);
         if self.limits.remembered_endings == 0 {
             return;
@@ -546,11 +641,16 @@ impl Registry {
         }
     }
 
-    fn release_slot(&self, account: u64) {
+    fn release_slot(&self, account: u64, session_id: u64) {
         self.session_count.fetch_sub(1, Ordering::AcqRel);
-        self.per_account.remove_if_mut(&account, |_, count| {
-            *count = count.saturating_sub(1);
-            *count == 0
+        self.release_member(account, session_id);
+    }
+
+    /// Takes a session out of its account's sessions (idempotent).
+    fn release_member(&self, account: u64, session_id: u64) {
+        self.per_account.remove_if_mut(&account, |_, sessions| {
+            sessions.remove(&session_id);
+            sessions.is_empty()
         });
     }
 
@@ -561,5 +661,35 @@ impl Registry {
             Some(reason @ (ReasonCode::Revoked | ReasonCode::TokenSuperseded)) => *reason,
             _ => ReasonCode::SessionNotFound,
         }
+    }
+}
+
+/// What the owner of an order is told when another session of its account cancelled
+/// or replaced it: the same change, unsolicited (`client_seq` 0).
+fn notice(event: &engine::Event) -> engine::Event {
+    match *event {
+        engine::Event::Cancelled {
+            owner,
+            order_id,
+            client_order_id,
+            cancelled_quantity,
+            reason,
+            ..
+        } => engine::Event::Cancelled {
+            owner,
+            requester: owner,
+            tag: None,
+            order_id,
+            client_order_id,
+            cancelled_quantity,
+            reason,
+        },
+        engine::Event::Replaced { owner, order, .. } => engine::Event::Replaced {
+            owner,
+            requester: owner,
+            tag: 0,
+            order,
+        },
+        ref other => other.clone(),
     }
 }

@@ -5,6 +5,15 @@
 //! path (control frames, then the ring from the cursor) whenever it is woken. The
 //! engine runs on its own thread; its events are routed into sessions from that
 //! thread and wake the writers. A timer task fires cancel-on-disconnect and expiry.
+//!
+//! Closing is bounded: once the gateway decides to close a connection, what is left
+//! to send (a `Close`, or an ending session's last messages) must go within
+//! [`CLOSE_DEADLINE`], whatever the peer does; then the QUIC connection is closed
+//! with the reason as its error code.
+//!
+//! Before a connection has logged in or resumed it holds a *handshaking* slot:
+//! bounded in all and per address, and under load only for addresses QUIC has
+//! validated (a Retry round trip for the others).
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -20,10 +29,10 @@ use matching_stub::{
 use proto::{Frame, ReasonCode};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::VarInt;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tracing::{debug, info, warn, Instrument as _};
 
-use crate::auth::{AccountsFile, Authenticator};
+use crate::auth::{address_key, AccountsFile, Authenticator};
 use crate::config::{Config, EngineMode};
 use crate::dev::{SetupError, TlsIdentity};
 use crate::registry::{lock, Registry, SessionHandle};
@@ -33,8 +42,9 @@ use crate::token::TokenKeyRing;
 
 /// Most frames the writer takes from a session per wake-up.
 const WRITE_BATCH: usize = 64;
-/// How long the writer waits to deliver a `Close` frame before closing anyway.
-const CLOSE_FLUSH: Duration = Duration::from_millis(250);
+/// Once a connection is to be closed, how long what is left to send may take before
+/// the QUIC connection is closed anyway.
+pub const CLOSE_DEADLINE: Duration = Duration::from_millis(500);
 /// How often timers are checked.
 const TIMER_TICK: Duration = Duration::from_millis(50);
 /// Bytes read from the stream at a time.
@@ -78,20 +88,31 @@ pub struct Setup {
 struct Conn {
     connection: quinn::Connection,
     wake: Notify,
-    /// Set when the gateway decides to close: the writer sends `Close` and closes.
-    closing: Mutex<Option<ReasonCode>>,
+    /// Set once, when the gateway decides to close: the writer sends what is left
+    /// and `Close` within [`CLOSE_DEADLINE`], then closes.
+    closing: watch::Sender<Option<ReasonCode>>,
 }
 
 impl Conn {
+    fn new(connection: quinn::Connection) -> Self {
+        Conn {
+            connection,
+            wake: Notify::new(),
+            closing: watch::Sender::new(None),
+        }
+    }
+
     fn close(&self, reason: ReasonCode) {
-        let mut closing = self.closing.lock().unwrap_or_else(PoisonError::into_inner);
-        closing.get_or_insert(reason);
-        drop(closing);
+        self.closing.send_if_modified(|closing| {
+            let first = closing.is_none();
+            closing.get_or_insert(reason);
+            first
+        });
         self.wake.notify_one();
     }
 
     fn closing(&self) -> Option<ReasonCode> {
-        *self.closing.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.closing.borrow()
     }
 }
 
@@ -117,7 +138,33 @@ struct Shared {
     next_conn: AtomicU64,
     idle_timeout: Duration,
     handshake_timeout: Duration,
+    /// Connection limits (`transport.*`).
+    max_connections: usize,
+    resume_reserved_connections: usize,
+    max_handshaking: usize,
+    max_handshaking_per_address: usize,
+    /// Connections that have not logged in or resumed yet, in all and by address.
+    handshaking: std::sync::atomic::AtomicUsize,
+    handshaking_by_address: DashMap<IpAddr, usize>,
     runtime: tokio::runtime::Handle,
+}
+
+/// A connection's handshaking slot, given back when it is dropped.
+struct HandshakeSlot {
+    shared: Arc<Shared>,
+    address: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+        self.shared
+            .handshaking_by_address
+            .remove_if_mut(&self.address, |_, count| {
+                *count = count.saturating_sub(1);
+                *count == 0
+            });
+    }
 }
 
 /// A running gateway.
@@ -169,6 +216,7 @@ impl Gateway {
         let book = OrderBookEngine::new(EngineConfig {
             instruments,
             finished_orders_per_account: config.engine.finished_orders_per_account,
+            max_working_orders_per_account: config.engine.max_working_orders_per_account,
         })
         .map_err(|e| StartError::Engine(e.to_string()))?;
         let routed_to: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
@@ -207,16 +255,18 @@ impl Gateway {
             next_conn: AtomicU64::new(1),
             idle_timeout: Duration::from_millis(config.transport.idle_timeout_ms),
             handshake_timeout: Duration::from_millis(config.transport.handshake_timeout_ms),
+            max_connections: config.transport.max_connections,
+            resume_reserved_connections: config.transport.resume_reserved_connections,
+            max_handshaking: config.transport.max_handshaking,
+            max_handshaking_per_address: config.transport.max_handshaking_per_address,
+            handshaking: std::sync::atomic::AtomicUsize::new(0),
+            handshaking_by_address: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),
         });
         let _ = routed_to.set(Arc::clone(&shared));
 
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(accept_loop(
-            Arc::clone(&shared),
-            endpoint.clone(),
-            config.transport.max_connections,
-        ));
+        tasks.spawn(accept_loop(Arc::clone(&shared), endpoint.clone()));
         tasks.spawn(timer_loop(Arc::clone(&shared)));
         info!(listen = %endpoint.local_addr().map_or(config.listen, |a| a), "gateway listening");
         Ok(Gateway {
@@ -256,16 +306,22 @@ impl Gateway {
         self.shutdown().await;
     }
 
-    /// Stops accepting, tells every client the gateway is going away (`Close` with
-    /// `ShuttingDown`), lets writers flush briefly, closes the endpoint and stops the
-    /// engine after it has handled what was queued.
+    /// Stops accepting and ends every session (sessions live in this process's
+    /// memory only): each one's cancel-on-disconnect runs, its connection gets the
+    /// rest of its stream and `Close` with `ShuttingDown`. Then closes the endpoint
+    /// and stops the engine after it has handled what was queued.
     pub async fn shutdown(mut self) {
         info!(connections = self.shared.conns.len(), "shutting down");
         self.tasks.abort_all();
+        let mut actions = Vec::new();
+        self.shared
+            .registry
+            .end_all(ReasonCode::ShuttingDown, &mut actions);
+        self.shared.execute(actions);
         for conn in self.shared.conns.iter() {
             conn.close(ReasonCode::ShuttingDown);
         }
-        let deadline = tokio::time::Instant::now() + CLOSE_FLUSH * 2;
+        let deadline = tokio::time::Instant::now() + CLOSE_DEADLINE * 2;
         while !self.shared.conns.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -366,36 +422,23 @@ fn server_config(
             (config.transport.keep_alive_ms > 0)
                 .then(|| Duration::from_millis(config.transport.keep_alive_ms)),
         )
-        .max_concurrent_bidi_streams(VarInt::from_u32(1))
+        // One session stream, plus room for a client's extra stream to be opened and
+        // refused with `UnexpectedFrame` rather than left waiting for credit.
+        .max_concurrent_bidi_streams(VarInt::from_u32(2))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .initial_rtt(Duration::from_millis(config.transport.initial_rtt_ms));
     server.transport_config(Arc::new(transport));
     Ok(server)
 }
 
-async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, max_connections: usize) {
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        if endpoint.open_connections() >= max_connections {
-            debug!(remote = %incoming.remote_address(), "refusing connection: at the connection limit");
-            incoming.refuse();
+        let remote = incoming.remote_address();
+        let Some(slot) = shared.admit(&endpoint, &incoming) else {
             continue;
-        }
-        // An address over its failed-login limit is refused before the TLS handshake,
-        // the expensive part of a flood.
-        let limited = shared
-            .auth
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .admit(incoming.remote_address().ip(), Timestamp::now())
-            .is_err();
-        if limited {
-            debug!(remote = %incoming.remote_address(), "refusing connection: address rate limited");
-            incoming.refuse();
-            continue;
-        }
+        };
         let shared = Arc::clone(&shared);
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let remote = incoming.remote_address();
         tokio::spawn(
             async move {
                 // Served from the client's first flight on: a resuming client's
@@ -410,7 +453,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, max_connect
                     },
                     Err(error) => return debug!(%error, "handshake failed"),
                 };
-                serve_connection(shared, conn_id, connection).await;
+                serve_connection(shared, conn_id, connection, slot).await;
             }
             .instrument(tracing::debug_span!("conn", id = conn_id, %remote)),
         );
@@ -454,28 +497,38 @@ async fn serve_connection(
     shared: Arc<Shared>,
     conn_id: ConnectionId,
     connection: quinn::Connection,
+    slot: HandshakeSlot,
 ) {
-    let conn = Arc::new(Conn {
-        connection: connection.clone(),
-        wake: Notify::new(),
-        closing: Mutex::new(None),
-    });
+    let conn = Arc::new(Conn::new(connection.clone()));
     shared.conns.insert(conn_id, Arc::clone(&conn));
     let source = connection.remote_address().ip();
 
-    let opened = tokio::time::timeout(shared.handshake_timeout, async {
-        let (send, mut recv) = connection.accept_bi().await.ok()?;
-        // Room for a couple of frames; it grows only if a read brings more.
-        let mut buf = BytesMut::with_capacity(2 * proto::MAX_FRAME_LEN);
-        let first = read_frame(&mut recv, &mut buf).await;
-        Some((send, recv, buf, first))
-    })
-    .await;
-    let (mut send, recv, buf, first) = match opened {
-        Ok(Some(opened)) => opened,
-        Ok(None) => return shared.forget(conn_id),
+    // `Login` or `Resume` must arrive within the handshake timeout; if the stream is
+    // open by then, `Close` says why the connection ends.
+    let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
+    let (mut send, mut recv) = match tokio::time::timeout_at(deadline, connection.accept_bi()).await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(_)) => return shared.forget(conn_id),
         Err(_) => {
             refuse(&connection, None, ReasonCode::HandshakeTimeout).await;
+            return shared.forget(conn_id);
+        }
+    };
+    // Room for a couple of frames; it grows only if a read brings more.
+    let mut buf = BytesMut::with_capacity(2 * proto::MAX_FRAME_LEN);
+    let first = match tokio::time::timeout_at(deadline, read_frame(&mut recv, &mut buf)).await {
+        Ok(first) => first,
+        Err(_) => {
+            let close = Frame::from(proto::Close {
+                reason: ReasonCode::HandshakeTimeout,
+            });
+            refuse(
+                &connection,
+                Some((&mut send, close)),
+                ReasonCode::HandshakeTimeout,
+            )
+            .await;
             return shared.forget(conn_id);
         }
     };
@@ -489,6 +542,7 @@ async fn serve_connection(
         Ok(None) => return shared.forget(conn_id),
         Err(reason) => Err(Frame::Close(proto::Close { reason })),
     };
+    drop(slot);
     let session = match session {
         Ok(session) => session,
         Err(answer) => {
@@ -504,6 +558,7 @@ async fn serve_connection(
         }
     };
 
+    tokio::spawn(refuse_extra_streams(connection.clone()));
     let writer = tokio::spawn(write_loop(
         Arc::clone(&session),
         conn_id,
@@ -519,6 +574,15 @@ async fn serve_connection(
     shared.forget(conn_id);
 }
 
+/// Refuses every stream a client opens beyond the session stream (section 1).
+async fn refuse_extra_streams(connection: quinn::Connection) {
+    let code = close_code(ReasonCode::UnexpectedFrame);
+    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+    }
+}
+
 /// Sends `answer` (if any), then closes the connection with `reason`.
 async fn refuse(
     connection: &quinn::Connection,
@@ -526,7 +590,7 @@ async fn refuse(
     reason: ReasonCode,
 ) {
     if let Some((send, frame)) = answer {
-        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
             send.write_all(&frame.to_bytes()).await.ok()?;
             send.finish().ok()?;
             send.stopped().await.ok()
@@ -574,31 +638,139 @@ async fn write_loop(
     mut send: quinn::SendStream,
 ) {
     let mut frames: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
+    let mut closing = conn.closing.subscribe();
+    // Set when the gateway decides to close: everything left must go by then.
+    let mut deadline = None;
     loop {
-        if let Some(reason) = conn.closing() {
-            let close = Frame::from(proto::Close { reason });
-            refuse(&conn.connection, Some((&mut send, close)), reason).await;
-            return;
+        if deadline.is_none() && conn.closing().is_some() {
+            deadline = Some(tokio::time::Instant::now() + CLOSE_DEADLINE);
         }
         frames.clear();
         let transmit = lock(&session).poll_transmit(conn_id, &mut frames, WRITE_BATCH);
+        let last = match transmit {
+            Transmit::Finished(reason) => Some(reason),
+            Transmit::NotAttached if frames.is_empty() => match conn.closing() {
+                // Taken over, cut off, or a protocol error: say why, then close.
+                Some(reason) => {
+                    frames.push(Frame::from(proto::Close { reason }).to_bytes());
+                    Some(reason)
+                }
+                None => return,
+            },
+            Transmit::NotAttached | Transmit::Ready => None,
+        };
         if frames.is_empty() {
-            if transmit == Transmit::NotAttached {
-                return;
-            }
             tokio::select! {
                 () = conn.wake.notified() => {}
                 _ = conn.connection.closed() => return,
+                _ = closing.wait_for(Option::is_some), if deadline.is_none() => {}
+                () = sleep_until(deadline) => return close_now(&conn, None),
             }
             continue;
         }
-        if send.write_all_chunks(&mut frames).await.is_err() {
-            return;
+        let written = write_within(&mut send, &mut frames, &mut closing, &mut deadline).await;
+        match (written, last) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(reason)) => {
+                // Give the peer until the deadline to take the last frames.
+                let _ = send.finish();
+                let until =
+                    deadline.unwrap_or_else(|| tokio::time::Instant::now() + CLOSE_DEADLINE);
+                let _ = tokio::time::timeout_at(until, send.stopped()).await;
+                return close_now(&conn, Some(reason));
+            }
+            (Err(()), _) => return close_now(&conn, None),
         }
     }
 }
 
+/// Writes `frames`, giving up at the close deadline once there is one (a close
+/// requested during the write sets it).
+async fn write_within(
+    send: &mut quinn::SendStream,
+    frames: &mut [Bytes],
+    closing: &mut watch::Receiver<Option<ReasonCode>>,
+    deadline: &mut Option<tokio::time::Instant>,
+) -> Result<(), ()> {
+    let write = send.write_all_chunks(frames);
+    tokio::pin!(write);
+    if deadline.is_none() {
+        tokio::select! {
+            written = &mut write => return written.map_err(drop),
+            _ = closing.wait_for(Option::is_some) => {
+                *deadline = Some(tokio::time::Instant::now() + CLOSE_DEADLINE);
+            }
+        }
+    }
+    let until = deadline.unwrap_or_else(tokio::time::Instant::now);
+    match tokio::time::timeout_at(until, write).await {
+        Ok(written) => written.map_err(drop),
+        Err(_) => Err(()),
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Closes the QUIC connection with `reason`, else the reason the gateway closes it
+/// for; with neither (the stream failed) it is already going.
+fn close_now(conn: &Conn, reason: Option<ReasonCode>) {
+    if let Some(reason) = reason.or_else(|| conn.closing()) {
+        conn.connection
+            .close(close_code(reason), format!("{reason:?}").as_bytes());
+    }
+}
+
 impl Shared {
+    /// Decides what to do with a new connection attempt: a handshaking slot for it,
+    /// or `None` when it was refused or asked to validate its address (Retry).
+    fn admit(
+        self: &Arc<Self>,
+        endpoint: &quinn::Endpoint,
+        incoming: &quinn::Incoming,
+    ) -> Option<HandshakeSlot> {
+        let remote = incoming.remote_address();
+        let refuse = |why: &str| {
+            debug!(%remote, why, "refusing connection");
+            None
+        };
+        if endpoint.open_connections() >= self.max_connections {
+            return refuse("at the connection limit");
+        }
+        let handshaking = self.handshaking.load(Ordering::Acquire);
+        if handshaking >= self.max_handshaking / 2 && !incoming.remote_address_validated() {
+            // Under load, only addresses that can receive our packets hold slots: a
+            // spoofed source never answers the Retry.
+            return if incoming.may_retry() {
+                None
+            } else {
+                refuse("unvalidated address under load")
+            };
+        }
+        if handshaking >= self.max_handshaking {
+            return refuse("too many connections handshaking");
+        }
+        let address = address_key(remote.ip());
+        {
+            let mut count = self.handshaking_by_address.entry(address).or_insert(0);
+            if *count >= self.max_handshaking_per_address {
+                drop(count);
+                return refuse("too many connections handshaking from this address");
+            }
+            *count += 1;
+        }
+        self.handshaking.fetch_add(1, Ordering::AcqRel);
+        Some(HandshakeSlot {
+            shared: Arc::clone(self),
+            address,
+        })
+    }
+
     fn forget(&self, conn_id: ConnectionId) {
         self.conns.remove(&conn_id);
     }
@@ -627,32 +799,61 @@ impl Shared {
             let mut auth = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
             auth.admit(source, now)
                 .and_then(|()| auth.verify(login, now))
-                .inspect_err(|_| auth.record_failure(source, now))
+                .inspect_err(|refused| {
+                    // Only failed authentication counts; a skewed clock, a reused
+                    // nonce or a limit is not an attack on a key.
+                    if matches!(
+                        refused.reason,
+                        ReasonCode::UnknownApiKey | ReasonCode::BadSignature
+                    ) {
+                        auth.record_failure(source, now);
+                    }
+                })
         };
         let grant = verified.map_err(|refused| rejected(refused.reason, refused.retry_after_ms))?;
+        let created = self.create_session(conn_id, login, grant, now).await;
+        if created.is_err() {
+            self.auth
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .release_nonce(login);
+        }
+        created.map_err(|reason| rejected(reason, 0))
+    }
+
+    /// The session of an authenticated login, unless a limit refuses it.
+    async fn create_session(
+        &self,
+        conn_id: ConnectionId,
+        login: &proto::Login,
+        grant: crate::auth::Grant,
+        now: Timestamp,
+    ) -> Result<SessionHandle, ReasonCode> {
+        // The last connection slots are kept for resumes of existing sessions.
+        if self.conns.len() + self.resume_reserved_connections > self.max_connections {
+            return Err(ReasonCode::TooManySessions);
+        }
         let orders = self
             .query_orders(grant.account)
             .await
-            .ok_or_else(|| rejected(ReasonCode::InternalError, 0))?;
+            .ok_or(ReasonCode::InternalError)?;
         let cod = CodPolicy {
             mode: login.cancel_on_disconnect,
             grace: Duration::from_millis(u64::from(login.cod_grace_ms)),
         };
         let mut actions = Vec::new();
-        let new = self
-            .registry
-            .login(
-                grant.account,
-                grant.max_sessions,
-                cod,
-                conn_id,
-                &orders,
-                self.idle_timeout,
-                now,
-                &mut actions,
-            )
-            .map_err(|reason| rejected(reason, 0))?;
+        let new = self.registry.login(
+            grant.account,
+            grant.max_sessions,
+            cod,
+            conn_id,
+            &orders,
+            self.idle_timeout,
+            now,
+            &mut actions,
+        );
         self.execute(actions);
+        let new = new?;
         info!(session = new.session_id, account = grant.account, "login");
         Ok(new.session)
     }
@@ -663,13 +864,10 @@ impl Shared {
         source: IpAddr,
         resume: &proto::Resume,
     ) -> Result<SessionHandle, Frame> {
+        // Never refused for its address's failed logins: a resume of a live session
+        // is what keeps a firm's orders safe, and its neighbours' too.
         let now = Timestamp::now();
         let rejected = |reason| Frame::from(proto::ResumeRejected { reason });
-        {
-            let mut auth = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
-            auth.admit(source, now)
-                .map_err(|refused| rejected(refused.reason))?;
-        }
         let mut actions = Vec::new();
         let result = self.registry.resume(conn_id, resume, now, &mut actions);
         self.execute(actions);
@@ -679,10 +877,14 @@ impl Shared {
                 Ok(session)
             }
             Err(reason) => {
-                self.auth
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .record_failure(source, now);
+                // An expired or unknown session is routine (an outage outlived it);
+                // only a token that is not ours counts as an attack.
+                if reason == ReasonCode::TokenForged {
+                    self.auth
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .record_failure(source, now);
+                }
                 Err(rejected(reason))
             }
         }
@@ -726,6 +928,7 @@ impl Shared {
     fn route_events(&self, events: &mut Vec<engine::Event>) -> Vec<Action> {
         let now = Timestamp::now();
         let mut actions = Vec::new();
+        let mut wake = Vec::new();
         for event in events.drain(..) {
             if let engine::Event::OrderStates { tag, orders, .. } = event {
                 if let Some((_, answer)) = self.queries.remove(&tag) {
@@ -733,9 +936,12 @@ impl Shared {
                 }
                 continue;
             }
-            if let Some(conn_id) = self.registry.route(&event, now, &mut actions) {
-                self.wake(conn_id);
-            }
+            self.registry.route(&event, now, &mut actions, &mut wake);
+        }
+        wake.sort_unstable();
+        wake.dedup();
+        for conn_id in wake {
+            self.wake(conn_id);
         }
         actions
     }

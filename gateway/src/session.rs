@@ -10,7 +10,10 @@
 //! resume and live traffic are the same path: the cursor just starts further back.
 //!
 //! States: `Attached` to one connection, `Detached` (no connection; engine events
-//! still accumulate in the ring), `Closed` (ended for good).
+//! still accumulate in the ring), `Closed` (ended for good). A session that ends
+//! while attached says goodbye on its connection: its own cancel-on-disconnect
+//! cancels and whatever else its stream still holds go out first, then `Close`
+//! ([`Transmit::Finished`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -80,7 +83,9 @@ pub enum Action {
         /// Why.
         reason: ReasonCode,
     },
-    /// The session has ended; remove it from the registry.
+    /// The session has ended and nothing more will enter its stream; remove it from
+    /// the registry. (A connection it was attached to still gets the rest of the
+    /// stream and `Close` through [`Session::poll_transmit`].)
     Ended {
         /// The session.
         session_id: u64,
@@ -138,8 +143,15 @@ struct Attachment {
 #[derive(Debug)]
 enum Link {
     Attached(Attachment),
-    Detached { since: Timestamp },
-    Closed(ReasonCode),
+    Detached {
+        since: Timestamp,
+    },
+    /// Ended for `reason`. `farewell` is the connection it was attached to, which
+    /// still gets the rest of the stream (its own cancels among it), then `Close`.
+    Closed {
+        reason: ReasonCode,
+        farewell: Option<Attachment>,
+    },
 }
 
 /// What [`Session::poll_transmit`] found.
@@ -149,6 +161,9 @@ pub enum Transmit {
     Ready,
     /// The connection is no longer this session's; its writer should stop.
     NotAttached,
+    /// The session ended: the frames added are the last for this connection and end
+    /// with `Close { reason }`; send them, then close the connection with `reason`.
+    Finished(ReasonCode),
 }
 
 /// One session: sequence numbers, retained output, order view, connection state.
@@ -167,8 +182,19 @@ pub struct Session {
     pending_new_orders: VecDeque<u64>,
     /// Generation of the newest token minted.
     token_issued: u32,
-    /// Highest generation ever presented in a successful resume.
+    /// Generation presented in the latest successful resume (0 before any): its
+    /// holder may present it again if that resume's answer was lost.
     token_used: u32,
+    /// Highest server sequence handed to any connection's writer: the most a client
+    /// can acknowledge.
+    highest_sent: u64,
+    /// Mass cancels this session asked of the engine whose completion has not come
+    /// back: an ended session stays routable until they are in its stream.
+    pending_mass_cancels: u32,
+    /// The login snapshot, kept until the client shows it has it (acknowledges server
+    /// sequence 1 or later), so a resume can send it again if the first connection
+    /// dropped before it arrived.
+    login_snapshot: Option<Vec<proto::OrderState>>,
     /// When cancel-on-disconnect fires, while detached with it on.
     cod_deadline: Option<Timestamp>,
     /// Message rate allowance (a token bucket) and when it was last topped up.
@@ -204,6 +230,7 @@ impl Session {
         let snapshot: Vec<proto::OrderState> =
             account_orders.iter().map(convert::order_state).collect();
         queue_snapshot(&mut control, ring.last_seq(), &snapshot);
+        let login_snapshot = Some(snapshot);
         Session {
             id: grant.session_id,
             account: grant.account,
@@ -220,6 +247,9 @@ impl Session {
             pending_new_orders: VecDeque::new(),
             token_issued: 0,
             token_used: 0,
+            highest_sent: 0,
+            pending_mass_cancels: 0,
+            login_snapshot,
             cod_deadline: None,
             rate_allowance: config.max_messages_per_second,
             rate_checked_at: now,
@@ -248,8 +278,35 @@ impl Session {
     /// Why the session ended, once it has.
     pub fn closed_reason(&self) -> Option<ReasonCode> {
         match self.link {
-            Link::Closed(reason) => Some(reason),
+            Link::Closed { reason, .. } => Some(reason),
             _ => None,
+        }
+    }
+
+    /// When the session lost its connection, while it is detached.
+    pub fn detached_since(&self) -> Option<Timestamp> {
+        match self.link {
+            Link::Detached { since } => Some(since),
+            _ => None,
+        }
+    }
+
+    /// Whether engine events about its orders belong in this session's stream: it is
+    /// live, or it ended and its own cancels are still on their way into the stream.
+    pub fn takes_events(&self) -> bool {
+        self.closed_reason().is_none() || self.pending_mass_cancels > 0
+    }
+
+    /// Whether a token of this session that expires at `expires_at` is still good:
+    /// a token lives `token_ttl` from its minting or from the session's last detach,
+    /// whichever is later, so a session connected for longer than `token_ttl` can
+    /// still resume after it drops.
+    pub fn token_valid(&self, expires_at: Timestamp, now: Timestamp) -> bool {
+        match self.link {
+            _ if now < expires_at => true,
+            Link::Attached(_) => true,
+            Link::Detached { since } => now < since.plus(self.config.token_ttl),
+            Link::Closed { .. } => false,
         }
     }
 
@@ -268,6 +325,26 @@ impl Session {
         self.token_issued
     }
 
+    /// The connection getting the ended session's last frames, if any.
+    fn farewell_to(&self) -> Option<ConnectionId> {
+        match &self.link {
+            Link::Closed {
+                farewell: Some(attachment),
+                ..
+            } => Some(attachment.conn),
+            _ => None,
+        }
+    }
+
+    /// The client has every server message up to `seq`.
+    fn acknowledge(&mut self, seq: u64) {
+        self.ring.ack(seq);
+        if seq > 0 {
+            // Sequenced messages follow the login snapshot in the stream.
+            self.login_snapshot = None;
+        }
+    }
+
     fn owner(&self) -> engine::Owner {
         engine::Owner {
             account: self.account,
@@ -284,6 +361,10 @@ impl Session {
         out: &mut Vec<Action>,
     ) {
         if self.attached_to() != Some(conn) {
+            if self.farewell_to() == Some(conn) {
+                // Saying goodbye on this connection already; nothing more is taken.
+                return;
+            }
             // A connection that lost the session (taken over, or already closed).
             let reason = self.closed_reason().unwrap_or(ReasonCode::TakenOver);
             out.push(Action::CloseConnection { conn, reason });
@@ -291,10 +372,10 @@ impl Session {
         }
         match frame {
             Frame::Ack(ack) => {
-                if ack.server_seq > self.ring.last_seq() {
+                if ack.server_seq > self.highest_sent {
                     return self.drop_connection(ReasonCode::AckBeyondSent, now, out);
                 }
-                self.ring.ack(ack.server_seq);
+                self.acknowledge(ack.server_seq);
             }
             Frame::NewOrder(_) | Frame::Cancel(_) | Frame::Replace(_) => {
                 let seq = frame.client_seq().unwrap_or(0);
@@ -391,17 +472,47 @@ impl Session {
         now: Timestamp,
         out: &mut Vec<Action>,
     ) -> Option<ConnectionId> {
-        if matches!(self.link, Link::Closed(_)) {
+        if !self.takes_events() {
             return None;
         }
-        if let engine::Event::Accepted { tag, .. } | engine::Event::Rejected { tag, .. } = event {
-            if self.pending_new_orders.front() == Some(tag) {
+        match event {
+            engine::Event::Accepted { tag, .. } | engine::Event::Rejected { tag, .. }
+                if self.pending_new_orders.front() == Some(tag) =>
+            {
                 self.pending_new_orders.pop_front();
             }
+            engine::Event::MassCancelDone { .. } => {
+                self.pending_mass_cancels = self.pending_mass_cancels.saturating_sub(1);
+                if self.pending_mass_cancels == 0 {
+                    if let Link::Closed { reason, .. } = self.link {
+                        out.push(Action::Ended {
+                            session_id: self.id,
+                            reason,
+                        });
+                    }
+                }
+                return self.writer();
+            }
+            _ => {}
         }
         let frame = convert::event_to_wire(event, self.ring.next_seq())?;
         self.append(&frame, now, out);
-        self.attached_to()
+        self.writer()
+    }
+
+    /// The connection whose writer sends this session's stream: the attached one, or
+    /// the one an ended session says goodbye on.
+    fn writer(&self) -> Option<ConnectionId> {
+        self.attached_to().or_else(|| self.farewell_to())
+    }
+
+    /// Asks the engine to cancel every working order of the session.
+    fn cancel_all(&mut self, reason: engine::CancelReason, out: &mut Vec<Action>) {
+        self.pending_mass_cancels += 1;
+        out.push(Action::Engine(engine::Request::MassCancel {
+            scope: engine::MassCancelScope::Session(self.owner()),
+            reason,
+        }));
     }
 
     /// Answers a client request that could not be handed to the engine with a
@@ -435,7 +546,7 @@ impl Session {
                 return None
             }
         };
-        if matches!(self.link, Link::Closed(_)) {
+        if !self.takes_events() {
             return None;
         }
         let reject = Frame::from(proto::Reject {
@@ -445,7 +556,7 @@ impl Session {
             reason,
         });
         self.append(&reject, now, out);
-        self.attached_to()
+        self.writer()
     }
 
     /// Appends a sequenced frame to the ring and the order view.
@@ -459,18 +570,24 @@ impl Session {
 
     /// Moves up to `max` frames to send on `conn` into `out`: control frames first,
     /// then the ring from the connection's cursor.
+    ///
+    /// On a connection an ended session says goodbye on, the rest of the stream goes
+    /// out the same way; once it is all out (the session's own cancels included), the
+    /// `Close` frame follows and [`Transmit::Finished`] says so.
     pub fn poll_transmit(
         &mut self,
         conn: ConnectionId,
         out: &mut Vec<Bytes>,
         max: usize,
     ) -> Transmit {
-        let Link::Attached(attachment) = &mut self.link else {
-            return Transmit::NotAttached;
+        let (attachment, ending) = match &mut self.link {
+            Link::Attached(attachment) if attachment.conn == conn => (attachment, None),
+            Link::Closed {
+                reason,
+                farewell: Some(attachment),
+            } if attachment.conn == conn => (attachment, Some(*reason)),
+            _ => return Transmit::NotAttached,
         };
-        if attachment.conn != conn {
-            return Transmit::NotAttached;
-        }
         let control = max.min(attachment.control.len());
         out.extend(attachment.control.drain(..control));
         if attachment.control.is_empty() {
@@ -484,7 +601,18 @@ impl Session {
                 .cloned(),
         );
         attachment.cursor += (out.len() - before) as u64;
-        Transmit::Ready
+        self.highest_sent = self.highest_sent.max(attachment.cursor - 1);
+        let drained = attachment.control.is_empty() && attachment.cursor == self.ring.next_seq();
+        match ending {
+            Some(reason) if drained && self.pending_mass_cancels == 0 => {
+                out.push(Frame::from(proto::Close { reason }).to_bytes());
+                if let Link::Closed { farewell, .. } = &mut self.link {
+                    *farewell = None;
+                }
+                Transmit::Finished(reason)
+            }
+            _ => Transmit::Ready,
+        }
     }
 
     /// Whether [`Session::poll_transmit`] has something for `conn` right now.
@@ -493,6 +621,10 @@ impl Session {
             Link::Attached(attachment) if attachment.conn == conn => {
                 !attachment.control.is_empty() || attachment.cursor < self.ring.next_seq()
             }
+            Link::Closed {
+                farewell: Some(attachment),
+                ..
+            } => attachment.conn == conn,
             _ => false,
         }
     }
@@ -512,19 +644,24 @@ impl Session {
         mint: impl FnOnce(u32, Timestamp) -> Option<SessionToken>,
         out: &mut Vec<Action>,
     ) -> Result<Resumed, ResumeRefused> {
-        if matches!(self.link, Link::Closed(_)) {
-            return Err(ResumeRefused(ReasonCode::SessionNotFound));
-        }
-        if generation < self.token_used {
-            // The successor of this token has been used: whoever presents it now
-            // holds a stolen copy, or the legitimate client does. End the session.
-            self.end(ReasonCode::TokenSuperseded, out);
-            return Err(ResumeRefused(ReasonCode::TokenSuperseded));
+        if let Some(reason) = self.closed_reason() {
+            return Err(ResumeRefused(match reason {
+                ReasonCode::Revoked | ReasonCode::TokenSuperseded => reason,
+                _ => ReasonCode::SessionNotFound,
+            }));
         }
         if generation > self.token_issued {
             return Err(ResumeRefused(ReasonCode::TokenForged));
         }
-        if request.last_acked_server_seq > self.ring.last_seq() {
+        if generation != self.token_issued && generation != self.token_used {
+            // Only two tokens are good: the newest minted, and the one presented in
+            // the latest resume (whose answer, carrying the newest, may have been
+            // lost). Anything else means two parties hold tokens of this session:
+            // one of them stole it. End the session.
+            self.end(ReasonCode::TokenSuperseded, out);
+            return Err(ResumeRefused(ReasonCode::TokenSuperseded));
+        }
+        if request.last_acked_server_seq > self.highest_sent {
             return Err(ResumeRefused(ReasonCode::AckBeyondSent));
         }
         let next_generation = self
@@ -536,17 +673,27 @@ impl Session {
         self.token_issued = next_generation;
         self.token_used = generation;
 
-        self.ring.ack(request.last_acked_server_seq);
+        self.acknowledge(request.last_acked_server_seq);
         let wanted = request.last_acked_server_seq + 1;
         let oldest_available = self.ring.oldest_seq();
+        let mut snapshot = None;
         let (replay_from, snapshot_follows) = match self.ring.replay_start(wanted) {
-            ReplayStart::Retained => (wanted, false),
             ReplayStart::Released { .. } => {
                 // The snapshot supersedes everything retained: release it so it does
                 // not count against the window of the live traffic that follows.
                 self.ring.ack(self.ring.last_seq());
+                snapshot = Some(self.orders.snapshot());
                 (self.ring.next_seq(), true)
             }
+            ReplayStart::Retained => match &self.login_snapshot {
+                // The client never showed it got its login snapshot: send it again,
+                // as of 0, before the replay from 1.
+                Some(login) => {
+                    snapshot = Some(login.clone());
+                    (wanted, true)
+                }
+                None => (wanted, false),
+            },
         };
         let mut control = VecDeque::new();
         control.push_back(
@@ -559,8 +706,8 @@ impl Session {
             })
             .to_bytes(),
         );
-        if snapshot_follows {
-            queue_snapshot(&mut control, replay_from - 1, &self.orders.snapshot());
+        if let Some(orders) = snapshot {
+            queue_snapshot(&mut control, replay_from - 1, &orders);
         }
         let previous = std::mem::replace(
             &mut self.link,
@@ -616,24 +763,38 @@ impl Session {
     /// Ends the session for good: cancels its orders if cancel-on-disconnect is on,
     /// closes its connection, and asks the registry to drop it.
     pub fn end(&mut self, reason: ReasonCode, out: &mut Vec<Action>) {
-        if matches!(self.link, Link::Closed(_)) {
+        if self.closed_reason().is_some() {
             return;
         }
         if self.cod.mode == CancelOnDisconnect::CancelAll {
-            out.push(Action::Engine(engine::Request::MassCancel {
-                scope: engine::MassCancelScope::Session(self.owner()),
-                reason: engine::CancelReason::SessionEnded,
-            }));
+            self.cancel_all(engine::CancelReason::SessionEnded, out);
         }
-        if let Some(conn) = self.attached_to() {
-            out.push(Action::CloseConnection { conn, reason });
+        let previous = std::mem::replace(
+            &mut self.link,
+            Link::Closed {
+                reason,
+                farewell: None,
+            },
+        );
+        if let Link::Attached(attachment) = previous {
+            // The connection gets the rest of the stream (these cancels among it),
+            // then `Close`; the IO layer bounds how long that may take.
+            out.push(Action::CloseConnection {
+                conn: attachment.conn,
+                reason,
+            });
+            self.link = Link::Closed {
+                reason,
+                farewell: Some(attachment),
+            };
         }
-        self.link = Link::Closed(reason);
         self.cod_deadline = None;
-        out.push(Action::Ended {
-            session_id: self.id,
-            reason,
-        });
+        if self.pending_mass_cancels == 0 {
+            out.push(Action::Ended {
+                session_id: self.id,
+                reason,
+            });
+        }
     }
 
     /// The next instant [`Session::handle_timeout`] has something to do, if any.
@@ -652,10 +813,7 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Timestamp, out: &mut Vec<Action>) {
         if self.cod_deadline.is_some_and(|deadline| now >= deadline) {
             self.cod_deadline = None;
-            out.push(Action::Engine(engine::Request::MassCancel {
-                scope: engine::MassCancelScope::Session(self.owner()),
-                reason: engine::CancelReason::CancelOnDisconnect,
-            }));
+            self.cancel_all(engine::CancelReason::CancelOnDisconnect, out);
         }
         if let Link::Detached { since } = self.link {
             if now >= since.plus(self.config.detached_ttl) {

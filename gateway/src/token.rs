@@ -190,6 +190,17 @@ impl TokenKeyRing {
 
     /// Verifies a presented token: length, key, tag (constant time), then expiry.
     pub fn verify(&self, token: &[u8], now: Timestamp) -> Result<TokenClaims, TokenError> {
+        let claims = self.verify_tag(token)?;
+        if now >= claims.expires_at {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// Verifies a presented token's length, key and tag (constant time), leaving its
+    /// expiry to the caller: a live session renews its tokens' lifetime from its last
+    /// detach (see the registry).
+    pub fn verify_tag(&self, token: &[u8]) -> Result<TokenClaims, TokenError> {
         let token: &[u8; SessionToken::LEN] =
             token.try_into().map_err(|_| TokenError::Malformed)?;
         let (signed, tag) = token.split_at(SIGNED_LEN);
@@ -204,9 +215,6 @@ impl TokenKeyRing {
             generation: u32::from_le_bytes(le(field(20..24))),
             expires_at: Timestamp::from_millis(u64::from_le_bytes(le(field(24..32)))),
         };
-        if now >= claims.expires_at {
-            return Err(TokenError::Expired);
-        }
         Ok(claims)
     }
 }

@@ -1055,10 +1055,11 @@ async fn flood_logins(config: Option<ClientConfig>, deadline: Instant) -> FloodC
                     counts.refused += 1;
                     continue;
                 };
-                let Ok(login) = config
-                    .credentials
-                    .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)
-                else {
+                let Ok(login) = config.credentials.signed_login(
+                    &config.venue,
+                    proto::CancelOnDisconnect::Off,
+                    Duration::ZERO,
+                ) else {
                     break;
                 };
                 if send_frame(&mut link, login.into()).await.is_err() {
@@ -1125,9 +1126,11 @@ pub async fn hold_sessions(
         let endpoint = endpoints[index % endpoints.len()].clone();
         logins.spawn(async move {
             let mut link = gateway_client::open_on(endpoint, &config).await?;
-            let login = config
-                .credentials
-                .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)?;
+            let login = config.credentials.signed_login(
+                &config.venue,
+                proto::CancelOnDisconnect::Off,
+                Duration::ZERO,
+            )?;
             send_frame(&mut link, login.into()).await?;
             let mut buf = bytes::BytesMut::new();
             match read_until(&mut link, &mut buf, |f| matches!(f, Frame::SnapshotEnd(_))).await {
@@ -1179,9 +1182,11 @@ async fn measure_cycles(target: &Target, cycles: usize) -> Result<CycleReport, R
     let config = client_config(target, credentials.clone(), target.addr);
     let (mut logins, mut resumes) = (histogram(), histogram());
     for _ in 0..cycles {
-        let login = config
-            .credentials
-            .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)?;
+        let login = config.credentials.signed_login(
+            &config.venue,
+            proto::CancelOnDisconnect::Off,
+            Duration::ZERO,
+        )?;
         let started = Instant::now();
         let endpoint = gateway_client::client_endpoint(&config)?;
         let mut link =
@@ -1283,9 +1288,11 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     // keeps its endpoint (and TLS session tickets) for the resume, as the client
     // library does.
     let endpoint = gateway_client::client_endpoint(&maker_config)?;
-    let login = maker_config
-        .credentials
-        .signed_login(proto::CancelOnDisconnect::Off, Duration::ZERO)?;
+    let login = maker_config.credentials.signed_login(
+        &maker_config.venue,
+        proto::CancelOnDisconnect::Off,
+        Duration::ZERO,
+    )?;
     let mut link =
         gateway_client::open_sending(endpoint.clone(), &maker_config, &login.into()).await?;
     let mut buf = bytes::BytesMut::new();

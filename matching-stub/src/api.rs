@@ -19,8 +19,12 @@
 //!   it is about, so the gateway routes it to that session's outbound stream.
 //! - **Every request is answered**: `New` by `Accepted` or `Rejected`; `Cancel` by
 //!   `Cancelled` or `Rejected`; `Replace` by `Replaced` or `Rejected`; `MassCancel` by
-//!   one `Cancelled` per working order in scope (possibly none); `QueryOrders` by one
-//!   `OrderStates`.
+//!   one `Cancelled` per working order in scope (possibly none), then one
+//!   `MassCancelDone`; `QueryOrders` by one `OrderStates`.
+//! - **Requester and owner.** Any session of an account may cancel or replace the
+//!   account's orders. `Cancelled` and `Replaced` name both the order's owner and the
+//!   session whose request they answer (`requester`): the gateway answers the
+//!   requester and tells the owner of the change.
 
 /// Instrument identifier.
 pub type InstrumentId = u32;
@@ -197,6 +201,9 @@ pub enum RejectReason {
     /// Zero, not a multiple of the lot size, or (replace) not above the filled quantity.
     #[error("invalid quantity")]
     InvalidQuantity,
+    /// The account already has its maximum of working orders.
+    #[error("too many working orders for the account")]
+    TooManyOpenOrders,
     /// No working order of the account has that client order id.
     #[error("unknown order")]
     UnknownOrder,
@@ -313,6 +320,8 @@ pub enum Event {
     Cancelled {
         /// Owner of the order.
         owner: Owner,
+        /// The session whose `Cancel` this answers; the owner when unsolicited.
+        requester: Owner,
         /// The `Cancel` request's tag, or `None` when unsolicited.
         tag: Option<u64>,
         /// The order.
@@ -328,10 +337,17 @@ pub enum Event {
     Replaced {
         /// Owner of the order.
         owner: Owner,
+        /// The session whose `Replace` this answers.
+        requester: Owner,
         /// The request's tag.
         tag: u64,
         /// The order after the change.
         order: OrderView,
+    },
+    /// Every `Cancelled` of a `MassCancel` has been written.
+    MassCancelDone {
+        /// The request's scope.
+        scope: MassCancelScope,
     },
     /// The answer to `QueryOrders`: working orders, then recently finished ones.
     OrderStates {
@@ -353,7 +369,27 @@ impl Event {
             | Event::Cancelled { owner, .. }
             | Event::Replaced { owner, .. } => Some(*owner),
             Event::Fill(fill) => Some(fill.owner),
-            Event::OrderStates { .. } => None,
+            Event::MassCancelDone {
+                scope: MassCancelScope::Session(owner),
+            } => Some(*owner),
+            Event::MassCancelDone { .. } | Event::OrderStates { .. } => None,
+        }
+    }
+
+    /// The session whose request this event answers, if it answers one.
+    pub const fn requester(&self) -> Option<Owner> {
+        match self {
+            Event::Accepted { owner, .. } | Event::Rejected { owner, .. } => Some(*owner),
+            Event::Cancelled {
+                requester,
+                tag: Some(_),
+                ..
+            }
+            | Event::Replaced { requester, .. } => Some(*requester),
+            Event::Cancelled { tag: None, .. }
+            | Event::Fill(_)
+            | Event::MassCancelDone { .. }
+            | Event::OrderStates { .. } => None,
         }
     }
 }

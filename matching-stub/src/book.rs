@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::api::{
     AccountId, CancelReason, Event, Fill, Instrument, InstrumentId, MassCancelScope,
-    MatchingEngine, NewOrder, OrderStatus, OrderType, OrderView, Price, Quantity, RejectReason,
-    Request, Side, TimeInForce, TradeId,
+    MatchingEngine, NewOrder, OrderStatus, OrderType, OrderView, Owner, Price, Quantity,
+    RejectReason, Request, Side, TimeInForce, TradeId,
 };
 
 /// Slab index meaning "no node".
@@ -25,15 +25,20 @@ pub struct EngineConfig {
     pub instruments: Vec<Instrument>,
     /// How many finished orders each account keeps for snapshots (oldest dropped first).
     pub finished_orders_per_account: usize,
+    /// Most working orders of one account, whichever sessions placed them (those of
+    /// ended sessions included); beyond, a new order is rejected with
+    /// [`RejectReason::TooManyOpenOrders`]. Bounds every account's login snapshot.
+    pub max_working_orders_per_account: usize,
 }
 
 impl EngineConfig {
-    /// A config with these instruments and the default retention of 1,024 finished
-    /// orders per account.
+    /// A config with these instruments, the default retention of 1,024 finished
+    /// orders per account and at most 50,000 working orders per account.
     pub fn with_instruments(instruments: Vec<Instrument>) -> Self {
         EngineConfig {
             instruments,
             finished_orders_per_account: 1_024,
+            max_working_orders_per_account: 50_000,
         }
     }
 }
@@ -132,6 +137,7 @@ pub struct OrderBookEngine {
     free_nodes: Vec<u32>,
     accounts: HashMap<AccountId, AccountOrders>,
     finished_per_account: usize,
+    max_working_per_account: usize,
     last_order_id: u64,
     last_trade_id: TradeId,
 }
@@ -173,6 +179,7 @@ impl OrderBookEngine {
             free_nodes: Vec::new(),
             accounts: HashMap::new(),
             finished_per_account: config.finished_orders_per_account,
+            max_working_per_account: config.max_working_orders_per_account,
             last_order_id: 0,
             last_trade_id: 0,
         })
@@ -224,6 +231,9 @@ impl OrderBookEngine {
         let account = self.accounts.entry(order.owner.account).or_default();
         if account.working.contains_key(&order.client_order_id) {
             return events.push(reject(RejectReason::DuplicateClientOrderId));
+        }
+        if account.working.len() >= self.max_working_per_account {
+            return events.push(reject(RejectReason::TooManyOpenOrders));
         }
 
         self.last_order_id += 1;
@@ -458,13 +468,14 @@ impl OrderBookEngine {
     fn finish_cancelled(
         &mut self,
         mut view: OrderView,
-        tag: Option<u64>,
+        request: Option<(Owner, u64)>,
         reason: CancelReason,
         events: &mut Vec<Event>,
     ) {
         events.push(Event::Cancelled {
             owner: view.owner,
-            tag,
+            requester: request.map_or(view.owner, |(requester, _)| requester),
+            tag: request.map(|(_, tag)| tag),
             order_id: view.order_id,
             client_order_id: view.client_order_id,
             cancelled_quantity: view.leaves,
@@ -501,7 +512,7 @@ impl OrderBookEngine {
         };
         let view = self.unlink(book, slot);
         self.account(view).working.remove(&client_order_id);
-        self.finish_cancelled(view, Some(tag), CancelReason::Requested, events);
+        self.finish_cancelled(view, Some((owner, tag)), CancelReason::Requested, events);
     }
 
     fn replace(&mut self, request: Request, events: &mut Vec<Event>) {
@@ -544,6 +555,7 @@ impl OrderBookEngine {
         let keeps_priority = price == current.price && quantity <= current.quantity;
         events.push(Event::Replaced {
             owner: current.owner,
+            requester: owner,
             tag,
             order: updated,
         });
@@ -604,7 +616,10 @@ impl MatchingEngine for OrderBookEngine {
             Request::New(order) => self.new_order(order, events),
             Request::Cancel { .. } => self.cancel(request, events),
             Request::Replace { .. } => self.replace(request, events),
-            Request::MassCancel { scope, reason } => self.mass_cancel(scope, reason, events),
+            Request::MassCancel { scope, reason } => {
+                self.mass_cancel(scope, reason, events);
+                events.push(Event::MassCancelDone { scope });
+            }
             Request::QueryOrders { account, tag } => events.push(Event::OrderStates {
                 account,
                 tag,

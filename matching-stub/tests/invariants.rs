@@ -15,6 +15,7 @@ fn engine() -> OrderBookEngine {
             lot_size: 10,
         }],
         finished_orders_per_account: usize::MAX,
+        max_working_orders_per_account: usize::MAX,
     })
     .expect("valid config")
 }

@@ -5,6 +5,10 @@ use matching_stub::*;
 const INSTRUMENT: InstrumentId = 1;
 
 fn engine() -> OrderBookEngine {
+    engine_with_account_limit(1_000)
+}
+
+fn engine_with_account_limit(max_working_orders_per_account: usize) -> OrderBookEngine {
     OrderBookEngine::new(EngineConfig {
         instruments: vec![Instrument {
             id: INSTRUMENT,
@@ -12,6 +16,7 @@ fn engine() -> OrderBookEngine {
             lot_size: 10,
         }],
         finished_orders_per_account: 3,
+        max_working_orders_per_account,
     })
     .expect("valid config")
 }
@@ -443,10 +448,16 @@ fn mass_cancel_by_session_spares_other_sessions_of_the_account() {
             reason: CancelReason::CancelOnDisconnect,
         },
     );
-    assert_eq!(events.len(), 1);
+    assert_eq!(events.len(), 2);
     assert_eq!(
         cancel_reason(&events),
         Some((CancelReason::CancelOnDisconnect, 10))
+    );
+    assert_eq!(
+        events[1],
+        Event::MassCancelDone {
+            scope: MassCancelScope::Session(owner(1))
+        }
     );
     let events = run(
         &mut engine,
@@ -456,7 +467,7 @@ fn mass_cancel_by_session_spares_other_sessions_of_the_account() {
         },
     );
     assert!(
-        matches!(events.as_slice(), [Event::Cancelled { owner, .. }] if *owner == other_session)
+        matches!(events.as_slice(), [Event::Cancelled { owner, .. }, Event::MassCancelDone { .. }] if *owner == other_session)
     );
     assert_eq!(engine.working_order_count(), 0);
 }
@@ -519,4 +530,75 @@ fn bad_instrument_config_is_refused() {
     };
     let err = OrderBookEngine::new(EngineConfig::with_instruments(vec![twice, twice])).err();
     assert_eq!(err, Some(ConfigError::DuplicateInstrument(4)));
+}
+
+#[test]
+fn an_account_at_its_working_order_limit_is_refused_whichever_session_asks() {
+    let mut engine = engine_with_account_limit(4);
+    for id in 1..=4 {
+        let mut order = limit(1, id, Side::Buy, 100, 10);
+        if let Request::New(new) = &mut order {
+            new.owner.session = 100 + id;
+        }
+        assert!(matches!(
+            run(&mut engine, order).as_slice(),
+            [Event::Accepted { .. }]
+        ));
+    }
+    let events = run(&mut engine, limit(1, 5, Side::Buy, 100, 10));
+    assert!(matches!(
+        events.as_slice(),
+        [Event::Rejected {
+            reason: RejectReason::TooManyOpenOrders,
+            ..
+        }]
+    ));
+    run(
+        &mut engine,
+        Request::Cancel {
+            owner: owner(1),
+            tag: 9,
+            client_order_id: 1,
+        },
+    );
+    let events = run(&mut engine, limit(1, 5, Side::Buy, 100, 10));
+    assert!(matches!(events.as_slice(), [Event::Accepted { .. }]));
+}
+
+#[test]
+fn a_cancel_or_replace_from_another_session_names_both_owner_and_requester() {
+    let mut engine = engine();
+    run(&mut engine, limit(1, 1, Side::Buy, 100, 20));
+    let other = Owner {
+        account: 1,
+        session: 7,
+    };
+    let events = run(
+        &mut engine,
+        Request::Replace {
+            owner: other,
+            tag: 3,
+            client_order_id: 1,
+            price: 100,
+            quantity: 10,
+        },
+    );
+    assert!(matches!(
+        events.as_slice(),
+        [Event::Replaced { owner: o, requester, tag: 3, .. }] if *o == owner(1) && *requester == other
+    ));
+    assert_eq!(events[0].requester(), Some(other));
+    let events = run(
+        &mut engine,
+        Request::Cancel {
+            owner: other,
+            tag: 4,
+            client_order_id: 1,
+        },
+    );
+    assert!(matches!(
+        events.as_slice(),
+        [Event::Cancelled { owner: o, requester, tag: Some(4), .. }] if *o == owner(1) && *requester == other
+    ));
+    assert_eq!(events[0].owner(), Some(owner(1)));
 }

@@ -51,17 +51,27 @@ pub const ALPN: &[u8] = b"sgw/1";
 /// never be mistaken for a signature of anything else.
 pub const LOGIN_SIGNING_CONTEXT: &[u8] = b"SGW1-LOGIN";
 
+/// The venue id of a development gateway, and clients' default.
+pub const DEFAULT_VENUE: &str = "dev";
+
+/// Longest venue id, in bytes.
+pub const MAX_VENUE_LEN: usize = 64;
+
 impl Login {
     /// Body bytes covered by the signature: every field before `signature`.
     pub const SIGNED_FIELDS_LEN: usize = Login::BODY_LEN - Signature::LEN;
 
-    /// The exact message an API key signs for this login:
-    /// [`LOGIN_SIGNING_CONTEXT`] followed by the first [`Self::SIGNED_FIELDS_LEN`] body bytes.
-    pub fn signing_message(&self) -> Vec<u8> {
+    /// The exact message an API key signs for this login at `venue` (section 5.1):
+    /// [`LOGIN_SIGNING_CONTEXT`], the venue id's length as one byte, the venue id's
+    /// bytes, then the first [`Self::SIGNED_FIELDS_LEN`] body bytes. A venue id longer
+    /// than [`MAX_VENUE_LEN`] is cut there (gateways refuse to be configured with one).
+    pub fn signing_message(&self, venue: &str) -> Vec<u8> {
         let frame = Frame::from(*self);
         let mut encoded = Vec::with_capacity(frame.encoded_len());
         frame.encode(&mut encoded);
         let fields = &encoded[HEADER_LEN..HEADER_LEN + Self::SIGNED_FIELDS_LEN];
-        [LOGIN_SIGNING_CONTEXT, fields].concat()
+        let venue = &venue.as_bytes()[..venue.len().min(MAX_VENUE_LEN)];
+        let venue_len = [u8::try_from(venue.len()).unwrap_or(u8::MAX)];
+        [LOGIN_SIGNING_CONTEXT, &venue_len, venue, fields].concat()
     }
 }

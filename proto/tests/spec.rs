@@ -156,7 +156,7 @@ fn reason_code_table_lists_every_code_and_no_other() {
 }
 
 #[test]
-fn login_signing_message_is_context_then_signed_fields() {
+fn login_signing_message_is_context_then_venue_then_signed_fields() {
     let section = sections()
         .into_iter()
         .find(|s| s.name == "Login")
@@ -165,7 +165,9 @@ fn login_signing_message_is_context_then_signed_fields() {
     let Some((Frame::Login(login), _)) = decode(&bytes).expect("valid") else {
         panic!("not a Login");
     };
-    let message = login.signing_message();
+    let message = login.signing_message("XMPL-PROD");
     assert_eq!(&message[..10], b"SGW1-LOGIN");
-    assert_eq!(&message[10..], &bytes[HEADER_LEN..HEADER_LEN + 37]);
+    assert_eq!(message[10], 9);
+    assert_eq!(&message[11..20], b"XMPL-PROD");
+    assert_eq!(&message[20..], &bytes[HEADER_LEN..HEADER_LEN + 37]);
 }

@@ -144,7 +144,7 @@ async fn raw_login(
     let config = gateway.client_config(account, gateway.addr);
     let login = config
         .credentials
-        .signed_login(cod, Duration::from_millis(grace_ms))
+        .signed_login(&config.venue, cod, Duration::from_millis(grace_ms))
         .expect("sign");
     let mut raw = Raw::open(&config).await;
     raw.send(&[login.into()]).await;
@@ -499,7 +499,7 @@ async fn bad_logins_are_refused_with_their_reason() {
     let config = gateway.client_config(1, gateway.addr);
     let mut login = config
         .credentials
-        .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+        .signed_login(&config.venue, CancelOnDisconnect::Off, Duration::ZERO)
         .expect("sign");
     login.api_key_id = 4242;
     let mut raw = Raw::open(&config).await;
@@ -514,7 +514,7 @@ async fn bad_logins_are_refused_with_their_reason() {
 
     let mut tampered = config
         .credentials
-        .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+        .signed_login(&config.venue, CancelOnDisconnect::Off, Duration::ZERO)
         .expect("sign");
     tampered.timestamp_ns += 1;
     let mut raw = Raw::open(&config).await;
@@ -532,8 +532,9 @@ async fn bad_logins_are_refused_with_their_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_sessions_log_in_concurrently() {
+    // All from 127.0.0.1, like a firm behind one NAT logging everything in at once.
     const SESSIONS: u64 = 1_000;
-    let gateway = TestGateway::start(10, |_| {});
+    let gateway = TestGateway::start(10, |c| c.transport.max_handshaking_per_address = 1_000);
     // A thousand simultaneous handshakes on two cores take a while: no 1 s timeout.
     let patient = |account| {
         let mut config = gateway.client_config(account, gateway.addr);
@@ -556,7 +557,7 @@ async fn a_thousand_sessions_log_in_concurrently() {
             let mut raw = Raw::from_link(link);
             let login = config
                 .credentials
-                .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+                .signed_login(&config.venue, CancelOnDisconnect::Off, Duration::ZERO)
                 .expect("sign");
             raw.send(&[login.into()]).await;
             match raw.recv().await {
@@ -578,7 +579,7 @@ async fn a_thousand_sessions_log_in_concurrently() {
 }
 
 #[tokio::test]
-async fn an_address_over_its_failure_limit_is_refused_before_the_handshake() {
+async fn an_address_over_its_failure_limit_is_told_rate_limited_and_its_resumes_still_work() {
     let gateway = TestGateway::start(1, |c| c.auth.failures_per_window = 5);
     let (client, mut events, mut seen) = connect(&gateway, 1).await;
     let mut config = gateway.client_config(1, gateway.addr);
@@ -586,7 +587,7 @@ async fn an_address_over_its_failure_limit_is_refused_before_the_handshake() {
     for _ in 0..5 {
         let login = config
             .credentials
-            .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+            .signed_login(&config.venue, CancelOnDisconnect::Off, Duration::ZERO)
             .expect("sign");
         let mut raw = Raw::open(&config).await;
         raw.send(&[login.into()]).await;
@@ -595,13 +596,27 @@ async fn an_address_over_its_failure_limit_is_refused_before_the_handshake() {
             [Frame::LoginRejected(r)] if r.reason == ReasonCode::BadSignature
         ));
     }
-    let refused = gateway_client::open(&config).await;
+    // Over the limit, even a correct login is answered in the protocol, with when to
+    // come back: a client can tell this from a broken gateway.
+    let good = gateway.client_config(1, gateway.addr);
+    let login = good
+        .credentials
+        .signed_login(&good.venue, CancelOnDisconnect::Off, Duration::ZERO)
+        .expect("sign");
+    let mut raw = Raw::open(&good).await;
+    raw.send(&[login.into()]).await;
+    let answer = raw.recv_all().await;
     assert!(
-        refused.is_err(),
-        "the sixth attempt never gets a TLS handshake"
+        matches!(answer.as_slice(), [Frame::LoginRejected(r)]
+            if r.reason == ReasonCode::RateLimited && r.retry_after_ms > 0),
+        "{answer:?}"
     );
+    assert_eq!(raw.close_code().await, Some(104));
 
-    // The established session is untouched.
+    // The established session, from the same address, loses its connection and
+    // resumes: resumes of live sessions are never refused for the address's failures.
+    client.drop_connection();
+    until(&mut events, &mut seen, |s| s.resumes == 1).await;
     assert_still_trades(&client, &mut events, &mut seen).await;
     gateway.gateway.shutdown().await;
 }
@@ -640,12 +655,18 @@ async fn rotating_the_token_key_keeps_live_sessions_resumable_and_revocation_end
     };
     let session_id = u64::from_le_bytes(latest.token.0[4..12].try_into().expect("8 bytes"));
     assert!(gateway.gateway.revoke(session_id));
-    assert_eq!(
-        live.recv_all().await,
-        [Frame::Close(proto::Close {
-            reason: ReasonCode::Revoked
-        })]
-    );
+    // The client never acknowledged anything, so each resume sent the login snapshot
+    // again (as of 0) before the revocation's `Close`.
+    assert!(matches!(
+        live.recv_all().await.as_slice(),
+        [
+            Frame::SnapshotBegin(_),
+            Frame::SnapshotEnd(_),
+            Frame::Close(proto::Close {
+                reason: ReasonCode::Revoked
+            })
+        ]
+    ));
     assert_eq!(live.close_code().await, Some(405));
     let (_, after) = raw_resume(&gateway, 1, latest.token, 0).await;
     assert_eq!(
@@ -725,7 +746,7 @@ async fn login_keeping_tickets(
     let endpoint = gateway_client::client_endpoint(config).expect("endpoint");
     let login = config
         .credentials
-        .signed_login(CancelOnDisconnect::Off, Duration::ZERO)
+        .signed_login(&config.venue, CancelOnDisconnect::Off, Duration::ZERO)
         .expect("sign");
     let link = gateway_client::open_sending(endpoint.clone(), config, &login.into())
         .await

@@ -73,7 +73,8 @@ impl Sim {
                     self.engine.handle(request, &mut events);
                     let mut more = Vec::new();
                     for event in &events {
-                        self.registry.route(event, self.now, &mut more);
+                        self.registry
+                            .route(event, self.now, &mut more, &mut Vec::new());
                     }
                     self.routed.extend(events);
                     queue.extend(more);
