@@ -850,3 +850,363 @@ fn a_timer_armed_by_a_lost_connection_fires_on_time_between_full_sweeps() {
         "fired from its schedule, not from a sweep"
     );
 }
+
+// Findings of the adversarial review and the independent client, one scenario each.
+
+#[test]
+fn a_cancel_of_another_sessions_order_answers_the_requester_and_tells_the_owner() {
+    let mut sim = sim();
+    let mut owner = sim.login(1, NO_COD);
+    let mut other = sim.login(1, NO_COD);
+    owner.new_order(10, Side::Sell, 100, 5);
+    sim.settle(&mut owner);
+    // The owner's next request is still in flight when the other session cancels.
+    let in_flight = owner.new_order(11, Side::Sell, 101, 5);
+    let cancel = other.cancel(10);
+    sim.settle(&mut other);
+
+    let answer = other.received.last().copied();
+    assert!(
+        matches!(answer, Some(Frame::Cancelled(c)) if c.client_seq == cancel && c.client_order_id == 10),
+        "the requester gets the answer: {answer:?}"
+    );
+    sim.transmit(&mut owner, usize::MAX);
+    sim.deliver_to_client(&mut owner, usize::MAX);
+    let notice = owner.received.last().copied();
+    assert!(
+        matches!(notice, Some(Frame::Cancelled(c)) if c.client_seq == 0 && c.client_order_id == 10),
+        "the owner is told, unsolicited: {notice:?}"
+    );
+    assert_eq!(
+        owner.unanswered(),
+        [in_flight].into(),
+        "the owner's own request is still awaited"
+    );
+    sim.settle(&mut owner);
+    assert_eq!(times_executed(&sim, owner.session_id, in_flight), 1);
+    assert!(owner.unanswered().is_empty());
+}
+
+#[test]
+fn a_replace_of_another_sessions_order_answers_the_requester_even_after_the_owner_ended() {
+    let mut sim = sim();
+    let mut owner = sim.login(1, NO_COD);
+    let mut other = sim.login(1, NO_COD);
+    owner.new_order(10, Side::Sell, 100, 5);
+    sim.settle(&mut owner);
+    let replace = other.replace(10, 105, 5);
+    sim.settle(&mut other);
+    sim.settle(&mut owner);
+    assert!(
+        matches!(other.received.last(), Some(Frame::Replaced(r)) if r.client_seq == replace && r.price == 105)
+    );
+    assert!(
+        matches!(owner.received.last(), Some(Frame::Replaced(r)) if r.client_seq == 0 && r.price == 105)
+    );
+
+    log_out(&mut sim, &mut owner);
+    let replace = other.replace(10, 110, 5);
+    let cancel = other.cancel(10);
+    sim.settle(&mut other);
+    let answers: Vec<(u64, u64)> = other
+        .received
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Replaced(r) => Some((r.client_seq, r.client_order_id)),
+            Frame::Cancelled(c) => Some((c.client_seq, c.client_order_id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        [(1, 10), (replace, 10), (cancel, 10)],
+        "each answered once, nothing duplicated as unsolicited"
+    );
+    assert!(other.unanswered().is_empty());
+}
+
+#[test]
+fn an_owner_and_a_thief_taking_turns_with_tokens_are_caught() {
+    let mut sim = sim();
+    let mut owner = sim.login(1, NO_COD);
+    let stolen = owner.token.expect("token");
+    let owner_conn = owner.conn.expect("attached");
+    let mut thief = Client::new(owner.session_id, 0);
+    sim.resume_with(&mut thief, stolen)
+        .expect("the thief resumes first");
+    sim.settle(&mut thief);
+    assert_eq!(sim.is_closed(owner_conn), Some(ReasonCode::TakenOver));
+    sim.drop_connection(&mut owner);
+    // The owner contests with the token it holds: that is indistinguishable from a
+    // lost `ResumeAccepted`, so it is accepted once...
+    sim.resume(&mut owner).expect("the owner contests");
+    sim.settle(&mut owner);
+    // ...and the thief's newer token is now neither the newest nor the last presented.
+    sim.drop_connection(&mut thief);
+    assert_eq!(sim.resume(&mut thief), Err(ReasonCode::TokenSuperseded));
+    assert!(
+        sim.registry.get(owner.session_id).is_none(),
+        "session ended as stolen"
+    );
+}
+
+#[test]
+fn a_thief_replaying_the_stolen_token_is_caught_when_the_owner_comes_back() {
+    let mut sim = sim();
+    let mut owner = sim.login(1, NO_COD);
+    let stolen = owner.token.expect("token");
+    let mut thief = Client::new(owner.session_id, 0);
+    sim.resume_with(&mut thief, stolen).expect("thief");
+    sim.drop_connection(&mut owner);
+    sim.resume(&mut owner)
+        .expect("owner contests with the same token");
+    sim.settle(&mut owner);
+    sim.drop_connection(&mut thief);
+    sim.resume_with(&mut thief, stolen)
+        .expect("the last presented token, again");
+    // The owner's token (the one minted for its contest) is now stale: caught.
+    sim.drop_connection(&mut owner);
+    assert_eq!(sim.resume(&mut owner), Err(ReasonCode::TokenSuperseded));
+    assert!(sim.registry.get(owner.session_id).is_none());
+}
+
+#[test]
+fn logout_with_cancel_on_disconnect_sends_the_cancels_before_close() {
+    let mut sim = sim();
+    let mut client = sim.login(1, cod(Duration::from_secs(1)));
+    client.new_order(1, Side::Buy, 90, 3);
+    client.new_order(2, Side::Buy, 91, 3);
+    sim.settle(&mut client);
+    client.to_gateway.push_back(proto::Logout {}.into());
+    sim.settle(&mut client);
+    let cancelled: Vec<(u64, CancelReason)> = client
+        .received
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Cancelled(c) => Some((c.client_order_id, c.reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        cancelled,
+        [
+            (1, CancelReason::SessionEnded),
+            (2, CancelReason::SessionEnded)
+        ]
+    );
+    assert_eq!(
+        client.control.last(),
+        Some(&Frame::from(proto::Close {
+            reason: ReasonCode::LoggedOut
+        })),
+        "Close comes last, after the cancels"
+    );
+    assert!(sim.registry.get(client.session_id).is_none());
+    // Nothing waits for the account's next login.
+    let next = sim.login(1, NO_COD);
+    assert!(next.received.is_empty());
+}
+
+#[test]
+fn a_theft_ending_sends_the_sessions_cancels_to_its_connection_before_close() {
+    let mut sim = sim();
+    let mut client = sim.login(1, cod(Duration::from_secs(1)));
+    let first = client.token.expect("token");
+    client.new_order(1, Side::Buy, 90, 3);
+    sim.settle(&mut client);
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client);
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client);
+    let mut thief = Client::new(client.session_id, 0);
+    assert_eq!(
+        sim.resume_with(&mut thief, first),
+        Err(ReasonCode::TokenSuperseded)
+    );
+    sim.settle(&mut client);
+    assert!(
+        matches!(client.received.last(), Some(Frame::Cancelled(c)) if c.reason == CancelReason::SessionEnded)
+    );
+    assert_eq!(
+        client.control.last(),
+        Some(&Frame::from(proto::Close {
+            reason: ReasonCode::TokenSuperseded
+        }))
+    );
+}
+
+#[test]
+fn a_login_snapshot_cut_by_a_disconnect_is_sent_again_on_resume() {
+    let mut sim = sim();
+    let mut maker = sim.login(1, NO_COD);
+    maker.new_order(7, Side::Sell, 100, 5);
+    sim.settle(&mut maker);
+
+    let conn = sim.new_conn();
+    let orders = sim.engine.orders_of(1);
+    let mut out = Vec::new();
+    let new = sim
+        .registry
+        .login(
+            1,
+            None,
+            NO_COD,
+            conn,
+            &orders,
+            IDLE_TIMEOUT,
+            sim.now,
+            &mut out,
+        )
+        .expect("login");
+    sim.apply(out);
+    sim.writers.insert(new.session_id, new.session);
+    let mut client = Client::new(new.session_id, conn);
+    // Only LoginAccepted and SnapshotBegin get through before the connection drops.
+    sim.transmit(&mut client, 2);
+    sim.deliver_to_client(&mut client, 2);
+    sim.drop_connection(&mut client);
+    assert!(client.snapshot.is_none());
+
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client);
+    let (as_of, orders) = client.snapshot.clone().expect("the snapshot, again");
+    assert_eq!(as_of, 0);
+    assert_eq!(orders.len(), 1);
+    assert_eq!(orders[0].client_order_id, 7);
+
+    // Once the client acknowledges a sequenced message, it has the snapshot.
+    client.new_order(8, Side::Buy, 90, 1);
+    sim.settle(&mut client);
+    client.ack();
+    sim.settle(&mut client);
+    sim.drop_connection(&mut client);
+    let snapshots_before = client
+        .control
+        .iter()
+        .filter(|f| matches!(f, Frame::SnapshotBegin(_)))
+        .count();
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client);
+    let snapshots_after = client
+        .control
+        .iter()
+        .filter(|f| matches!(f, Frame::SnapshotBegin(_)))
+        .count();
+    assert_eq!(snapshots_before, snapshots_after, "not sent a third time");
+}
+
+#[test]
+fn fills_of_an_ended_sessions_orders_go_to_any_live_session_of_the_account() {
+    let mut sim = sim();
+    let mut oldest = sim.login(1, NO_COD);
+    let mut maker = sim.login(1, NO_COD);
+    maker.new_order(10, Side::Sell, 100, 5);
+    sim.settle(&mut maker);
+    log_out(&mut sim, &mut maker);
+    let mut newest = sim.login(1, NO_COD);
+    log_out(&mut sim, &mut newest);
+    take(&mut sim, 1, 5);
+    sim.settle(&mut oldest);
+    assert_eq!(
+        fills(&oldest).len(),
+        1,
+        "the older live session gets the fill"
+    );
+    assert_eq!(fills(&oldest)[0].client_order_id, 10);
+}
+
+#[test]
+fn a_session_connected_longer_than_the_token_lifetime_can_still_resume() {
+    let mut sim = Sim::new(SessionConfig {
+        token_ttl: Duration::from_secs(3600),
+        detached_ttl: Duration::from_secs(3 * 3600),
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, NO_COD);
+    sim.advance(Duration::from_secs(2 * 3600));
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client)
+        .expect("the lifetime counts from the drop");
+    sim.settle(&mut client);
+    // Detached for longer than the token lifetime, it has expired.
+    sim.drop_connection(&mut client);
+    sim.advance(Duration::from_secs(3601));
+    assert_eq!(sim.resume(&mut client), Err(ReasonCode::TokenExpired));
+}
+
+#[test]
+fn a_login_at_the_account_limit_ends_its_longest_detached_session() {
+    let mut sim = sim();
+    let mut first = sim.login(1, NO_COD);
+    let mut second = sim.login(1, NO_COD);
+    sim.drop_connection(&mut first);
+    sim.advance(Duration::from_secs(1));
+    sim.drop_connection(&mut second);
+    assert!(try_login(&mut sim, 1, Some(2), NO_COD).is_ok());
+    assert_eq!(sim.resume(&mut first), Err(ReasonCode::SessionNotFound));
+    assert!(
+        sim.resume(&mut second).is_ok(),
+        "the newer detached one stays"
+    );
+    // With every session attached, the limit holds.
+    assert_eq!(
+        try_login(&mut sim, 1, Some(2), NO_COD),
+        Err(ReasonCode::TooManyAccountSessions)
+    );
+    assert_eq!(sim.registry.stats().evicted, 1);
+}
+
+#[test]
+fn an_ack_of_a_message_not_yet_sent_closes_the_connection() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    client.new_order(1, Side::Buy, 90, 1);
+    // The OrderAck is in the ring but the writer has not sent it.
+    sim.deliver_to_gateway(&mut client, usize::MAX);
+    let conn = client.conn.expect("attached");
+    client
+        .to_gateway
+        .push_back(proto::Ack { server_seq: 1 }.into());
+    sim.deliver_to_gateway(&mut client, usize::MAX);
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::AckBeyondSent));
+}
+
+#[test]
+fn a_grace_period_is_ignored_when_cancel_on_disconnect_is_off() {
+    let mut sim = sim();
+    let off = gateway::session::CodPolicy {
+        mode: proto::CancelOnDisconnect::Off,
+        grace: Duration::from_millis(60_001),
+    };
+    assert!(try_login(&mut sim, 1, None, off).is_ok());
+    assert_eq!(
+        try_login(&mut sim, 2, None, cod(Duration::from_millis(60_001))),
+        Err(ReasonCode::InvalidLoginParameter)
+    );
+}
+
+#[test]
+fn ending_every_session_runs_each_ones_cancel_on_disconnect() {
+    let mut sim = sim();
+    let mut cancelling = sim.login(1, cod(Duration::from_secs(5)));
+    let mut keeping = sim.login(2, NO_COD);
+    cancelling.new_order(1, Side::Buy, 90, 1);
+    keeping.new_order(2, Side::Sell, 110, 1);
+    sim.settle(&mut cancelling);
+    sim.settle(&mut keeping);
+    let mut out = Vec::new();
+    sim.registry.end_all(ReasonCode::ShuttingDown, &mut out);
+    sim.apply(out);
+    sim.settle(&mut cancelling);
+    assert!(
+        matches!(cancelling.received.last(), Some(Frame::Cancelled(c)) if c.reason == CancelReason::SessionEnded)
+    );
+    assert_eq!(
+        sim.engine.working_order_count(),
+        1,
+        "only the COD session's order is cancelled"
+    );
+    assert!(sim.registry.is_empty());
+}

@@ -4,7 +4,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +32,9 @@ pub struct Sim {
     /// Every engine event, in the order it was routed: the reference for what each
     /// session's stream must contain.
     pub routed: Vec<engine::Event>,
+    /// Every session ever attached, as a connection's writer holds it: an ended
+    /// session leaves the registry but still says goodbye on its connection.
+    pub writers: HashMap<u64, SessionHandle>,
 }
 
 impl Sim {
@@ -54,6 +57,7 @@ impl Sim {
             engine_log: Vec::new(),
             closed: Vec::new(),
             routed: Vec::new(),
+            writers: HashMap::new(),
         }
     }
 
@@ -110,6 +114,7 @@ impl Sim {
             )
             .expect("login accepted");
         self.apply(out);
+        self.writers.insert(new.session_id, new.session);
         let mut client = Client::new(new.session_id, conn);
         self.transmit(&mut client, usize::MAX);
         self.deliver_to_client(&mut client, usize::MAX);
@@ -157,11 +162,11 @@ impl Sim {
         let Some(conn) = client.conn else {
             return Transmit::NotAttached;
         };
-        let Some(session) = self.registry.get(client.session_id) else {
+        let Some(session) = self.writers.get(&client.session_id) else {
             return Transmit::NotAttached;
         };
         let mut frames = Vec::new();
-        let result = lock(&session).poll_transmit(conn, &mut frames, max);
+        let result = lock(session).poll_transmit(conn, &mut frames, max);
         client.to_client.extend(frames);
         result
     }
@@ -192,6 +197,9 @@ impl Sim {
             self.transmit(client, usize::MAX);
             self.deliver_to_client(client, usize::MAX);
             if client.conn.is_some_and(|c| self.is_closed(c).is_some()) {
+                // An ending session's connection still gets the rest of its stream.
+                self.transmit(client, usize::MAX);
+                self.deliver_to_client(client, usize::MAX);
                 self.drop_connection(client);
                 return;
             }
@@ -241,7 +249,8 @@ impl Sim {
         let mut out = Vec::new();
         let result = self.registry.resume(conn, &request, self.now, &mut out);
         self.apply(out);
-        result?;
+        let session = result?;
+        self.writers.insert(client.session_id, session);
         client.to_gateway.clear();
         client.to_client.clear();
         client.conn = Some(conn);
@@ -320,6 +329,21 @@ impl Client {
             proto::Cancel {
                 client_seq: seq,
                 client_order_id,
+            }
+            .into(),
+        );
+        seq
+    }
+
+    /// Sends a replace; returns its client sequence.
+    pub fn replace(&mut self, client_order_id: u64, price: i64, quantity: u64) -> u64 {
+        let seq = self.next_client_seq;
+        self.send(
+            proto::Replace {
+                client_seq: seq,
+                client_order_id,
+                price,
+                quantity,
             }
             .into(),
         );
