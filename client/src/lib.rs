@@ -667,6 +667,8 @@ async fn drive(
     let endpoint = link.endpoint.clone();
     let mut established = Some(established);
     let mut resuming = false;
+    // Whether the last connection was taken over and this client resumed to contest.
+    let mut contesting = false;
     loop {
         let outcome =
             run_connection(&shared, &config, &events, link, resuming, &mut established).await;
@@ -676,9 +678,19 @@ async fn drive(
             guard.connection = None;
             guard.state.connection_lost();
         }
-        if let Some(reason) = outcome.filter(|reason| ends_session(*reason)) {
+        // This client runs one connection at a time, so a takeover is someone else's
+        // resume: a half-open path of ours the gateway still saw, or a thief with a
+        // copy of the token. Resume once to take the session back; if the gateway
+        // sees two holders it ends the session as stolen (`TokenSuperseded`), and if
+        // it is taken over again the application is told (`Ended(TakenOver)`).
+        let taken_over = outcome == Some(ReasonCode::TakenOver);
+        if taken_over && !contesting {
+            contesting = true;
+        } else if let Some(reason) = outcome.filter(|reason| ends_session(*reason)) {
             finish(&shared, &events, established.take(), reason).await;
             return;
+        } else {
+            contesting = false;
         }
         if let Some(waiting) = established.take() {
             let _ = waiting.send(Err(ClientError::Connection(

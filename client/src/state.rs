@@ -112,9 +112,11 @@ impl ClientState {
         })
     }
 
-    /// The connection was lost: anything acknowledged on it may not have arrived.
+    /// The connection was lost: anything acknowledged on it may not have arrived, and
+    /// a snapshot it cut short is void (the gateway sends it again on resume).
     pub fn connection_lost(&mut self) {
         self.last_acked = 0;
+        self.snapshot = None;
     }
 
     /// Handles one frame from the gateway.
@@ -273,6 +275,23 @@ mod tests {
                 expected: 2,
                 got: 5
             })
+        );
+    }
+
+    #[test]
+    fn a_snapshot_cut_by_a_lost_connection_does_not_block_later_traffic() {
+        let mut state = ClientState::new();
+        let begin = proto::SnapshotBegin {
+            as_of_server_seq: 0,
+            order_count: 1,
+        };
+        assert_eq!(state.receive(begin.into()), Ok(Received::Nothing));
+        state.connection_lost();
+        assert!(state.receive(resumed(0, 1)).is_ok());
+        assert_eq!(
+            state.receive(ack_for(1, 1)),
+            Ok(Received::Message(ack_for(1, 1))),
+            "the half snapshot is gone, not waiting for an end that never comes"
         );
     }
 

@@ -10,6 +10,9 @@
 //! - `client-keys.toml`: the matching private keys (client side): a list of
 //!   `[[key]]` tables with `account`, `key_id` and `seed` (the 32-byte Ed25519 seed in
 //!   hex). Development only: anyone with this file can trade on these accounts.
+//! - `token-key.hex`: the HMAC key of session tokens (32 random bytes in hex), so a
+//!   restarted development gateway still recognises its own tokens (their sessions
+//!   are gone, so a resume gets `SessionNotFound`, not `TokenForged`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,6 +24,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{AccountEntry, AccountsError, AccountsFile, ApiKeyEntry};
+use crate::token::{KeyError, TokenKeyRing};
 
 /// Why setting up files failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,38 @@ pub enum SetupError {
     /// The accounts file is unusable.
     #[error(transparent)]
     Accounts(#[from] AccountsError),
+    /// A token key file is unusable.
+    #[error("{path}: {why}")]
+    TokenKey {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The token key ring from a file holding one HMAC key in hex (id 1).
+pub fn token_key_file(path: &Path) -> Result<TokenKeyRing, SetupError> {
+    let text = fs::read_to_string(path).map_err(io_error(path))?;
+    let bad = |why: String| SetupError::TokenKey {
+        path: path.to_path_buf(),
+        why,
+    };
+    let secret = hex::decode(text.trim()).map_err(|_| bad("not hex".into()))?;
+    TokenKeyRing::new(1, &secret).map_err(|e: KeyError| bad(e.to_string()))
+}
+
+/// The development token key in `dir`, generated (32 random bytes) on first use.
+pub fn dev_token_key(dir: &Path) -> Result<TokenKeyRing, SetupError> {
+    let path = dir.join("token-key.hex");
+    if !path.exists() {
+        let mut secret = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| SetupError::Tls("system random generator failed".into()))?;
+        write(&path, hex::encode(secret).as_bytes(), true)?;
+    }
+    token_key_file(&path)
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {
@@ -208,6 +244,29 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("certs");
         assert_eq!(parsed, certs, "cert.pem holds the same certificate");
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn the_dev_token_key_survives_a_restart_so_old_tokens_are_not_called_forged() {
+        let dir = std::env::temp_dir().join(format!("gateway-dev-key-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let now = crate::time::Timestamp::from_millis(1_000);
+        let later = crate::time::Timestamp::from_millis(1_000_000);
+        let token = dev_token_key(&dir)
+            .expect("generate")
+            .mint(7, 1, 0, later)
+            .expect("mint");
+        let restarted = dev_token_key(&dir).expect("reuse");
+        assert_eq!(restarted.verify(&token.0, now).map(|c| c.session_id), Ok(7));
+        fs::write(dir.join("token-key.hex"), "zz").expect("write");
+        let error = dev_token_key(&dir).err().map(|e| e.to_string());
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("token-key.hex") && e.contains("not hex")),
+            "{error:?}"
+        );
         fs::remove_dir_all(&dir).expect("clean up");
     }
 }

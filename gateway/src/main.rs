@@ -13,7 +13,6 @@ use clap::Parser;
 use gateway::config::{Config, LogFormat};
 use gateway::dev;
 use gateway::server::{Gateway, Setup};
-use gateway::token::TokenKeyRing;
 
 /// Exchange-side session gateway with resumable sessions.
 #[derive(Debug, Parser)]
@@ -135,14 +134,8 @@ fn prepare(config: Config) -> anyhow::Result<Setup> {
         }
     };
     let token_keys = match &config.token_key_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let secret =
-                hex::decode(text.trim()).with_context(|| format!("{}: not hex", path.display()))?;
-            TokenKeyRing::new(1, &secret)?
-        }
-        None => TokenKeyRing::generate(1)?,
+        Some(path) => dev::token_key_file(path)?,
+        None => dev::dev_token_key(&config.dev_dir)?,
     };
     Ok(Setup {
         config,

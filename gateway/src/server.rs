@@ -797,8 +797,9 @@ impl Shared {
         };
         let verified = {
             let mut auth = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
+            // The login's timestamp is the client's wall clock: compare with ours.
             auth.admit(source, now)
-                .and_then(|()| auth.verify(login, now))
+                .and_then(|()| auth.verify(login, Timestamp::wall_now()))
                 .inspect_err(|refused| {
                     // Only failed authentication counts; a skewed clock, a reused
                     // nonce or a limit is not an attack on a key.
