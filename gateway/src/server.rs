@@ -149,6 +149,16 @@ struct Shared {
     runtime: tokio::runtime::Handle,
 }
 
+/// What becomes of a new connection attempt.
+enum Admission {
+    /// Served, holding a handshaking slot until it logs in or resumes.
+    Accept(HandshakeSlot),
+    /// Asked to prove its address first (QUIC Retry).
+    Retry,
+    /// Refused at the QUIC level, for this reason (logged).
+    Refuse(&'static str),
+}
+
 /// A connection's handshaking slot, given back when it is dropped.
 struct HandshakeSlot {
     shared: Arc<Shared>,
@@ -434,8 +444,19 @@ fn server_config(
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
-        let Some(slot) = shared.admit(&endpoint, &incoming) else {
-            continue;
+        let slot = match shared.admit(&endpoint, &incoming) {
+            Admission::Accept(slot) => slot,
+            Admission::Retry => {
+                if let Err(error) = incoming.retry() {
+                    debug!(%remote, %error, "retry failed");
+                }
+                continue;
+            }
+            Admission::Refuse(why) => {
+                debug!(%remote, why, "refusing connection");
+                incoming.refuse();
+                continue;
+            }
         };
         let shared = Arc::clone(&shared);
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -727,45 +748,38 @@ fn close_now(conn: &Conn, reason: Option<ReasonCode>) {
 }
 
 impl Shared {
-    /// Decides what to do with a new connection attempt: a handshaking slot for it,
-    /// or `None` when it was refused or asked to validate its address (Retry).
+    /// Decides what to do with a new connection attempt.
     fn admit(
         self: &Arc<Self>,
         endpoint: &quinn::Endpoint,
         incoming: &quinn::Incoming,
-    ) -> Option<HandshakeSlot> {
-        let remote = incoming.remote_address();
-        let refuse = |why: &str| {
-            debug!(%remote, why, "refusing connection");
-            None
-        };
+    ) -> Admission {
         if endpoint.open_connections() >= self.max_connections {
-            return refuse("at the connection limit");
+            return Admission::Refuse("at the connection limit");
         }
         let handshaking = self.handshaking.load(Ordering::Acquire);
         if handshaking >= self.max_handshaking / 2 && !incoming.remote_address_validated() {
             // Under load, only addresses that can receive our packets hold slots: a
             // spoofed source never answers the Retry.
             return if incoming.may_retry() {
-                None
+                Admission::Retry
             } else {
-                refuse("unvalidated address under load")
+                Admission::Refuse("unvalidated address under load")
             };
         }
         if handshaking >= self.max_handshaking {
-            return refuse("too many connections handshaking");
+            return Admission::Refuse("too many connections handshaking");
         }
-        let address = address_key(remote.ip());
+        let address = address_key(incoming.remote_address().ip());
         {
             let mut count = self.handshaking_by_address.entry(address).or_insert(0);
             if *count >= self.max_handshaking_per_address {
-                drop(count);
-                return refuse("too many connections handshaking from this address");
+                return Admission::Refuse("too many connections handshaking from this address");
             }
             *count += 1;
         }
         self.handshaking.fetch_add(1, Ordering::AcqRel);
-        Some(HandshakeSlot {
+        Admission::Accept(HandshakeSlot {
             shared: Arc::clone(self),
             address,
         })

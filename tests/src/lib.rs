@@ -164,6 +164,11 @@ impl Raw {
         }
     }
 
+    /// The QUIC connection, to open more streams on it.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.link.connection
+    }
+
     /// Closes the connection from the client side.
     pub fn close(&self) {
         self.link.connection.close(0u32.into(), b"");

@@ -928,3 +928,196 @@ async fn a_replayed_0rtt_resume_flight_changes_nothing() {
     assert_raw_session_trades(&mut raw, 1).await;
     gateway.gateway.shutdown().await;
 }
+
+/// A connection whose client reads at most `window` bytes of the session stream and
+/// then stops reading: the gateway's writer blocks on flow control.
+async fn non_reading_link(
+    gateway: &TestGateway,
+    account: u64,
+    window: u32,
+) -> gateway_client::Link {
+    let config = gateway.client_config(account, gateway.addr);
+    let mut quic = gateway_client::quic_config(&config).expect("quic config");
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(window.into())
+        .receive_window(quinn::VarInt::from_u32(window * 4))
+        .keep_alive_interval(Some(Duration::from_millis(200)));
+    quic.transport_config(std::sync::Arc::new(transport));
+    let endpoint = gateway_client::endpoint_with(&config, quic).expect("endpoint");
+    gateway_client::open_on(endpoint, &config)
+        .await
+        .expect("connect")
+}
+
+/// Waits until the gateway has `count` connections; false after 5 s.
+async fn connections_settle_at(gateway: &TestGateway, count: usize) -> bool {
+    for _ in 0..100 {
+        if gateway.gateway.connection_count() == count {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_taken_over_connection_closes_within_a_bound_even_if_its_client_stops_reading() {
+    let gateway = TestGateway::start(1, |_| {});
+    let config = gateway.client_config(1, gateway.addr);
+    let mut stalled = non_reading_link(&gateway, 1, 1_024).await;
+    let login = config
+        .credentials
+        .signed_login(&config.venue, CancelOnDisconnect::Off, Duration::ZERO)
+        .expect("sign");
+    let mut token = None;
+    let mut buf = bytes::BytesMut::new();
+    stalled
+        .send
+        .write_all(&Frame::from(login).to_bytes())
+        .await
+        .expect("send");
+    while token.is_none() {
+        let chunk = stalled
+            .recv
+            .read_chunk(256, true)
+            .await
+            .expect("read")
+            .expect("open");
+        buf.extend_from_slice(&chunk.bytes);
+        if let Ok(Some(Frame::LoginAccepted(accepted))) = proto::decode_buf(&mut buf) {
+            token = Some(accepted.token);
+        }
+    }
+    // Two hundred answers (about 11 kB) against a 1 kB window: the writer blocks.
+    let orders: Vec<u8> = (1..=200)
+        .flat_map(|seq| new_order(seq, Side::Buy, 90, 1).to_bytes())
+        .collect();
+    stalled.send.write_all(&orders).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gateway.gateway.connection_count(), 1);
+
+    // Resumes on fresh connections, again and again: each takes the session over,
+    // and the stalled connections must not pile up.
+    let mut token = token.expect("token");
+    for _ in 0..3 {
+        let (resumed, answer) = raw_resume(&gateway, 1, token, 0).await;
+        let Frame::ResumeAccepted(accepted) = answer else {
+            panic!("{answer:?}")
+        };
+        token = accepted.token;
+        drop(resumed);
+    }
+    assert!(
+        connections_settle_at(&gateway, 1).await,
+        "taken-over connections closed; {} open",
+        gateway.gateway.connection_count()
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), stalled.connection.closed()).await;
+    assert!(
+        matches!(closed, Ok(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code.into_inner() == 401),
+        "{closed:?}"
+    );
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_that_never_log_in_are_capped_per_address_and_time_out_with_a_reason() {
+    let gateway = TestGateway::start(1, |c| {
+        c.transport.max_handshaking_per_address = 2;
+        c.transport.handshake_timeout_ms = 500;
+    });
+    let config = gateway.client_config(1, gateway.addr);
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let mut raw = Raw::open(&config).await;
+        // Half a header: the stream exists at the gateway, but no frame arrives.
+        raw.send_bytes(&[0x65, 0x00]).await;
+        silent.push(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        gateway_client::open(&config).await.is_err(),
+        "a third connection from the address is refused while two handshake"
+    );
+    for raw in &mut silent {
+        assert_eq!(
+            raw.recv_all().await,
+            [Frame::Close(proto::Close {
+                reason: ReasonCode::HandshakeTimeout
+            })]
+        );
+        assert_eq!(raw.close_code().await, Some(7));
+    }
+    // Their slots are free again.
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+    assert_still_trades(&client, &mut events, &mut seen).await;
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn under_load_unvalidated_addresses_are_retried_and_still_log_in() {
+    // From one connection handshaking on, new addresses must validate (QUIC Retry).
+    let gateway = TestGateway::start(1, |c| c.transport.max_handshaking = 2);
+    let config = gateway.client_config(1, gateway.addr);
+    let mut idle = Raw::open(&config).await;
+    idle.send_bytes(&[0x65]).await;
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+    assert_still_trades(&client, &mut events, &mut seen).await;
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_last_connection_slots_are_kept_for_resumes() {
+    let gateway = TestGateway::start(3, |c| {
+        c.transport.max_connections = 3;
+        c.transport.resume_reserved_connections = 1;
+    });
+    let (first, mut first_events, mut first_seen) = connect(&gateway, 1).await;
+    let (_second, _second_events, _) = connect(&gateway, 2).await;
+    let refused = Client::connect(gateway.client_config(3, gateway.addr)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(gateway_client::ClientError::Refused(
+                ReasonCode::TooManySessions
+            ))
+        ),
+        "a login may not take the reserved slot"
+    );
+    first.drop_connection();
+    until(&mut first_events, &mut first_seen, |s| s.resumes == 1).await;
+    assert_still_trades(&first, &mut first_events, &mut first_seen).await;
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_stream_is_refused_with_unexpected_frame() {
+    let gateway = TestGateway::start(1, |_| {});
+    let (raw, _, _) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
+    let (mut send, mut recv) = raw.connection().open_bi().await.expect("open");
+    send.write_all(&[0x00, 0x00, 0x04, 0x01])
+        .await
+        .expect("write");
+    let read = tokio::time::timeout(Duration::from_secs(5), recv.read_chunk(64, true)).await;
+    assert!(
+        matches!(read, Ok(Err(quinn::ReadError::Reset(code))) if code.into_inner() == 5),
+        "{read:?}"
+    );
+    gateway.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_runs_cancel_on_disconnect_and_says_so_before_closing() {
+    let gateway = TestGateway::start(1, |_| {});
+    let (mut raw, _, _) = raw_login(&gateway, 1, CancelOnDisconnect::CancelAll, 1_000).await;
+    raw.send(&[new_order(1, Side::Buy, 90, 1)]).await;
+    assert!(matches!(raw.recv().await, Some(Frame::OrderAck(_))));
+    gateway.gateway.shutdown().await;
+    let rest = raw.recv_all().await;
+    assert!(
+        matches!(rest.as_slice(), [Frame::Cancelled(c), Frame::Close(close)]
+            if c.reason == CancelReason::SessionEnded && close.reason == ReasonCode::ShuttingDown),
+        "{rest:?}"
+    );
+}
