@@ -292,9 +292,17 @@ impl Session {
     }
 
     /// Whether engine events about its orders belong in this session's stream: it is
-    /// live, or it ended and its own cancels are still on their way into the stream.
+    /// live, or it ended on a connection that still gets its own cancels, which are
+    /// on their way. (A session that ended detached has nobody to tell: its orders'
+    /// events go to another session of the account.)
     pub fn takes_events(&self) -> bool {
-        self.closed_reason().is_none() || self.pending_mass_cancels > 0
+        match self.link {
+            Link::Closed {
+                farewell: Some(_), ..
+            } => self.pending_mass_cancels > 0,
+            Link::Closed { farewell: None, .. } => false,
+            _ => true,
+        }
     }
 
     /// Whether a token of this session that expires at `expires_at` is still good:
@@ -484,7 +492,11 @@ impl Session {
             engine::Event::MassCancelDone { .. } => {
                 self.pending_mass_cancels = self.pending_mass_cancels.saturating_sub(1);
                 if self.pending_mass_cancels == 0 {
-                    if let Link::Closed { reason, .. } = self.link {
+                    if let Link::Closed {
+                        reason,
+                        farewell: Some(_),
+                    } = self.link
+                    {
                         out.push(Action::Ended {
                             session_id: self.id,
                             reason,
@@ -789,7 +801,7 @@ impl Session {
             };
         }
         self.cod_deadline = None;
-        if self.pending_mass_cancels == 0 {
+        if self.pending_mass_cancels == 0 || self.farewell_to().is_none() {
             out.push(Action::Ended {
                 session_id: self.id,
                 reason,

@@ -1210,3 +1210,38 @@ fn ending_every_session_runs_each_ones_cancel_on_disconnect() {
     );
     assert!(sim.registry.is_empty());
 }
+
+#[test]
+fn the_cancels_of_a_session_evicted_while_detached_reach_the_accounts_live_session() {
+    let mut sim = sim();
+    let mut evicted = sim.login(1, cod(Duration::from_secs(60)));
+    evicted.new_order(5, Side::Buy, 90, 1);
+    sim.settle(&mut evicted);
+    sim.drop_connection(&mut evicted);
+    let conn = sim.new_conn();
+    let mut out = Vec::new();
+    let new = sim
+        .registry
+        .login(
+            1,
+            Some(1),
+            NO_COD,
+            conn,
+            &[],
+            IDLE_TIMEOUT,
+            sim.now,
+            &mut out,
+        )
+        .expect("login evicts the detached session");
+    sim.apply(out);
+    sim.writers.insert(new.session_id, new.session);
+    let mut heir = Client::new(new.session_id, conn);
+    sim.settle(&mut heir);
+    assert!(
+        matches!(heir.received.as_slice(), [Frame::Cancelled(c)]
+            if c.client_order_id == 5 && c.client_seq == 0 && c.reason == CancelReason::SessionEnded),
+        "{:?}",
+        heir.received
+    );
+    assert!(sim.registry.get(evicted.session_id).is_none());
+}
