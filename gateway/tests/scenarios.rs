@@ -1044,25 +1044,7 @@ fn a_login_snapshot_cut_by_a_disconnect_is_sent_again_on_resume() {
     maker.new_order(7, Side::Sell, 100, 5);
     sim.settle(&mut maker);
 
-    let conn = sim.new_conn();
-    let orders = sim.engine.orders_of(1);
-    let mut out = Vec::new();
-    let new = sim
-        .registry
-        .login(
-            1,
-            None,
-            NO_COD,
-            conn,
-            &orders,
-            IDLE_TIMEOUT,
-            sim.now,
-            &mut out,
-        )
-        .expect("login");
-    sim.apply(out);
-    sim.writers.insert(new.session_id, new.session);
-    let mut client = Client::new(new.session_id, conn);
+    let mut client = sim.login_unsent(1, None, NO_COD);
     // Only LoginAccepted and SnapshotBegin get through before the connection drops.
     sim.transmit(&mut client, 2);
     sim.deliver_to_client(&mut client, 2);
@@ -1218,24 +1200,8 @@ fn the_cancels_of_a_session_evicted_while_detached_reach_the_accounts_live_sessi
     evicted.new_order(5, Side::Buy, 90, 1);
     sim.settle(&mut evicted);
     sim.drop_connection(&mut evicted);
-    let conn = sim.new_conn();
-    let mut out = Vec::new();
-    let new = sim
-        .registry
-        .login(
-            1,
-            Some(1),
-            NO_COD,
-            conn,
-            &[],
-            IDLE_TIMEOUT,
-            sim.now,
-            &mut out,
-        )
-        .expect("login evicts the detached session");
-    sim.apply(out);
-    sim.writers.insert(new.session_id, new.session);
-    let mut heir = Client::new(new.session_id, conn);
+    // The login evicts the detached session.
+    let mut heir = sim.login_unsent(1, Some(1), NO_COD);
     sim.settle(&mut heir);
     assert!(
         matches!(heir.received.as_slice(), [Frame::Cancelled(c)]

@@ -96,7 +96,23 @@ impl Sim {
             .map(|(_, r)| *r)
     }
 
+    /// Logs in and delivers everything the gateway sends at once.
     pub fn login(&mut self, account: u64, cod: CodPolicy) -> Client {
+        let mut client = self.login_unsent(account, None, cod);
+        self.transmit(&mut client, usize::MAX);
+        self.deliver_to_client(&mut client, usize::MAX);
+        assert!(client.token.is_some(), "LoginAccepted received");
+        client
+    }
+
+    /// Logs in under the account's own session limit `account_limit`; nothing the
+    /// gateway queued for the client (LoginAccepted, snapshot) is on the wire yet.
+    pub fn login_unsent(
+        &mut self,
+        account: u64,
+        account_limit: Option<usize>,
+        cod: CodPolicy,
+    ) -> Client {
         let conn = self.new_conn();
         let orders = self.engine.orders_of(account);
         let mut out = Vec::new();
@@ -104,7 +120,7 @@ impl Sim {
             .registry
             .login(
                 account,
-                None,
+                account_limit,
                 cod,
                 conn,
                 &orders,
@@ -115,11 +131,7 @@ impl Sim {
             .expect("login accepted");
         self.apply(out);
         self.writers.insert(new.session_id, new.session);
-        let mut client = Client::new(new.session_id, conn);
-        self.transmit(&mut client, usize::MAX);
-        self.deliver_to_client(&mut client, usize::MAX);
-        assert!(client.token.is_some(), "LoginAccepted received");
-        client
+        Client::new(new.session_id, conn)
     }
 
     pub fn session(&self, client: &Client) -> SessionHandle {
