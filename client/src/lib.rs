@@ -194,7 +194,10 @@ pub struct ClientConfig {
     /// Delay after a failed reconnect attempt; doubles up to one second. The first
     /// attempt is immediate.
     pub reconnect_backoff: Duration,
-    /// Most client messages awaiting an answer before sends are refused.
+    /// Most client messages awaiting an answer before sends are refused. The gateway
+    /// lets at most 10,000 requests wait for room for their answers (PROTOCOL.md
+    /// section 4, "Flow control"); staying at or below that, a burst never costs the
+    /// connection.
     pub max_unprocessed: usize,
     /// Capacity of the event channel to the application.
     pub event_capacity: usize,
@@ -221,7 +224,7 @@ impl ClientConfig {
             ack_interval: Duration::from_millis(10),
             reconnect_attempts: 20,
             reconnect_backoff: Duration::from_millis(10),
-            max_unprocessed: 65_536,
+            max_unprocessed: 10_000,
             event_capacity: 65_536,
         }
     }
@@ -241,7 +244,11 @@ pub enum Event {
         orders: Vec<OrderState>,
     },
     /// The connection was lost and the session resumed on a new one.
-    Resumed,
+    Resumed {
+        /// Why the lost connection ended: the gateway's reason if it gave one (for
+        /// example `SlowConsumer`), `None` for a network failure or a timeout.
+        lost: Option<ReasonCode>,
+    },
     /// The session is over.
     Ended(ReasonCode),
 }
@@ -666,7 +673,8 @@ async fn drive(
 ) {
     let endpoint = link.endpoint.clone();
     let mut established = Some(established);
-    let mut resuming = false;
+    // Once resuming: why the previous connection ended.
+    let mut resuming: Option<Option<ReasonCode>> = None;
     // Whether the last connection was taken over and this client resumed to contest.
     let mut contesting = false;
     loop {
@@ -707,7 +715,7 @@ async fn drive(
         match reconnect(&config, &endpoint, &resume).await {
             Some(next) => {
                 link = next;
-                resuming = true;
+                resuming = Some(outcome);
             }
             None => {
                 finish(&shared, &events, None, ReasonCode::InternalError).await;
@@ -765,7 +773,7 @@ async fn run_connection(
     config: &ClientConfig,
     events: &mpsc::Sender<Event>,
     link: Link,
-    resuming: bool,
+    resuming: Option<Option<ReasonCode>>,
     established: &mut Option<oneshot::Sender<Result<(), ClientError>>>,
 ) -> Option<ReasonCode> {
     let Link {
@@ -857,10 +865,10 @@ async fn run_connection(
                     if let Some(waiting) = established.take() {
                         let _ = waiting.send(Ok(()));
                     }
-                    if !resuming {
+                    let Some(lost) = resuming else {
                         continue;
-                    }
-                    Event::Resumed
+                    };
+                    Event::Resumed { lost }
                 }
                 Ok(Received::Closing(reason)) => return Some(reason),
                 Ok(Received::Nothing) => continue,

@@ -143,6 +143,10 @@ pub struct SessionSettings {
     /// Sequenced client messages per second per session (bursts up to one second's
     /// worth); beyond, requests are rejected with `RateExceeded`.
     pub max_messages_per_second: u32,
+    /// Requests that may wait, unprocessed, for acks to free room in the ring for
+    /// their answers (PROTOCOL.md section 4, "Flow control"); one more closes the
+    /// connection as a slow consumer.
+    pub max_waiting_requests: usize,
     /// Finished orders kept per session for snapshots.
     pub finished_orders_retained: usize,
     /// Most sessions on the gateway.
@@ -281,6 +285,7 @@ impl Default for SessionSettings {
             max_cod_grace_ms: millis(session.max_cod_grace),
             max_open_orders: session.max_open_orders,
             max_messages_per_second: session.max_messages_per_second,
+            max_waiting_requests: session.max_waiting_requests,
             finished_orders_retained: session.finished_orders_retained,
             max_sessions: limits.max_sessions,
             max_sessions_per_account: limits.max_sessions_per_account,
@@ -422,6 +427,7 @@ impl Config {
             max_cod_grace: Duration::from_millis(self.session.max_cod_grace_ms),
             max_open_orders: self.session.max_open_orders,
             max_messages_per_second: self.session.max_messages_per_second,
+            max_waiting_requests: self.session.max_waiting_requests,
             finished_orders_retained: self.session.finished_orders_retained,
             ..SessionConfig::default()
         }

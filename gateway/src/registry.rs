@@ -85,7 +85,8 @@ pub struct RegistryStats {
     pub resumes: u64,
     /// Messages queued for replay by resumes.
     pub messages_replayed: u64,
-    /// Resumes that needed a snapshot.
+    /// Resumes that found messages the client needed released (the gap path: a
+    /// snapshot replaced them).
     pub snapshot_resumes: u64,
     /// Events about orders of ended sessions handed to another session of the account.
     pub events_rehomed: u64,
@@ -410,7 +411,7 @@ impl Registry {
         self.messages_replayed
             .fetch_add(resumed.replayed, Ordering::Relaxed);
         self.snapshot_resumes
-            .fetch_add(u64::from(resumed.snapshot), Ordering::Relaxed);
+            .fetch_add(u64::from(resumed.gap), Ordering::Relaxed);
         Ok(session)
     }
 

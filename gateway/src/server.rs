@@ -15,6 +15,7 @@
 //! bounded in all and per address, and under load only for addresses QUIC has
 //! validated (a Retry round trip for the others).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -961,12 +962,16 @@ impl Shared {
         actions
     }
 
-    /// Carries out what the session core asked for.
+    /// Carries out what the session core asked for, and what that asks for in turn
+    /// (an inline engine's answers can release a session's waiting requests), in a
+    /// loop rather than by recursion.
     fn execute(&self, actions: Vec<Action>) {
-        for action in actions {
+        let mut queue = VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
             match action {
-                Action::Engine(request) => self.submit(request),
+                Action::Engine(request) => queue.extend(self.submit(request)),
                 Action::CloseConnection { conn, reason } => {
+                    info!(conn, ?reason, "closing connection");
                     if let Some(conn) = self.conns.get(&conn) {
                         conn.close(reason);
                     }
@@ -979,43 +984,46 @@ impl Shared {
         }
     }
 
-    fn submit(&self, request: engine::Request) {
+    /// Hands a request to the engine; returns what the sessions ask for in turn.
+    fn submit(&self, request: engine::Request) -> Vec<Action> {
         let sender = match &self.engine {
             EngineLink::Inline(book) => {
-                let actions = {
-                    let mut book = book.lock().unwrap_or_else(PoisonError::into_inner);
-                    let mut events = Vec::new();
-                    engine::MatchingEngine::handle(&mut *book, request, &mut events);
-                    self.route_events(&mut events)
-                };
-                return self.execute(actions);
+                let mut book = book.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut events = Vec::new();
+                engine::MatchingEngine::handle(&mut *book, request, &mut events);
+                return self.route_events(&mut events);
             }
             EngineLink::Thread(sender) => sender,
         };
         match sender.try_submit(request) {
-            Ok(()) => {}
+            Ok(()) => Vec::new(),
             Err(SubmitError::Full(request @ engine::Request::MassCancel { .. })) => {
                 // Cancels must not be lost: wait for room off the async threads.
                 let engine = sender.clone();
                 self.runtime.spawn_blocking(move || engine.submit(request));
+                Vec::new()
             }
             Err(SubmitError::Full(request)) => {
                 warn!("engine queue full; refusing request");
-                if let Some(session) = request.owner().and_then(|o| self.registry.get(o.session)) {
-                    let mut actions = Vec::new();
-                    let wake = lock(&session).refuse_request(
-                        &request,
-                        ReasonCode::EngineBusy,
-                        Timestamp::now(),
-                        &mut actions,
-                    );
-                    if let Some(conn_id) = wake {
-                        self.wake(conn_id);
-                    }
-                    self.execute(actions);
-                }
+                self.refuse(&request, ReasonCode::EngineBusy)
             }
-            Err(SubmitError::Stopped(_)) => warn!("engine stopped; request dropped"),
+            Err(SubmitError::Stopped(request)) => {
+                warn!("engine stopped; refusing request");
+                self.refuse(&request, ReasonCode::InternalError)
+            }
         }
+    }
+
+    /// Answers a request the engine did not take with a `Reject`.
+    fn refuse(&self, request: &engine::Request, reason: ReasonCode) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(session) = request.owner().and_then(|o| self.registry.get(o.session)) {
+            let wake =
+                lock(&session).refuse_request(request, reason, Timestamp::now(), &mut actions);
+            if let Some(conn_id) = wake {
+                self.wake(conn_id);
+            }
+        }
+        actions
     }
 }

@@ -49,6 +49,9 @@ pub struct SessionConfig {
     /// Most `Duplicate` answers queued for an attached connection before it is
     /// closed as a slow consumer.
     pub max_queued_duplicates: usize,
+    /// Most client requests that may wait, unprocessed, for room in the ring for
+    /// their answers; one more closes the connection as a slow consumer.
+    pub max_waiting_requests: usize,
     /// Sequenced client messages per second a session may send on average; it may
     /// burst up to one second's worth. Beyond, requests are answered with a `Reject`
     /// (`RateExceeded`) and not executed.
@@ -65,6 +68,7 @@ impl Default for SessionConfig {
             max_open_orders: 10_000,
             finished_orders_retained: 256,
             max_queued_duplicates: 1_024,
+            max_waiting_requests: 10_000,
             max_messages_per_second: 10_000,
         }
     }
@@ -119,14 +123,23 @@ pub struct LoginGrant {
 pub struct Resumed {
     /// Retained messages queued for replay.
     pub replayed: u64,
-    /// Whether a snapshot replaced messages beyond the window.
-    pub snapshot: bool,
+    /// Whether messages the client needed had been released, so a snapshot
+    /// replaced them (not counting a login snapshot sent again).
+    pub gap: bool,
 }
 
 /// Why a resume is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("resume refused: {0:?}")]
 pub struct ResumeRefused(pub ReasonCode);
+
+/// Messages reserved in the ring for the answers of each request the session
+/// processes: an `OrderAck`, a `Fill` and a `Cancelled` for an IOC remainder.
+const RESERVED_MESSAGES_PER_REQUEST: usize = 3;
+
+/// Bytes reserved per request: three frames the size of a `Fill`, the largest answer.
+const RESERVED_BYTES_PER_REQUEST: usize =
+    RESERVED_MESSAGES_PER_REQUEST * (proto::HEADER_LEN + proto::Fill::BODY_LEN);
 
 /// The connection a session is attached to, and what it still has to send.
 #[derive(Debug)]
@@ -138,6 +151,23 @@ struct Attachment {
     control: VecDeque<Bytes>,
     /// How many of `control` are `Duplicate` answers (bounded).
     queued_duplicates: usize,
+    /// Requests (and a `Logout` behind them) read from this connection but not yet
+    /// processed, in arrival order: the ring had no room for their answers. They
+    /// belong to the connection: if it goes, they were never processed, and the
+    /// client sends them again after its resume.
+    waiting: VecDeque<Frame>,
+}
+
+impl Attachment {
+    fn new(conn: ConnectionId, cursor: u64, control: VecDeque<Bytes>) -> Self {
+        Attachment {
+            conn,
+            cursor,
+            control,
+            queued_duplicates: 0,
+            waiting: VecDeque::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -180,6 +210,9 @@ pub struct Session {
     /// Client sequences of `NewOrder`s sent to the engine and not yet answered, in
     /// order (the engine answers in submission order).
     pending_new_orders: VecDeque<u64>,
+    /// Client requests handed to the engine whose answer has not come back: the
+    /// ring keeps room for their answers.
+    requests_at_engine: usize,
     /// Generation of the newest token minted.
     token_issued: u32,
     /// Generation presented in the latest successful resume (0 before any): its
@@ -235,16 +268,12 @@ impl Session {
             id: grant.session_id,
             account: grant.account,
             cod: grant.cod,
-            link: Link::Attached(Attachment {
-                conn,
-                cursor: ring.next_seq(),
-                control,
-                queued_duplicates: 0,
-            }),
+            link: Link::Attached(Attachment::new(conn, ring.next_seq(), control)),
             last_processed_client_seq: 0,
             orders: OrderTracker::new(config.finished_orders_retained),
             ring,
             pending_new_orders: VecDeque::new(),
+            requests_at_engine: 0,
             token_issued: 0,
             token_used: 0,
             highest_sent: 0,
@@ -384,25 +413,99 @@ impl Session {
                     return self.drop_connection(ReasonCode::AckBeyondSent, now, out);
                 }
                 self.acknowledge(ack.server_seq);
+                self.process_waiting(now, out);
             }
-            Frame::NewOrder(_) | Frame::Cancel(_) | Frame::Replace(_) => {
-                let seq = frame.client_seq().unwrap_or(0);
-                self.handle_sequenced(seq, frame, now, out);
+            Frame::NewOrder(_) | Frame::Cancel(_) | Frame::Replace(_) | Frame::Logout(_) => {
+                self.take_request(frame, now, out);
             }
-            Frame::Logout(_) => self.end(ReasonCode::LoggedOut, out),
             _ => self.drop_connection(ReasonCode::UnexpectedFrame, now, out),
         }
     }
 
-    /// Applies the exactly-once rule to a sequenced client message.
-    fn handle_sequenced(&mut self, seq: u64, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
-        let expected = self.last_processed_client_seq + 1;
-        if seq < expected {
-            return self.answer_duplicate(seq, now, out);
+    /// Applies the exactly-once rule to a request (or `Logout`) as it arrives, then
+    /// processes it, or queues it behind others waiting for room for their answers.
+    fn take_request(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
+        let room = self.has_room_for(frame);
+        let last_processed = self.last_processed_client_seq;
+        let limit = self.config.max_waiting_requests;
+        let Link::Attached(attachment) = &mut self.link else {
+            return;
+        };
+        if let Some(seq) = frame.client_seq() {
+            let last_taken = attachment
+                .waiting
+                .iter()
+                .rev()
+                .find_map(Frame::client_seq)
+                .unwrap_or(last_processed);
+            if seq <= last_taken {
+                return self.answer_duplicate(seq, now, out);
+            }
+            if seq > last_taken + 1 {
+                return self.drop_connection(ReasonCode::ClientSeqGap, now, out);
+            }
         }
-        if seq > expected {
-            return self.drop_connection(ReasonCode::ClientSeqGap, now, out);
+        if attachment.waiting.is_empty() && room {
+            return self.process_request(frame, now, out);
         }
+        if attachment.waiting.len() >= limit {
+            return self.drop_connection(ReasonCode::SlowConsumer, now, out);
+        }
+        attachment.waiting.push_back(*frame);
+    }
+
+    /// Whether `frame` (next in line) can be processed now: a request when the ring
+    /// has room for its answers, a `Logout` once the answers to the requests before
+    /// it are in the stream it says goodbye with.
+    fn has_room_for(&self, frame: &Frame) -> bool {
+        match frame {
+            Frame::Logout(_) => self.requests_at_engine == 0,
+            _ => self.has_room_for_answers(),
+        }
+    }
+
+    /// Whether the ring can take the answers of one more request: the unacknowledged
+    /// messages plus the room reserved for requests at the engine stay within half
+    /// of each ring limit. The other half is headroom for what the session does not
+    /// ask for (fills of its resting orders, unsolicited cancels). A session with
+    /// nothing outstanding may always process one request, whatever its limits.
+    fn has_room_for_answers(&self) -> bool {
+        if self.ring.is_empty() && self.requests_at_engine == 0 {
+            return true;
+        }
+        let reserved = self.requests_at_engine + 1;
+        let limits = self.config.ring;
+        self.ring.len() + reserved * RESERVED_MESSAGES_PER_REQUEST <= limits.max_messages / 2
+            && self.ring.retained_bytes() + reserved * RESERVED_BYTES_PER_REQUEST
+                <= limits.max_bytes / 2
+    }
+
+    /// Processes waiting requests, oldest first, while the ring has room for their
+    /// answers (a `Logout` waits for the answers before it instead).
+    fn process_waiting(&mut self, now: Timestamp, out: &mut Vec<Action>) {
+        loop {
+            let Link::Attached(attachment) = &self.link else {
+                return;
+            };
+            match attachment.waiting.front() {
+                Some(frame) if self.has_room_for(frame) => {}
+                _ => return,
+            }
+            let Link::Attached(attachment) = &mut self.link else {
+                return;
+            };
+            let Some(frame) = attachment.waiting.pop_front() else {
+                return;
+            };
+            self.process_request(&frame, now, out);
+        }
+    }
+
+    /// Executes a request (already checked to be the next in sequence) or a `Logout`.
+    fn process_request(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
+        let Some(seq) = frame.client_seq() else {
+            return self.end(ReasonCode::LoggedOut, out);
+        };
         self.last_processed_client_seq = seq;
         let refusal = if !self.take_rate_allowance(now) {
             Some(ReasonCode::RateExceeded)
@@ -427,6 +530,7 @@ impl Session {
             self.pending_new_orders.push_back(seq);
         }
         if let Some(request) = convert::request_to_engine(frame, self.owner()) {
+            self.requests_at_engine += 1;
             out.push(Action::Engine(request));
         }
     }
@@ -483,6 +587,9 @@ impl Session {
         if !self.takes_events() {
             return None;
         }
+        if answers_request(event) {
+            self.requests_at_engine = self.requests_at_engine.saturating_sub(1);
+        }
         match event {
             engine::Event::Accepted { tag, .. } | engine::Event::Rejected { tag, .. }
                 if self.pending_new_orders.front() == Some(tag) =>
@@ -509,6 +616,7 @@ impl Session {
         }
         let frame = convert::event_to_wire(event, self.ring.next_seq())?;
         self.append(&frame, now, out);
+        self.process_waiting(now, out);
         self.writer()
     }
 
@@ -558,6 +666,7 @@ impl Session {
                 return None
             }
         };
+        self.requests_at_engine = self.requests_at_engine.saturating_sub(1);
         if !self.takes_events() {
             return None;
         }
@@ -689,6 +798,7 @@ impl Session {
         let wanted = request.last_acked_server_seq + 1;
         let oldest_available = self.ring.oldest_seq();
         let mut snapshot = None;
+        let gap = matches!(self.ring.replay_start(wanted), ReplayStart::Released { .. });
         let (replay_from, snapshot_follows) = match self.ring.replay_start(wanted) {
             ReplayStart::Released { .. } => {
                 // The snapshot supersedes everything retained: release it so it does
@@ -723,12 +833,7 @@ impl Session {
         }
         let previous = std::mem::replace(
             &mut self.link,
-            Link::Attached(Attachment {
-                conn,
-                cursor: replay_from,
-                control,
-                queued_duplicates: 0,
-            }),
+            Link::Attached(Attachment::new(conn, replay_from, control)),
         );
         if let Link::Attached(old) = previous {
             if old.conn != conn {
@@ -741,7 +846,7 @@ impl Session {
         self.cod_deadline = None;
         Ok(Resumed {
             replayed: self.ring.next_seq() - replay_from,
-            snapshot: snapshot_follows,
+            gap,
         })
     }
 
@@ -788,9 +893,11 @@ impl Session {
                 farewell: None,
             },
         );
-        if let Link::Attached(attachment) = previous {
+        if let Link::Attached(mut attachment) = previous {
             // The connection gets the rest of the stream (these cancels among it),
-            // then `Close`; the IO layer bounds how long that may take.
+            // then `Close`; the IO layer bounds how long that may take. Requests
+            // still waiting are never processed.
+            attachment.waiting.clear();
             out.push(Action::CloseConnection {
                 conn: attachment.conn,
                 reason,
@@ -832,6 +939,20 @@ impl Session {
                 self.end(ReasonCode::SessionExpired, out);
             }
         }
+    }
+}
+
+/// Whether an engine event is the answer to one of the receiving session's requests
+/// (as opposed to a consequence of it, or something it did not ask for).
+fn answers_request(event: &engine::Event) -> bool {
+    match event {
+        engine::Event::Accepted { .. } | engine::Event::Rejected { .. } => true,
+        engine::Event::Cancelled { tag, .. } => tag.is_some(),
+        // A `Replaced` told to the order's owner, not its requester, carries tag 0.
+        engine::Event::Replaced { tag, .. } => *tag != 0,
+        engine::Event::Fill(_)
+        | engine::Event::MassCancelDone { .. }
+        | engine::Event::OrderStates { .. } => false,
     }
 }
 

@@ -205,8 +205,11 @@ fn a_resume_older_than_the_window_gets_the_gap_and_a_snapshot() {
     };
     let mut sim = Sim::new(config);
     let mut client = sim.login(1, NO_COD);
-    client.new_order(10, Side::Sell, 100, 10);
-    client.new_order(11, Side::Sell, 105, 10);
+    for (id, price) in [(10, 100), (11, 105)] {
+        client.new_order(id, Side::Sell, price, 10);
+        sim.settle(&mut client);
+        client.ack(); // room in its small ring for the next answer
+    }
     sim.settle(&mut client);
     sim.drop_connection(&mut client);
 
@@ -695,34 +698,171 @@ fn a_session_over_its_message_rate_is_refused_without_reaching_the_engine() {
 }
 
 #[test]
-fn a_client_that_never_acknowledges_is_cut_as_a_slow_consumer_and_keeps_its_session() {
+fn a_burst_larger_than_the_ring_waits_for_acks_and_every_answer_arrives() {
+    // 10,000 orders that each trade yield 20,000 answers: more than the ring's
+    // 16,384 messages and 1 MiB. Sent at once, with acks only as the client reads.
+    const ORDERS: usize = 10_000;
+    let mut sim = sim();
+    let mut maker = sim.login(1, NO_COD);
+    maker.new_order(1, Side::Sell, 100, ORDERS as u64);
+    sim.settle(&mut maker);
+    maker.ack();
+    sim.settle(&mut maker);
+
+    let mut taker = sim.login(2, NO_COD);
+    let conn = taker.conn.expect("attached");
+    for id in 1..=ORDERS as u64 {
+        taker.new_order(id, Side::Buy, 100, 1);
+    }
+    sim.deliver_to_gateway(&mut taker, usize::MAX);
+    let session = sim.session(&taker);
+    let limits = SessionConfig::default().ring;
+    let mut rounds = 0;
+    while taker.received.len() < 2 * ORDERS && rounds < 1_000 {
+        rounds += 1;
+        let ring = lock(&session).ring().len();
+        assert!(ring <= limits.max_messages / 2, "ring at {ring}");
+        sim.transmit(&mut taker, usize::MAX);
+        sim.deliver_to_client(&mut taker, usize::MAX);
+        taker.ack();
+        sim.deliver_to_gateway(&mut taker, usize::MAX);
+        maker.ack();
+        sim.settle(&mut maker);
+    }
+    assert_eq!(sim.is_closed(conn), None, "never cut off");
+    assert!(rounds > 2, "the burst had to wait for acks");
+    assert!(taker.unanswered().is_empty(), "every request answered");
+    let acks = taker
+        .received
+        .iter()
+        .filter(|f| matches!(f, Frame::OrderAck(_)))
+        .count();
+    assert_eq!((acks, fills(&taker).len()), (ORDERS, ORDERS));
+    assert_eq!(fills(&maker).len(), ORDERS);
+    for seq in [1, ORDERS as u64 / 2, ORDERS as u64] {
+        assert_eq!(times_executed(&sim, taker.session_id, seq), 1);
+    }
+}
+
+#[test]
+fn requests_past_the_waiting_limit_cut_the_connection_and_are_sent_again_after_resume() {
     let mut sim = Sim::new(SessionConfig {
         ring: RingLimits {
             max_messages: 3,
             max_bytes: 1 << 20,
         },
+        max_waiting_requests: 2,
         ..SessionConfig::default()
     });
     let mut client = sim.login(1, NO_COD);
     let conn = client.conn.expect("attached");
-    for id in 1..=4 {
+    for id in 1..=3 {
         client.new_order(id, Side::Buy, 90, 1);
     }
     sim.deliver_to_gateway(&mut client, usize::MAX);
+    sim.transmit(&mut client, usize::MAX);
+    sim.deliver_to_client(&mut client, usize::MAX);
+    assert_eq!(client.last_server_seq, 1, "the first answer arrived");
+    assert_eq!(sim.is_closed(conn), None, "two requests wait for an ack");
+    assert_eq!(times_executed(&sim, client.session_id, 2), 0);
+    client.new_order(4, Side::Buy, 90, 1);
+    sim.deliver_to_gateway(&mut client, usize::MAX);
     assert_eq!(sim.is_closed(conn), Some(ReasonCode::SlowConsumer));
     let session = sim.session(&client);
+    assert_eq!(lock(&session).attached_to(), None, "detached, not ended");
+    assert_eq!(lock(&session).last_processed_client_seq(), 1);
+    drop(session);
+
+    // The waiting requests were never processed: the client sends them again.
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("the session is kept");
+    for _ in 0..10 {
+        sim.settle(&mut client);
+        client.ack();
+    }
+    sim.settle(&mut client);
+    assert!(client.unanswered().is_empty(), "every request answered");
+    for seq in 1..=4 {
+        assert_eq!(times_executed(&sim, client.session_id, seq), 1, "seq {seq}");
+    }
+}
+
+#[test]
+fn a_logout_behind_waiting_requests_ends_the_session_after_they_are_answered() {
+    let mut sim = Sim::new(SessionConfig {
+        ring: RingLimits {
+            max_messages: 2,
+            max_bytes: 1 << 20,
+        },
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, NO_COD);
+    client.new_order(1, Side::Buy, 90, 1);
+    client.new_order(2, Side::Buy, 91, 1);
+    let resend = client.outbox[&2]; // a resend of a waiting request
+    client.to_gateway.push_back(resend);
+    client.to_gateway.push_back(proto::Logout {}.into());
+    sim.deliver_to_gateway(&mut client, usize::MAX);
+    assert!(
+        sim.registry.get(client.session_id).is_some(),
+        "logout waits"
+    );
+    sim.transmit(&mut client, usize::MAX);
+    sim.deliver_to_client(&mut client, usize::MAX);
+    assert!(
+        client
+            .control
+            .iter()
+            .any(|f| matches!(f, Frame::Duplicate(d) if d.client_seq == 2)),
+        "the resend is answered as a duplicate"
+    );
+    client.ack();
+    sim.settle(&mut client);
+    assert!(sim.registry.get(client.session_id).is_none(), "logged out");
+    assert!(client.unanswered().is_empty(), "both orders answered first");
+    assert_eq!(times_executed(&sim, client.session_id, 2), 1);
+    assert!(matches!(
+        client.control.last(),
+        Some(Frame::Close(c)) if c.reason == ReasonCode::LoggedOut
+    ));
+}
+
+#[test]
+fn a_maker_that_never_acknowledges_its_fills_is_cut_as_a_slow_consumer_and_keeps_its_session() {
+    // Fills of resting orders are not answers the session waited room for: when
+    // they overflow the ring, the connection is closed and a resume takes the
+    // snapshot path.
+    let mut sim = Sim::new(SessionConfig {
+        ring: RingLimits {
+            max_messages: 4,
+            max_bytes: 1 << 20,
+        },
+        ..SessionConfig::default()
+    });
+    let mut maker = sim.login(1, NO_COD);
+    let conn = maker.conn.expect("attached");
+    maker.new_order(1, Side::Sell, 100, 10);
+    sim.settle(&mut maker);
+    let mut taker = sim.login(2, NO_COD);
+    for id in 1..=6 {
+        taker.new_order(id, Side::Buy, 100, 1);
+        sim.settle(&mut taker);
+        taker.ack();
+    }
+    assert_eq!(sim.is_closed(conn), Some(ReasonCode::SlowConsumer));
+    let session = sim.session(&maker);
     assert_eq!(
         lock(&session).ring().len(),
-        3,
+        4,
         "memory stays within the window"
     );
     assert_eq!(lock(&session).attached_to(), None, "detached, not ended");
     drop(session);
 
-    sim.drop_connection(&mut client);
-    sim.resume(&mut client).expect("the session is kept");
-    sim.settle(&mut client);
-    let resumed = client.control.iter().find_map(|f| match f {
+    sim.drop_connection(&mut maker);
+    sim.resume(&mut maker).expect("the session is kept");
+    sim.settle(&mut maker);
+    let resumed = maker.control.iter().find_map(|f| match f {
         Frame::ResumeAccepted(r) => Some(*r),
         _ => None,
     });
@@ -730,8 +870,14 @@ fn a_client_that_never_acknowledges_is_cut_as_a_slow_consumer_and_keeps_its_sess
         resumed.is_some_and(|r| r.snapshot_follows),
         "beyond the window: the snapshot path"
     );
-    let (_, orders) = client.snapshot.clone().expect("snapshot");
-    assert_eq!(orders.len(), 4, "every order is in the snapshot");
+    let (_, orders) = maker.snapshot.clone().expect("snapshot");
+    assert_eq!(
+        orders
+            .iter()
+            .map(|o| (o.filled_quantity, o.leaves_quantity))
+            .collect::<Vec<_>>(),
+        [(6, 4)]
+    );
 }
 
 /// Logs a simulated client out; its session ends, its orders stay in the book.

@@ -29,7 +29,7 @@ impl Seen {
                 as_of_server_seq,
                 orders,
             } => self.snapshots.push((as_of_server_seq, orders)),
-            Event::Resumed => self.resumes += 1,
+            Event::Resumed { .. } => self.resumes += 1,
             Event::Ended(reason) => self.ended = Some(reason),
         }
     }
@@ -419,14 +419,12 @@ async fn a_resume_within_the_grace_period_cancels_nothing() {
 async fn a_resume_beyond_the_window_gets_the_gap_and_a_snapshot() {
     let gateway = TestGateway::start(2, |c| c.session.replay_window = 4);
     let (mut maker, token, _) = raw_login(&gateway, 1, CancelOnDisconnect::Off, 0).await;
-    maker
-        .send(&[
-            new_order(1, Side::Sell, 100, 10),
-            new_order(2, Side::Sell, 105, 10),
-        ])
-        .await;
-    for _ in 0..2 {
+    // With a 4-message window the second order waits for room until the first
+    // answer is acknowledged (PROTOCOL.md section 4, "Flow control").
+    for (seq, price) in [(1, 100), (2, 105)] {
+        maker.send(&[new_order(seq, Side::Sell, price, 10)]).await;
         assert!(matches!(maker.recv().await, Some(Frame::OrderAck(_))));
+        maker.send(&[proto::Ack { server_seq: seq }.into()]).await;
     }
     maker.close();
 
@@ -1120,4 +1118,44 @@ async fn shutdown_runs_cancel_on_disconnect_and_says_so_before_closing() {
             if c.reason == CancelReason::SessionEnded && close.reason == ReasonCode::ShuttingDown),
         "{rest:?}"
     );
+}
+
+#[tokio::test]
+async fn a_burst_larger_than_the_replay_window_gets_every_answer_without_a_reconnect() {
+    // 10,000 orders that each trade yield 20,000 answers: more than a session
+    // retains. The taker acknowledges only every 100 ms, so taking the whole burst at
+    // once would overflow its ring long before the first ack.
+    const ORDERS: usize = 10_000;
+    let gateway = TestGateway::start(2, |_| {});
+    let (maker, mut maker_events, mut maker_seen) = connect(&gateway, 1).await;
+    maker
+        .new_order(OrderParams::limit_sell(1, 1, 100, ORDERS as u64))
+        .expect("send");
+    until(&mut maker_events, &mut maker_seen, |s| {
+        s.acked_client_seqs() == [1]
+    })
+    .await;
+
+    let mut config = gateway.client_config(2, gateway.addr);
+    config.ack_interval = Duration::from_millis(100);
+    let (taker, mut taker_events) = Client::connect(config).await.expect("login");
+    let mut taker_seen = Seen::default();
+    for id in 1..=ORDERS as u64 {
+        taker
+            .new_order(OrderParams::limit_buy(1, id, 100, 1))
+            .expect("send");
+    }
+    until(&mut taker_events, &mut taker_seen, |s| {
+        s.fills().len() == ORDERS
+    })
+    .await;
+    assert_eq!(taker_seen.resumes, 0, "the connection was never cut");
+    assert_eq!(taker_seen.snapshots.len(), 1, "only the login snapshot");
+    taker_seen.assert_gap_free();
+    let answered: HashSet<u64> = taker_seen.acked_client_seqs().into_iter().collect();
+    assert_eq!(answered.len(), ORDERS, "every order answered once");
+    until(&mut maker_events, &mut maker_seen, |s| {
+        s.fills().len() == ORDERS
+    })
+    .await;
 }

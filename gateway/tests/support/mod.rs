@@ -197,9 +197,9 @@ impl Sim {
         }
     }
 
-    /// Sends, transmits and delivers until nothing moves.
+    /// Sends, transmits and delivers until nothing moves (or the connection is gone).
     pub fn settle(&mut self, client: &mut Client) {
-        loop {
+        while client.conn.is_some() {
             let before = (
                 client.to_gateway.len(),
                 client.to_client.len(),
