@@ -17,7 +17,7 @@ pub mod baseline;
 pub mod relay;
 pub mod verify;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -359,8 +359,12 @@ pub struct Report {
     pub resumes: u64,
     /// Messages the gateway replayed on resumes.
     pub messages_replayed: u64,
-    /// Resumes that needed a snapshot.
+    /// Resumes that found messages the client needed released (a snapshot replaced
+    /// them: PROTOCOL.md section 4, "Retention").
     pub snapshot_resumes: u64,
+    /// Connections the gateway closed with a reason, by reason (`SlowConsumer`, ...):
+    /// closes the load client did not force. Each was followed by a resume.
+    pub closed_by_gateway: BTreeMap<String, u64>,
     /// Promise violations found; any is a failure.
     pub violations: u64,
     /// The first violations, described.
@@ -507,6 +511,7 @@ struct Counts {
     cancelled: u64,
     resumes: u64,
     disconnects: DisconnectCounts,
+    closed_by_gateway: BTreeMap<String, u64>,
 }
 
 type Shared = Arc<parking_lot::Mutex<Tally>>;
@@ -527,6 +532,16 @@ fn client_config(target: &Target, credentials: Credentials, addr: SocketAddr) ->
 
 /// Runs a load test.
 pub async fn run(options: Options) -> Result<Report, RunError> {
+    let most = replay_limit();
+    if options.remote.is_none() && options.replay_messages > most {
+        return Err(RunError::Setup(format!(
+            "replay measurement: {} messages is more than one measurement can make: at \
+             most {most} (the taker's orders must fit its burst allowance, \
+             session.max_messages_per_second, and the maker's fills its retention bound, \
+             or the resume takes the snapshot path of PROTOCOL.md section 4)",
+            options.replay_messages
+        )));
+    }
     let target = match options.remote.clone() {
         Some(remote) => Target {
             addr: remote.addr,
@@ -757,6 +772,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             resumes: tally.counts.resumes,
             messages_replayed,
             snapshot_resumes,
+            closed_by_gateway: tally.counts.closed_by_gateway.clone(),
             violations: tally.verifier.violations() + u64::from(drained.is_err()),
             violation_samples: tally.verifier.samples().to_vec(),
             checks: tally.verifier.checks().clone(),
@@ -942,8 +958,15 @@ async fn receive_events(
                 as_of_server_seq,
                 orders,
             } => tally.verifier.snapshot(index, as_of_server_seq, &orders),
-            Event::Resumed => {
+            Event::Resumed { lost } => {
                 tally.counts.resumes += 1;
+                if let Some(reason) = lost {
+                    *tally
+                        .counts
+                        .closed_by_gateway
+                        .entry(format!("{reason:?}"))
+                        .or_default() += 1;
+                }
                 if let Some((at, mode)) = tally.books[index].chaos.take() {
                     let histogram = match mode {
                         ChaosMode::Blackhole => &mut tally.blackhole,
@@ -1273,16 +1296,23 @@ async fn send_frame(link: &mut gateway_client::Link, frame: Frame) -> Result<(),
 /// Detaches a session, makes `messages` fills happen to it, and times its resume and
 /// replay frame by frame (connect to `ResumeAccepted`, to the first and to the last
 /// replayed message).
+///
+/// Both sides are checked like the main run: every order answered once, every trade
+/// seen once on each side, no sequence gap. A snapshot on either side (messages
+/// released beyond the retention bound) fails the measurement with its cause.
 async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, RunError> {
-    let stalled = |what: &str| RunError::Setup(format!("replay measurement: {what}"));
+    const TAKER: usize = 0;
+    const MAKER: usize = 1;
+    let failed = |what: String| RunError::Setup(format!("replay measurement: {what}"));
     let credentials = |index: usize| {
         target
             .keys
             .get(index)
             .map(|(_, c)| c.clone())
-            .ok_or_else(|| stalled("needs two accounts"))
+            .ok_or_else(|| failed("needs two accounts".into()))
     };
     let maker_config = client_config(target, credentials(0)?, target.addr);
+    let mut verifier = Verifier::new(2);
 
     // The maker logs in and rests one large order, then its connection closes. It
     // keeps its endpoint (and TLS session tickets) for the resume, as the client
@@ -1306,52 +1336,32 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
         price: 1_000_000,
         quantity: 10 * messages,
     };
+    verifier.sent_order(MAKER, 1, resting.client_order_id, resting.quantity);
     send_frame(&mut link, resting.into()).await?;
     let mut token = None;
-    read_until(&mut link, &mut buf, |frame| {
+    let acked = read_until(&mut link, &mut buf, |frame| {
         if let Frame::LoginAccepted(accepted) = frame {
             token = Some(accepted.token);
         }
-        matches!(frame, Frame::OrderAck(_))
+        matches!(frame, Frame::OrderAck(_) | Frame::Reject(_))
     })
     .await
-    .ok_or_else(|| stalled("no OrderAck"))?;
-    let token = token.ok_or_else(|| stalled("no LoginAccepted"))?;
+    .ok_or_else(|| failed("the maker's order got no answer".into()))?;
+    verifier.message(MAKER, &acked);
+    if let Frame::Reject(reject) = acked {
+        return Err(failed(format!(
+            "the maker's order was rejected: {:?}",
+            reject.reason
+        )));
+    }
+    let token = token.ok_or_else(|| failed("no LoginAccepted".into()))?;
     link.connection.close(0u32.into(), b"");
     drop(link);
 
     // The taker trades against it, one lot per order, while it is detached.
-    let (taker, mut taker_events) =
-        Client::connect(client_config(target, credentials(1)?, target.addr)).await?;
-    for id in 1..=messages {
-        taker.new_order(OrderParams {
-            instrument_id: 2,
-            client_order_id: REPLAY_ORDER_IDS + id,
-            side: Side::Buy,
-            order_type: OrderType::Limit,
-            time_in_force: TimeInForce::Ioc,
-            price: 1_000_000,
-            quantity: 10,
-        })?;
-    }
-    let mut fills = 0;
-    while fills < messages {
-        match tokio::time::timeout(Duration::from_secs(10), taker_events.recv()).await {
-            Ok(Some(Event::Message(Frame::Fill(_)))) => fills += 1,
-            Ok(Some(Event::Message(Frame::Reject(reject)))) => {
-                return Err(stalled(&format!(
-                    "taker order rejected: {:?}",
-                    reject.reason
-                )))
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => {
-                return Err(stalled(&format!(
-                    "the taker got {fills} of {messages} fills"
-                )))
-            }
-        }
-    }
+    taker_burst(target, credentials(1)?, messages, &mut verifier, TAKER)
+        .await
+        .map_err(failed)?;
 
     // The maker resumes, its Resume in 0-RTT data: one flight brings the answer and
     // the replay.
@@ -1366,13 +1376,24 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     let mut buf = bytes::BytesMut::new();
     let answer = read_until(&mut link, &mut buf, |_| true).await;
     let resume_ms = started.elapsed().as_secs_f64() * 1e3;
-    if !matches!(answer, Some(Frame::ResumeAccepted(_))) {
-        return Err(stalled(&format!("resume answered {answer:?}")));
+    match answer {
+        Some(Frame::ResumeAccepted(accepted)) if accepted.snapshot_follows => {
+            return Err(failed(format!(
+                "the maker's resume took a snapshot: the gateway had released messages {} to {} \
+                 of the {messages} fills it missed (retention bound, PROTOCOL.md section 4); \
+                 measure fewer messages",
+                resume.last_acked_server_seq + 1,
+                accepted.oldest_available - 1,
+            )))
+        }
+        Some(Frame::ResumeAccepted(_)) => {}
+        other => return Err(failed(format!("the maker's resume answered {other:?}"))),
     }
     let mut replayed = 0;
     let mut first_message_ms = 0.0;
     read_until(&mut link, &mut buf, |frame| {
         if frame.server_seq().is_some() {
+            verifier.message(MAKER, frame);
             replayed += 1;
             if replayed == 1 {
                 first_message_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -1381,9 +1402,21 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
         replayed == messages
     })
     .await
-    .ok_or_else(|| stalled("replay incomplete"))?;
+    .ok_or_else(|| {
+        failed(format!(
+            "the maker's replay stopped after {replayed} of {messages} messages"
+        ))
+    })?;
     let complete_ms = started.elapsed().as_secs_f64() * 1e3;
     link.connection.close(0u32.into(), b"");
+    verifier.finish();
+    if verifier.violations() > 0 {
+        return Err(failed(format!(
+            "{} violations: {}",
+            verifier.violations(),
+            verifier.samples().join("; ")
+        )));
+    }
     Ok(ReplayReport {
         messages: replayed,
         connect_ms,
@@ -1391,4 +1424,106 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
         first_message_ms,
         complete_ms,
     })
+}
+
+/// Most messages the replay measurement can make with the in-process gateway's
+/// settings: the taker's orders within one second's rate allowance, and the maker's
+/// fills (after its `OrderAck`) within its ring's bounds.
+fn replay_limit() -> u64 {
+    let settings = gateway::config::SessionSettings::default();
+    let fill = proto::HEADER_LEN + proto::Fill::BODY_LEN;
+    let ack = proto::HEADER_LEN + proto::OrderAck::BODY_LEN;
+    let retained =
+        (settings.replay_window - 1).min(settings.replay_window_bytes.saturating_sub(ack) / fill);
+    u64::from(settings.max_messages_per_second).min(retained as u64)
+}
+
+/// The taker's side of the replay measurement: `orders` one-lot IOC buys sent as
+/// fast as the client library takes them, each answered and filled exactly once.
+/// Fails with the cause if a fill could not arrive as a fill (the connection was
+/// closed and the resume took a snapshot) or the burst stalls.
+async fn taker_burst(
+    target: &Target,
+    credentials: Credentials,
+    orders: u64,
+    verifier: &mut Verifier,
+    session: usize,
+) -> Result<(), String> {
+    let (taker, mut events) = Client::connect(client_config(target, credentials, target.addr))
+        .await
+        .map_err(|e| format!("the taker's login failed: {e}"))?;
+    let mut next = 1;
+    let mut fills = 0;
+    let mut lost_connections = Vec::new();
+    while fills < orders || verifier.unanswered(session) > 0 {
+        while next <= orders {
+            let order = OrderParams {
+                instrument_id: 2,
+                client_order_id: REPLAY_ORDER_IDS + next,
+                side: Side::Buy,
+                order_type: OrderType::Limit,
+                time_in_force: TimeInForce::Ioc,
+                price: 1_000_000,
+                quantity: 10,
+            };
+            match taker.new_order(order) {
+                Ok(client_seq) => {
+                    verifier.sent_order(session, client_seq, order.client_order_id, 10);
+                    next += 1;
+                }
+                Err(ClientError::Backpressure) => break,
+                Err(e) => return Err(format!("the taker could not send: {e}")),
+            }
+        }
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+        match event {
+            Ok(Some(Event::Message(frame))) => {
+                verifier.message(session, &frame);
+                match frame {
+                    Frame::Fill(_) => fills += 1,
+                    Frame::Reject(reject) => {
+                        return Err(format!("a taker order was rejected: {:?}", reject.reason))
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Some(Event::Snapshot {
+                as_of_server_seq, ..
+            })) if as_of_server_seq > 0 => {
+                return Err(format!(
+                    "the taker's connection was lost ({}) and its resume took a snapshot \
+                     as of server sequence {as_of_server_seq}: it covered {} fills the \
+                     taker never got as fills (retention bound, PROTOCOL.md section 4)",
+                    describe_losses(&lost_connections),
+                    orders.saturating_sub(fills),
+                ))
+            }
+            Ok(Some(Event::Resumed { lost })) => lost_connections.push(lost),
+            Ok(Some(Event::Snapshot { .. })) => {}
+            Ok(Some(Event::Ended(reason))) => {
+                return Err(format!("the taker's session ended: {reason:?}"))
+            }
+            Ok(None) | Err(_) => {
+                return Err(format!(
+                    "the taker stalled with {fills} of {orders} fills and {} orders \
+                     unanswered; connections lost: {}",
+                    verifier.unanswered(session),
+                    describe_losses(&lost_connections),
+                ))
+            }
+        }
+    }
+    let _ = taker.logout();
+    Ok(())
+}
+
+/// Why connections were lost, for a failure message.
+fn describe_losses(lost: &[Option<proto::ReasonCode>]) -> String {
+    if lost.is_empty() {
+        return "none".into();
+    }
+    lost.iter()
+        .map(|reason| reason.map_or("network".into(), |r| format!("{r:?}")))
+        .collect::<Vec<String>>()
+        .join(", ")
 }

@@ -55,7 +55,8 @@ struct Cli {
     /// Also run a bare-QUIC echo with the same settings and report ratios.
     #[arg(long)]
     baseline: bool,
-    /// Messages in the replay measurement (in-process gateway only; 0 skips it).
+    /// Messages in the replay measurement (in-process gateway only; 0 skips it; at
+    /// most 10,000: one session's burst allowance).
     #[arg(long, default_value_t = 1_000)]
     replay: u64,
     /// Where the in-process gateway runs its engine: its own thread, or inline in
@@ -147,6 +148,14 @@ fn summary(report: &Report) {
         report.messages_replayed,
         report.snapshot_resumes
     );
+    if !report.closed_by_gateway.is_empty() {
+        let closes: Vec<String> = report
+            .closed_by_gateway
+            .iter()
+            .map(|(reason, count)| format!("{reason} {count}"))
+            .collect();
+        println!("connections the gateway closed: {}", closes.join(", "));
+    }
     if let Some(replay) = &report.replay {
         println!(
             "replay of {} missed messages: connected {:.2} ms, ResumeAccepted {:.2} ms, first {:.2} ms, complete {:.2} ms",
