@@ -5,7 +5,9 @@
 //! [`EventSink`] in one call, so the sink's cost (a channel send, a wake-up) is paid
 //! per batch rather than per event.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use crate::api::{Event, MatchingEngine, Request};
@@ -46,13 +48,18 @@ enum Message {
 #[derive(Clone)]
 pub struct EngineSender {
     queue: SyncSender<Message>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl EngineSender {
     /// Queues a request without waiting; fails when the queue is full.
     pub fn try_submit(&self, request: Request) -> Result<(), SubmitError> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
         self.queue
             .try_send(Message::Request(request))
+            .inspect_err(|_| {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+            })
             .map_err(|error| match error {
                 TrySendError::Full(Message::Request(r)) => SubmitError::Full(r),
                 TrySendError::Disconnected(Message::Request(r)) => SubmitError::Stopped(r),
@@ -64,9 +71,16 @@ impl EngineSender {
 
     /// Queues a request, waiting while the queue is full.
     pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
-        self.queue
-            .send(Message::Request(request))
-            .map_err(|_| SubmitError::Stopped(request))
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.queue.send(Message::Request(request)).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            SubmitError::Stopped(request)
+        })
+    }
+
+    /// Requests queued and not yet taken by the engine thread (for metrics).
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -80,11 +94,13 @@ impl<E: MatchingEngine> EngineThread<E> {
     /// Starts `engine` on a new thread with a queue of `capacity` requests.
     pub fn spawn(engine: E, capacity: usize, sink: impl EventSink) -> std::io::Result<Self> {
         let (queue, requests) = mpsc::sync_channel(capacity);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = Arc::clone(&queued);
         let thread = thread::Builder::new()
             .name("matching-engine".into())
-            .spawn(move || run(engine, &requests, sink))?;
+            .spawn(move || run(engine, &requests, &taken, sink))?;
         Ok(EngineThread {
-            sender: EngineSender { queue },
+            sender: EngineSender { queue, queued },
             thread,
         })
     }
@@ -107,6 +123,7 @@ impl<E: MatchingEngine> EngineThread<E> {
 fn run<E: MatchingEngine>(
     mut engine: E,
     requests: &Receiver<Message>,
+    queued: &AtomicUsize,
     mut sink: impl EventSink,
 ) -> E {
     let mut events = Vec::with_capacity(MAX_BATCH * 4);
@@ -115,7 +132,10 @@ fn run<E: MatchingEngine>(
         let mut handled = 0;
         while let Some(message) = next.take() {
             match message {
-                Message::Request(request) => engine.handle(request, &mut events),
+                Message::Request(request) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
+                    engine.handle(request, &mut events);
+                }
                 Message::Stop => {
                     sink.deliver(&mut events);
                     return engine;

@@ -94,6 +94,13 @@ macro_rules! wire_enum {
                     _ => None,
                 }
             }
+
+            /// The value's name, as PROTOCOL.md spells it (for logs and metrics).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $( $name::$variant => stringify!($variant), )*
+                }
+            }
         }
 
         impl $crate::wire::WireField for $name {
