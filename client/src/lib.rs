@@ -701,9 +701,12 @@ async fn drive(
             contesting = false;
         }
         if let Some(waiting) = established.take() {
-            let _ = waiting.send(Err(ClientError::Connection(
-                "connection lost during login".into(),
-            )));
+            // The login never completed: the gateway's reason if it gave one (for
+            // example `RateLimited`, or `ShuttingDown` from a draining gateway).
+            let _ = waiting.send(Err(match outcome {
+                Some(reason) => ClientError::Refused(reason),
+                None => ClientError::Connection("connection lost during login".into()),
+            }));
             return;
         }
         let resume = shared

@@ -243,6 +243,15 @@ impl Authenticator {
         })
     }
 
+    /// Replaces the accounts and their API keys with those in `file` (a reload).
+    /// Nonce and failure memories are kept. On error nothing changes. Returns how
+    /// many accounts there are now.
+    pub fn reload(&mut self, file: &AccountsFile) -> Result<usize, AccountsError> {
+        let fresh = Authenticator::new(file, self.config.clone())?;
+        self.keys = fresh.keys;
+        Ok(file.accounts.len())
+    }
+
     /// Whether `source` may attempt a login now; refused with `RateLimited` after too
     /// many failures in the window.
     pub fn admit(&mut self, source: IpAddr, now: Timestamp) -> Result<(), LoginRefused> {

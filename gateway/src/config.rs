@@ -49,8 +49,8 @@ pub struct Config {
     pub accounts_file: Option<PathBuf>,
     /// Number of demo accounts generated when no accounts file is given.
     pub demo_accounts: u32,
-    /// File holding the token HMAC key in hex (at least 32 bytes). Unset: a random key
-    /// per run, so tokens do not survive a restart.
+    /// File holding the token HMAC key in hex (at least 32 bytes). Unset: one is
+    /// generated in `dev_dir` (`token-key.hex`) or reused from there.
     pub token_key_file: Option<PathBuf>,
     /// Transport settings.
     pub transport: TransportSettings,
@@ -62,6 +62,52 @@ pub struct Config {
     pub engine: EngineSettings,
     /// Logging.
     pub log: LogSettings,
+    /// The operators' HTTP listener: metrics, health, admin operations.
+    pub admin: AdminSettings,
+}
+
+/// The operators' HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// TCP address for `/metrics`, `/healthz`, `/readyz` and `/admin/*`; empty turns
+    /// the listener off. Keep it on loopback or a private network: metrics and
+    /// health need no credentials.
+    pub listen: String,
+    /// File holding the bearer token that `/admin/*` requires. Unset: one is
+    /// generated in `dev_dir` (`admin-token`) or reused from there.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: "127.0.0.1:9433".into(),
+            token_file: None,
+        }
+    }
+}
+
+impl AdminSettings {
+    /// The address to listen on, `None` when turned off.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let listen = self.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "admin.listen {listen:?} is not an address like 127.0.0.1:9433 (empty turns it off)"
+            ))
+        })
+    }
+
+    /// Where the admin token is read from.
+    pub fn token_path(&self, dev_dir: &std::path::Path) -> PathBuf {
+        self.token_file
+            .clone()
+            .unwrap_or_else(|| dev_dir.join("admin-token"))
+    }
 }
 
 /// TLS files and session resumption.
@@ -253,6 +299,7 @@ impl Default for Config {
             auth: AuthSettings::default(),
             engine: EngineSettings::default(),
             log: LogSettings::default(),
+            admin: AdminSettings::default(),
         }
     }
 }
@@ -373,6 +420,7 @@ impl Config {
     /// Checks the values make sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |what: &str| Err(ConfigError::Invalid(what.to_string()));
+        self.admin.listen_addr()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key must be given together");
         }

@@ -43,6 +43,9 @@ pub enum SetupError {
     /// The accounts file is unusable.
     #[error(transparent)]
     Accounts(#[from] AccountsError),
+    /// A setting or file content is unusable (the message names it).
+    #[error("{0}")]
+    Invalid(String),
     /// A token key file is unusable.
     #[error("{path}: {why}")]
     TokenKey {
@@ -75,6 +78,27 @@ pub fn dev_token_key(dir: &Path) -> Result<TokenKeyRing, SetupError> {
         write(&path, hex::encode(secret).as_bytes(), true)?;
     }
     token_key_file(&path)
+}
+
+/// The admin bearer token in `path`, generated there (random, private) if the file
+/// does not exist and `generate` allows it.
+pub fn admin_token(path: &Path, generate: bool) -> Result<String, SetupError> {
+    if !path.exists() && generate {
+        let mut secret = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| SetupError::Tls("system random generator failed".into()))?;
+        write(path, hex::encode(secret).as_bytes(), true)?;
+    }
+    let token = fs::read_to_string(path).map_err(io_error(path))?;
+    let token = token.trim();
+    if token.len() < 16 {
+        return Err(SetupError::Invalid(format!(
+            "{}: an admin token must be at least 16 characters",
+            path.display()
+        )));
+    }
+    Ok(token.to_string())
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {

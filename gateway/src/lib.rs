@@ -15,10 +15,12 @@
 //! - [`convert`]: wire types ↔ engine types.
 //! - [`time`]: the injected clock's instant type.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod dev;
+pub mod metrics;
 pub mod orders;
 pub mod registry;
 pub mod ring;

@@ -5,8 +5,10 @@
 //! generated certificate, demo accounts with their client keys, and the bundled
 //! matching engine, all under `.gateway-dev/`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -52,6 +54,81 @@ struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Instead of running a gateway, operate a running one.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Operate a running gateway through its admin listener (`admin.listen`), with
+    /// the bearer token from `admin.token_file` (the same settings as the gateway).
+    Admin {
+        /// The operation.
+        #[command(subcommand)]
+        operation: AdminOperation,
+        /// The listener's address, if not the configured `admin.listen`.
+        #[arg(long)]
+        address: Option<String>,
+    },
+}
+
+/// What `gateway admin` can do.
+#[derive(Debug, clap::Subcommand)]
+enum AdminOperation {
+    /// List the live sessions (JSON).
+    Sessions,
+    /// End sessions: one, or every session of an account (`Revoked`).
+    Revoke {
+        /// The session.
+        #[arg(long, conflicts_with = "account", required_unless_present = "account")]
+        session: Option<u64>,
+        /// The account.
+        #[arg(long)]
+        account: Option<u64>,
+    },
+    /// Cancel every working order of an account and end its sessions.
+    KillSwitch {
+        /// The account.
+        #[arg(long)]
+        account: u64,
+    },
+    /// Mint tokens with a new random key; tokens of older keys still verify.
+    RotateKey,
+    /// Stop accepting tokens of a key.
+    RetireKey {
+        /// The key's id (see the `rotate-key` answer).
+        id: u32,
+    },
+    /// Read the accounts file again (as SIGHUP does).
+    ReloadAccounts,
+    /// Refuse new logins from now on; sessions carry on. `/readyz` turns 503.
+    Drain,
+}
+
+impl AdminOperation {
+    /// The HTTP method and path with query.
+    fn request(&self) -> (&'static str, String) {
+        match self {
+            AdminOperation::Sessions => ("GET", "/admin/sessions".into()),
+            AdminOperation::Revoke {
+                session: Some(session),
+                ..
+            } => ("POST", format!("/admin/revoke?session={session}")),
+            AdminOperation::Revoke { account, .. } => (
+                "POST",
+                format!("/admin/revoke?account={}", account.unwrap_or_default()),
+            ),
+            AdminOperation::KillSwitch { account } => {
+                ("POST", format!("/admin/kill-switch?account={account}"))
+            }
+            AdminOperation::RotateKey => ("POST", "/admin/rotate-key".into()),
+            AdminOperation::RetireKey { id } => ("POST", format!("/admin/retire-key?id={id}")),
+            AdminOperation::ReloadAccounts => ("POST", "/admin/reload-accounts".into()),
+            AdminOperation::Drain => ("POST", "/admin/drain".into()),
+        }
+    }
 }
 
 impl Cli {
@@ -99,6 +176,7 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("invalid log filter {:?}", config.log.filter))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Human => builder.init(),
@@ -117,11 +195,13 @@ fn prepare(config: Config) -> anyhow::Result<Setup> {
             identity
         }
     };
-    let accounts = match &config.accounts_file {
+    let (accounts, accounts_path) = match &config.accounts_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            gateway::auth::AccountsFile::parse(&text).with_context(|| path.display().to_string())?
+            let accounts = gateway::auth::AccountsFile::parse(&text)
+                .with_context(|| path.display().to_string())?;
+            (accounts, path.clone())
         }
         None => {
             let accounts = dev::demo_accounts(&config.dev_dir, config.demo_accounts)?;
@@ -130,8 +210,16 @@ fn prepare(config: Config) -> anyhow::Result<Setup> {
                 client_keys = %config.dev_dir.join("client-keys.toml").display(),
                 "using demo accounts"
             );
-            accounts
+            (accounts, config.dev_dir.join("accounts.toml"))
         }
+    };
+    let admin_token = if config.admin.listen_addr()?.is_some() {
+        let path = config.admin.token_path(&config.dev_dir);
+        let token = dev::admin_token(&path, config.admin.token_file.is_none())?;
+        tracing::info!(token_file = %path.display(), "admin operations need the bearer token in this file");
+        Some(token)
+    } else {
+        None
     };
     let token_keys = match &config.token_key_file {
         Some(path) => dev::token_key_file(path)?,
@@ -142,7 +230,28 @@ fn prepare(config: Config) -> anyhow::Result<Setup> {
         tls,
         accounts,
         token_keys,
+        accounts_path: Some(accounts_path),
+        admin_token,
     })
+}
+
+/// Reads the accounts file again on every SIGHUP.
+async fn reload_on_hangup(gateway: Arc<Gateway>) {
+    #[cfg(unix)]
+    {
+        let kind = tokio::signal::unix::SignalKind::hangup();
+        let Ok(mut hangups) = tokio::signal::unix::signal(kind) else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match gateway.reload_accounts() {
+                Ok(accounts) => tracing::info!(accounts, "SIGHUP: accounts reloaded"),
+                Err(error) => tracing::warn!(%error, "SIGHUP: accounts not reloaded"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = gateway;
 }
 
 async fn shutdown_signal() {
@@ -163,8 +272,55 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
+/// Sends one admin operation to a running gateway and prints its answer.
+fn admin(config: &Config, operation: &AdminOperation, address: Option<&str>) -> anyhow::Result<()> {
+    let address = match address {
+        Some(address) => address.to_string(),
+        None => config
+            .admin
+            .listen_addr()?
+            .context("admin.listen is empty: the gateway has no admin listener")?
+            .to_string(),
+    };
+    let token_path = config.admin.token_path(&config.dev_dir);
+    let token = dev::admin_token(&token_path, false)
+        .with_context(|| format!("reading the admin token ({})", token_path.display()))?;
+    let (method, path) = operation.request();
+    let url = format!("http://{address}{path}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .into();
+    let authorization = format!("Bearer {token}");
+    let response = match method {
+        "GET" => agent
+            .get(&url)
+            .header("Authorization", &authorization)
+            .call(),
+        _ => agent
+            .post(&url)
+            .header("Authorization", &authorization)
+            .send_empty(),
+    }
+    .with_context(|| format!("{method} {url}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .read_to_string()
+        .with_context(|| format!("{method} {url}: reading the answer"))?;
+    if !status.is_success() {
+        anyhow::bail!("{method} {url}: {status}: {}", body.trim());
+    }
+    println!("{}", body.trim());
+    Ok(())
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), &cli.overrides())?;
+    if let Some(Command::Admin { operation, address }) = &cli.command {
+        return admin(&config, operation, address.as_deref());
+    }
     if cli.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
@@ -175,8 +331,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let gateway = Gateway::start(setup)?;
-        gateway.run_until(shutdown_signal()).await;
+        let gateway = Arc::new(Gateway::start(setup)?);
+        let reloads = tokio::spawn(reload_on_hangup(Arc::clone(&gateway)));
+        shutdown_signal().await;
+        reloads.abort();
+        let _ = reloads.await;
+        let gateway = Arc::into_inner(gateway).context("gateway still in use at shutdown")?;
+        gateway.shutdown().await;
         anyhow::Ok(())
     })
 }

@@ -96,6 +96,38 @@ pub struct RegistryStats {
     pub evicted: u64,
 }
 
+/// Sessions by state and what their rings hold, counted at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Census {
+    /// Sessions attached to a connection.
+    pub attached: u64,
+    /// Sessions waiting for a resume.
+    pub detached: u64,
+    /// Unacknowledged messages retained, all sessions.
+    pub ring_messages: u64,
+    /// Bytes of those.
+    pub ring_bytes: u64,
+}
+
+/// One session as operators see it (`gateway admin sessions`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionInfo {
+    /// The session id.
+    pub session: u64,
+    /// Its account.
+    pub account: u64,
+    /// `attached` or `detached`.
+    pub state: &'static str,
+    /// Since when it has been detached (Unix milliseconds), if it is.
+    pub detached_since_ms: Option<u64>,
+    /// Unacknowledged messages its ring retains.
+    pub unacked_messages: usize,
+    /// Highest client sequence processed.
+    pub last_processed_client_seq: u64,
+    /// Generation of its newest token.
+    pub token_generation: u32,
+}
+
 /// Bounded memory of why recent sessions ended.
 #[derive(Debug, Default)]
 struct Endings {
@@ -537,6 +569,58 @@ impl Registry {
         lock(&session).end(ReasonCode::Revoked, out);
         self.settle(session_id, &out[start..]);
         true
+    }
+
+    /// Every live session, by id.
+    pub fn sessions_info(&self) -> Vec<SessionInfo> {
+        let mut all: Vec<SessionInfo> = self
+            .sessions
+            .iter()
+            .map(|entry| {
+                let session = lock(entry.value());
+                let detached_since = session.detached_since();
+                SessionInfo {
+                    session: session.id(),
+                    account: session.account(),
+                    state: if session.attached_to().is_some() {
+                        "attached"
+                    } else {
+                        "detached"
+                    },
+                    detached_since_ms: detached_since.map(Timestamp::as_millis),
+                    unacked_messages: session.ring().len(),
+                    last_processed_client_seq: session.last_processed_client_seq(),
+                    token_generation: session.token_generation(),
+                }
+            })
+            .collect();
+        all.sort_by_key(|info| info.session);
+        all
+    }
+
+    /// The live sessions of `account`, oldest first.
+    pub fn sessions_of(&self, account: u64) -> Vec<u64> {
+        self.per_account
+            .get(&account)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Counts sessions by state and what their rings retain (locks each session in
+    /// turn: for metrics scrapes, not for the hot path).
+    pub fn census(&self) -> Census {
+        let mut census = Census::default();
+        for entry in &self.sessions {
+            let session = lock(entry.value());
+            if session.attached_to().is_some() {
+                census.attached += 1;
+            } else if session.detached_since().is_some() {
+                census.detached += 1;
+            }
+            census.ring_messages += session.ring().len() as u64;
+            census.ring_bytes += session.ring().retained_bytes() as u64;
+        }
+        census
     }
 
     /// Ends every session for `reason` (a gateway shutting down): each one's

@@ -18,15 +18,18 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use matching_stub::{
     self as engine, EngineConfig, EngineThread, Instrument, OrderBookEngine, SubmitError,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use proto::{Frame, ReasonCode};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::VarInt;
@@ -35,7 +38,9 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use crate::auth::{address_key, AccountsFile, Authenticator};
 use crate::config::{Config, EngineMode};
+use crate::convert;
 use crate::dev::{SetupError, TlsIdentity};
+use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
 use crate::registry::{lock, Registry, SessionHandle};
 use crate::session::{Action, CodPolicy, ConnectionId, Transmit};
 use crate::time::Timestamp;
@@ -50,6 +55,12 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_millis(500);
 const TIMER_TICK: Duration = Duration::from_millis(50);
 /// Bytes read from the stream at a time.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Most new orders waiting for their answer to be timed (see [`LATENCY_SAMPLE_EVERY`]).
+const MAX_LATENCY_SAMPLES: usize = 4_096;
+
+/// How long a sampled order waits for its answer before its stamp is dropped.
+const LATENCY_SAMPLE_TTL: Duration = Duration::from_secs(10);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -83,32 +94,47 @@ pub struct Setup {
     pub accounts: AccountsFile,
     /// Token keys.
     pub token_keys: TokenKeyRing,
+    /// The file the accounts came from, read again on a reload (SIGHUP, or
+    /// `gateway admin reload-accounts`); `None` when they cannot be reloaded.
+    pub accounts_path: Option<PathBuf>,
+    /// The bearer token admin operations require; `None` refuses them all.
+    pub admin_token: Option<String>,
 }
 
 /// A connection as the server tracks it.
 struct Conn {
     connection: quinn::Connection,
     wake: Notify,
+    /// Where closes are counted, by reason.
+    closes: Family<ReasonLabel, Counter>,
     /// Set once, when the gateway decides to close: the writer sends what is left
     /// and `Close` within [`CLOSE_DEADLINE`], then closes.
     closing: watch::Sender<Option<ReasonCode>>,
 }
 
 impl Conn {
-    fn new(connection: quinn::Connection) -> Self {
+    fn new(connection: quinn::Connection, closes: Family<ReasonLabel, Counter>) -> Self {
         Conn {
             connection,
             wake: Notify::new(),
+            closes,
             closing: watch::Sender::new(None),
         }
     }
 
     fn close(&self, reason: ReasonCode) {
-        self.closing.send_if_modified(|closing| {
+        let first = self.closing.send_if_modified(|closing| {
             let first = closing.is_none();
             closing.get_or_insert(reason);
             first
         });
+        if first {
+            self.closes
+                .get_or_create(&ReasonLabel {
+                    reason: reason.name(),
+                })
+                .inc();
+        }
         self.wake.notify_one();
     }
 
@@ -129,8 +155,8 @@ enum EngineLink {
 }
 
 /// State shared by all tasks and the engine thread.
-struct Shared {
-    registry: Registry,
+pub(crate) struct Shared {
+    pub(crate) registry: Registry,
     engine: EngineLink,
     conns: DashMap<ConnectionId, Arc<Conn>>,
     auth: Mutex<Authenticator>,
@@ -148,6 +174,14 @@ struct Shared {
     handshaking: std::sync::atomic::AtomicUsize,
     handshaking_by_address: DashMap<IpAddr, usize>,
     runtime: tokio::runtime::Handle,
+    metrics: Metrics,
+    /// Arrival times of the new orders sampled for the latency histogram, by
+    /// (session, client sequence); swept of answers that never came.
+    latency_samples: DashMap<(u64, u64), Instant>,
+    /// Set while draining: new logins are refused, sessions carry on.
+    draining: AtomicBool,
+    /// Where the accounts are read again from on a reload.
+    accounts_path: Option<PathBuf>,
 }
 
 /// What becomes of a new connection attempt.
@@ -156,7 +190,7 @@ enum Admission {
     Accept(HandshakeSlot),
     /// Asked to prove its address first (QUIC Retry).
     Retry,
-    /// Refused at the QUIC level, for this reason (logged).
+    /// Refused at the QUIC level, for this reason (logged and counted).
     Refuse(&'static str),
 }
 
@@ -185,6 +219,8 @@ pub struct Gateway {
     /// The engine thread, in thread mode.
     engine: Option<EngineThread<OrderBookEngine>>,
     tasks: tokio::task::JoinSet<()>,
+    /// Where the operators' HTTP listener listens, if it is on.
+    admin_addr: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -196,7 +232,14 @@ impl Gateway {
             tls,
             accounts,
             token_keys,
+            accounts_path,
+            admin_token,
         } = setup;
+        let admin_listener = match config.admin.listen_addr() {
+            Ok(Some(addr)) => Some(bind_tcp(addr)?),
+            Ok(None) => None,
+            Err(error) => return Err(StartError::Engine(error.to_string())),
+        };
         let endpoint_config = server_config(&config, tls)?;
         let bind_error = |source| StartError::Bind {
             addr: config.listen,
@@ -273,18 +316,38 @@ impl Gateway {
             handshaking: std::sync::atomic::AtomicUsize::new(0),
             handshaking_by_address: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),
+            metrics: Metrics::new(),
+            latency_samples: DashMap::new(),
+            draining: AtomicBool::new(false),
+            accounts_path,
         });
         let _ = routed_to.set(Arc::clone(&shared));
 
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(accept_loop(Arc::clone(&shared), endpoint.clone()));
         tasks.spawn(timer_loop(Arc::clone(&shared)));
+        let admin_addr = match admin_listener {
+            Some(listener) => {
+                let addr = listener.local_addr().ok();
+                tasks.spawn(crate::admin::serve(
+                    listener,
+                    Arc::clone(&shared),
+                    admin_token,
+                ));
+                if let Some(addr) = addr {
+                    info!(listen = %addr, "admin listener up: /metrics, /healthz, /readyz, /admin");
+                }
+                addr
+            }
+            None => None,
+        };
         info!(listen = %endpoint.local_addr().map_or(config.listen, |a| a), "gateway listening");
         Ok(Gateway {
             shared,
             endpoint,
             engine,
             tasks,
+            admin_addr,
         })
     }
 
@@ -298,6 +361,22 @@ impl Gateway {
         &self.shared.registry
     }
 
+    /// The gateway's metrics in the OpenMetrics text format (what `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    /// Where the operators' HTTP listener listens, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Reads the accounts file again (what SIGHUP does); returns how many accounts
+    /// there are now.
+    pub fn reload_accounts(&self) -> Result<usize, String> {
+        self.shared.reload_accounts()
+    }
+
     /// Number of open connections.
     pub fn connection_count(&self) -> usize {
         self.shared.conns.len()
@@ -305,10 +384,7 @@ impl Gateway {
 
     /// Ends a session on an operator's request.
     pub fn revoke(&self, session_id: u64) -> bool {
-        let mut actions = Vec::new();
-        let existed = self.shared.registry.revoke(session_id, &mut actions);
-        self.shared.execute(actions);
-        existed
+        !self.shared.revoke_sessions(&[session_id]).is_empty()
     }
 
     /// Runs until `signal` completes, then shuts down gracefully.
@@ -344,6 +420,14 @@ impl Gateway {
         }
         info!("gateway stopped");
     }
+}
+
+/// The operators' TCP listener, bound now so that a taken port fails the start.
+fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    tokio::net::TcpListener::from_std(listener).map_err(bind_error)
 }
 
 /// A UDP socket bound to `addr` with send and receive buffers of about `buffer_bytes`.
@@ -455,6 +539,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             }
             Admission::Refuse(why) => {
                 debug!(%remote, why, "refusing connection");
+                shared.metrics.refused(why);
                 incoming.refuse();
                 continue;
             }
@@ -484,8 +569,17 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
 
 async fn timer_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(TIMER_TICK);
+    let mut swept = Instant::now();
     loop {
         tick.tick().await;
+        if swept.elapsed() >= LATENCY_SAMPLE_TTL {
+            // Orders answered by the gateway itself (rate limit, duplicates) or lost
+            // with their connection never meet an engine answer.
+            shared
+                .latency_samples
+                .retain(|_, arrived| arrived.elapsed() < LATENCY_SAMPLE_TTL);
+            swept = Instant::now();
+        }
         let mut actions = Vec::new();
         shared
             .registry
@@ -521,7 +615,10 @@ async fn serve_connection(
     connection: quinn::Connection,
     slot: HandshakeSlot,
 ) {
-    let conn = Arc::new(Conn::new(connection.clone()));
+    let conn = Arc::new(Conn::new(
+        connection.clone(),
+        shared.metrics.connections_closed.clone(),
+    ));
     shared.conns.insert(conn_id, Arc::clone(&conn));
     let source = connection.remote_address().ip();
 
@@ -556,8 +653,26 @@ async fn serve_connection(
     };
 
     let session = match first {
-        Ok(Some(Frame::Login(login))) => shared.login(conn_id, source, &login).await,
-        Ok(Some(Frame::Resume(resume))) => shared.resume(conn_id, source, &resume),
+        Ok(Some(Frame::Login(login))) => {
+            let result = shared.login(conn_id, source, &login).await;
+            if let Err(Frame::LoginRejected(rejected)) = &result {
+                info!(%source, api_key = login.api_key_id, reason = ?rejected.reason, "login refused");
+            }
+            shared
+                .metrics
+                .login(result.as_ref().err().map(answer_reason));
+            result
+        }
+        Ok(Some(Frame::Resume(resume))) => {
+            let result = shared.resume(conn_id, source, &resume);
+            if let Err(answer) = &result {
+                info!(%source, reason = ?answer_reason(answer), "resume refused");
+            }
+            shared
+                .metrics
+                .resume(result.as_ref().err().map(answer_reason));
+            result
+        }
         Ok(Some(_)) => Err(Frame::Close(proto::Close {
             reason: ReasonCode::UnexpectedFrame,
         })),
@@ -568,12 +683,7 @@ async fn serve_connection(
     let session = match session {
         Ok(session) => session,
         Err(answer) => {
-            let reason = match answer {
-                Frame::LoginRejected(r) => r.reason,
-                Frame::ResumeRejected(r) => r.reason,
-                Frame::Close(r) => r.reason,
-                _ => ReasonCode::InternalError,
-            };
+            let reason = answer_reason(&answer);
             debug!(?reason, "handshake refused");
             refuse(&connection, Some((&mut send, answer)), reason).await;
             return shared.forget(conn_id);
@@ -594,6 +704,16 @@ async fn serve_connection(
     conn.wake.notify_one();
     let _ = writer.await;
     shared.forget(conn_id);
+}
+
+/// The reason a handshake answer (`LoginRejected`, `ResumeRejected`, `Close`) gives.
+fn answer_reason(answer: &Frame) -> ReasonCode {
+    match answer {
+        Frame::LoginRejected(r) => r.reason,
+        Frame::ResumeRejected(r) => r.reason,
+        Frame::Close(r) => r.reason,
+        _ => ReasonCode::InternalError,
+    }
 }
 
 /// Refuses every stream a client opens beyond the session stream (section 1).
@@ -639,6 +759,7 @@ async fn read_loop(
         let mut actions = Vec::new();
         let queued = {
             let mut session = lock(session);
+            shared.count_request(session.id(), &frame);
             session.handle_frame(conn_id, &frame, Timestamp::now(), &mut actions);
             // Duplicates and gateway-side rejects; engine answers wake it when routed.
             session.has_output_for(conn_id)
@@ -756,7 +877,7 @@ impl Shared {
         incoming: &quinn::Incoming,
     ) -> Admission {
         if endpoint.open_connections() >= self.max_connections {
-            return Admission::Refuse("at the connection limit");
+            return Admission::Refuse("connection_limit");
         }
         let handshaking = self.handshaking.load(Ordering::Acquire);
         if handshaking >= self.max_handshaking / 2 && !incoming.remote_address_validated() {
@@ -765,17 +886,17 @@ impl Shared {
             return if incoming.may_retry() {
                 Admission::Retry
             } else {
-                Admission::Refuse("unvalidated address under load")
+                Admission::Refuse("unvalidated_under_load")
             };
         }
         if handshaking >= self.max_handshaking {
-            return Admission::Refuse("too many connections handshaking");
+            return Admission::Refuse("handshaking_limit");
         }
         let address = address_key(incoming.remote_address().ip());
         {
             let mut count = self.handshaking_by_address.entry(address).or_insert(0);
             if *count >= self.max_handshaking_per_address {
-                return Admission::Refuse("too many connections handshaking from this address");
+                return Admission::Refuse("handshaking_per_address_limit");
             }
             *count += 1;
         }
@@ -788,6 +909,157 @@ impl Shared {
 
     fn forget(&self, conn_id: ConnectionId) {
         self.conns.remove(&conn_id);
+    }
+
+    /// Counts a request as it arrives, and stamps one new order in
+    /// [`LATENCY_SAMPLE_EVERY`] for the latency histogram.
+    fn count_request(&self, session_id: u64, frame: &Frame) {
+        match frame {
+            Frame::NewOrder(order) => {
+                self.metrics.orders.inc();
+                if order.client_seq % LATENCY_SAMPLE_EVERY == 0
+                    && self.latency_samples.len() < MAX_LATENCY_SAMPLES
+                {
+                    self.latency_samples
+                        .insert((session_id, order.client_seq), Instant::now());
+                }
+            }
+            Frame::Cancel(_) => {
+                self.metrics.cancels.inc();
+            }
+            Frame::Replace(_) => {
+                self.metrics.replaces.inc();
+            }
+            _ => {}
+        }
+    }
+
+    /// Counts an engine event, and times a sampled order's answer.
+    fn count_event(&self, event: &engine::Event) {
+        let metrics = &self.metrics;
+        let answered = match event {
+            engine::Event::Accepted { owner, tag, .. } => {
+                metrics.order_acks.inc();
+                Some((owner.session, *tag))
+            }
+            engine::Event::Rejected {
+                owner, tag, reason, ..
+            } => {
+                let reason = convert::reject_reason_to_wire(*reason).name();
+                metrics.rejects.get_or_create(&ReasonLabel { reason }).inc();
+                Some((owner.session, *tag))
+            }
+            engine::Event::Fill(_) => {
+                metrics.fills.inc();
+                None
+            }
+            engine::Event::Cancelled { reason, .. } => {
+                let reason = convert::cancel_reason_to_wire(*reason).name();
+                metrics
+                    .cancelled
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                None
+            }
+            _ => None,
+        };
+        if let Some(key) = answered.filter(|(_, tag)| tag % LATENCY_SAMPLE_EVERY == 0) {
+            if let Some((_, arrived)) = self.latency_samples.remove(&key) {
+                metrics.order_answered_after(arrived.elapsed());
+            }
+        }
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub(crate) fn metrics_text(&self) -> String {
+        self.metrics.render(&self.metrics_snapshot())
+    }
+
+    /// Whether new logins are refused.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Refuses new logins from now on (`ShuttingDown`); sessions carry on, resumes
+    /// are served, `/readyz` says 503.
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Ends these sessions (`Revoked`); returns those that were live.
+    pub(crate) fn revoke_sessions(&self, ids: &[u64]) -> Vec<u64> {
+        let mut actions = Vec::new();
+        let ended = ids
+            .iter()
+            .copied()
+            .filter(|id| self.registry.revoke(*id, &mut actions))
+            .collect();
+        self.execute(actions);
+        ended
+    }
+
+    /// Cancels every working order of `account` (whichever session placed it) and
+    /// ends its sessions; returns the sessions ended.
+    pub(crate) fn kill_switch(&self, account: u64) -> Vec<u64> {
+        let ended = self.revoke_sessions(&self.registry.sessions_of(account));
+        self.execute(vec![Action::Engine(engine::Request::MassCancel {
+            scope: engine::MassCancelScope::Account(account),
+            reason: engine::CancelReason::SessionEnded,
+        })]);
+        ended
+    }
+
+    /// Installs a new random token key for minting; tokens of older keys still
+    /// verify until retired. Returns the new key's id.
+    pub(crate) fn rotate_token_key(&self) -> Result<u32, String> {
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| "the system random generator failed".to_string())?;
+        self.registry.with_keys(|keys| {
+            let key_id = keys.current_key_id().wrapping_add(1);
+            keys.rotate(key_id, &secret)
+                .map(|()| key_id)
+                .map_err(|error| error.to_string())
+        })
+    }
+
+    /// Reads the accounts file again; on any error the old accounts stay.
+    pub(crate) fn reload_accounts(&self) -> Result<usize, String> {
+        let Some(path) = &self.accounts_path else {
+            return Err("this gateway's accounts were not read from a file".into());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("reading {}: {error}", path.display()))?;
+        let file =
+            AccountsFile::parse(&text).map_err(|error| format!("{}: {error}", path.display()))?;
+        self.auth
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reload(&file)
+            .map_err(|error| format!("{}: {error}", path.display()))
+    }
+
+    /// The values the metrics read at scrape time.
+    fn metrics_snapshot(&self) -> Snapshot {
+        let census = self.registry.census();
+        let stats = self.registry.stats();
+        Snapshot {
+            sessions_attached: census.attached,
+            sessions_detached: census.detached,
+            connections: self.conns.len() as u64,
+            handshaking: self.handshaking.load(Ordering::Relaxed) as u64,
+            ring_messages: census.ring_messages,
+            ring_bytes: census.ring_bytes,
+            engine_queue: match &self.engine {
+                EngineLink::Thread(sender) => sender.queued() as u64,
+                EngineLink::Inline(_) => 0,
+            },
+            resumes: stats.resumes,
+            messages_replayed: stats.messages_replayed,
+            snapshot_resumes: stats.snapshot_resumes,
+            sessions_evicted: stats.evicted,
+            draining: self.draining.load(Ordering::Relaxed),
+        }
     }
 
     /// Tells a connection's writer that its session has frames to send.
@@ -810,6 +1082,9 @@ impl Shared {
                 retry_after_ms,
             })
         };
+        if self.is_draining() {
+            return Err(rejected(ReasonCode::ShuttingDown, 0));
+        }
         let verified = {
             let mut auth = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
             // The login's timestamp is the client's wall clock: compare with ours.
@@ -952,6 +1227,7 @@ impl Shared {
                 }
                 continue;
             }
+            self.count_event(&event);
             self.registry.route(&event, now, &mut actions, &mut wake);
         }
         wake.sort_unstable();
@@ -971,7 +1247,7 @@ impl Shared {
             match action {
                 Action::Engine(request) => queue.extend(self.submit(request)),
                 Action::CloseConnection { conn, reason } => {
-                    info!(conn, ?reason, "closing connection");
+                    info!(conn, reason = reason.name(), "closing connection");
                     if let Some(conn) = self.conns.get(&conn) {
                         conn.close(reason);
                     }

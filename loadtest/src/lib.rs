@@ -436,6 +436,7 @@ fn start_gateway(options: &Options) -> Result<Target, RunError> {
         ..Config::default()
     };
     config.session.max_sessions_per_account = 64;
+    config.admin.listen = String::new();
     config.engine.mode = options.engine_mode;
     if let Some(rtt) = options.initial_rtt {
         config.transport.initial_rtt_ms = u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -450,6 +451,8 @@ fn start_gateway(options: &Options) -> Result<Target, RunError> {
         tls: (certs, key),
         accounts: file,
         token_keys: gateway::token::TokenKeyRing::generate(1).map_err(|e| setup(&e))?,
+        accounts_path: None,
+        admin_token: None,
     })
     .map_err(|e| setup(&e))?;
     let addr = gateway.local_addr().map_err(|e| setup(&e))?;

@@ -37,6 +37,9 @@ pub struct TestGateway {
     pub cert: CertificateDer<'static>,
 }
 
+/// The bearer token of every test gateway's admin listener.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
 impl TestGateway {
     /// Starts a gateway with accounts `1..=accounts` and settings changed by `adjust`.
     pub fn start(accounts: u64, adjust: impl FnOnce(&mut Config)) -> TestGateway {
@@ -45,6 +48,7 @@ impl TestGateway {
             ..Config::default()
         };
         config.session.max_sessions_per_account = 2_000;
+        config.admin.listen = "127.0.0.1:0".into();
         adjust(&mut config);
         config.validate().expect("valid test config");
         let (certs, key) = gateway::dev::self_signed().expect("certificate");
@@ -71,6 +75,8 @@ impl TestGateway {
             tls: (certs, key),
             accounts,
             token_keys: TokenKeyRing::generate(1).expect("token key"),
+            accounts_path: None,
+            admin_token: Some(ADMIN_TOKEN.into()),
         };
         let gateway = Gateway::start(setup).expect("gateway starts");
         let addr = gateway.local_addr().expect("bound");
@@ -173,4 +179,21 @@ impl Raw {
     pub fn close(&self) {
         self.link.connection.close(0u32.into(), b"");
     }
+}
+
+/// The `gateway` binary of this build (beside the test executables' `deps` directory;
+/// `cargo test --workspace` builds it).
+pub fn gateway_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target directory");
+    let binary = dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build -p gateway`",
+        binary.display()
+    );
+    binary
 }

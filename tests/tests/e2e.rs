@@ -1159,3 +1159,155 @@ async fn a_burst_larger_than_the_replay_window_gets_every_answer_without_a_recon
     })
     .await;
 }
+
+/// One request to a test gateway's admin listener: the status and the body.
+async fn http(
+    gateway: &TestGateway,
+    method: &'static str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let addr = gateway.gateway.admin_addr().expect("admin listener on");
+    let url = format!("http://{addr}{path}");
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut request = match method {
+            "GET" => agent.get(&url).force_send_body(),
+            _ => agent.post(&url),
+        };
+        if let Some(authorization) = &authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let response = request.send_empty().expect("admin listener answers");
+        let status = response.status().as_u16();
+        let body = response.into_body().read_to_string().expect("body");
+        (status, body)
+    })
+    .await
+    .expect("request task")
+}
+
+/// The value of the metric line starting with `prefix` (name and labels).
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(prefix) && line[prefix.len()..].starts_with(' '))
+        .and_then(|line| line[prefix.len()..].trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_a_login_and_an_order_and_health_answers() {
+    let gateway = TestGateway::start(1, |_| {});
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+    assert_still_trades(&client, &mut events, &mut seen).await;
+
+    let (status, text) = http(&gateway, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    for (name, value) in [
+        ("gateway_logins_total{outcome=\"accepted\"}", 1.0),
+        ("gateway_orders_total", 1.0),
+        ("gateway_order_acks_total", 1.0),
+        ("gateway_sessions{state=\"attached\"}", 1.0),
+        ("gateway_sessions{state=\"detached\"}", 0.0),
+        ("gateway_connections", 1.0),
+    ] {
+        assert_eq!(metric(&text, name), Some(value), "{name} in\n{text}");
+    }
+    assert!(
+        metric(&text, "process_cpu_seconds_total").is_some(),
+        "{text}"
+    );
+    assert!(metric(&text, "process_resident_memory_bytes").is_some_and(|rss| rss > 0.0));
+    assert!(text.contains("gateway_order_ack_latency_seconds_bucket"));
+    assert!(text.ends_with("# EOF\n"));
+    assert_eq!(http(&gateway, "GET", "/healthz", None).await.0, 200);
+    assert_eq!(
+        http(&gateway, "GET", "/readyz", None).await,
+        (200, "ready\n".into())
+    );
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_its_token_revokes_a_live_session_and_drains() {
+    let gateway = TestGateway::start(2, |_| {});
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+    assert_still_trades(&client, &mut events, &mut seen).await;
+    let session = client.session_id().expect("logged in");
+
+    assert_eq!(http(&gateway, "GET", "/admin/sessions", None).await.0, 401);
+    assert_eq!(
+        http(&gateway, "GET", "/admin/sessions", Some("wrong"))
+            .await
+            .0,
+        401
+    );
+    let (status, list) = http(&gateway, "GET", "/admin/sessions", Some(e2e::ADMIN_TOKEN)).await;
+    assert_eq!(status, 200);
+    assert!(list.contains(&format!("\"session\":{session}")), "{list}");
+
+    let path = format!("/admin/revoke?session={session}");
+    let (status, body) = http(&gateway, "POST", &path, Some(e2e::ADMIN_TOKEN)).await;
+    assert_eq!(
+        (status, body),
+        (200, format!("{{\"sessions\":[{session}]}}"))
+    );
+    until(&mut events, &mut seen, |s| s.ended.is_some()).await;
+    assert_eq!(seen.ended, Some(ReasonCode::Revoked));
+    let (status, _) = http(&gateway, "POST", &path, Some(e2e::ADMIN_TOKEN)).await;
+    assert_eq!(status, 404, "already ended");
+
+    let (status, _) = http(&gateway, "POST", "/admin/drain", Some(e2e::ADMIN_TOKEN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(http(&gateway, "GET", "/readyz", None).await.0, 503);
+    let refused = Client::connect(gateway.client_config(2, gateway.addr)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(gateway_client::ClientError::Refused(
+                ReasonCode::ShuttingDown
+            ))
+        ),
+        "{:?}",
+        refused.err()
+    );
+}
+
+#[tokio::test]
+async fn the_admin_command_line_revokes_a_live_session() {
+    let gateway = TestGateway::start(1, |_| {});
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+    assert_still_trades(&client, &mut events, &mut seen).await;
+    let session = client.session_id().expect("logged in");
+
+    let dir = std::env::temp_dir().join(format!("gateway-admin-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, e2e::ADMIN_TOKEN).expect("token file");
+    let address = gateway.gateway.admin_addr().expect("admin listener on");
+    let token_setting = format!("admin.token_file={:?}", token_file.display().to_string());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(e2e::gateway_binary())
+            .args(["--set", &token_setting, "admin", "--address"])
+            .arg(address.to_string())
+            .args(["revoke", "--session", &session.to_string()])
+            .output()
+    })
+    .await
+    .expect("command task")
+    .expect("gateway admin runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("{{\"sessions\":[{session}]}}")
+    );
+    until(&mut events, &mut seen, |s| s.ended.is_some()).await;
+    assert_eq!(seen.ended, Some(ReasonCode::Revoked));
+}
