@@ -25,6 +25,7 @@ use crate::time::Timestamp;
 
 /// One API key of an account, as written in the accounts file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ApiKeyEntry {
     /// The `api_key_id` clients send.
     pub id: u64,
@@ -34,6 +35,7 @@ pub struct ApiKeyEntry {
 
 /// One account, as written in the accounts file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AccountEntry {
     /// Account id.
     pub id: u64,
@@ -46,6 +48,7 @@ pub struct AccountEntry {
 
 /// The accounts file.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AccountsFile {
     /// Every account.
     #[serde(rename = "account", default)]
@@ -59,7 +62,7 @@ pub enum AccountsError {
     #[error("accounts file is not valid: {0}")]
     Parse(String),
     /// A public key is not 64 hex digits.
-    #[error("API key {key_id}: public key must be 32 bytes of hex")]
+    #[error("API key {key_id}: public_key must be 32 bytes in hex (64 hex digits)")]
     BadPublicKey {
         /// The key.
         key_id: u64,
@@ -67,6 +70,9 @@ pub enum AccountsError {
     /// Two keys share an id.
     #[error("API key id {0} is listed twice")]
     DuplicateKeyId(u64),
+    /// No account is listed: nobody could log in.
+    #[error("no accounts: add [[account]] tables, each with [[account.keys]]")]
+    Empty,
 }
 
 /// What a verified login grants.
@@ -206,20 +212,20 @@ impl std::fmt::Debug for Authenticator {
 impl AccountsFile {
     /// Parses an accounts file.
     pub fn parse(text: &str) -> Result<Self, AccountsError> {
-        toml::from_str(text).map_err(|e| AccountsError::Parse(e.to_string()))
+        let file: AccountsFile =
+            toml::from_str(text).map_err(|e| AccountsError::Parse(e.to_string()))?;
+        if file.accounts.is_empty() {
+            return Err(AccountsError::Empty);
+        }
+        file.api_keys()?;
+        Ok(file)
     }
 
-    /// The file as TOML text.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
-    }
-}
-
-impl Authenticator {
-    /// An authenticator for the accounts in `file`.
-    pub fn new(file: &AccountsFile, config: AuthConfig) -> Result<Self, AccountsError> {
+    /// Every API key by id, with its decoded public key; fails on a malformed key or
+    /// a repeated id.
+    fn api_keys(&self) -> Result<HashMap<u64, ApiKey>, AccountsError> {
         let mut keys = HashMap::new();
-        for account in &file.accounts {
+        for account in &self.accounts {
             for key in &account.keys {
                 let mut public_key = [0u8; 32];
                 hex::decode_to_slice(key.public_key.trim(), &mut public_key)
@@ -234,8 +240,20 @@ impl Authenticator {
                 }
             }
         }
+        Ok(keys)
+    }
+
+    /// The file as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl Authenticator {
+    /// An authenticator for the accounts in `file`.
+    pub fn new(file: &AccountsFile, config: AuthConfig) -> Result<Self, AccountsError> {
         Ok(Authenticator {
-            keys,
+            keys: file.api_keys()?,
             config,
             nonces: HashMap::new(),
             failures: HashMap::new(),
@@ -405,6 +423,17 @@ mod tests {
     }
 
     #[test]
+    fn an_accounts_file_with_a_misspelt_or_no_account_is_refused() {
+        let misspelt_table = "[[acount]]\nid = 1\nkeys = []\n";
+        let misspelt_key = "[[account]]\nid = 1\nmax_sesions = 2\nkeys = []\n";
+        for text in [misspelt_table, misspelt_key] {
+            let error = AccountsFile::parse(text).expect_err("unknown field");
+            assert!(error.to_string().contains("unknown field"), "{error}");
+        }
+        assert_eq!(AccountsFile::parse(""), Err(AccountsError::Empty));
+    }
+
+    #[test]
     fn a_correctly_signed_login_is_granted() {
         let grant = authenticator().verify(&login(1, NOW), NOW);
         assert_eq!(
@@ -521,13 +550,11 @@ mod tests {
             AccountsFile::parse("[[account]]\nid = \"x\""),
             Err(AccountsError::Parse(_))
         ));
-        let bad_key = AccountsFile::parse(
-            "[[account]]\nid = 1\n[[account.keys]]\nid = 5\npublic_key = \"abc\"",
-        )
-        .expect("parses");
         assert_eq!(
-            Authenticator::new(&bad_key, AuthConfig::default()).err(),
-            Some(AccountsError::BadPublicKey { key_id: 5 })
+            AccountsFile::parse(
+                "[[account]]\nid = 1\n[[account.keys]]\nid = 5\npublic_key = \"abc\"",
+            ),
+            Err(AccountsError::BadPublicKey { key_id: 5 })
         );
     }
 }

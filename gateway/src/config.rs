@@ -20,12 +20,12 @@ use crate::session::SessionConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (shown in the message, so not a separate error source).
+        error: std::io::Error,
     },
     /// The file or an override is not valid.
     #[error("invalid configuration: {0}")]
@@ -398,9 +398,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.to_path_buf(),
-                    source,
+                    error,
                 })?;
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
@@ -409,6 +409,13 @@ impl Config {
         };
         for assignment in overrides {
             apply_override(&mut table, assignment)?;
+        }
+        if let Some(toml::Value::String(listen)) = table.get("listen") {
+            if listen.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "listen {listen:?} is not an address like 127.0.0.1:4433 or [::]:4433"
+                )));
+            }
         }
         let config: Config = table
             .try_into()

@@ -30,12 +30,12 @@ use crate::token::{KeyError, TokenKeyRing};
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (shown in the message, so not a separate error source).
+        error: std::io::Error,
     },
     /// A certificate or key is unusable.
     #[error("TLS: {0}")]
@@ -102,9 +102,9 @@ pub fn admin_token(path: &Path, generate: bool) -> Result<String, SetupError> {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {
-    move |source| SetupError::Io {
+    move |error| SetupError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -167,15 +167,23 @@ pub fn dev_certificate(dir: &Path) -> Result<TlsIdentity, SetupError> {
 pub fn pem_identity(cert: &Path, key: &Path) -> Result<TlsIdentity, SetupError> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| SetupError::Tls(format!("{}: {e}", cert.display())))?;
+        .map_err(|e| SetupError::Tls(format!("tls.cert {}: {e}", cert.display())))?;
     if certs.is_empty() {
         return Err(SetupError::Tls(format!(
-            "{}: no certificate",
+            "tls.cert {}: no certificate in it (a PEM \"CERTIFICATE\" block is needed)",
             cert.display()
         )));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| SetupError::Tls(format!("{}: {e}", key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        let why = match e {
+            rustls_pki_types::pem::Error::NoItemsFound => {
+                "no private key in it (a PEM \"PRIVATE KEY\" block is needed; is this the certificate?)"
+                    .to_string()
+            }
+            other => other.to_string(),
+        };
+        SetupError::Tls(format!("tls.key {}: {why}", key.display()))
+    })?;
     Ok((certs, key))
 }
 

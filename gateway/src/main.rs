@@ -54,6 +54,10 @@ struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Allow the development certificate and demo accounts on an address beyond
+    /// loopback (refused otherwise, so they never reach production by mistake).
+    #[arg(long, env = "GATEWAY_DEV")]
+    dev: bool,
     /// Instead of running a gateway, operate a running one.
     #[command(subcommand)]
     command: Option<Command>,
@@ -185,24 +189,67 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads or generates everything the configuration points at.
-fn prepare(config: Config) -> anyhow::Result<Setup> {
-    let tls = match (&config.tls.cert, &config.tls.key) {
-        (Some(cert), Some(key)) => dev::pem_identity(cert, key)?,
-        _ => {
+/// Refuses to expose development credentials: a gateway listening beyond loopback
+/// with the generated certificate or the demo accounts, unless `--dev` allows it.
+fn check_exposure(config: &Config, dev: bool) -> anyhow::Result<()> {
+    let mut development = Vec::new();
+    if config.tls.cert.is_none() {
+        development.push("the development certificate (set tls.cert and tls.key)");
+    }
+    if config.accounts_file.is_none() {
+        development
+            .push("the demo accounts, whose private keys sit in dev_dir (set accounts_file)");
+    }
+    if config.listen.ip().is_loopback() || development.is_empty() || dev {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {} (beyond loopback) with {}; pass --dev to allow it anyway",
+        config.listen,
+        development.join(" and ")
+    )
+}
+
+/// Reads the files the configuration names, then generates the development ones it
+/// leaves out (so a bad file stops the start before anything is written).
+fn prepare(config: Config, dev: bool) -> anyhow::Result<Setup> {
+    check_exposure(&config, dev)?;
+    let given_tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => Some(dev::pem_identity(cert, key)?),
+        _ => None,
+    };
+    let given_accounts = match &config.accounts_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("accounts_file {}", path.display()))?;
+            let accounts = gateway::auth::AccountsFile::parse(&text)
+                .with_context(|| format!("accounts_file {}", path.display()))?;
+            tracing::info!(accounts = accounts.accounts.len(), file = %path.display(), "loaded accounts");
+            Some((accounts, path.clone()))
+        }
+        None => None,
+    };
+    let given_token_keys = match &config.token_key_file {
+        Some(path) => Some(dev::token_key_file(path).context("token_key_file")?),
+        None => None,
+    };
+    let admin_on = config.admin.listen_addr()?.is_some();
+    let admin_token_path = config.admin.token_path(&config.dev_dir);
+    let given_admin_token = match &config.admin.token_file {
+        Some(path) if admin_on => Some(dev::admin_token(path, false).context("admin.token_file")?),
+        _ => None,
+    };
+
+    let tls = match given_tls {
+        Some(identity) => identity,
+        None => {
             let identity = dev::dev_certificate(&config.dev_dir)?;
             tracing::info!(cert = %config.dev_dir.join("cert.pem").display(), "using the development certificate");
             identity
         }
     };
-    let (accounts, accounts_path) = match &config.accounts_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let accounts = gateway::auth::AccountsFile::parse(&text)
-                .with_context(|| path.display().to_string())?;
-            (accounts, path.clone())
-        }
+    let (accounts, accounts_path) = match given_accounts {
+        Some(given) => given,
         None => {
             let accounts = dev::demo_accounts(&config.dev_dir, config.demo_accounts)?;
             tracing::info!(
@@ -213,18 +260,18 @@ fn prepare(config: Config) -> anyhow::Result<Setup> {
             (accounts, config.dev_dir.join("accounts.toml"))
         }
     };
-    let admin_token = if config.admin.listen_addr()?.is_some() {
-        let path = config.admin.token_path(&config.dev_dir);
-        let token = dev::admin_token(&path, config.admin.token_file.is_none())?;
-        tracing::info!(token_file = %path.display(), "admin operations need the bearer token in this file");
-        Some(token)
-    } else {
-        None
-    };
-    let token_keys = match &config.token_key_file {
-        Some(path) => dev::token_key_file(path)?,
+    let token_keys = match given_token_keys {
+        Some(keys) => keys,
         None => dev::dev_token_key(&config.dev_dir)?,
     };
+    let admin_token = match given_admin_token {
+        Some(token) => Some(token),
+        None if admin_on => Some(dev::admin_token(&admin_token_path, true)?),
+        None => None,
+    };
+    if admin_on {
+        tracing::info!(token_file = %admin_token_path.display(), "admin operations need the bearer token in this file");
+    }
     Ok(Setup {
         config,
         tls,
@@ -326,7 +373,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&config)?;
-    let setup = prepare(config)?;
+    let setup = prepare(config, cli.dev)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

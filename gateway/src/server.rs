@@ -71,13 +71,15 @@ pub enum StartError {
     /// The TLS or QUIC configuration was refused.
     #[error("TLS configuration: {0}")]
     Tls(String),
-    /// The UDP socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr} ({setting}): {error}")]
     Bind {
+        /// The setting that names the address.
+        setting: &'static str,
         /// The address.
         addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
+        /// Why (shown in the message, so not a separate error source).
+        error: std::io::Error,
     },
     /// The engine could not be configured or started.
     #[error("engine: {0}")]
@@ -241,9 +243,10 @@ impl Gateway {
             Err(error) => return Err(StartError::Engine(error.to_string())),
         };
         let endpoint_config = server_config(&config, tls)?;
-        let bind_error = |source| StartError::Bind {
+        let bind_error = |error| StartError::Bind {
+            setting: "listen",
             addr: config.listen,
-            source,
+            error,
         };
         let socket =
             bind_udp(config.listen, config.transport.socket_buffer_bytes).map_err(bind_error)?;
@@ -424,7 +427,11 @@ impl Gateway {
 
 /// The operators' TCP listener, bound now so that a taken port fails the start.
 fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
-    let bind_error = |source| StartError::Bind { addr, source };
+    let bind_error = |error| StartError::Bind {
+        setting: "admin.listen",
+        addr,
+        error,
+    };
     let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
     listener.set_nonblocking(true).map_err(bind_error)?;
     tokio::net::TcpListener::from_std(listener).map_err(bind_error)
