@@ -181,19 +181,29 @@ impl Raw {
     }
 }
 
-/// The `gateway` binary of this build (beside the test executables' `deps` directory;
-/// `cargo test --workspace` builds it).
+/// The `gateway` binary of this build (`cargo test --workspace` builds it).
 pub fn gateway_binary() -> std::path::PathBuf {
+    built("gateway")
+}
+
+/// The `hello` example of the client library (`cargo test --workspace` builds it).
+pub fn hello_example() -> std::path::PathBuf {
+    built("examples/hello")
+}
+
+/// A program of this build, by its path under the target profile directory (the
+/// parent of the test executables' `deps`).
+fn built(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(std::path::Path::parent)
         .expect("target directory");
-    let binary = dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    let program = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
-        binary.exists(),
-        "{} is missing: build it with `cargo build -p gateway`",
-        binary.display()
+        program.exists(),
+        "{} is missing: build the workspace's binaries and examples (cargo test --workspace does)",
+        program.display()
     );
-    binary
+    program
 }
