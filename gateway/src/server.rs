@@ -447,9 +447,23 @@ pub fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::n
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
-    // The kernel caps these; a smaller buffer than asked is not an error.
+    // The kernel caps these (net.core.rmem_max, wmem_max); a smaller buffer than
+    // asked is not an error, but worth telling: bursts then drop packets.
     let _ = socket.set_recv_buffer_size(buffer_bytes);
     let _ = socket.set_send_buffer_size(buffer_bytes);
+    let granted = (socket.recv_buffer_size(), socket.send_buffer_size());
+    if let (Ok(receive), Ok(send)) = granted {
+        // Linux reports twice what it grants (the doubling covers its bookkeeping).
+        if receive.min(send) / 2 < buffer_bytes {
+            warn!(
+                asked = buffer_bytes,
+                receive, send,
+                "UDP socket buffers smaller than transport.socket_buffer_bytes; raise net.core.rmem_max and wmem_max (see DEPLOYMENT.md)"
+            );
+        } else {
+            info!(receive, send, "UDP socket buffers");
+        }
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
@@ -662,8 +676,13 @@ async fn serve_connection(
     let session = match first {
         Ok(Some(Frame::Login(login))) => {
             let result = shared.login(conn_id, source, &login).await;
-            if let Err(Frame::LoginRejected(rejected)) = &result {
-                info!(%source, api_key = login.api_key_id, reason = ?rejected.reason, "login refused");
+            match &result {
+                Ok(session) => {
+                    info!(session = lock(session).id(), %source, api_key = login.api_key_id, "login");
+                }
+                Err(answer) => {
+                    info!(%source, api_key = login.api_key_id, reason = answer_reason(answer).name(), "login refused");
+                }
             }
             shared
                 .metrics
@@ -673,7 +692,7 @@ async fn serve_connection(
         Ok(Some(Frame::Resume(resume))) => {
             let result = shared.resume(conn_id, source, &resume);
             if let Err(answer) = &result {
-                info!(%source, reason = ?answer_reason(answer), "resume refused");
+                info!(%source, reason = answer_reason(answer).name(), "resume refused");
             }
             shared
                 .metrics
@@ -705,6 +724,13 @@ async fn serve_connection(
         send,
     ));
     read_loop(&shared, &session, conn_id, &conn, recv, buf).await;
+    let session_id = lock(&session).id();
+    match conn.closing() {
+        Some(reason) => {
+            info!(session = session_id, %source, reason = reason.name(), "disconnected by the gateway")
+        }
+        None => info!(session = session_id, %source, "disconnected"),
+    }
     shared
         .registry
         .connection_lost(&session, conn_id, Timestamp::now());
@@ -1152,7 +1178,6 @@ impl Shared {
         );
         self.execute(actions);
         let new = new?;
-        info!(session = new.session_id, account = grant.account, "login");
         Ok(new.session)
     }
 
@@ -1171,7 +1196,7 @@ impl Shared {
         self.execute(actions);
         match result {
             Ok(session) => {
-                debug!(session = lock(&session).id(), "resume");
+                info!(session = lock(&session).id(), %source, "resume");
                 Ok(session)
             }
             Err(reason) => {
