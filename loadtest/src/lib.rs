@@ -27,7 +27,7 @@ use gateway::config::Config;
 use gateway::server::{Gateway, Setup};
 use gateway_client::{Client, ClientConfig, ClientError, Credentials, Event, OrderParams};
 use hdrhistogram::Histogram;
-use proto::{Frame, OrderType, Side, TimeInForce};
+use proto::{Frame, OrderType, ReasonCode, Side, TimeInForce};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -333,8 +333,22 @@ pub struct Ratios {
 /// What a run found and measured.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
+    /// The loadtest's version.
+    pub version: &'static str,
+    /// When the run started, Unix milliseconds.
+    pub started_unix_ms: u64,
+    /// The gateway: `in-process` or its address.
+    pub target: String,
     /// Sessions.
     pub sessions: usize,
+    /// Unanswered requests per session at most.
+    pub window: usize,
+    /// Seed of the order flow and chaos choices.
+    pub seed: u64,
+    /// Forced disconnect interval, milliseconds (0: no chaos).
+    pub chaos_interval_ms: u64,
+    /// Working orders the accounts had from before the run, cancelled first.
+    pub leftover_orders_cancelled: u64,
     /// Offered orders per second (0: window-limited).
     pub rate: u64,
     /// Sending time, seconds.
@@ -347,6 +361,8 @@ pub struct Report {
     pub acks: u64,
     /// `Reject`s received.
     pub rejects: u64,
+    /// `Reject`s by reason.
+    pub rejects_by_reason: BTreeMap<String, u64>,
     /// `Fill`s received (both sides counted).
     pub fills: u64,
     /// `Cancelled`s received.
@@ -492,6 +508,8 @@ impl SessionBook {
 
 /// Counters and histograms of the run.
 struct Tally {
+    /// Set when the run logs its sessions out: their end is expected.
+    logging_out: bool,
     verifier: Verifier,
     books: Vec<SessionBook>,
     ack_latency: Histogram<u64>,
@@ -510,6 +528,7 @@ struct Counts {
     cancels_sent: u64,
     acks: u64,
     rejects: u64,
+    rejects_by_reason: BTreeMap<String, u64>,
     fills: u64,
     cancelled: u64,
     resumes: u64,
@@ -545,6 +564,11 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             options.replay_messages
         )));
     }
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        });
     let target = match options.remote.clone() {
         Some(remote) => Target {
             addr: remote.addr,
@@ -577,15 +601,27 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             None
         };
         let addr = relay.as_ref().map_or(target.addr, |r| r.addr);
+        let mut config = client_config(&target, credentials.clone(), addr);
+        // Logging out at the end cancels what the session still has working, so the
+        // next run against the same gateway starts from a clean book.
+        config.cancel_on_disconnect = proto::CancelOnDisconnect::CancelAll;
+        config.cod_grace = LOAD_SESSION_COD_GRACE;
         let started = Instant::now();
-        let (client, events) =
-            Client::connect(client_config(&target, credentials.clone(), addr)).await?;
+        let (client, mut events) = Client::connect(config).await?;
         record(&mut login, started.elapsed());
-        sessions.push((index, *account, Arc::new(client), events, relay));
+        let start = clean_start(&client, &mut events).await?;
+        sessions.push((index, *account, Arc::new(client), events, relay, start));
     }
+    let run_order_ids = run_order_ids();
 
+    let mut verifier = Verifier::new(options.sessions);
+    let mut leftover_orders_cancelled = 0;
+    for (index, _, _, _, _, start) in &sessions {
+        verifier.start_after(*index, start.last_server_seq);
+        leftover_orders_cancelled += start.cancelled;
+    }
     let shared: Shared = Arc::new(parking_lot::Mutex::new(Tally {
-        verifier: Verifier::new(options.sessions),
+        verifier,
         books: (0..options.sessions)
             .map(|_| SessionBook::default())
             .collect(),
@@ -595,6 +631,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         resume: histogram(),
         blackhole: histogram(),
         counts: Counts::default(),
+        logging_out: false,
     }));
     let progress = progress_bar(&options);
     let started = Instant::now();
@@ -613,7 +650,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     let mut receivers = tokio::task::JoinSet::new();
     let mut clients = Vec::new();
     let mut relays = Vec::new();
-    for (index, account, client, events, relay) in sessions {
+    for (index, account, client, events, relay, _) in sessions {
         let Some(ticks) = ticks.next() else { break };
         let rng = StdRng::seed_from_u64(
             options
@@ -626,8 +663,11 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             Arc::clone(&client),
             Arc::clone(&shared),
             ticks,
-            deadline,
-            options.window,
+            SendLimits {
+                deadline,
+                window: options.window,
+                first_order_id: run_order_ids,
+            },
             rng,
         ));
         receivers.spawn(receive_events(index, events, Arc::clone(&shared)));
@@ -677,6 +717,10 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     if let Some(ticker) = ticker {
         let _ = ticker.await;
     }
+    status(
+        &progress,
+        "sending done; waiting for the last answers and resumes",
+    );
     // Wait for every answer (and the clients' resumes after the last chaos events).
     let drained = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -702,6 +746,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         // The flood's address is this one: wait for its failure window to pass.
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
+    status(&progress, "comparing final order states with the engine's");
     // The engine's view of every account, from a fresh login's snapshot.
     for (index, (account, _)) in clients.iter().enumerate() {
         let credentials = target
@@ -717,14 +762,38 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         {
             lock(&shared).verifier.compare_final(index, &orders);
         }
-        let _ = observer.logout();
+        log_out(&observer, &mut events).await;
     }
-    if let Some(bar) = &progress {
-        bar.finish_and_clear();
+    status(&progress, "logging the sessions out");
+    // Log the load sessions out: cancel-on-disconnect cancels what they have working,
+    // and no session is left waiting for a resume.
+    lock(&shared).logging_out = true;
+    for (_, client) in &clients {
+        let _ = client.logout();
+    }
+    let logged_out = tokio::time::timeout(Duration::from_secs(10), async {
+        while receivers.join_next().await.is_some() {}
+    })
+    .await;
+    if logged_out.is_err() {
+        lock(&shared)
+            .verifier
+            .violation("sessions still live 10 s after logging out".into());
     }
     drop(clients);
     drop(relays);
     receivers.abort_all();
+    if let Some(bar) = &progress {
+        bar.finish_and_clear();
+    }
+
+    let measuring = target.gateway.is_some() && options.replay_messages > 0;
+    if measuring && options.progress {
+        eprintln!(
+            "measuring the replay of {} missed messages, then 50 quiet login/resume cycles",
+            options.replay_messages
+        );
+    }
 
     let (replay, cycles) = match (&target.gateway, options.replay_messages) {
         (Some(_), messages) if messages > 0 => (
@@ -759,13 +828,26 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         let tally = lock(&shared);
         let answers = tally.verifier.checks().answers;
         Report {
+            version: env!("CARGO_PKG_VERSION"),
+            started_unix_ms,
+            target: options
+                .remote
+                .as_ref()
+                .map_or_else(|| "in-process".to_string(), |r| r.addr.to_string()),
             sessions: options.sessions,
+            window: options.window,
+            seed: options.seed,
+            chaos_interval_ms: options
+                .chaos_interval
+                .map_or(0, |i| u64::try_from(i.as_millis()).unwrap_or(u64::MAX)),
+            leftover_orders_cancelled,
             rate: options.rate,
             duration_s: send_elapsed.as_secs_f64(),
             orders_sent: tally.counts.orders_sent,
             cancels_sent: tally.counts.cancels_sent,
             acks: tally.counts.acks,
             rejects: tally.counts.rejects,
+            rejects_by_reason: tally.counts.rejects_by_reason.clone(),
             fills: tally.counts.fills,
             cancelled: tally.counts.cancelled,
             disconnects: tally.counts.disconnects.clean
@@ -805,6 +887,9 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     }
 
     if options.baseline {
+        if options.progress {
+            eprintln!("running the bare-QUIC echo baseline with the same settings");
+        }
         let baseline = baseline::run(BaselineOptions {
             connections: options.sessions,
             rate: options.rate,
@@ -839,6 +924,13 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     Ok(report)
 }
 
+/// Shows what the run is doing on the progress bar's message line.
+fn status(progress: &Option<indicatif::ProgressBar>, what: &'static str) {
+    if let Some(bar) = progress {
+        bar.set_message(what);
+    }
+}
+
 fn progress_bar(options: &Options) -> Option<indicatif::ProgressBar> {
     options.progress.then(|| {
         let bar = indicatif::ProgressBar::new(options.duration.as_secs().max(1));
@@ -859,11 +951,15 @@ async fn send_orders(
     client: Arc<Client>,
     shared: Shared,
     mut ticks: Ticks,
-    deadline: Instant,
-    window: usize,
+    limits: SendLimits,
     mut rng: StdRng,
 ) {
-    let mut next_order_id = 1u64;
+    let SendLimits {
+        deadline,
+        window,
+        first_order_id,
+    } = limits;
+    let mut next_order_id = first_order_id;
     while let Some(intended) = ticks.next().await {
         // Window-limited mode: wait for answers rather than queue without bound.
         while lock(&shared).verifier.unanswered(index) >= window {
@@ -933,7 +1029,14 @@ async fn receive_events(
                         tally.counts.acks += 1;
                         tally.books[index].working.push_back(ack.client_order_id);
                     }
-                    Frame::Reject(_) => tally.counts.rejects += 1,
+                    Frame::Reject(reject) => {
+                        tally.counts.rejects += 1;
+                        *tally
+                            .counts
+                            .rejects_by_reason
+                            .entry(reject.reason.name().to_string())
+                            .or_default() += 1;
+                    }
                     Frame::Fill(fill) => {
                         tally.counts.fills += 1;
                         if fill.leaves_quantity == 0 {
@@ -978,6 +1081,7 @@ async fn receive_events(
                     record(histogram, now.saturating_duration_since(at));
                 }
             }
+            Event::Ended(ReasonCode::LoggedOut) if tally.logging_out => return,
             Event::Ended(reason) => {
                 tally
                     .verifier
@@ -1039,8 +1143,110 @@ async fn chaos_loop(
 }
 
 /// Client order ids of the replay measurement, clear of the load sessions' own
-/// (the accounts may still have working orders from the run).
-const REPLAY_ORDER_IDS: u64 = 1 << 40;
+/// (see [`run_order_ids`]).
+const REPLAY_ORDER_IDS: u64 = 1 << 62;
+
+/// How long a load session may stay disconnected before its orders are cancelled:
+/// longer than any outage the chaos makes, so only the final logout cancels.
+const LOAD_SESSION_COD_GRACE: Duration = Duration::from_secs(10);
+
+/// The first client order id of this run's load sessions: different for every run,
+/// so a run never reuses an id an earlier run's order may still hold.
+fn run_order_ids() -> u64 {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    // 2^28 runs' worth of distinct prefixes, each leaving 2^32 ids.
+    let prefix = u64::try_from(millis % ((1 << 28) - 1)).unwrap_or(0) + 1;
+    prefix << 32
+}
+
+/// Where a session's sending stops and where its order ids start.
+struct SendLimits {
+    deadline: Instant,
+    window: usize,
+    first_order_id: u64,
+}
+
+/// Where a session's own checks start, after [`clean_start`].
+struct CleanStart {
+    /// The last server sequence the set-up consumed.
+    last_server_seq: u64,
+    /// Working orders left from before the run, cancelled.
+    cancelled: u64,
+}
+
+/// Cancels the working orders the session's account still has from before the run
+/// (an earlier run that did not finish, say), as its login snapshot lists them, and
+/// waits for the answers.
+async fn clean_start(
+    client: &Client,
+    events: &mut tokio::sync::mpsc::Receiver<Event>,
+) -> Result<CleanStart, RunError> {
+    let failed = |what: String| RunError::Setup(format!("clearing earlier orders: {what}"));
+    let wait = Duration::from_secs(10);
+    let orders = match tokio::time::timeout(wait, events.recv()).await {
+        Ok(Some(Event::Snapshot { orders, .. })) => orders,
+        other => {
+            return Err(failed(format!(
+                "expected the login snapshot, got {other:?}"
+            )))
+        }
+    };
+    let mut waiting = HashSet::new();
+    for order in orders.iter().filter(|order| order.leaves_quantity > 0) {
+        waiting.insert(client.cancel(order.client_order_id)?);
+    }
+    let cancelled = waiting.len() as u64;
+    let mut last_server_seq = 0;
+    while !waiting.is_empty() {
+        match tokio::time::timeout(wait, events.recv()).await {
+            Ok(Some(Event::Message(frame))) => {
+                last_server_seq = frame.server_seq().unwrap_or(last_server_seq);
+                if let Some(client_seq) = answered_client_seq(&frame) {
+                    waiting.remove(&client_seq);
+                }
+            }
+            Ok(Some(Event::Ended(reason))) => {
+                return Err(failed(format!("the session ended: {reason:?}")))
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                return Err(failed(format!("{} cancels unanswered", waiting.len())))
+            }
+        }
+    }
+    Ok(CleanStart {
+        last_server_seq,
+        cancelled,
+    })
+}
+
+/// The client sequence a server message answers, if it is an answer.
+fn answered_client_seq(frame: &Frame) -> Option<u64> {
+    match *frame {
+        Frame::OrderAck(ack) => Some(ack.client_seq),
+        Frame::Reject(reject) => Some(reject.client_seq),
+        Frame::Cancelled(cancelled) => (cancelled.client_seq != 0).then_some(cancelled.client_seq),
+        Frame::Replaced(replaced) => Some(replaced.client_seq),
+        _ => None,
+    }
+}
+
+/// Logs a client out and waits (briefly) for the gateway's goodbye.
+async fn log_out(client: &Client, events: &mut tokio::sync::mpsc::Receiver<Event>) {
+    if client.logout().is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = events.recv().await {
+            if matches!(event, Event::Ended(_)) {
+                return;
+            }
+        }
+    })
+    .await;
+}
 
 /// What the flood saw.
 #[derive(Debug, Default)]

@@ -115,14 +115,50 @@ fn remote(cli: &Cli) -> anyhow::Result<Option<RemoteGateway>> {
     }))
 }
 
+/// A duration given in microseconds, in the unit that reads best.
+fn time(us: f64) -> String {
+    if us >= 1e6 {
+        format!("{:.2} s", us / 1e6)
+    } else if us >= 10e3 {
+        format!("{:.0} ms", us / 1e3)
+    } else if us >= 1e3 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
 fn summary(report: &Report) {
     let l = &report.ack_latency_us;
     println!(
-        "sessions {}  rate {}/s  duration {:.1}s",
-        report.sessions, report.rate, report.duration_s
+        "{} sessions against {}, offered {}, {:.1} s",
+        report.sessions,
+        report.target,
+        if report.rate == 0 {
+            format!("as fast as {} unanswered per session allow", report.window)
+        } else {
+            format!("{}/s", report.rate)
+        },
+        report.duration_s
     );
+    if report.leftover_orders_cancelled > 0 {
+        println!(
+            "cancelled {} working orders the accounts had from before the run",
+            report.leftover_orders_cancelled
+        );
+    }
+    let rejects = if report.rejects_by_reason.is_empty() {
+        String::new()
+    } else {
+        let reasons: Vec<String> = report
+            .rejects_by_reason
+            .iter()
+            .map(|(reason, count)| format!("{reason} {count}"))
+            .collect();
+        format!(" ({})", reasons.join(", "))
+    };
     println!(
-        "sent {} orders, {} cancels; received {} acks, {} rejects, {} fills, {} cancelled",
+        "sent {} orders, {} cancels; received {} acks, {} rejects{rejects}, {} fills, {} cancelled",
         report.orders_sent,
         report.cancels_sent,
         report.acks,
@@ -131,23 +167,52 @@ fn summary(report: &Report) {
         report.cancelled
     );
     println!(
-        "order→answer µs: p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}   throughput {:.0}/s",
-        l.p50, l.p90, l.p99, l.p999, l.max, report.throughput_orders_per_s
+        "order→answer: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}   throughput {:.0}/s",
+        time(l.p50),
+        time(l.p90),
+        time(l.p99),
+        time(l.p999),
+        time(l.max),
+        report.throughput_orders_per_s
     );
+    #[allow(clippy::cast_precision_loss)]
+    let offered = report.rate as f64;
+    if report.rate > 0 && report.throughput_orders_per_s < 0.95 * offered {
+        println!(
+            "WARNING: offered {}/s but answered {:.0}/s: the gateway or this load client was saturated, and the latency above includes the queueing",
+            report.rate, report.throughput_orders_per_s
+        );
+    }
     println!(
-        "login {:.2} ms (p50)   resume {:.2} ms (p50 of {})   blackhole recovery {:.0} ms",
-        report.login_ms, report.resume_ms, report.resume_us.count, report.blackhole_recovery_ms
+        "login {} (p50 of {})",
+        time(report.login_us.p50),
+        report.login_us.count
     );
-    println!(
-        "disconnects {} (clean {}, abrupt {}, blackhole {}), resumes {}, replayed {} messages, {} snapshot resumes",
-        report.disconnects,
-        report.disconnects_by_mode.clean,
-        report.disconnects_by_mode.abrupt,
-        report.disconnects_by_mode.blackhole,
-        report.resumes,
-        report.messages_replayed,
-        report.snapshot_resumes
-    );
+    if report.disconnects > 0 {
+        println!(
+            "disconnects {} (clean {}, abrupt {}, blackhole {}), resumes {}, replayed {} messages, {} snapshot resumes",
+            report.disconnects,
+            report.disconnects_by_mode.clean,
+            report.disconnects_by_mode.abrupt,
+            report.disconnects_by_mode.blackhole,
+            report.resumes,
+            report.messages_replayed,
+            report.snapshot_resumes
+        );
+    }
+    if report.resume_us.count > 0 {
+        println!(
+            "resume after a clean or abrupt disconnect: {} (p50 of {})",
+            time(report.resume_us.p50),
+            report.resume_us.count
+        );
+    }
+    if report.disconnects_by_mode.blackhole > 0 {
+        println!(
+            "blackhole recovery: {} (p50; the path goes silent, so this includes the client's idle timeout before it reconnects)",
+            time(report.blackhole_recovery_ms * 1e3)
+        );
+    }
     if !report.closed_by_gateway.is_empty() {
         let closes: Vec<String> = report
             .closed_by_gateway

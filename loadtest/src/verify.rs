@@ -20,6 +20,9 @@ pub struct Checks {
     pub trades: u64,
     /// Orders whose final state was compared with the engine's.
     pub final_states: u64,
+    /// Fills and cancels of orders this run did not place (an account's orders from
+    /// before the run): not checked.
+    pub foreign: u64,
 }
 
 /// One client order as the load client sees it.
@@ -179,11 +182,14 @@ impl Verifier {
     }
 
     fn fill(&mut self, session: usize, fill: &Fill) {
-        if let Some(order) = self.sessions[session].orders.get_mut(&fill.client_order_id) {
-            order.filled += fill.quantity;
-            order.leaves = fill.leaves_quantity;
-            order.done = fill.leaves_quantity == 0;
-        }
+        let Some(order) = self.sessions[session].orders.get_mut(&fill.client_order_id) else {
+            // Not an order of this run: its other side may be anyone's.
+            self.checks.foreign += 1;
+            return;
+        };
+        order.filled += fill.quantity;
+        order.leaves = fill.leaves_quantity;
+        order.done = fill.leaves_quantity == 0;
         let sides = self.trades.entry(fill.trade_id).or_default();
         sides.push(TradeSide {
             session,
@@ -191,6 +197,12 @@ impl Verifier {
             price: fill.price,
             quantity: fill.quantity,
         });
+    }
+
+    /// Messages of session `session` up to `server_seq` were the run's set-up: checks
+    /// start after them.
+    pub fn start_after(&mut self, session: usize, server_seq: u64) {
+        self.sessions[session].last_server_seq = server_seq;
     }
 
     /// A snapshot replaced the session's order state (beyond the replay window).

@@ -87,6 +87,22 @@ impl TestGateway {
         }
     }
 
+    /// This gateway as `loadtest` targets a gateway elsewhere, with `accounts`'
+    /// credentials.
+    pub fn as_remote(&self, accounts: u64) -> loadtest::RemoteGateway {
+        loadtest::RemoteGateway {
+            addr: self.addr,
+            cert: self.cert.clone(),
+            keys: (1..=accounts)
+                .map(|account| {
+                    let credentials = Credentials::from_seed(1_000 + account, &seed(account))
+                        .expect("credentials");
+                    (account, credentials)
+                })
+                .collect(),
+        }
+    }
+
     /// Client settings for `account`, connecting to `addr` (the gateway or a relay).
     pub fn client_config(&self, account: u64, addr: SocketAddr) -> ClientConfig {
         let credentials =
