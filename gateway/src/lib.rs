@@ -26,5 +26,6 @@ pub mod registry;
 pub mod ring;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod time;
 pub mod token;

@@ -51,9 +51,14 @@ struct Cli {
     /// repeatable. Also read, `;`-separated, from GATEWAY_SET.
     #[arg(short, long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Print the effective configuration as TOML and exit.
+    /// Print the effective configuration as TOML, every setting described and unset
+    /// ones commented out, and exit.
     #[arg(long)]
     print_config: bool,
+    /// Print the settings reference (SETTINGS.md: every setting, default and
+    /// description) and exit.
+    #[arg(long)]
+    settings_reference: bool,
     /// Allow the development certificate and demo accounts on an address beyond
     /// loopback (refused otherwise, so they never reach production by mistake).
     #[arg(long, env = "GATEWAY_DEV")]
@@ -369,7 +374,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         return admin(&config, operation, address.as_deref());
     }
     if cli.print_config {
-        print!("{}", toml::to_string_pretty(&config)?);
+        print!("{}", gateway::settings::commented_toml(&config));
+        return Ok(());
+    }
+    if cli.settings_reference {
+        print!("{}", gateway::settings::reference());
         return Ok(());
     }
     init_logging(&config)?;
