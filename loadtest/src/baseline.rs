@@ -18,6 +18,8 @@ use crate::{Percentiles, RunError, Ticks};
 pub struct BaselineReport {
     /// Echo round trip from the intended send time.
     pub echo_rtt_us: Percentiles,
+    /// The same as a percentile curve.
+    pub echo_rtt_curve: Vec<crate::CurvePoint>,
     /// Echoes completed per second.
     pub echo_throughput_per_s: f64,
     /// Median time to complete a QUIC handshake (connect to established).
@@ -156,6 +158,7 @@ pub async fn run(options: BaselineOptions) -> Result<BaselineReport, RunError> {
     let histogram = histogram.lock().unwrap_or_else(PoisonError::into_inner);
     Ok(BaselineReport {
         echo_rtt_us: Percentiles::of(&histogram),
+        echo_rtt_curve: crate::curve(&histogram),
         echo_throughput_per_s: completed as f64 / elapsed,
         handshake_ms: handshakes.value_at_quantile(0.5) as f64 / 1_000.0,
         handshake_us: Percentiles::of(&handshakes),

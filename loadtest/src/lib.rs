@@ -14,6 +14,7 @@
 //! - [`relay`]: the UDP relay that makes connections vanish.
 
 pub mod baseline;
+pub mod html;
 pub mod relay;
 pub mod verify;
 
@@ -148,6 +149,68 @@ impl Percentiles {
             count: histogram.len(),
         }
     }
+}
+
+/// Where a latency distribution stands at each of [`CURVE_QUANTILES`], for the
+/// percentile curve of the HTML report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CurvePoint {
+    /// The quantile (0.5 is the median).
+    pub quantile: f64,
+    /// Latency at it, microseconds.
+    pub us: f64,
+}
+
+/// Quantiles of the percentile curves: denser towards the tail.
+pub const CURVE_QUANTILES: [f64; 12] = [
+    0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0,
+];
+
+/// The percentile curve of a histogram of microseconds.
+pub fn curve(histogram: &Histogram<u64>) -> Vec<CurvePoint> {
+    if histogram.is_empty() {
+        return Vec::new();
+    }
+    CURVE_QUANTILES
+        .iter()
+        .map(|&quantile| CurvePoint {
+            quantile,
+            us: histogram.value_at_quantile(quantile) as f64,
+        })
+        .collect()
+}
+
+/// Latency of the requests intended within one slice of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TimelinePoint {
+    /// Start of the slice, seconds from the run's start.
+    pub t_s: f64,
+    /// Requests answered.
+    pub count: u64,
+    /// Median latency, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+}
+
+/// A forced disconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ChaosEvent {
+    /// When, seconds from the run's start.
+    pub t_s: f64,
+    /// `clean`, `abrupt` or `blackhole`.
+    pub mode: &'static str,
+}
+
+/// Width of a timeline slice.
+const TIMELINE_SLICE: Duration = Duration::from_millis(250);
+
+/// Slices kept (an hour's worth); later requests count in the last.
+const MAX_TIMELINE_SLICES: usize = 14_400;
+
+/// A slice's histogram: two significant digits are plenty for a plot.
+fn slice_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("constant bounds are valid")
 }
 
 /// A histogram of microseconds up to a minute.
@@ -389,6 +452,12 @@ pub struct Report {
     pub checks: Checks,
     /// Order (and cancel) to answer, from the intended send time.
     pub ack_latency_us: Percentiles,
+    /// The same as a percentile curve.
+    pub ack_latency_curve: Vec<CurvePoint>,
+    /// The same over the run, in slices of 250 ms by intended send time.
+    pub timeline: Vec<TimelinePoint>,
+    /// The forced disconnects, in order.
+    pub chaos_events: Vec<ChaosEvent>,
     /// Answers per second over the run.
     pub throughput_orders_per_s: f64,
     /// Median full login (connect, handshake, login, accepted).
@@ -508,6 +577,12 @@ impl SessionBook {
 
 /// Counters and histograms of the run.
 struct Tally {
+    /// When sending started.
+    started: Instant,
+    /// Latency by slice of intended send time ([`TIMELINE_SLICE`]).
+    timeline: Vec<Histogram<u64>>,
+    /// Forced disconnects.
+    chaos_events: Vec<ChaosEvent>,
     /// Set when the run logs its sessions out: their end is expected.
     logging_out: bool,
     verifier: Verifier,
@@ -621,6 +696,9 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         leftover_orders_cancelled += start.cancelled;
     }
     let shared: Shared = Arc::new(parking_lot::Mutex::new(Tally {
+        started: Instant::now(),
+        timeline: Vec::new(),
+        chaos_events: Vec::new(),
         verifier,
         books: (0..options.sessions)
             .map(|_| SessionBook::default())
@@ -635,6 +713,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     }));
     let progress = progress_bar(&options);
     let started = Instant::now();
+    lock(&shared).started = started;
     let deadline = started + options.duration;
     let midpoint = started + options.duration / 2;
     lock(&shared).phase_latency = options.flood.then(|| (midpoint, histogram(), histogram()));
@@ -862,6 +941,20 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             violation_samples: tally.verifier.samples().to_vec(),
             checks: tally.verifier.checks().clone(),
             ack_latency_us: Percentiles::of(&tally.ack_latency),
+            ack_latency_curve: curve(&tally.ack_latency),
+            timeline: tally
+                .timeline
+                .iter()
+                .enumerate()
+                .filter(|(_, slice)| !slice.is_empty())
+                .map(|(index, slice)| TimelinePoint {
+                    t_s: index as f64 * TIMELINE_SLICE.as_secs_f64(),
+                    count: slice.len(),
+                    p50_us: slice.value_at_quantile(0.5) as f64,
+                    p99_us: slice.value_at_quantile(0.99) as f64,
+                })
+                .collect(),
+            chaos_events: tally.chaos_events.clone(),
             throughput_orders_per_s: answers as f64
                 / tally
                     .last_answer
@@ -1053,6 +1146,18 @@ async fn receive_events(
                     if let Some(intended) = tally.books[index].intended.remove(&seq) {
                         let latency = now.saturating_duration_since(intended);
                         record(&mut tally.ack_latency, latency);
+                        let slice = usize::try_from(
+                            intended
+                                .saturating_duration_since(tally.started)
+                                .as_millis()
+                                / TIMELINE_SLICE.as_millis(),
+                        )
+                        .unwrap_or(usize::MAX)
+                        .min(MAX_TIMELINE_SLICES);
+                        if tally.timeline.len() <= slice {
+                            tally.timeline.resize_with(slice + 1, slice_histogram);
+                        }
+                        record(&mut tally.timeline[slice], latency);
                         if let Some((midpoint, quiet, flooded)) = &mut tally.phase_latency {
                             record(if intended < *midpoint { quiet } else { flooded }, latency);
                         }
@@ -1116,6 +1221,15 @@ async fn chaos_loop(
                 continue;
             }
             tally.books[index].chaos = Some((Instant::now(), mode));
+            let t_s = tally.started.elapsed().as_secs_f64();
+            tally.chaos_events.push(ChaosEvent {
+                t_s,
+                mode: match mode {
+                    ChaosMode::Clean => "clean",
+                    ChaosMode::Abrupt => "abrupt",
+                    ChaosMode::Blackhole => "blackhole",
+                },
+            });
             let counts = &mut tally.counts.disconnects;
             match mode {
                 ChaosMode::Clean => counts.clean += 1,

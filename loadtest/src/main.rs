@@ -85,6 +85,10 @@ struct Cli {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the report as a self-contained HTML page here (charts of the latency
+    /// percentiles and of latency over the run, counters).
+    #[arg(long)]
+    html: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -339,6 +343,10 @@ fn main() -> ExitCode {
         let report = runtime.block_on(loadtest::run(options))?;
         if let Some(path) = &cli.json {
             std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| path.display().to_string())?;
+        }
+        if let Some(path) = &cli.html {
+            std::fs::write(path, loadtest::html::page(&report))
                 .with_context(|| path.display().to_string())?;
         }
         Ok(report)
