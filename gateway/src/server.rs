@@ -559,7 +559,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
                 continue;
             }
             Admission::Refuse(why) => {
-                debug!(%remote, why, "refusing connection");
+                info!(%remote, why, "connection refused before the handshake");
                 shared.metrics.refused(why);
                 incoming.refuse();
                 continue;
