@@ -465,7 +465,17 @@ pub fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::n
         }
     }
     socket.bind(&addr.into())?;
-    Ok(socket.into())
+    let socket: std::net::UdpSocket = socket.into();
+    // Batching in the kernel: one send call for several packets (GSO), one receive
+    // for several (GRO). Without them every packet costs a system call.
+    if let Ok(state) = quinn::udp::UdpSocketState::new((&socket).into()) {
+        info!(
+            gso_segments = state.max_gso_segments(),
+            gro_segments = state.gro_segments(),
+            "UDP offloads (1 means none)"
+        );
+    }
+    Ok(socket)
 }
 
 /// QUIC application error code for a reason.

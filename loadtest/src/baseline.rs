@@ -26,6 +26,10 @@ pub struct BaselineReport {
     pub handshake_ms: f64,
     /// Handshake distribution, microseconds.
     pub handshake_us: Percentiles,
+    /// The echo server's CPU time per echoed message, when it ran in its own process.
+    pub echo_server_cpu_us_per_msg: Option<f64>,
+    /// Its context switches per echoed message, likewise.
+    pub echo_server_context_switches_per_msg: Option<f64>,
 }
 
 /// Settings of one baseline run.
@@ -43,10 +47,14 @@ pub struct BaselineOptions {
     pub payload: usize,
     /// Sequential handshakes to time.
     pub handshakes: usize,
+    /// Run the echo server in its own process (as a gateway measured from outside
+    /// runs), on this core if given; `None` runs it in this process.
+    pub separate_process: Option<Option<usize>>,
 }
 
-/// An echo server on loopback; returns it and the certificate to trust.
-fn echo_server(
+/// An echo server on loopback; returns it and the certificate to trust. The
+/// `--echo-server` mode of the binary runs one as its own process.
+pub fn echo_server(
     socket_buffer: usize,
 ) -> Result<(quinn::Endpoint, CertificateDer<'static>), RunError> {
     let setup = |e: &dyn std::fmt::Display| RunError::Setup(format!("echo server: {e}"));
@@ -105,8 +113,18 @@ fn client_config(
 /// Runs the baseline.
 pub async fn run(options: BaselineOptions) -> Result<BaselineReport, RunError> {
     let connect_error = |e: &dyn std::fmt::Display| RunError::Setup(format!("echo client: {e}"));
-    let (server, cert) = echo_server(4 << 20)?;
-    let addr = server.local_addr().map_err(|e| connect_error(&e))?;
+    let (in_process, process) = match options.separate_process {
+        Some(core) => (None, Some(crate::process::EchoProcess::spawn(core)?)),
+        None => (Some(echo_server(4 << 20)?), None),
+    };
+    let (addr, cert) = match (&in_process, &process) {
+        (Some((server, cert)), _) => (
+            server.local_addr().map_err(|e| connect_error(&e))?,
+            cert.clone(),
+        ),
+        (None, Some(process)) => (process.addr, process.cert.clone()),
+        (None, None) => unreachable!("one of the two is set"),
+    };
     let config = client_config(addr, cert)?;
 
     let endpoint = gateway_client::client_endpoint(&config).map_err(|e| connect_error(&e))?;
@@ -132,6 +150,12 @@ pub async fn run(options: BaselineOptions) -> Result<BaselineReport, RunError> {
             .map_err(|e| connect_error(&e))?;
         links.push(link);
     }
+    let counters = |process: &Option<crate::process::EchoProcess>| {
+        process
+            .as_ref()
+            .and_then(|p| crate::process::ProcessCounters::read(p.pid()).ok())
+    };
+    let before = counters(&process);
     let started = Instant::now();
     let deadline = started + options.duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -154,9 +178,18 @@ pub async fn run(options: BaselineOptions) -> Result<BaselineReport, RunError> {
         completed += done.unwrap_or(0);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    server.close(0u32.into(), b"done");
+    let cost = match (before, counters(&process)) {
+        (Some(before), Some(after)) => Some(after.per_unit_since(&before, completed)),
+        _ => None,
+    };
+    if let Some((server, _)) = &in_process {
+        server.close(0u32.into(), b"done");
+    }
+    drop(process);
     let histogram = histogram.lock().unwrap_or_else(PoisonError::into_inner);
     Ok(BaselineReport {
+        echo_server_cpu_us_per_msg: cost.map(|c| c.cpu_us),
+        echo_server_context_switches_per_msg: cost.map(|c| c.context_switches),
         echo_rtt_us: Percentiles::of(&histogram),
         echo_rtt_curve: crate::curve(&histogram),
         echo_throughput_per_s: completed as f64 / elapsed,

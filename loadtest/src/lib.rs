@@ -15,6 +15,7 @@
 
 pub mod baseline;
 pub mod html;
+pub mod process;
 pub mod relay;
 pub mod verify;
 
@@ -96,6 +97,13 @@ pub struct Options {
     /// Initial round-trip estimate of the load clients and of the in-process
     /// gateway; `None` keeps their defaults.
     pub initial_rtt: Option<Duration>,
+    /// The process id of the gateway being measured (on this machine), to report its
+    /// CPU time and context switches per order. With it, the baseline's echo server
+    /// runs in its own process too.
+    pub gateway_pid: Option<i32>,
+    /// The core the baseline's separate echo server runs on (`taskset`), as the
+    /// gateway's was pinned.
+    pub server_core: Option<usize>,
 }
 
 impl Default for Options {
@@ -111,10 +119,12 @@ impl Default for Options {
             progress: false,
             seed: 1,
             replay_messages: 1_000,
-            engine_mode: gateway::config::EngineMode::Thread,
+            engine_mode: gateway::config::EngineMode::Inline,
             flood: false,
             path: relay::Impairment::default(),
             initial_rtt: None,
+            gateway_pid: None,
+            server_core: None,
         }
     }
 }
@@ -391,6 +401,9 @@ pub struct Ratios {
     pub resume_vs_handshake_plus_rtt: f64,
     /// Login p50 ÷ resume p50.
     pub login_vs_resume: f64,
+    /// Gateway CPU per order ÷ echo server CPU per message, both in their own
+    /// process.
+    pub cpu_per_order_vs_echo_msg: Option<f64>,
 }
 
 /// What a run found and measured.
@@ -460,6 +473,10 @@ pub struct Report {
     pub chaos_events: Vec<ChaosEvent>,
     /// Answers per second over the run.
     pub throughput_orders_per_s: f64,
+    /// The gateway process's CPU time per answered request (`--gateway-pid`).
+    pub gateway_cpu_us_per_order: Option<f64>,
+    /// Its context switches per answered request, likewise.
+    pub gateway_context_switches_per_order: Option<f64>,
     /// Median full login (connect, handshake, login, accepted).
     pub login_ms: f64,
     /// Login distribution, microseconds.
@@ -712,6 +729,12 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         logging_out: false,
     }));
     let progress = progress_bar(&options);
+    let gateway_counters = || {
+        options
+            .gateway_pid
+            .and_then(|pid| process::ProcessCounters::read(pid).ok())
+    };
+    let gateway_before = gateway_counters();
     let started = Instant::now();
     lock(&shared).started = started;
     let deadline = started + options.duration;
@@ -817,6 +840,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         }
     })
     .await;
+    let gateway_after = gateway_counters();
     // Let fills triggered by the last orders reach their resting sides.
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock(&shared).verifier.finish();
@@ -906,6 +930,9 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     let mut report = {
         let tally = lock(&shared);
         let answers = tally.verifier.checks().answers;
+        let gateway_cost = gateway_before
+            .zip(gateway_after)
+            .map(|(before, after)| after.per_unit_since(&before, answers));
         Report {
             version: env!("CARGO_PKG_VERSION"),
             started_unix_ms,
@@ -942,6 +969,8 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             checks: tally.verifier.checks().clone(),
             ack_latency_us: Percentiles::of(&tally.ack_latency),
             ack_latency_curve: curve(&tally.ack_latency),
+            gateway_cpu_us_per_order: gateway_cost.map(|c| c.cpu_us),
+            gateway_context_switches_per_order: gateway_cost.map(|c| c.context_switches),
             timeline: tally
                 .timeline
                 .iter()
@@ -990,6 +1019,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             duration: options.duration,
             payload: proto::HEADER_LEN + proto::NewOrder::BODY_LEN,
             handshakes: 50,
+            separate_process: options.gateway_pid.map(|_| options.server_core),
         })
         .await?;
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -1011,6 +1041,10 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 baseline.handshake_ms + baseline.echo_rtt_us.p50 / 1_000.0,
             ),
             login_vs_resume: ratio(login_ms, resume_ms),
+            cpu_per_order_vs_echo_msg: report
+                .gateway_cpu_us_per_order
+                .zip(baseline.echo_server_cpu_us_per_msg)
+                .map(|(gateway, echo)| ratio(gateway, echo)),
         });
         report.baseline = Some(baseline);
     }
@@ -1849,4 +1883,104 @@ fn describe_losses(lost: &[Option<proto::ReasonCode>]) -> String {
         .map(|reason| reason.map_or("network".into(), |r| format!("{r:?}")))
         .collect::<Vec<String>>()
         .join(", ")
+}
+
+/// One offered rate of a sweep: the gateway and the bare echo, same run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SweepPoint {
+    /// Offered rate, per second.
+    pub rate: u64,
+    /// Gateway order→answer latency, microseconds.
+    pub gateway_us: Percentiles,
+    /// Echo round trip, microseconds.
+    pub echo_us: Percentiles,
+    /// Answers per second.
+    pub gateway_throughput_per_s: f64,
+    /// Echoes per second.
+    pub echo_throughput_per_s: f64,
+    /// Gateway CPU per order, when measured in its own process.
+    pub gateway_cpu_us_per_order: Option<f64>,
+    /// Echo server CPU per message, likewise.
+    pub echo_cpu_us_per_msg: Option<f64>,
+    /// Violations the run found.
+    pub violations: u64,
+}
+
+/// A sweep over offered rates, and where each side's tail gives way.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SweepReport {
+    /// Each rate, in the order run.
+    pub points: Vec<SweepPoint>,
+    /// The first rate at which the gateway's p99 passed twice its p99 at the lowest
+    /// rate (its knee); `None` if it never did.
+    pub gateway_knee: Option<u64>,
+    /// The same for the echo.
+    pub echo_knee: Option<u64>,
+}
+
+/// The first rate whose p99 passes twice the p99 of the lowest rate.
+pub fn knee(points: &[(u64, f64)]) -> Option<u64> {
+    let (_, base) = points.iter().min_by_key(|(rate, _)| *rate)?;
+    points
+        .iter()
+        .filter(|(_, p99)| *p99 > 2.0 * base)
+        .map(|(rate, _)| *rate)
+        .min()
+}
+
+/// Runs the gateway and the bare echo at each of `rates` (with `options`' other
+/// settings and the baseline on), lowest first.
+pub async fn sweep(options: Options, rates: &[u64]) -> Result<SweepReport, RunError> {
+    let mut rates = rates.to_vec();
+    rates.sort_unstable();
+    let mut points = Vec::with_capacity(rates.len());
+    for rate in rates {
+        let report = run(Options {
+            rate,
+            baseline: true,
+            replay_messages: 0,
+            ..options.clone()
+        })
+        .await?;
+        let baseline = report
+            .baseline
+            .as_ref()
+            .ok_or_else(|| RunError::Setup("the sweep needs the baseline".into()))?;
+        points.push(SweepPoint {
+            rate,
+            gateway_us: report.ack_latency_us,
+            echo_us: baseline.echo_rtt_us,
+            gateway_throughput_per_s: report.throughput_orders_per_s,
+            echo_throughput_per_s: baseline.echo_throughput_per_s,
+            gateway_cpu_us_per_order: report.gateway_cpu_us_per_order,
+            echo_cpu_us_per_msg: baseline.echo_server_cpu_us_per_msg,
+            violations: report.violations,
+        });
+    }
+    let series = |pick: fn(&SweepPoint) -> f64| -> Vec<(u64, f64)> {
+        points.iter().map(|p| (p.rate, pick(p))).collect()
+    };
+    Ok(SweepReport {
+        gateway_knee: knee(&series(|p| p.gateway_us.p99)),
+        echo_knee: knee(&series(|p| p.echo_us.p99)),
+        points,
+    })
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::knee;
+
+    #[test]
+    fn the_knee_is_the_first_rate_past_twice_the_low_load_p99() {
+        let points = [
+            (5_000, 200.0),
+            (10_000, 250.0),
+            (20_000, 450.0),
+            (40_000, 9_000.0),
+        ];
+        assert_eq!(knee(&points), Some(20_000));
+        assert_eq!(knee(&points[..2]), None);
+        assert_eq!(knee(&[]), None);
+    }
 }

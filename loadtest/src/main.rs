@@ -24,6 +24,23 @@ struct Cli {
     /// Client keys of its accounts, e.g. .gateway-dev/client-keys.toml.
     #[arg(long)]
     keys: Option<PathBuf>,
+    /// The gateway's process id (same machine): report its CPU time and context
+    /// switches per order, and run the baseline's echo server in its own process too.
+    #[arg(long, requires = "gateway")]
+    gateway_pid: Option<i32>,
+    /// Core to pin the baseline's own-process echo server to (as `taskset -c N`
+    /// pinned the gateway); run this load client with `taskset` on another core.
+    #[arg(long, requires = "gateway_pid")]
+    server_core: Option<usize>,
+    /// Run the gateway and the bare echo at each of these offered rates (orders per
+    /// second, comma-separated) and report where each one's p99 passes twice its p99
+    /// at the lowest rate.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<u64>,
+    /// Run only the bare-QUIC echo server on loopback, printing `ADDRESS CERT-HEX`,
+    /// until standard input closes (what the baseline starts as its own process).
+    #[arg(long, hide = true)]
+    echo_server: bool,
     /// Sessions, one per account.
     #[arg(long, default_value_t = 50)]
     sessions: usize,
@@ -61,7 +78,7 @@ struct Cli {
     replay: u64,
     /// Where the in-process gateway runs its engine: its own thread, or inline in
     /// the connection tasks.
-    #[arg(long, value_enum, default_value = "thread")]
+    #[arg(long, value_enum, default_value = "inline")]
     engine: EngineArg,
     /// Flood the gateway with bad logins during the second half of the run and
     /// compare the established sessions' latency of both halves.
@@ -132,6 +149,42 @@ fn time(us: f64) -> String {
     }
 }
 
+/// The sweep as a table, then the knees.
+fn print_sweep(sweep: &loadtest::SweepReport) {
+    println!("offered/s   gateway p50 / p99 (answered/s, CPU/order)   echo p50 / p99 (echoed/s, CPU/msg)");
+    let cpu = |value: Option<f64>| value.map_or_else(String::new, |v| format!(", {v:.1} µs"));
+    for p in &sweep.points {
+        println!(
+            "{:>9}   {} / {} ({:.0}{})   {} / {} ({:.0}{}){}",
+            p.rate,
+            time(p.gateway_us.p50),
+            time(p.gateway_us.p99),
+            p.gateway_throughput_per_s,
+            cpu(p.gateway_cpu_us_per_order),
+            time(p.echo_us.p50),
+            time(p.echo_us.p99),
+            p.echo_throughput_per_s,
+            cpu(p.echo_cpu_us_per_msg),
+            if p.violations > 0 {
+                format!("   VIOLATIONS: {}", p.violations)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let knee = |k: Option<u64>| {
+        k.map_or_else(
+            || "beyond the rates swept".to_string(),
+            |r| format!("{r}/s"),
+        )
+    };
+    println!(
+        "knee (p99 past twice its lowest-rate p99): gateway {}, echo {}",
+        knee(sweep.gateway_knee),
+        knee(sweep.echo_knee)
+    );
+}
+
 fn summary(report: &Report) {
     let l = &report.ack_latency_us;
     println!(
@@ -192,6 +245,14 @@ fn summary(report: &Report) {
         time(report.login_us.p50),
         report.login_us.count
     );
+    if let (Some(cpu), Some(switches)) = (
+        report.gateway_cpu_us_per_order,
+        report.gateway_context_switches_per_order,
+    ) {
+        println!(
+            "gateway process: {cpu:.1} µs of CPU and {switches:.2} context switches per order"
+        );
+    }
     if report.disconnects > 0 {
         println!(
             "disconnects {} (clean {}, abrupt {}, blackhole {}), resumes {}, replayed {} messages, {} snapshot resumes",
@@ -249,13 +310,33 @@ fn summary(report: &Report) {
             baseline.echo_throughput_per_s,
             baseline.handshake_ms
         );
+        if let (Some(cpu), Some(switches)) = (
+            baseline.echo_server_cpu_us_per_msg,
+            baseline.echo_server_context_switches_per_msg,
+        ) {
+            println!(
+                "echo server process: {cpu:.1} µs of CPU and {switches:.2} context switches per message{}",
+                ratios
+                    .cpu_per_order_vs_echo_msg
+                    .map_or_else(String::new, |r| format!("; gateway CPU per order {r:.2}× that"))
+            );
+        }
+        // Resume ratios exist only where resumes were timed (in-process runs, chaos).
+        let resumes = if ratios.resume_vs_handshake_plus_rtt.is_finite()
+            && ratios.resume_vs_handshake_plus_rtt > 0.0
+        {
+            format!(
+                "  resume/(handshake+rtt) {:.2}×  login/resume {:.2}×",
+                ratios.resume_vs_handshake_plus_rtt, ratios.login_vs_resume
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "ratios: ack p50 {:.2}×  p99 {:.2}×  throughput {:.0}%  resume/(handshake+rtt) {:.2}×  login/resume {:.2}×",
+            "ratios: ack p50 {:.2}×  p99 {:.2}×  throughput {:.0}%{resumes}",
             ratios.ack_p50,
             ratios.ack_p99,
             ratios.throughput * 100.0,
-            ratios.resume_vs_handshake_plus_rtt,
-            ratios.login_vs_resume
         );
     }
     if let Some(flood) = &report.flood {
@@ -297,8 +378,35 @@ fn parse_loss(text: &str) -> Result<f64, String> {
     }
 }
 
+/// The `--echo-server` mode: serve echoes until standard input closes.
+fn echo_server() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (endpoint, cert) = loadtest::baseline::echo_server(4 << 20)?;
+        let addr = endpoint.local_addr()?;
+        println!("{}", loadtest::process::announce(addr, &cert));
+        std::io::Write::flush(&mut std::io::stdout())?;
+        // The parent holds our standard input: its end is ours.
+        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+            .await??;
+        endpoint.close(0u32.into(), b"done");
+        anyhow::Ok(())
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.echo_server {
+        return match echo_server() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("loadtest echo server: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(filter) = &cli.log {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -327,6 +435,8 @@ fn main() -> ExitCode {
                 EngineArg::Thread => gateway::config::EngineMode::Thread,
                 EngineArg::Inline => gateway::config::EngineMode::Inline,
             },
+            gateway_pid: cli.gateway_pid,
+            server_core: cli.server_core,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -339,6 +449,16 @@ fn main() -> ExitCode {
                 cli.detach_at_once,
             ))?;
             std::process::exit(0);
+        }
+        if !cli.sweep.is_empty() {
+            let sweep = runtime.block_on(loadtest::sweep(options, &cli.sweep))?;
+            if let Some(path) = &cli.json {
+                std::fs::write(path, serde_json::to_string_pretty(&sweep)?)
+                    .with_context(|| path.display().to_string())?;
+            }
+            print_sweep(&sweep);
+            let violations = sweep.points.iter().map(|p| p.violations).sum::<u64>();
+            std::process::exit(if violations == 0 { 0 } else { 1 });
         }
         let report = runtime.block_on(loadtest::run(options))?;
         if let Some(path) = &cli.json {

@@ -1311,3 +1311,31 @@ async fn the_admin_command_line_revokes_a_live_session() {
     until(&mut events, &mut seen, |s| s.ended.is_some()).await;
     assert_eq!(seen.ended, Some(ReasonCode::Revoked));
 }
+
+#[tokio::test]
+async fn the_engine_on_its_own_thread_answers_every_request_and_fills_both_sides() {
+    // Inline is the default; the thread mode serves engines that may block.
+    let gateway = TestGateway::start(2, |c| {
+        c.engine.mode = gateway::config::EngineMode::Thread;
+    });
+    let (seller, mut seller_events, mut seller_seen) = connect(&gateway, 1).await;
+    let (buyer, mut buyer_events, mut buyer_seen) = connect(&gateway, 2).await;
+    for id in 1..=50 {
+        seller
+            .new_order(OrderParams::limit_sell(1, id, 100, 1))
+            .expect("send");
+        buyer
+            .new_order(OrderParams::limit_buy(1, id, 100, 1))
+            .expect("send");
+    }
+    until(&mut seller_events, &mut seller_seen, |s| {
+        s.fills().len() == 50
+    })
+    .await;
+    until(&mut buyer_events, &mut buyer_seen, |s| {
+        s.fills().len() == 50
+    })
+    .await;
+    seller_seen.assert_gap_free();
+    buyer_seen.assert_gap_free();
+}
