@@ -19,8 +19,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -72,10 +73,7 @@ pub(crate) async fn serve(
     token: Option<String>,
 ) {
     let state = Arc::new(AdminState { shared, token });
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
+    let admin = Router::new()
         .route("/admin/sessions", get(sessions))
         .route("/admin/revoke", post(revoke))
         .route("/admin/kill-switch", post(kill_switch))
@@ -83,6 +81,15 @@ pub(crate) async fn serve(
         .route("/admin/retire-key", post(retire_key))
         .route("/admin/reload-accounts", post(reload_accounts))
         .route("/admin/drain", post(drain))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ));
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .merge(admin)
         .with_state(state);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     if let Err(error) = axum::serve(listener, service).await {
@@ -118,6 +125,18 @@ impl IntoResponse for Refused {
     }
 }
 
+/// Lets an `/admin` request through only with the bearer token.
+async fn require_token(
+    State(state): State<Arc<AdminState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match authorize(&state, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
 /// Checks the bearer token.
 fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Refused> {
     let Some(expected) = &state.token else {
@@ -145,11 +164,7 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Refused> {
 async fn sessions(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
     info!(%peer, "admin: list sessions");
     Json(state.shared.registry.sessions_info()).into_response()
 }
@@ -163,12 +178,8 @@ struct Ended {
 async fn revoke(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Query(target): Query<Target>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
     let sessions = match (target.session, target.account) {
         (Some(session), None) => {
             if !state.shared.revoke_sessions(&[session]).contains(&session) {
@@ -194,12 +205,8 @@ async fn revoke(
 async fn kill_switch(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Query(target): Query<Target>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
     let (Some(account), None) = (target.account, target.session) else {
         return error(StatusCode::BAD_REQUEST, "give ?account=A");
     };
@@ -217,11 +224,7 @@ struct Rotated {
 async fn rotate_key(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
     match state.shared.rotate_token_key() {
         Ok(key_id) => {
             info!(%peer, key_id, "admin: token key rotated");
@@ -240,12 +243,8 @@ struct Retired {
 async fn retire_key(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Query(key): Query<KeyId>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
     if !state.shared.registry.with_keys(|keys| keys.retire(key.id)) {
         return error(
             StatusCode::CONFLICT,
@@ -268,11 +267,7 @@ struct Reloaded {
 async fn reload_accounts(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
     match state.shared.reload_accounts() {
         Ok(accounts) => {
             info!(%peer, accounts, "admin: accounts reloaded");
@@ -291,11 +286,7 @@ struct Draining {
 async fn drain(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
     state.shared.start_draining();
     info!(%peer, "admin: draining (new logins refused)");
     Json(Draining { draining: true }).into_response()

@@ -3,6 +3,7 @@
 //! QUIC echo when measured; latency over the run with the forced disconnects marked)
 //! and the counters, with no script and no external file.
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::{ChaosEvent, CurvePoint, Report, TimelinePoint};
@@ -189,23 +190,10 @@ fn percentile_chart(gateway: &[CurvePoint], echo: &[CurvePoint]) -> Result<Strin
             if points.is_empty() {
                 continue;
             }
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().map(|p| (nines(p.quantile), p.us.max(1.0))),
-                    colour.stroke_width(2),
-                ))
-                .map_err(|e| e.to_string())?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
+            let line = points.iter().map(|p| (nines(p.quantile), p.us.max(1.0)));
+            draw_line(&mut chart, line, colour, label)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())?;
+        draw_legend(&mut chart)?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
@@ -255,26 +243,41 @@ fn timeline_chart(timeline: &[TimelinePoint], chaos: &[ChaosEvent]) -> Result<St
             ),
             (|p: &TimelinePoint| p.p99_us, TAIL, "p99"),
         ] {
-            chart
-                .draw_series(LineSeries::new(
-                    timeline.iter().map(|p| (p.t_s, pick(p).max(1.0))),
-                    colour.stroke_width(2),
-                ))
-                .map_err(|e| e.to_string())?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
+            let line = timeline.iter().map(|p| (p.t_s, pick(p).max(1.0)));
+            draw_line(&mut chart, line, colour, label)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())?;
+        draw_legend(&mut chart)?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
+}
+
+/// Both charts: linear x, logarithmic latency y.
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, LogCoord<f64>>>;
+
+/// One labelled line.
+fn draw_line(
+    chart: &mut Chart<'_, '_>,
+    points: impl Iterator<Item = (f64, f64)>,
+    colour: RGBColor,
+    label: &str,
+) -> Result<(), String> {
+    chart
+        .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+        .map_err(|e| e.to_string())?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
+    Ok(())
+}
+
+/// The legend box, top right.
+fn draw_legend<'a>(chart: &mut Chart<'a, 'a>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
 }
 
 /// Text safe inside HTML.
