@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use matching_stub as engine;
 use proto::{CancelOnDisconnect, Frame, ReasonCode, SessionToken};
 
@@ -133,6 +133,9 @@ pub struct Resumed {
 #[error("resume refused: {0:?}")]
 pub struct ResumeRefused(pub ReasonCode);
 
+/// Bytes of encoding room a session allocates at a time (about 60 answers).
+const ENCODE_CHUNK: usize = 4_096;
+
 /// Messages reserved in the ring for the answers of each request the session
 /// processes: an `OrderAck`, a `Fill` and a `Cancelled` for an IOC remainder.
 const RESERVED_MESSAGES_PER_REQUEST: usize = 3;
@@ -206,6 +209,9 @@ pub struct Session {
     link: Link,
     last_processed_client_seq: u64,
     ring: OutboundRing,
+    /// Where sequenced frames are encoded: each is split off as its own `Bytes`, so a
+    /// chunk of [`ENCODE_CHUNK`] bytes serves many frames with one allocation.
+    encoder: BytesMut,
     orders: OrderTracker,
     /// Client sequences of `NewOrder`s sent to the engine and not yet answered, in
     /// order (the engine answers in submission order).
@@ -272,6 +278,7 @@ impl Session {
             last_processed_client_seq: 0,
             orders: OrderTracker::new(config.finished_orders_retained),
             ring,
+            encoder: BytesMut::new(),
             pending_new_orders: VecDeque::new(),
             requests_at_engine: 0,
             token_issued: 0,
@@ -683,7 +690,12 @@ impl Session {
     /// Appends a sequenced frame to the ring and the order view.
     fn append(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
         self.orders.apply(frame);
-        let released = self.ring.append(frame.to_bytes());
+        let len = frame.encoded_len();
+        if self.encoder.capacity() < len {
+            self.encoder.reserve(ENCODE_CHUNK.max(len));
+        }
+        frame.encode(&mut self.encoder);
+        let released = self.ring.append(self.encoder.split().freeze());
         if released > 0 && self.attached_to().is_some() {
             self.drop_connection(ReasonCode::SlowConsumer, now, out);
         }
@@ -866,6 +878,8 @@ impl Session {
         if self.ring.is_empty() {
             self.ring.shrink_to_fit();
         }
+        // An idle session keeps no spare encoding room.
+        self.encoder = BytesMut::new();
         self.orders.shrink_to_fit();
     }
 
