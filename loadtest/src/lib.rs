@@ -475,6 +475,10 @@ pub struct Report {
     pub throughput_orders_per_s: f64,
     /// The gateway process's CPU time per answered request (`--gateway-pid`).
     pub gateway_cpu_us_per_order: Option<f64>,
+    /// Share of the cores this load client may use that it used while sending and
+    /// waiting for the answers (1.0: saturated, so throughput and latency measure the
+    /// client as much as the gateway). Includes an in-process gateway.
+    pub load_client_cpu_share: Option<f64>,
     /// Its context switches per answered request, likewise.
     pub gateway_context_switches_per_order: Option<f64>,
     /// Median full login (connect, handshake, login, accepted).
@@ -735,6 +739,8 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             .and_then(|pid| process::ProcessCounters::read(pid).ok())
     };
     let gateway_before = gateway_counters();
+    let client_before =
+        process::ProcessCounters::read(std::process::id().try_into().unwrap_or(0)).ok();
     let started = Instant::now();
     lock(&shared).started = started;
     let deadline = started + options.duration;
@@ -841,6 +847,9 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     })
     .await;
     let gateway_after = gateway_counters();
+    let client_after =
+        process::ProcessCounters::read(std::process::id().try_into().unwrap_or(0)).ok();
+    let measured_for = started.elapsed();
     // Let fills triggered by the last orders reach their resting sides.
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock(&shared).verifier.finish();
@@ -970,6 +979,14 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             ack_latency_us: Percentiles::of(&tally.ack_latency),
             ack_latency_curve: curve(&tally.ack_latency),
             gateway_cpu_us_per_order: gateway_cost.map(|c| c.cpu_us),
+            load_client_cpu_share: client_before.zip(client_after).map(|(before, after)| {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                #[allow(clippy::cast_precision_loss)]
+                let used = after.cpu_us.saturating_sub(before.cpu_us) as f64;
+                #[allow(clippy::cast_precision_loss)]
+                let share = used / (measured_for.as_micros().max(1) as f64 * cores as f64);
+                share
+            }),
             gateway_context_switches_per_order: gateway_cost.map(|c| c.context_switches),
             timeline: tally
                 .timeline

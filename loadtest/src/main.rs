@@ -232,6 +232,12 @@ fn summary(report: &Report) {
         time(l.max),
         report.throughput_orders_per_s
     );
+    if let Some(share) = report.load_client_cpu_share.filter(|share| *share > 0.9) {
+        println!(
+            "WARNING: this load client used {:.0}% of the cores it may use: throughput and latency are limited by the client too, not only the gateway (the gateway's CPU per order, with --gateway-pid, says what the gateway itself costs)",
+            share * 100.0
+        );
+    }
     #[allow(clippy::cast_precision_loss)]
     let offered = report.rate as f64;
     if report.rate > 0 && report.throughput_orders_per_s < 0.95 * offered {
