@@ -158,7 +158,50 @@ struct Attachment {
     /// processed, in arrival order: the ring had no room for their answers. They
     /// belong to the connection: if it goes, they were never processed, and the
     /// client sends them again after its resume.
-    waiting: VecDeque<Frame>,
+    waiting: VecDeque<WaitingRequest>,
+}
+
+/// A request kept until there is room for its answers: the client frames that can
+/// wait, stored at their own size rather than the largest frame's.
+#[derive(Debug, Clone, Copy)]
+enum WaitingRequest {
+    New(proto::NewOrder),
+    Cancel(proto::Cancel),
+    Replace(proto::Replace),
+    Logout,
+}
+
+impl WaitingRequest {
+    /// The request of a frame that may wait.
+    fn of(frame: &Frame) -> Option<Self> {
+        match *frame {
+            Frame::NewOrder(order) => Some(WaitingRequest::New(order)),
+            Frame::Cancel(cancel) => Some(WaitingRequest::Cancel(cancel)),
+            Frame::Replace(replace) => Some(WaitingRequest::Replace(replace)),
+            Frame::Logout(_) => Some(WaitingRequest::Logout),
+            _ => None,
+        }
+    }
+
+    /// Its client sequence (none for `Logout`).
+    fn client_seq(&self) -> Option<u64> {
+        match self {
+            WaitingRequest::New(order) => Some(order.client_seq),
+            WaitingRequest::Cancel(cancel) => Some(cancel.client_seq),
+            WaitingRequest::Replace(replace) => Some(replace.client_seq),
+            WaitingRequest::Logout => None,
+        }
+    }
+
+    /// The frame again.
+    fn frame(self) -> Frame {
+        match self {
+            WaitingRequest::New(order) => order.into(),
+            WaitingRequest::Cancel(cancel) => cancel.into(),
+            WaitingRequest::Replace(replace) => replace.into(),
+            WaitingRequest::Logout => proto::Logout {}.into(),
+        }
+    }
 }
 
 impl Attachment {
@@ -432,7 +475,7 @@ impl Session {
     /// Applies the exactly-once rule to a request (or `Logout`) as it arrives, then
     /// processes it, or queues it behind others waiting for room for their answers.
     fn take_request(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
-        let room = self.has_room_for(frame);
+        let room = self.has_room_for(matches!(frame, Frame::Logout(_)));
         let last_processed = self.last_processed_client_seq;
         let limit = self.config.max_waiting_requests;
         let Link::Attached(attachment) = &mut self.link else {
@@ -443,7 +486,7 @@ impl Session {
                 .waiting
                 .iter()
                 .rev()
-                .find_map(Frame::client_seq)
+                .find_map(WaitingRequest::client_seq)
                 .unwrap_or(last_processed);
             if seq <= last_taken {
                 return self.answer_duplicate(seq, now, out);
@@ -458,16 +501,19 @@ impl Session {
         if attachment.waiting.len() >= limit {
             return self.drop_connection(ReasonCode::SlowConsumer, now, out);
         }
-        attachment.waiting.push_back(*frame);
+        if let Some(request) = WaitingRequest::of(frame) {
+            attachment.waiting.push_back(request);
+        }
     }
 
-    /// Whether `frame` (next in line) can be processed now: a request when the ring
-    /// has room for its answers, a `Logout` once the answers to the requests before
-    /// it are in the stream it says goodbye with.
-    fn has_room_for(&self, frame: &Frame) -> bool {
-        match frame {
-            Frame::Logout(_) => self.requests_at_engine == 0,
-            _ => self.has_room_for_answers(),
+    /// Whether the next in line can be processed now: a request when the ring has
+    /// room for its answers, a `Logout` once the answers to the requests before it
+    /// are in the stream it says goodbye with.
+    fn has_room_for(&self, logout: bool) -> bool {
+        if logout {
+            self.requests_at_engine == 0
+        } else {
+            self.has_room_for_answers()
         }
     }
 
@@ -495,16 +541,16 @@ impl Session {
                 return;
             };
             match attachment.waiting.front() {
-                Some(frame) if self.has_room_for(frame) => {}
+                Some(next) if self.has_room_for(matches!(next, WaitingRequest::Logout)) => {}
                 _ => return,
             }
             let Link::Attached(attachment) = &mut self.link else {
                 return;
             };
-            let Some(frame) = attachment.waiting.pop_front() else {
+            let Some(next) = attachment.waiting.pop_front() else {
                 return;
             };
-            self.process_request(&frame, now, out);
+            self.process_request(&next.frame(), now, out);
         }
     }
 
