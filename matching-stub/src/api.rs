@@ -20,7 +20,10 @@
 //! - **Every request is answered**: `New` by `Accepted` or `Rejected`; `Cancel` by
 //!   `Cancelled` or `Rejected`; `Replace` by `Replaced` or `Rejected`; `MassCancel` by
 //!   one `Cancelled` per working order in scope (possibly none), then one
-//!   `MassCancelDone`; `QueryOrders` by one `OrderStates`.
+//!   `MassCancelDone`; `QueryOrders` by one `OrderStates`. The gateway counts on
+//!   it: it keeps room for each unanswered request's answers and stops taking a
+//!   session's requests while that room is spoken for, so a request left unanswered
+//!   holds its room for good.
 //! - **Requester and owner.** Any session of an account may cancel or replace the
 //!   account's orders. `Cancelled` and `Replaced` name both the order's owner and the
 //!   session whose request they answer (`requester`): the gateway answers the
