@@ -84,6 +84,9 @@ pub enum StartError {
     /// The engine could not be configured or started.
     #[error("engine: {0}")]
     Engine(String),
+    /// A setting is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Everything a gateway needs to start, resolved from [`Config`] (files read).
@@ -237,10 +240,9 @@ impl Gateway {
             accounts_path,
             admin_token,
         } = setup;
-        let admin_listener = match config.admin.listen_addr() {
-            Ok(Some(addr)) => Some(bind_tcp(addr)?),
-            Ok(None) => None,
-            Err(error) => return Err(StartError::Engine(error.to_string())),
+        let admin_listener = match config.admin.listen_addr()? {
+            Some(addr) => Some(bind_tcp(addr)?),
+            None => None,
         };
         let endpoint_config = server_config(&config, tls)?;
         let bind_error = |error| StartError::Bind {
