@@ -1,7 +1,9 @@
 //! The exactly-once verifier: checks every message the load sessions receive against
 //! what they sent, and fails loudly on any violation.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use proto::{Fill, Frame, OrderState, OrderStatus, Side};
 use serde::Serialize;
@@ -37,10 +39,10 @@ struct Order {
 /// One session's view.
 #[derive(Debug, Default)]
 struct SessionView {
-    sent: HashSet<u64>,
-    answered: HashSet<u64>,
+    sent: FxHashSet<u64>,
+    answered: FxHashSet<u64>,
     /// Client sequences of new orders.
-    new_orders: HashSet<u64>,
+    new_orders: FxHashSet<u64>,
     last_server_seq: u64,
     orders: BTreeMap<u64, Order>,
 }
@@ -54,11 +56,37 @@ struct TradeSide {
     quantity: u64,
 }
 
+/// The fills of one trade seen so far: two expected, kept without an allocation;
+/// any more are a violation.
+#[derive(Debug, Default)]
+struct TradeSides {
+    two: [Option<TradeSide>; 2],
+    more: Vec<TradeSide>,
+}
+
+impl TradeSides {
+    fn push(&mut self, side: TradeSide) {
+        match self.two.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(side),
+            None => self.more.push(side),
+        }
+    }
+
+    fn all(&self) -> Vec<TradeSide> {
+        self.two
+            .iter()
+            .flatten()
+            .chain(&self.more)
+            .copied()
+            .collect()
+    }
+}
+
 /// Verifies all sessions of a run.
 #[derive(Debug, Default)]
 pub struct Verifier {
     sessions: Vec<SessionView>,
-    trades: HashMap<u64, Vec<TradeSide>>,
+    trades: FxHashMap<u64, TradeSides>,
     violations: u64,
     samples: Vec<String>,
     checks: Checks,
@@ -190,13 +218,15 @@ impl Verifier {
         order.filled += fill.quantity;
         order.leaves = fill.leaves_quantity;
         order.done = fill.leaves_quantity == 0;
-        let sides = self.trades.entry(fill.trade_id).or_default();
-        sides.push(TradeSide {
-            session,
-            side: fill.side,
-            price: fill.price,
-            quantity: fill.quantity,
-        });
+        self.trades
+            .entry(fill.trade_id)
+            .or_default()
+            .push(TradeSide {
+                session,
+                side: fill.side,
+                price: fill.price,
+                quantity: fill.quantity,
+            });
     }
 
     /// Messages of session `session` up to `server_seq` were the run's set-up: checks
@@ -246,10 +276,10 @@ impl Verifier {
         let trades = std::mem::take(&mut self.trades);
         for (trade_id, sides) in &trades {
             self.checks.trades += 1;
-            let consistent = matches!(sides.as_slice(), [a, b]
+            let consistent = matches!((sides.two, sides.more.is_empty()), ([Some(a), Some(b)], true)
                 if a.side != b.side && a.price == b.price && a.quantity == b.quantity);
             if !consistent {
-                self.violation(format!("trade {trade_id}: fills {sides:?}"));
+                self.violation(format!("trade {trade_id}: fills {:?}", sides.all()));
             }
         }
         self.trades = trades;
