@@ -1044,14 +1044,15 @@ impl Shared {
     }
 
     /// Cancels every working order of `account` (whichever session placed it) and
-    /// ends its sessions; returns the sessions ended.
+    /// ends its sessions; returns the sessions ended. The cancels go first, so a
+    /// connected session's stream carries them before its `Close` (with the engine
+    /// inline; on its thread they may come after, to the account's next session).
     pub(crate) fn kill_switch(&self, account: u64) -> Vec<u64> {
-        let ended = self.revoke_sessions(&self.registry.sessions_of(account));
         self.execute(vec![Action::Engine(engine::Request::MassCancel {
             scope: engine::MassCancelScope::Account(account),
             reason: engine::CancelReason::SessionEnded,
         })]);
-        ended
+        self.revoke_sessions(&self.registry.sessions_of(account))
     }
 
     /// Installs a new random token key for minting; tokens of older keys still

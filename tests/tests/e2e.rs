@@ -1339,3 +1339,62 @@ async fn the_engine_on_its_own_thread_answers_every_request_and_fills_both_sides
     seller_seen.assert_gap_free();
     buyer_seen.assert_gap_free();
 }
+
+#[tokio::test]
+async fn the_kill_switch_cancels_every_working_order_of_the_account_and_ends_its_sessions() {
+    let gateway = TestGateway::start(2, |_| {});
+    // Cancel-on-disconnect off: only the kill switch cancels these.
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+    for id in 1..=3 {
+        client
+            .new_order(OrderParams::limit_sell(1, id, 200 + id as i64, 1))
+            .expect("send");
+    }
+    until(&mut events, &mut seen, |s| s.acked_client_seqs().len() == 3).await;
+    let (bystander, mut bystander_events, mut bystander_seen) = connect(&gateway, 2).await;
+    assert_still_trades(&bystander, &mut bystander_events, &mut bystander_seen).await;
+
+    let session = client.session_id().expect("logged in");
+    let (status, body) = http(
+        &gateway,
+        "POST",
+        "/admin/kill-switch?account=1",
+        Some(e2e::ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, format!("{{\"sessions\":[{session}]}}"))
+    );
+    until(&mut events, &mut seen, |s| s.ended.is_some()).await;
+    assert_eq!(seen.ended, Some(ReasonCode::Revoked));
+    let cancelled = seen
+        .messages
+        .iter()
+        .filter(|f| matches!(f, Frame::Cancelled(c) if c.reason == CancelReason::SessionEnded))
+        .count();
+    assert_eq!(
+        cancelled, 3,
+        "the session's stream carried its cancels before Close"
+    );
+
+    // The account's next login sees no working order; the other account carries on.
+    let (_later, mut later_events) = Client::connect(gateway.client_config(1, gateway.addr))
+        .await
+        .expect("login");
+    let mut later_seen = Seen::default();
+    until(&mut later_events, &mut later_seen, |s| {
+        !s.snapshots.is_empty()
+    })
+    .await;
+    let working = later_seen.snapshots[0]
+        .1
+        .iter()
+        .filter(|order| order.leaves_quantity > 0)
+        .count();
+    assert_eq!(working, 0, "{:?}", later_seen.snapshots[0].1);
+    assert!(bystander_seen.ended.is_none());
+    bystander
+        .new_order(OrderParams::limit_buy(1, 2, 100, 1))
+        .expect("the other account still trades");
+}
