@@ -132,14 +132,9 @@ impl ClientState {
                 });
             }
             self.last_server_seq = seq;
-            let answered = match frame {
-                Frame::OrderAck(f) => f.client_seq,
-                Frame::Reject(f) => f.client_seq,
-                Frame::Replaced(f) => f.client_seq,
-                Frame::Cancelled(f) => f.client_seq,
-                _ => 0,
-            };
-            self.unprocessed.remove(&answered);
+            if let Some(answered) = frame.answered_client_seq() {
+                self.unprocessed.remove(&answered);
+            }
             return Ok(Received::Message(frame));
         }
         Ok(match frame {

@@ -708,7 +708,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         let start = clean_start(&client, &mut events).await?;
         sessions.push((index, *account, Arc::new(client), events, relay, start));
     }
-    let run_order_ids = run_order_ids();
+    let run_order_ids = run_order_ids(started_unix_ms);
 
     let mut verifier = Verifier::new(options.sessions);
     let mut leftover_orders_cancelled = 0;
@@ -1315,14 +1315,12 @@ const REPLAY_ORDER_IDS: u64 = 1 << 62;
 /// longer than any outage the chaos makes, so only the final logout cancels.
 const LOAD_SESSION_COD_GRACE: Duration = Duration::from_secs(10);
 
-/// The first client order id of this run's load sessions: different for every run,
-/// so a run never reuses an id an earlier run's order may still hold.
-fn run_order_ids() -> u64 {
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis());
+/// The first client order id of the load sessions of a run started at
+/// `started_unix_ms`: different for every run, so a run never reuses an id an
+/// earlier run's order may still hold.
+fn run_order_ids(started_unix_ms: u64) -> u64 {
     // 2^28 runs' worth of distinct prefixes, each leaving 2^32 ids.
-    let prefix = u64::try_from(millis % ((1 << 28) - 1)).unwrap_or(0) + 1;
+    let prefix = started_unix_ms % ((1 << 28) - 1) + 1;
     prefix << 32
 }
 
@@ -1368,7 +1366,7 @@ async fn clean_start(
         match tokio::time::timeout(wait, events.recv()).await {
             Ok(Some(Event::Message(frame))) => {
                 last_server_seq = frame.server_seq().unwrap_or(last_server_seq);
-                if let Some(client_seq) = answered_client_seq(&frame) {
+                if let Some(client_seq) = frame.answered_client_seq() {
                     waiting.remove(&client_seq);
                 }
             }
@@ -1385,17 +1383,6 @@ async fn clean_start(
         last_server_seq,
         cancelled,
     })
-}
-
-/// The client sequence a server message answers, if it is an answer.
-fn answered_client_seq(frame: &Frame) -> Option<u64> {
-    match *frame {
-        Frame::OrderAck(ack) => Some(ack.client_seq),
-        Frame::Reject(reject) => Some(reject.client_seq),
-        Frame::Cancelled(cancelled) => (cancelled.client_seq != 0).then_some(cancelled.client_seq),
-        Frame::Replaced(replaced) => Some(replaced.client_seq),
-        _ => None,
-    }
 }
 
 /// Logs a client out and waits (briefly) for the gateway's goodbye.

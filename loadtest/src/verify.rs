@@ -163,8 +163,7 @@ impl Verifier {
             }
             self.sessions[session].last_server_seq = seq;
         }
-        let answered = match *frame {
-            Frame::OrderAck(ack) => Some(ack.client_seq),
+        match *frame {
             Frame::Reject(reject) => {
                 // A rejected new order never existed; a rejected cancel changes nothing.
                 let view = &mut self.sessions[session];
@@ -174,12 +173,8 @@ impl Verifier {
                         order.done = true;
                     }
                 }
-                Some(reject.client_seq)
             }
-            Frame::Fill(fill) => {
-                self.fill(session, &fill);
-                None
-            }
+            Frame::Fill(fill) => self.fill(session, &fill),
             Frame::Cancelled(cancelled) => {
                 if let Some(order) = self.sessions[session]
                     .orders
@@ -188,11 +183,10 @@ impl Verifier {
                     order.leaves = 0;
                     order.done = true;
                 }
-                (cancelled.client_seq != 0).then_some(cancelled.client_seq)
             }
-            Frame::Replaced(replaced) => Some(replaced.client_seq),
-            _ => None,
-        };
+            _ => {}
+        }
+        let answered = frame.answered_client_seq();
         if let Some(client_seq) = answered {
             self.checks.answers += 1;
             let view = &mut self.sessions[session];

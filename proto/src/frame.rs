@@ -416,6 +416,19 @@ impl Frame {
         }
     }
 
+    /// The client sequence number a gateway message answers (section 4, "Who gets an
+    /// answer"): `None` for messages that answer nothing, including a `Cancelled` or
+    /// `Replaced` told unsolicited (`client_seq` 0).
+    pub const fn answered_client_seq(&self) -> Option<u64> {
+        match self {
+            Frame::OrderAck(f) => Some(f.client_seq),
+            Frame::Reject(f) => Some(f.client_seq),
+            Frame::Cancelled(f) if f.client_seq != 0 => Some(f.client_seq),
+            Frame::Replaced(f) if f.client_seq != 0 => Some(f.client_seq),
+            _ => None,
+        }
+    }
+
     /// The server sequence number of a sequenced gateway message.
     pub const fn server_seq(&self) -> Option<u64> {
         match self {

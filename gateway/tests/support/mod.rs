@@ -392,14 +392,7 @@ impl Client {
                 "server sequence gap or duplicate: {frame:?}"
             );
             self.last_server_seq = seq;
-            let answered = match frame {
-                Frame::OrderAck(f) => Some(f.client_seq),
-                Frame::Reject(f) => Some(f.client_seq),
-                Frame::Replaced(f) => Some(f.client_seq),
-                Frame::Cancelled(f) if f.client_seq != 0 => Some(f.client_seq),
-                _ => None,
-            };
-            if let Some(client_seq) = answered {
+            if let Some(client_seq) = frame.answered_client_seq() {
                 self.outbox.remove(&client_seq);
             }
             self.received.push(frame);
