@@ -856,8 +856,9 @@ impl Session {
         let wanted = request.last_acked_server_seq + 1;
         let oldest_available = self.ring.oldest_seq();
         let mut snapshot = None;
-        let gap = matches!(self.ring.replay_start(wanted), ReplayStart::Released { .. });
-        let (replay_from, snapshot_follows) = match self.ring.replay_start(wanted) {
+        let start = self.ring.replay_start(wanted);
+        let gap = matches!(start, ReplayStart::Released { .. });
+        let (replay_from, snapshot_follows) = match start {
             ReplayStart::Released { .. } => {
                 // The snapshot supersedes everything retained: release it so it does
                 // not count against the window of the live traffic that follows.
