@@ -2,7 +2,8 @@
 //!
 //! - `GET /metrics`: Prometheus/OpenMetrics text (see [`crate::metrics`]).
 //! - `GET /healthz`: 200 while the process serves.
-//! - `GET /readyz`: 200 while logins are accepted, 503 while draining.
+//! - `GET /readyz`: 200 while logins are accepted; 503 while draining, and in
+//!   crash-safe mode until the core is rebuilt from its stream.
 //! - `/admin/*`: operations, each needing `Authorization: Bearer <token>` with the
 //!   token from `admin.token_file`, and each logged at info with the caller's address:
 //!   - `GET /admin/sessions`: the live sessions, JSON;
@@ -111,6 +112,12 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     if state.shared.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !state.shared.is_accepting() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rebuilding the core from its stream\n",
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }
@@ -181,15 +188,17 @@ async fn revoke(
     Query(target): Query<Target>,
 ) -> Response {
     let sessions = match (target.session, target.account) {
-        (Some(session), None) => {
-            if !state.shared.revoke_sessions(&[session]).contains(&session) {
-                return error(StatusCode::NOT_FOUND, format!("no live session {session}"));
-            }
-            vec![session]
-        }
+        (Some(session), None) => match state.shared.revoke_sessions(&[session]).await {
+            Ok(ended) if ended.contains(&session) => ended,
+            Ok(_) => return error(StatusCode::NOT_FOUND, format!("no live session {session}")),
+            Err(message) => return error(StatusCode::SERVICE_UNAVAILABLE, message),
+        },
         (None, Some(account)) => {
             let ids = state.shared.registry.sessions_of(account);
-            state.shared.revoke_sessions(&ids)
+            match state.shared.revoke_sessions(&ids).await {
+                Ok(ended) => ended,
+                Err(message) => return error(StatusCode::SERVICE_UNAVAILABLE, message),
+            }
         }
         _ => {
             return error(
@@ -210,7 +219,10 @@ async fn kill_switch(
     let (Some(account), None) = (target.account, target.session) else {
         return error(StatusCode::BAD_REQUEST, "give ?account=A");
     };
-    let sessions = state.shared.kill_switch(account);
+    let sessions = match state.shared.kill_switch(account).await {
+        Ok(sessions) => sessions,
+        Err(message) => return error(StatusCode::SERVICE_UNAVAILABLE, message),
+    };
     info!(%peer, account, ?sessions, "admin: kill switch (orders cancelled, sessions ended)");
     Json(Ended { sessions }).into_response()
 }
@@ -225,7 +237,7 @@ async fn rotate_key(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
-    match state.shared.rotate_token_key() {
+    match state.shared.rotate_token_key().await {
         Ok(key_id) => {
             info!(%peer, key_id, "admin: token key rotated");
             Json(Rotated { key_id }).into_response()
@@ -245,7 +257,11 @@ async fn retire_key(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(key): Query<KeyId>,
 ) -> Response {
-    if !state.shared.registry.with_keys(|keys| keys.retire(key.id)) {
+    let retired = match state.shared.retire_token_key(key.id).await {
+        Ok(retired) => retired,
+        Err(message) => return error(StatusCode::SERVICE_UNAVAILABLE, message),
+    };
+    if !retired {
         return error(
             StatusCode::CONFLICT,
             format!(

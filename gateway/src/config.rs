@@ -64,6 +64,54 @@ pub struct Config {
     pub log: LogSettings,
     /// The operators' HTTP listener: metrics, health, admin operations.
     pub admin: AdminSettings,
+    /// Where the session core's inputs are put in order: in this process, or on a
+    /// NATS JetStream stream that outlives it (crash-safe mode).
+    pub sequencer: SequencerSettings,
+}
+
+/// How the session core's inputs are sequenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SequencerMode {
+    /// The core takes each input as it arrives, in this process; sessions, their
+    /// unacknowledged messages and the book live and die with it. No external
+    /// service; the fastest.
+    Embedded,
+    /// Each input (logins, resumes, requests, acks, lost connections, timer ticks)
+    /// is first appended to a JetStream stream, and the core applies them in the
+    /// stream's order. A gateway started again rebuilds every session, its
+    /// unacknowledged messages and the book from the stream, and clients resume
+    /// with their tokens.
+    Jetstream,
+}
+
+/// Sequencer settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SequencerSettings {
+    /// `embedded` or `jetstream`. `jetstream` needs `engine.mode = "inline"` (the
+    /// engine is part of the core the stream rebuilds).
+    pub mode: SequencerMode,
+    /// The NATS server (jetstream mode).
+    pub nats_url: String,
+    /// The JetStream stream of the core's inputs, created (file storage) if missing;
+    /// its subject is `<stream>.in`. One stream per venue: every record in it is
+    /// applied again when a gateway starts.
+    pub stream: String,
+    /// How long the gateway waits for NATS at start and for each append's
+    /// acknowledgement before it gives up.
+    pub timeout_ms: u64,
+}
+
+impl Default for SequencerSettings {
+    fn default() -> Self {
+        SequencerSettings {
+            mode: SequencerMode::Embedded,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            stream: "GATEWAY_IN".into(),
+            timeout_ms: 5_000,
+        }
+    }
 }
 
 /// The operators' HTTP listener.
@@ -302,6 +350,7 @@ impl Default for Config {
             engine: EngineSettings::default(),
             log: LogSettings::default(),
             admin: AdminSettings::default(),
+            sequencer: SequencerSettings::default(),
         }
     }
 }
@@ -465,6 +514,22 @@ impl Config {
         }
         if self.engine.instruments.is_empty() {
             return invalid("engine.instruments must list at least one instrument");
+        }
+        if self.sequencer.mode == SequencerMode::Jetstream {
+            if self.engine.mode != EngineMode::Inline {
+                return invalid("sequencer.mode = \"jetstream\" needs engine.mode = \"inline\"");
+            }
+            let stream = &self.sequencer.stream;
+            if stream.is_empty()
+                || !stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return invalid("sequencer.stream must be letters, digits, '_' or '-'");
+            }
+            if self.sequencer.timeout_ms == 0 {
+                return invalid("sequencer.timeout_ms must be positive");
+            }
         }
         if self.accounts_file.is_none() && self.demo_accounts == 0 {
             return invalid("give an accounts_file or a positive demo_accounts");

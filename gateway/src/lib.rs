@@ -14,6 +14,7 @@
 //! - [`registry`]: all sessions in a concurrent map, with limits and event routing.
 //! - [`convert`]: wire types ↔ engine types.
 //! - [`time`]: the injected clock's instant type.
+//! - [`sequencer`]: crash-safe mode, the core's inputs on a NATS JetStream stream.
 
 pub mod admin;
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod orders;
 pub mod registry;
 pub mod ring;
+pub mod sequencer;
 pub mod server;
 pub mod session;
 pub mod settings;

@@ -387,14 +387,23 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let gateway = Arc::new(Gateway::start(setup)?);
+        let gateway = Arc::new(Gateway::launch(setup).await?);
         let reloads = tokio::spawn(reload_on_hangup(Arc::clone(&gateway)));
-        shutdown_signal().await;
+        let failed = tokio::select! {
+            () = shutdown_signal() => None,
+            why = gateway.failed() => Some(why),
+        };
         reloads.abort();
         let _ = reloads.await;
         let gateway = Arc::into_inner(gateway).context("gateway still in use at shutdown")?;
         gateway.shutdown().await;
-        anyhow::Ok(())
+        match failed {
+            // Sessions stay in the stream: a gateway started again resumes them.
+            Some(why) => Err(anyhow::anyhow!(
+                "stopped: the core cannot read its stream: {why}"
+            )),
+            None => anyhow::Ok(()),
+        }
     })
 }
 

@@ -627,8 +627,7 @@ impl Registry {
     /// cancel-on-disconnect runs, and a connected client gets the rest of its stream
     /// and `Close`.
     pub fn end_all(&self, reason: ReasonCode, out: &mut Vec<Action>) {
-        let ids: Vec<u64> = self.sessions.iter().map(|entry| *entry.key()).collect();
-        for session_id in ids {
+        for session_id in self.session_ids() {
             let Some(session) = self.get(session_id) else {
                 continue;
             };
@@ -636,6 +635,54 @@ impl Registry {
             lock(&session).end(reason, out);
             self.settle(session_id, &out[start..]);
         }
+    }
+
+    /// Every live session's id, in order.
+    fn session_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.sessions.iter().map(|entry| *entry.key()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// A gateway started on a log of which this registry is rebuilt: every
+    /// connection of the processes before it is gone (sessions attached to one are
+    /// detached, starting their cancel-on-disconnect and expiry clocks), and any
+    /// message assigned so far may have been sent by them.
+    pub fn gateway_restarted(&self, now: Timestamp) {
+        for session_id in self.session_ids() {
+            let Some(session) = self.get(session_id) else {
+                continue;
+            };
+            let attached = {
+                let mut guard = lock(&session);
+                guard.sent_by_predecessor();
+                guard.attached_to()
+            };
+            if let Some(conn) = attached {
+                self.connection_lost(&session, conn, now);
+            }
+        }
+    }
+
+    /// Whether [`Self::handle_timeouts`] has anything to do at `now`: a timer is
+    /// due, or the once-a-second check of every session.
+    pub fn timers_due(&self, now: Timestamp) -> bool {
+        let next = self
+            .timers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .heap
+            .peek()
+            .map(|Reverse((at, _))| *at);
+        if next.is_some_and(|at| at <= now) {
+            return true;
+        }
+        !self.is_empty()
+            && self
+                .last_full_sweep
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none_or(|at| now >= at.plus(FULL_SWEEP_EVERY))
     }
 
     /// Tells the session its connection `conn` is gone (it detaches if that was its
@@ -677,6 +724,10 @@ impl Registry {
         if sweep {
             due.extend(self.sessions.iter().map(|entry| *entry.key()));
         }
+        // In session order, not the map's: a core rebuilt from a log must do the
+        // same things in the same order.
+        due.sort_unstable();
+        due.dedup();
         for session_id in due {
             let Some(session) = self.get(session_id) else {
                 continue;

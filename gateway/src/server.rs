@@ -37,12 +37,13 @@ use tokio::sync::{oneshot, watch, Notify};
 use tracing::{debug, info, warn, Instrument as _};
 
 use crate::auth::{address_key, AccountsFile, Authenticator};
-use crate::config::{Config, EngineMode};
+use crate::config::{Config, EngineMode, SequencerMode};
 use crate::convert;
 use crate::dev::{SetupError, TlsIdentity};
 use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
 use crate::registry::{lock, Registry, SessionHandle};
-use crate::session::{Action, CodPolicy, ConnectionId, Transmit};
+use crate::sequencer::{Entry, JetStreamLog, LogClock, LogError, Outcome, Record};
+use crate::session::{AckBound, Action, CodPolicy, ConnectionId, Transmit};
 use crate::time::Timestamp;
 use crate::token::TokenKeyRing;
 
@@ -87,6 +88,9 @@ pub enum StartError {
     /// A setting is unusable.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The crash-safe mode's stream could not be used.
+    #[error("sequencer: {0}")]
+    Log(#[from] LogError),
 }
 
 /// Everything a gateway needs to start, resolved from [`Config`] (files read).
@@ -187,6 +191,16 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     /// Where the accounts are read again from on a reload.
     accounts_path: Option<PathBuf>,
+    /// Crash-safe mode: the stream every input of the core goes through. `None`:
+    /// embedded mode, the core takes inputs as they come.
+    log: Option<Arc<JetStreamLog>>,
+    /// Crash-safe mode: the core's time, from the records applied.
+    log_clock: LogClock,
+    /// Set when the gateway cannot go on (the stream cannot be read): why.
+    failed: watch::Sender<Option<String>>,
+    /// Whether connections are accepted yet (in crash-safe mode, once the core is
+    /// rebuilt).
+    accepting: watch::Sender<bool>,
 }
 
 /// What becomes of a new connection attempt.
@@ -229,9 +243,62 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Binds the endpoint, starts the engine thread and the accept and timer tasks on
-    /// the current tokio runtime.
+    /// Starts a gateway in either sequencer mode (`sequencer.mode`): in crash-safe
+    /// mode it connects to NATS, applies the stream of the core's inputs from the
+    /// beginning (rebuilding every session and the book), and only then accepts
+    /// connections.
+    pub async fn launch(setup: Setup) -> Result<Gateway, StartError> {
+        if setup.config.sequencer.mode == SequencerMode::Embedded {
+            return Self::start(setup);
+        }
+        let log = Arc::new(JetStreamLog::connect(&setup.config.sequencer).await?);
+        let started = Entry {
+            time_ms: Timestamp::now().as_millis(),
+            reply: 0,
+            record: Record::Started,
+        };
+        let position = log.append(&started).await?;
+        log.set_start(position);
+        let (caught_up, replayed) = oneshot::channel();
+        let setup_url = setup.config.sequencer.nats_url.clone();
+        let gateway = Self::start_with(setup, Some(Arc::clone(&log)))?;
+        let applied_from = Instant::now();
+        let shared = Arc::clone(&gateway.shared);
+        tokio::spawn(follow_log(shared, log, position, caught_up));
+        tokio::select! {
+            _ = replayed => {}
+            why = gateway.failed() => {
+                return Err(StartError::Log(LogError::Nats {
+                    what: "applying the stream",
+                    url: setup_url,
+                    error: why,
+                }));
+            }
+        }
+        info!(
+            records = position,
+            sessions = gateway.shared.registry.len(),
+            elapsed_ms = u64::try_from(applied_from.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "core rebuilt from the stream"
+        );
+        gateway.shared.accepting.send_replace(true);
+        Ok(gateway)
+    }
+
+    /// Starts a gateway in embedded mode: binds the endpoint, starts the engine
+    /// thread and the accept and timer tasks on the current tokio runtime.
     pub fn start(setup: Setup) -> Result<Gateway, StartError> {
+        if setup.config.sequencer.mode != SequencerMode::Embedded {
+            return Err(StartError::Config(crate::config::ConfigError::Invalid(
+                "sequencer.mode = \"jetstream\" starts with Gateway::launch".into(),
+            )));
+        }
+        let gateway = Self::start_with(setup, None)?;
+        gateway.shared.accepting.send_replace(true);
+        Ok(gateway)
+    }
+
+    fn start_with(setup: Setup, log: Option<Arc<JetStreamLog>>) -> Result<Gateway, StartError> {
         let Setup {
             config,
             tls,
@@ -288,8 +355,9 @@ impl Gateway {
                     config.engine.queue_capacity,
                     move |events: &mut Vec<engine::Event>| {
                         if let Some(shared) = sink_target.get() {
-                            let actions = shared.route_events(events);
-                            shared.execute(actions);
+                            let now = Timestamp::now();
+                            let actions = shared.route_events(events, now);
+                            shared.execute(actions, now);
                         }
                     },
                 )
@@ -298,12 +366,14 @@ impl Gateway {
             }
         };
 
+        let mut session_config = config.session_config();
+        if log.is_some() {
+            // Rebuilt from the stream, sessions never saw what was sent: the edge
+            // checks acks against that before they reach the stream.
+            session_config.ack_bound = AckBound::Assigned;
+        }
         let shared = Arc::new(Shared {
-            registry: Registry::new(
-                token_keys,
-                config.session_config(),
-                config.registry_limits(),
-            ),
+            registry: Registry::new(token_keys, session_config, config.registry_limits()),
             engine: engine_link,
             conns: DashMap::new(),
             auth: Mutex::new(
@@ -325,6 +395,10 @@ impl Gateway {
             latency_samples: DashMap::new(),
             draining: AtomicBool::new(false),
             accounts_path,
+            log,
+            log_clock: LogClock::default(),
+            failed: watch::Sender::new(None),
+            accepting: watch::Sender::new(false),
         });
         let _ = routed_to.set(Arc::clone(&shared));
 
@@ -387,9 +461,24 @@ impl Gateway {
         self.shared.conns.len()
     }
 
-    /// Ends a session on an operator's request.
-    pub fn revoke(&self, session_id: u64) -> bool {
-        !self.shared.revoke_sessions(&[session_id]).is_empty()
+    /// Ends a session on an operator's request; whether it was live.
+    pub async fn revoke(&self, session_id: u64) -> Result<bool, String> {
+        let ended = self.shared.revoke_sessions(&[session_id]).await?;
+        Ok(!ended.is_empty())
+    }
+
+    /// Resolves when the gateway cannot go on (crash-safe mode: its stream cannot be
+    /// read), with why; never in embedded mode.
+    pub async fn failed(&self) -> String {
+        let mut failed = self.shared.failed.subscribe();
+        let why = failed
+            .wait_for(Option::is_some)
+            .await
+            .map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Runs until `signal` completes, then shuts down gracefully.
@@ -405,11 +494,13 @@ impl Gateway {
     pub async fn shutdown(mut self) {
         info!(connections = self.shared.conns.len(), "shutting down");
         self.tasks.abort_all();
-        let mut actions = Vec::new();
-        self.shared
-            .registry
-            .end_all(ReasonCode::ShuttingDown, &mut actions);
-        self.shared.execute(actions);
+        if self.shared.log.is_none() {
+            let mut actions = Vec::new();
+            self.shared
+                .registry
+                .end_all(ReasonCode::ShuttingDown, &mut actions);
+            self.shared.execute(actions, Timestamp::now());
+        }
         for conn in self.shared.conns.iter() {
             conn.close(ReasonCode::ShuttingDown);
         }
@@ -560,6 +651,16 @@ fn server_config(
 }
 
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    // In crash-safe mode, not before the core is rebuilt.
+    if shared
+        .accepting
+        .subscribe()
+        .wait_for(|on| *on)
+        .await
+        .is_err()
+    {
+        return;
+    }
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
         let slot = match shared.admit(&endpoint, &incoming) {
@@ -578,7 +679,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             }
         };
         let shared = Arc::clone(&shared);
-        let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn_id = shared.new_conn_id();
         tokio::spawn(
             async move {
                 // Served from the client's first flight on: a resuming client's
@@ -613,12 +714,44 @@ async fn timer_loop(shared: Arc<Shared>) {
                 .retain(|_, arrived| arrived.elapsed() < LATENCY_SAMPLE_TTL);
             swept = Instant::now();
         }
-        let mut actions = Vec::new();
-        shared
-            .registry
-            .handle_timeouts(Timestamp::now(), &mut actions);
-        shared.execute(actions);
+        let now = Timestamp::now();
+        match &shared.log {
+            Some(log) => {
+                if shared.registry.timers_due(now) {
+                    shared.append(log, Record::Tick).await;
+                }
+            }
+            None => {
+                let mut actions = Vec::new();
+                shared.registry.handle_timeouts(now, &mut actions);
+                shared.execute(actions, now);
+            }
+        }
     }
+}
+
+/// Crash-safe mode: applies the stream to the core, in order, for as long as the
+/// gateway runs; says when the record at `start` (this gateway's `Started`) is
+/// applied. If the stream cannot be read, the gateway has failed.
+async fn follow_log(
+    shared: Arc<Shared>,
+    log: Arc<JetStreamLog>,
+    start: u64,
+    caught_up: oneshot::Sender<()>,
+) {
+    let mut caught_up = Some(caught_up);
+    let error = log
+        .follow(|entry, position| {
+            shared.apply(entry, &log);
+            if position >= start {
+                if let Some(caught_up) = caught_up.take() {
+                    let _ = caught_up.send(());
+                }
+            }
+        })
+        .await;
+    tracing::error!(%error, "the core cannot read its stream: the gateway stops");
+    shared.failed.send_replace(Some(error.to_string()));
 }
 
 /// Reads frames from `recv` into `buf` until one is whole; `Ok(None)` at end of stream.
@@ -702,9 +835,9 @@ async fn serve_connection(
             result
         }
         Ok(Some(Frame::Resume(resume))) => {
-            let result = shared.resume(conn_id, source, &resume);
+            let result = shared.resume(conn_id, source, &resume).await;
             if let Err(answer) = &result {
-                info!(%source, reason = answer_reason(answer).name(), "resume refused");
+                info!(%source, reason = answer_reason(answer).name(), last_acked = resume.last_acked_server_seq, "resume refused");
             }
             shared
                 .metrics
@@ -743,9 +876,20 @@ async fn serve_connection(
         }
         None => info!(session = session_id, %source, "disconnected"),
     }
-    shared
-        .registry
-        .connection_lost(&session, conn_id, Timestamp::now());
+    match &shared.log {
+        Some(log) => {
+            let record = Record::ConnectionLost {
+                session: session_id,
+                conn: conn_id,
+            };
+            shared.append(log, record).await;
+        }
+        None => {
+            shared
+                .registry
+                .connection_lost(&session, conn_id, Timestamp::now());
+        }
+    }
     conn.wake.notify_one();
     let _ = writer.await;
     shared.forget(conn_id);
@@ -795,28 +939,88 @@ async fn read_loop(
     mut recv: quinn::RecvStream,
     mut buf: BytesMut,
 ) {
+    if let Some(log) = &shared.log {
+        return read_loop_logged(shared, log, session, conn_id, conn, recv, buf).await;
+    }
+    let session_id = lock(session).id();
     loop {
         let frame = match read_frame(&mut recv, &mut buf).await {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(reason) => return conn.close(reason),
         };
-        let mut actions = Vec::new();
-        let queued = {
-            let mut session = lock(session);
-            shared.count_request(session.id(), &frame);
-            session.handle_frame(conn_id, &frame, Timestamp::now(), &mut actions);
-            // Duplicates and gateway-side rejects; engine answers wake it when routed.
-            session.has_output_for(conn_id)
-        };
-        if queued {
-            conn.wake.notify_one();
-        }
-        shared.execute(actions);
+        shared.count_request(session_id, &frame);
+        shared.take_frame(session, conn_id, &frame, Timestamp::now());
         if conn.closing().is_some() {
             return;
         }
     }
+}
+
+/// Most of a connection's records on their way to the stream; beyond, reading waits.
+const MAX_RECORDS_IN_FLIGHT: usize = 1_024;
+
+/// Crash-safe mode's read loop: every frame goes to the stream (acks checked first
+/// against what this gateway sent), in the order read; the core applies it when it
+/// reads it back. A record the stream did not store closes the connection: the
+/// client resumes and sends again what the core never saw.
+async fn read_loop_logged(
+    shared: &Shared,
+    log: &JetStreamLog,
+    session: &SessionHandle,
+    conn_id: ConnectionId,
+    conn: &Conn,
+    mut recv: quinn::RecvStream,
+    mut buf: BytesMut,
+) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let session_id = lock(session).id();
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            Some(stored) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(error) = stored {
+                    warn!(session = session_id, %error, "a record was not stored; closing the connection");
+                    return conn.close(ReasonCode::InternalError);
+                }
+                continue;
+            }
+            read = read_frame(&mut recv, &mut buf), if in_flight.len() < MAX_RECORDS_IN_FLIGHT => read,
+        };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(reason) => return conn.close(reason),
+        };
+        if let Frame::Ack(ack) = &frame {
+            if lock(session).ack_beyond_sent(ack.server_seq) {
+                return conn.close(ReasonCode::AckBeyondSent);
+            }
+        }
+        shared.count_request(session_id, &frame);
+        let entry = Entry {
+            time_ms: Timestamp::now().as_millis(),
+            reply: 0,
+            record: Record::Frame {
+                session: session_id,
+                conn: conn_id,
+                frame: frame.to_bytes().to_vec(),
+            },
+        };
+        match log.send(&entry).await {
+            Ok(stored) => in_flight.push(log.stored(stored)),
+            Err(error) => {
+                warn!(session = session_id, %error, "cannot append to the stream; closing the connection");
+                return conn.close(ReasonCode::InternalError);
+            }
+        }
+        if conn.closing().is_some() {
+            return;
+        }
+    }
+    // The stream ended: what was read still goes in before the connection is lost.
+    while in_flight.next().await.is_some() {}
 }
 
 async fn write_loop(
@@ -956,6 +1160,124 @@ impl Shared {
         self.conns.remove(&conn_id);
     }
 
+    /// A connection id never used before: in crash-safe mode unique across the
+    /// gateway's runs too (the run's stream position is its high half).
+    fn new_conn_id(&self) -> ConnectionId {
+        match &self.log {
+            Some(log) => log.ticket(),
+            None => self.next_conn.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Crash-safe mode: appends a record nobody waits on; a failure is logged (the
+    /// core then never sees it, as if it had not happened).
+    async fn append(&self, log: &JetStreamLog, record: Record) {
+        let entry = Entry {
+            time_ms: Timestamp::now().as_millis(),
+            reply: 0,
+            record,
+        };
+        if let Err(error) = log.append(&entry).await {
+            warn!(%error, "a record was not stored");
+        }
+    }
+
+    /// Core: a frame from the client of `session` on `conn` after the handshake.
+    fn take_frame(
+        &self,
+        session: &SessionHandle,
+        conn_id: ConnectionId,
+        frame: &Frame,
+        now: Timestamp,
+    ) {
+        let mut actions = Vec::new();
+        let queued = {
+            let mut session = lock(session);
+            session.handle_frame(conn_id, frame, now, &mut actions);
+            // Duplicates and gateway-side rejects; engine answers wake it when routed.
+            session.has_output_for(conn_id)
+        };
+        if queued {
+            self.wake(conn_id);
+        }
+        self.execute(actions, now);
+    }
+
+    /// Crash-safe mode: applies one record of the stream to the core, at the
+    /// record's time, and hands the outcome to the gateway waiting for it.
+    fn apply(&self, entry: Entry, log: &JetStreamLog) {
+        let now = self.log_clock.advance(entry.time_ms);
+        let decoded = |bytes: &[u8]| match proto::decode(bytes) {
+            Ok(Some((frame, _))) => Some(frame),
+            _ => None,
+        };
+        let outcome = match entry.record {
+            Record::Started => {
+                // One gateway at a time: every connection before this one's is gone.
+                self.registry.gateway_restarted(now);
+                None
+            }
+            Record::Login {
+                conn,
+                account,
+                max_sessions,
+                login,
+            } => {
+                let created = match decoded(&login) {
+                    Some(Frame::Login(login)) => {
+                        let orders = self.orders_now(account).unwrap_or_default();
+                        let max_sessions = max_sessions.and_then(|m| usize::try_from(m).ok());
+                        self.open_session(conn, account, max_sessions, &login, &orders, now)
+                    }
+                    _ => Err(ReasonCode::InternalError),
+                };
+                Some(Outcome::Session(created))
+            }
+            Record::Resume { conn, resume } => Some(Outcome::Session(match decoded(&resume) {
+                Some(Frame::Resume(resume)) => self.resume_session(conn, &resume, now),
+                _ => Err(ReasonCode::InternalError),
+            })),
+            Record::Frame {
+                session,
+                conn,
+                frame,
+            } => {
+                if let (Some(session), Some(frame)) = (self.registry.get(session), decoded(&frame))
+                {
+                    self.take_frame(&session, conn, &frame, now);
+                }
+                None
+            }
+            Record::ConnectionLost { session, conn } => {
+                if let Some(session) = self.registry.get(session) {
+                    self.registry.connection_lost(&session, conn, now);
+                }
+                None
+            }
+            Record::Tick => {
+                let mut actions = Vec::new();
+                self.registry.handle_timeouts(now, &mut actions);
+                self.execute(actions, now);
+                None
+            }
+            Record::Revoke { sessions } => Some(Outcome::Ended(self.end_sessions(&sessions, now))),
+            Record::KillSwitch { account } => {
+                Some(Outcome::Ended(self.cancel_and_end_account(account, now)))
+            }
+            Record::RotateKey { key_id, secret } => Some(Outcome::Done(
+                self.registry
+                    .with_keys(|keys| keys.rotate(key_id, &secret))
+                    .is_ok(),
+            )),
+            Record::RetireKey { key_id } => Some(Outcome::Done(
+                self.registry.with_keys(|keys| keys.retire(key_id)),
+            )),
+        };
+        if let Some(outcome) = outcome.filter(|_| entry.reply != 0) {
+            log.answer(entry.reply, outcome);
+        }
+    }
+
     /// Counts a request as it arrives, and stamps one new order in
     /// [`LATENCY_SAMPLE_EVERY`] for the latency histogram.
     fn count_request(&self, session_id: u64, frame: &Frame) {
@@ -1020,6 +1342,12 @@ impl Shared {
         self.metrics.render(&self.metrics_snapshot())
     }
 
+    /// Whether connections are accepted (in crash-safe mode, once the core is
+    /// rebuilt from its stream).
+    pub(crate) fn is_accepting(&self) -> bool {
+        *self.accepting.borrow()
+    }
+
     /// Whether new logins are refused.
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -1032,14 +1360,27 @@ impl Shared {
     }
 
     /// Ends these sessions (`Revoked`); returns those that were live.
-    pub(crate) fn revoke_sessions(&self, ids: &[u64]) -> Vec<u64> {
+    pub(crate) async fn revoke_sessions(&self, ids: &[u64]) -> Result<Vec<u64>, String> {
+        match &self.log {
+            Some(log) => {
+                let record = Record::Revoke {
+                    sessions: ids.to_vec(),
+                };
+                ended_outcome(log.call(record, log.ticket()).await)
+            }
+            None => Ok(self.end_sessions(ids, Timestamp::now())),
+        }
+    }
+
+    /// Core: ends these sessions (`Revoked`); returns those that were live.
+    fn end_sessions(&self, ids: &[u64], now: Timestamp) -> Vec<u64> {
         let mut actions = Vec::new();
         let ended = ids
             .iter()
             .copied()
             .filter(|id| self.registry.revoke(*id, &mut actions))
             .collect();
-        self.execute(actions);
+        self.execute(actions, now);
         ended
     }
 
@@ -1047,26 +1388,65 @@ impl Shared {
     /// ends its sessions; returns the sessions ended. The cancels go first, so a
     /// connected session's stream carries them before its `Close` (with the engine
     /// inline; on its thread they may come after, to the account's next session).
-    pub(crate) fn kill_switch(&self, account: u64) -> Vec<u64> {
-        self.execute(vec![Action::Engine(engine::Request::MassCancel {
+    pub(crate) async fn kill_switch(&self, account: u64) -> Result<Vec<u64>, String> {
+        match &self.log {
+            Some(log) => {
+                let record = Record::KillSwitch { account };
+                ended_outcome(log.call(record, log.ticket()).await)
+            }
+            None => Ok(self.cancel_and_end_account(account, Timestamp::now())),
+        }
+    }
+
+    /// Core: the kill switch.
+    fn cancel_and_end_account(&self, account: u64, now: Timestamp) -> Vec<u64> {
+        let cancel = engine::Request::MassCancel {
             scope: engine::MassCancelScope::Account(account),
             reason: engine::CancelReason::SessionEnded,
-        })]);
-        self.revoke_sessions(&self.registry.sessions_of(account))
+        };
+        self.execute(vec![Action::Engine(cancel)], now);
+        self.end_sessions(&self.registry.sessions_of(account), now)
     }
 
     /// Installs a new random token key for minting; tokens of older keys still
     /// verify until retired. Returns the new key's id.
-    pub(crate) fn rotate_token_key(&self) -> Result<u32, String> {
+    pub(crate) async fn rotate_token_key(&self) -> Result<u32, String> {
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| "the system random generator failed".to_string())?;
-        self.registry.with_keys(|keys| {
-            let key_id = keys.current_key_id().wrapping_add(1);
-            keys.rotate(key_id, &secret)
-                .map(|()| key_id)
-                .map_err(|error| error.to_string())
-        })
+        let key_id = self
+            .registry
+            .with_keys(|keys| keys.current_key_id().wrapping_add(1));
+        match &self.log {
+            Some(log) => {
+                let record = Record::RotateKey {
+                    key_id,
+                    secret: secret.to_vec(),
+                };
+                match log.call(record, log.ticket()).await {
+                    Ok(Outcome::Done(true)) => Ok(key_id),
+                    Ok(_) => Err(format!("key {key_id} was not installed")),
+                    Err(error) => Err(error.to_string()),
+                }
+            }
+            None => self.registry.with_keys(|keys| {
+                keys.rotate(key_id, &secret)
+                    .map(|()| key_id)
+                    .map_err(|error| error.to_string())
+            }),
+        }
+    }
+
+    /// Retires a token key (not the one minting); returns whether it was retired.
+    pub(crate) async fn retire_token_key(&self, key_id: u32) -> Result<bool, String> {
+        match &self.log {
+            Some(log) => match log.call(Record::RetireKey { key_id }, log.ticket()).await {
+                Ok(Outcome::Done(retired)) => Ok(retired),
+                Ok(_) => Ok(false),
+                Err(error) => Err(error.to_string()),
+            },
+            None => Ok(self.registry.with_keys(|keys| keys.retire(key_id))),
+        }
     }
 
     /// Reads the accounts file again; on any error the old accounts stay.
@@ -1170,31 +1550,72 @@ impl Shared {
         if self.conns.len() + self.resume_reserved_connections > self.max_connections {
             return Err(ReasonCode::TooManySessions);
         }
+        if let Some(log) = &self.log {
+            let record = Record::Login {
+                conn: conn_id,
+                account: grant.account,
+                max_sessions: grant.max_sessions.map(|m| m as u64),
+                login: Frame::from(*login).to_bytes().to_vec(),
+            };
+            return session_outcome(log.call(record, conn_id).await);
+        }
         let orders = self
             .query_orders(grant.account)
             .await
             .ok_or(ReasonCode::InternalError)?;
+        self.open_session(
+            conn_id,
+            grant.account,
+            grant.max_sessions,
+            login,
+            &orders,
+            now,
+        )
+    }
+
+    /// Core: opens a session for an authenticated login, unless a limit refuses it.
+    fn open_session(
+        &self,
+        conn_id: ConnectionId,
+        account: u64,
+        max_sessions: Option<usize>,
+        login: &proto::Login,
+        orders: &[engine::OrderView],
+        now: Timestamp,
+    ) -> Result<SessionHandle, ReasonCode> {
         let cod = CodPolicy {
             mode: login.cancel_on_disconnect,
             grace: Duration::from_millis(u64::from(login.cod_grace_ms)),
         };
         let mut actions = Vec::new();
         let new = self.registry.login(
-            grant.account,
-            grant.max_sessions,
+            account,
+            max_sessions,
             cod,
             conn_id,
-            &orders,
+            orders,
             self.idle_timeout,
             now,
             &mut actions,
         );
-        self.execute(actions);
-        let new = new?;
-        Ok(new.session)
+        self.execute(actions, now);
+        Ok(new?.session)
     }
 
-    fn resume(
+    /// Core: resumes the session a token names on `conn_id`.
+    fn resume_session(
+        &self,
+        conn_id: ConnectionId,
+        resume: &proto::Resume,
+        now: Timestamp,
+    ) -> Result<SessionHandle, ReasonCode> {
+        let mut actions = Vec::new();
+        let result = self.registry.resume(conn_id, resume, now, &mut actions);
+        self.execute(actions, now);
+        result
+    }
+
+    async fn resume(
         &self,
         conn_id: ConnectionId,
         source: IpAddr,
@@ -1204,9 +1625,16 @@ impl Shared {
         // is what keeps a firm's orders safe, and its neighbours' too.
         let now = Timestamp::now();
         let rejected = |reason| Frame::from(proto::ResumeRejected { reason });
-        let mut actions = Vec::new();
-        let result = self.registry.resume(conn_id, resume, now, &mut actions);
-        self.execute(actions);
+        let result = match &self.log {
+            Some(log) => {
+                let record = Record::Resume {
+                    conn: conn_id,
+                    resume: Frame::from(*resume).to_bytes().to_vec(),
+                };
+                session_outcome(log.call(record, conn_id).await)
+            }
+            None => self.resume_session(conn_id, resume, now),
+        };
         match result {
             Ok(session) => {
                 info!(session = lock(&session).id(), %source, "resume");
@@ -1226,16 +1654,22 @@ impl Shared {
         }
     }
 
+    /// The account's orders, from an inline engine; `None` from one on its thread.
+    fn orders_now(&self, account: u64) -> Option<Vec<engine::OrderView>> {
+        match &self.engine {
+            EngineLink::Inline(book) => Some(
+                book.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .orders_of(account),
+            ),
+            EngineLink::Thread(_) => None,
+        }
+    }
+
     /// The account's orders, asked of the engine.
     async fn query_orders(&self, account: u64) -> Option<Vec<engine::OrderView>> {
         let sender = match &self.engine {
-            EngineLink::Inline(book) => {
-                return Some(
-                    book.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .orders_of(account),
-                );
-            }
+            EngineLink::Inline(_) => return self.orders_now(account),
             EngineLink::Thread(sender) => sender,
         };
         let tag = self.next_query.fetch_add(1, Ordering::Relaxed);
@@ -1261,8 +1695,7 @@ impl Shared {
 
     /// Routes a batch of engine events into their sessions and wakes their writers;
     /// returns what the sessions asked for in turn.
-    fn route_events(&self, events: &mut Vec<engine::Event>) -> Vec<Action> {
-        let now = Timestamp::now();
+    fn route_events(&self, events: &mut Vec<engine::Event>, now: Timestamp) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut wake = Vec::new();
         for event in events.drain(..) {
@@ -1286,11 +1719,11 @@ impl Shared {
     /// Carries out what the session core asked for, and what that asks for in turn
     /// (an inline engine's answers can release a session's waiting requests), in a
     /// loop rather than by recursion.
-    fn execute(&self, actions: Vec<Action>) {
+    fn execute(&self, actions: Vec<Action>, now: Timestamp) {
         let mut queue = VecDeque::from(actions);
         while let Some(action) = queue.pop_front() {
             match action {
-                Action::Engine(request) => queue.extend(self.submit(request)),
+                Action::Engine(request) => queue.extend(self.submit(request, now)),
                 Action::CloseConnection { conn, reason } => {
                     info!(conn, reason = reason.name(), "closing connection");
                     if let Some(conn) = self.conns.get(&conn) {
@@ -1306,13 +1739,13 @@ impl Shared {
     }
 
     /// Hands a request to the engine; returns what the sessions ask for in turn.
-    fn submit(&self, request: engine::Request) -> Vec<Action> {
+    fn submit(&self, request: engine::Request, now: Timestamp) -> Vec<Action> {
         let sender = match &self.engine {
             EngineLink::Inline(book) => {
                 let mut book = book.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut events = Vec::new();
                 engine::MatchingEngine::handle(&mut *book, request, &mut events);
-                return self.route_events(&mut events);
+                return self.route_events(&mut events, now);
             }
             EngineLink::Thread(sender) => sender,
         };
@@ -1326,25 +1759,45 @@ impl Shared {
             }
             Err(SubmitError::Full(request)) => {
                 warn!("engine queue full; refusing request");
-                self.refuse(&request, ReasonCode::EngineBusy)
+                self.refuse(&request, ReasonCode::EngineBusy, now)
             }
             Err(SubmitError::Stopped(request)) => {
                 warn!("engine stopped; refusing request");
-                self.refuse(&request, ReasonCode::InternalError)
+                self.refuse(&request, ReasonCode::InternalError, now)
             }
         }
     }
 
     /// Answers a request the engine did not take with a `Reject`.
-    fn refuse(&self, request: &engine::Request, reason: ReasonCode) -> Vec<Action> {
+    fn refuse(&self, request: &engine::Request, reason: ReasonCode, now: Timestamp) -> Vec<Action> {
         let mut actions = Vec::new();
         if let Some(session) = request.owner().and_then(|o| self.registry.get(o.session)) {
-            let wake =
-                lock(&session).refuse_request(request, reason, Timestamp::now(), &mut actions);
+            let wake = lock(&session).refuse_request(request, reason, now, &mut actions);
             if let Some(conn_id) = wake {
                 self.wake(conn_id);
             }
         }
         actions
+    }
+}
+
+/// A login's or resume's outcome from the core, as the handshake needs it.
+fn session_outcome(outcome: Result<Outcome, LogError>) -> Result<SessionHandle, ReasonCode> {
+    match outcome {
+        Ok(Outcome::Session(result)) => result,
+        Ok(_) => Err(ReasonCode::InternalError),
+        Err(error) => {
+            warn!(%error, "the core did not answer");
+            Err(ReasonCode::InternalError)
+        }
+    }
+}
+
+/// The sessions an operation ended, from the core.
+fn ended_outcome(outcome: Result<Outcome, LogError>) -> Result<Vec<u64>, String> {
+    match outcome {
+        Ok(Outcome::Ended(sessions)) => Ok(sessions),
+        Ok(_) => Err("the core gave an unexpected answer".into()),
+        Err(error) => Err(error.to_string()),
     }
 }

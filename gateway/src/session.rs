@@ -56,6 +56,22 @@ pub struct SessionConfig {
     /// burst up to one second's worth. Beyond, requests are answered with a `Reject`
     /// (`RateExceeded`) and not executed.
     pub max_messages_per_second: u32,
+    /// What a client's acknowledgement may not exceed.
+    pub ack_bound: AckBound,
+}
+
+/// What the session checks a client's acknowledgement against (`AckBeyondSent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckBound {
+    /// What this process's writers sent: the session sees its transmit path
+    /// (embedded mode).
+    #[default]
+    Sent,
+    /// What the session assigned. When the session is rebuilt from a log, it has
+    /// never seen what was sent; the edge checks acks against what it sent before
+    /// they reach the log, so the session only refuses acks of messages that do not
+    /// exist.
+    Assigned,
 }
 
 impl Default for SessionConfig {
@@ -70,6 +86,7 @@ impl Default for SessionConfig {
             max_queued_duplicates: 1_024,
             max_waiting_requests: 10_000,
             max_messages_per_second: 10_000,
+            ack_bound: AckBound::Sent,
         }
     }
 }
@@ -423,6 +440,26 @@ impl Session {
         }
     }
 
+    /// The highest server sequence a client may acknowledge (see [`AckBound`]).
+    fn ack_limit(&self) -> u64 {
+        match self.config.ack_bound {
+            AckBound::Sent => self.highest_sent,
+            AckBound::Assigned => self.ring.next_seq() - 1,
+        }
+    }
+
+    /// Whether an `Ack` of `seq` goes beyond what this process sent on the attached
+    /// connection: the edge's check of acks before they reach a log.
+    pub fn ack_beyond_sent(&self, seq: u64) -> bool {
+        seq > self.highest_sent
+    }
+
+    /// The process that ran this session before (it is rebuilt from a log) may have
+    /// sent every message assigned so far: the edge accepts acks up to there.
+    pub fn sent_by_predecessor(&mut self) {
+        self.highest_sent = self.highest_sent.max(self.ring.next_seq() - 1);
+    }
+
     /// The client has every server message up to `seq`.
     fn acknowledge(&mut self, seq: u64) {
         self.ring.ack(seq);
@@ -459,7 +496,7 @@ impl Session {
         }
         match frame {
             Frame::Ack(ack) => {
-                if ack.server_seq > self.highest_sent {
+                if ack.server_seq > self.ack_limit() {
                     return self.drop_connection(ReasonCode::AckBeyondSent, now, out);
                 }
                 self.acknowledge(ack.server_seq);
@@ -840,7 +877,7 @@ impl Session {
             self.end(ReasonCode::TokenSuperseded, out);
             return Err(ResumeRefused(ReasonCode::TokenSuperseded));
         }
-        if request.last_acked_server_seq > self.highest_sent {
+        if request.last_acked_server_seq > self.ack_limit() {
             return Err(ResumeRefused(ReasonCode::AckBeyondSent));
         }
         let next_generation = self

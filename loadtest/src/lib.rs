@@ -14,6 +14,7 @@
 //! - [`relay`]: the UDP relay that makes connections vanish.
 
 pub mod baseline;
+pub mod crash;
 pub mod html;
 pub mod process;
 pub mod relay;
@@ -104,6 +105,9 @@ pub struct Options {
     /// The core the baseline's separate echo server runs on (`taskset`), as the
     /// gateway's was pinned.
     pub server_core: Option<usize>,
+    /// Run a crash-safe gateway as a child process (instead of one in this process),
+    /// and kill it and start it again as this says.
+    pub crash_safe: Option<crash::CrashSafe>,
 }
 
 impl Default for Options {
@@ -125,6 +129,7 @@ impl Default for Options {
             initial_rtt: None,
             gateway_pid: None,
             server_core: None,
+            crash_safe: None,
         }
     }
 }
@@ -314,6 +319,40 @@ pub fn schedule(rate: u64, connections: usize, start: Instant, deadline: Instant
     receivers.into_iter().map(Ticks::Scheduled).collect()
 }
 
+/// Kills the crash-safe gateway every `interval` until `deadline` and starts it
+/// again; returns it with how long each restart took to be ready.
+async fn kill_loop(
+    mut process: crash::GatewayProcess,
+    interval: Duration,
+    deadline: Instant,
+    shared: Shared,
+) -> Result<(crash::GatewayProcess, Vec<Duration>), RunError> {
+    let mut ready_after = Vec::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        if Instant::now() >= deadline {
+            return Ok((process, ready_after));
+        }
+        let killed = Instant::now();
+        {
+            let mut tally = lock(&shared);
+            let t_s = killed
+                .saturating_duration_since(tally.started)
+                .as_secs_f64();
+            tally.chaos_events.push(ChaosEvent {
+                t_s,
+                mode: "gateway_kill",
+            });
+            for book in &mut tally.books {
+                book.gateway_killed = Some(killed);
+            }
+        }
+        process.kill_and_restart()?;
+        process.wait_ready().await?;
+        ready_after.push(killed.elapsed());
+    }
+}
+
 /// How a chaos event breaks a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -469,8 +508,16 @@ pub struct Report {
     pub ack_latency_curve: Vec<CurvePoint>,
     /// The same over the run, in slices of 250 ms by intended send time.
     pub timeline: Vec<TimelinePoint>,
-    /// The forced disconnects, in order.
+    /// The forced disconnects (and gateway kills, `gateway_kill`), in order.
     pub chaos_events: Vec<ChaosEvent>,
+    /// Times the gateway process was killed (SIGKILL) and started again.
+    pub gateway_restarts: u64,
+    /// From a kill to the restarted gateway being ready (its core rebuilt from its
+    /// stream), microseconds.
+    pub restart_ready_us: Percentiles,
+    /// From a kill to each session's resume on the restarted gateway (includes the
+    /// client noticing its connection is gone), microseconds.
+    pub restart_resume_us: Percentiles,
     /// Answers per second over the run.
     pub throughput_orders_per_s: f64,
     /// The gateway process's CPU time per answered request (`--gateway-pid`).
@@ -582,6 +629,8 @@ struct SessionBook {
     done: HashSet<u64>,
     /// A forced disconnect waiting for its resume.
     chaos: Option<(Instant, ChaosMode)>,
+    /// When the gateway process was last killed, until this session resumed.
+    gateway_killed: Option<Instant>,
 }
 
 impl SessionBook {
@@ -615,6 +664,8 @@ struct Tally {
     last_answer: Option<Instant>,
     resume: Histogram<u64>,
     blackhole: Histogram<u64>,
+    /// Gateway kill to each session's resume.
+    restart_resume: Histogram<u64>,
     counts: Counts,
 }
 
@@ -665,7 +716,22 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         .map_or(0, |since| {
             u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
         });
-    let target = match options.remote.clone() {
+    let mut crash_safe = match (&options.crash_safe, &options.remote) {
+        (Some(_), Some(_)) => {
+            return Err(RunError::Setup(
+                "the load tester starts the crash-safe gateway itself: name no other".into(),
+            ))
+        }
+        (Some(settings), None) => {
+            Some(crash::GatewayProcess::start(settings, options.sessions).await?)
+        }
+        (None, _) => None,
+    };
+    let remote = match &crash_safe {
+        Some(process) => Some(process.remote()?),
+        None => options.remote.clone(),
+    };
+    let target = match remote.clone() {
         Some(remote) => Target {
             addr: remote.addr,
             cert: remote.cert,
@@ -729,6 +795,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         last_answer: None,
         resume: histogram(),
         blackhole: histogram(),
+        restart_resume: histogram(),
         counts: Counts::default(),
         logging_out: false,
     }));
@@ -794,6 +861,19 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             async move { chaos_loop(clients, relays, shared, interval, deadline, seed).await },
         )
     });
+    let kill_interval = options.crash_safe.as_ref().and_then(|c| c.kill_interval);
+    let killer = match (crash_safe.take(), kill_interval) {
+        (Some(process), Some(interval)) => Some(tokio::spawn(kill_loop(
+            process,
+            interval,
+            deadline,
+            Arc::clone(&shared),
+        ))),
+        (process, _) => {
+            crash_safe = process;
+            None
+        }
+    };
     let ticker = progress.clone().map(|bar| {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
@@ -822,6 +902,16 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     if let Some(chaos) = chaos {
         let _ = chaos.await;
     }
+    let mut restart_ready = histogram();
+    if let Some(killer) = killer {
+        let (process, ready) = killer
+            .await
+            .map_err(|e| RunError::Setup(format!("the gateway killer failed: {e}")))??;
+        for after in ready {
+            record(&mut restart_ready, after);
+        }
+        crash_safe = Some(process);
+    }
     if let Some(ticker) = ticker {
         let _ = ticker.await;
     }
@@ -837,7 +927,11 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 (0..options.sessions)
                     .map(|i| tally.verifier.unanswered(i))
                     .sum::<usize>()
-                    + tally.books.iter().filter(|b| b.chaos.is_some()).count()
+                    + tally
+                        .books
+                        .iter()
+                        .filter(|b| b.chaos.is_some() || b.gateway_killed.is_some())
+                        .count()
             };
             if waiting == 0 {
                 return;
@@ -895,6 +989,10 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     drop(clients);
     drop(relays);
     receivers.abort_all();
+    if let Some(process) = crash_safe {
+        let failed = lock(&shared).verifier.violations() > 0 || drained.is_err();
+        process.stop(failed).await;
+    }
     if let Some(bar) = &progress {
         bar.finish_and_clear();
     }
@@ -945,10 +1043,11 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         Report {
             version: env!("CARGO_PKG_VERSION"),
             started_unix_ms,
-            target: options
-                .remote
-                .as_ref()
-                .map_or_else(|| "in-process".to_string(), |r| r.addr.to_string()),
+            target: match (&remote, &options.crash_safe) {
+                (Some(remote), Some(_)) => format!("crash-safe gateway process at {}", remote.addr),
+                (Some(remote), None) => remote.addr.to_string(),
+                (None, _) => "in-process".to_string(),
+            },
             sessions: options.sessions,
             window: options.window,
             seed: options.seed,
@@ -1001,6 +1100,9 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 })
                 .collect(),
             chaos_events: tally.chaos_events.clone(),
+            gateway_restarts: restart_ready.len(),
+            restart_ready_us: Percentiles::of(&restart_ready),
+            restart_resume_us: Percentiles::of(&tally.restart_resume),
             throughput_orders_per_s: answers as f64
                 / tally
                     .last_answer
@@ -1235,6 +1337,9 @@ async fn receive_events(
                         ChaosMode::Clean | ChaosMode::Abrupt => &mut tally.resume,
                     };
                     record(histogram, now.saturating_duration_since(at));
+                }
+                if let Some(at) = tally.books[index].gateway_killed.take() {
+                    record(&mut tally.restart_resume, now.saturating_duration_since(at));
                 }
             }
             Event::Ended(ReasonCode::LoggedOut) if tally.logging_out => return,

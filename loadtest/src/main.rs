@@ -41,6 +41,18 @@ struct Cli {
     /// until standard input closes (what the baseline starts as its own process).
     #[arg(long, hide = true)]
     echo_server: bool,
+    /// Start a crash-safe gateway (sequencer.mode = jetstream) as a child process on
+    /// loopback against this NATS server with JetStream, e.g. nats://127.0.0.1:4222,
+    /// on a stream of its own that is deleted after the run.
+    #[arg(long, conflicts_with = "gateway")]
+    nats: Option<String>,
+    /// With --nats: SIGKILL the gateway this often and start it again at once, e.g.
+    /// 5s; the verifier checks nothing was lost or done twice across the restarts.
+    #[arg(long, requires = "nats", value_parser = humantime::parse_duration)]
+    kill_gateway_interval: Option<Duration>,
+    /// With --nats: the gateway program (default: `gateway` beside this program).
+    #[arg(long, requires = "nats")]
+    gateway_program: Option<PathBuf>,
     /// Sessions, one per account.
     #[arg(long, default_value_t = 50)]
     sessions: usize,
@@ -284,6 +296,16 @@ fn summary(report: &Report) {
             time(report.blackhole_recovery_ms * 1e3)
         );
     }
+    if report.gateway_restarts > 0 {
+        println!(
+            "gateway killed and restarted {} times: ready again after {} (p50, max {}), sessions resumed after {} (p50, max {})",
+            report.gateway_restarts,
+            time(report.restart_ready_us.p50),
+            time(report.restart_ready_us.max),
+            time(report.restart_resume_us.p50),
+            time(report.restart_resume_us.max)
+        );
+    }
     if !report.closed_by_gateway.is_empty() {
         let closes: Vec<String> = report
             .closed_by_gateway
@@ -443,6 +465,14 @@ fn main() -> ExitCode {
             },
             gateway_pid: cli.gateway_pid,
             server_core: cli.server_core,
+            crash_safe: cli.nats.clone().map(|nats_url| loadtest::crash::CrashSafe {
+                program: cli
+                    .gateway_program
+                    .clone()
+                    .unwrap_or_else(loadtest::crash::CrashSafe::program_beside_this_one),
+                nats_url,
+                kill_interval: cli.kill_gateway_interval,
+            }),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

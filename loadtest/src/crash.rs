@@ -1,0 +1,261 @@
+//! A crash-safe gateway run by the load tester as a child process on loopback, so
+//! that it can be killed (SIGKILL) and started again under load: the chaos that
+//! proves a gateway can die and lose nothing.
+//!
+//! The gateway runs in `jetstream` sequencer mode against a NATS server the caller
+//! names, on a stream of its own (named after this process and the time), with
+//! development certificate and demo accounts in a temporary directory. Its output
+//! goes to `gateway.log` there; the directory is removed when the gateway is
+//! stopped.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway_client::Credentials;
+
+use crate::{RemoteGateway, RunError};
+
+/// How long a start (including the core's rebuild from its stream) may take.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the load tester runs a crash-safe gateway.
+#[derive(Debug, Clone)]
+pub struct CrashSafe {
+    /// The `gateway` program.
+    pub program: PathBuf,
+    /// The NATS server with JetStream, e.g. `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// Kill the gateway this often and start it again; `None` never does.
+    pub kill_interval: Option<Duration>,
+}
+
+impl CrashSafe {
+    /// The `gateway` program beside this executable (`target/<profile>/gateway`
+    /// next to `target/<profile>/loadtest`, or one level up from a test's `deps`).
+    pub fn program_beside_this_one() -> PathBuf {
+        let exe = std::env::current_exe().unwrap_or_default();
+        let name = format!("gateway{}", std::env::consts::EXE_SUFFIX);
+        let beside = exe.with_file_name(&name);
+        if beside.exists() {
+            return beside;
+        }
+        exe.parent()
+            .and_then(std::path::Path::parent)
+            .map_or(beside, |dir| dir.join(name))
+    }
+}
+
+/// A crash-safe gateway process.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    program: PathBuf,
+    args: Vec<String>,
+    dir: PathBuf,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    child: Option<Child>,
+    nats_url: String,
+    stream: String,
+}
+
+impl GatewayProcess {
+    /// Starts the gateway with `accounts` demo accounts and waits until it serves.
+    pub async fn start(settings: &CrashSafe, accounts: usize) -> Result<Self, RunError> {
+        let setup = |what: &str, e: &dyn std::fmt::Display| RunError::Setup(format!("{what}: {e}"));
+        if !settings.program.exists() {
+            return Err(RunError::Setup(format!(
+                "{} is missing: build the gateway (cargo build --release -p gateway)",
+                settings.program.display()
+            )));
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis());
+        // Unique among the gateways of this process too (tests start several at once).
+        static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nth = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stream = format!("LOADTEST_{}_{stamp}_{nth}", std::process::id());
+        let dir = std::env::temp_dir().join(stream.to_lowercase());
+        std::fs::create_dir_all(&dir).map_err(|e| setup("temporary directory", &e))?;
+        let addr = free_udp_port().map_err(|e| setup("a free UDP port", &e))?;
+        let admin = free_tcp_port().map_err(|e| setup("a free TCP port", &e))?;
+        let args = [
+            format!("listen={addr}"),
+            format!("dev_dir={}", dir.display()),
+            format!("demo_accounts={}", accounts.max(2)),
+            format!("admin.listen={admin}"),
+            "session.max_sessions_per_account=64".into(),
+            "sequencer.mode=jetstream".into(),
+            format!("sequencer.nats_url={}", settings.nats_url),
+            format!("sequencer.stream={stream}"),
+        ]
+        .into_iter()
+        .flat_map(|set| ["--set".to_string(), set])
+        .collect();
+        let mut process = GatewayProcess {
+            program: settings.program.clone(),
+            args,
+            dir,
+            addr,
+            admin,
+            child: None,
+            nats_url: settings.nats_url.clone(),
+            stream,
+        };
+        process.spawn()?;
+        process.wait_ready().await?;
+        Ok(process)
+    }
+
+    /// Starts the program again with the same settings (after a kill).
+    fn spawn(&mut self) -> Result<(), RunError> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("gateway.log"))
+            .map_err(|e| RunError::Setup(format!("gateway.log: {e}")))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| RunError::Setup(format!("gateway.log: {e}")))?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| RunError::Setup(format!("{}: {e}", self.program.display())))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the gateway says it is ready (`/readyz`: its core rebuilt).
+    pub async fn wait_ready(&mut self) -> Result<Duration, RunError> {
+        let started = Instant::now();
+        let url = format!("http://{}/readyz", self.admin);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(RunError::Setup(format!(
+                    "the gateway exited ({status}); its log:\n{}",
+                    self.log_tail()
+                )));
+            }
+            let probe = url.clone();
+            let ready = tokio::task::spawn_blocking(move || {
+                ureq::get(&probe)
+                    .config()
+                    .timeout_global(Some(Duration::from_millis(500)))
+                    .build()
+                    .call()
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            if ready {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(RunError::Setup(format!(
+                    "the gateway was not ready within {START_TIMEOUT:?}; its log:\n{}",
+                    self.log_tail()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILLs the gateway (no goodbye to anyone) and starts it again at once.
+    pub fn kill_and_restart(&mut self) -> Result<(), RunError> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.spawn()
+    }
+
+    /// Where clients connect, with the certificate and keys it generated.
+    pub fn remote(&self) -> Result<RemoteGateway, RunError> {
+        let read = |name: &str| {
+            std::fs::read(self.dir.join(name))
+                .map_err(|e| RunError::Setup(format!("{}: {e}", self.dir.join(name).display())))
+        };
+        let cert = read("cert.der")?;
+        let keys = Credentials::load_dev_keys(&self.dir.join("client-keys.toml"))
+            .map_err(|e| RunError::Setup(e.to_string()))?;
+        Ok(RemoteGateway {
+            addr: self.addr,
+            cert: cert.into(),
+            keys,
+        })
+    }
+
+    /// The gateway's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The last lines of the gateway's log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Stops the gateway (SIGTERM, then SIGKILL after a while) and deletes its
+    /// stream; deletes its directory too unless `keep_log` (then says where it is).
+    pub async fn stop(mut self, keep_log: bool) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // The gateway shuts down gracefully on SIGTERM.
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let settings = gateway::config::SequencerSettings {
+            mode: gateway::config::SequencerMode::Jetstream,
+            nats_url: self.nats_url.clone(),
+            stream: self.stream.clone(),
+            ..Default::default()
+        };
+        if let Err(error) = gateway::sequencer::JetStreamLog::delete_stream(&settings).await {
+            eprintln!("loadtest: could not delete stream {}: {error}", self.stream);
+        }
+        if keep_log {
+            eprintln!(
+                "loadtest: the gateway's log is in {}",
+                self.dir.join("gateway.log").display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_udp_port() -> std::io::Result<SocketAddr> {
+    UdpSocket::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn free_tcp_port() -> std::io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}

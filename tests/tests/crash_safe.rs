@@ -1,0 +1,121 @@
+//! Crash-safe mode: the gateway as its own process on a JetStream stream (a real
+//! `nats-server` started here), killed with SIGKILL under load and started again.
+
+use std::time::Duration;
+
+use e2e::NatsServer;
+use gateway_client::{Client, ClientConfig, Credentials, Event, OrderParams};
+use loadtest::crash::{CrashSafe, GatewayProcess};
+use proto::Frame;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_under_load_loses_nothing_and_does_nothing_twice() {
+    let nats = NatsServer::start();
+    let report = loadtest::run(loadtest::Options {
+        crash_safe: Some(CrashSafe {
+            program: e2e::gateway_binary(),
+            nats_url: nats.url.clone(),
+            kill_interval: Some(Duration::from_millis(1_200)),
+        }),
+        sessions: 4,
+        rate: 400,
+        duration: Duration::from_secs(4),
+        replay_messages: 0,
+        ..loadtest::Options::default()
+    })
+    .await
+    .expect("run completes");
+    assert_eq!(report.violations, 0, "{:?}", report.violation_samples);
+    assert!(
+        report.gateway_restarts >= 2,
+        "{} restarts",
+        report.gateway_restarts
+    );
+    assert!(report.checks.trades > 0, "traded");
+    assert!(
+        report.resumes >= 4 * report.gateway_restarts,
+        "every session resumed after every restart: {} resumes",
+        report.resumes
+    );
+}
+
+/// One session of a crash-safe gateway's demo account.
+async fn connect(
+    gateway: &GatewayProcess,
+    index: usize,
+) -> (Client, tokio::sync::mpsc::Receiver<Event>) {
+    let remote = gateway.remote().expect("dev files");
+    let (_, credentials): &(u64, Credentials) = &remote.keys[index];
+    let mut config = ClientConfig::new(remote.addr, remote.cert.clone(), credentials.clone());
+    config.idle_timeout = Duration::from_millis(1_000);
+    config.keep_alive = Duration::from_millis(200);
+    Client::connect(config).await.expect("login")
+}
+
+/// The next frame of a kind, within 10 s.
+async fn next_frame(
+    events: &mut tokio::sync::mpsc::Receiver<Event>,
+    want: fn(&Frame) -> bool,
+) -> Frame {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Some(Event::Message(frame)) if want(&frame) => return frame,
+                Some(Event::Ended(reason)) => panic!("session ended: {reason:?}"),
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the frame within 10 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_made_while_the_maker_was_away_is_replayed_after_the_gateway_restarts() {
+    let nats = NatsServer::start();
+    let mut gateway = GatewayProcess::start(
+        &CrashSafe {
+            program: e2e::gateway_binary(),
+            nats_url: nats.url.clone(),
+            kill_interval: None,
+        },
+        2,
+    )
+    .await
+    .expect("gateway starts");
+
+    // The maker rests an order, then the gateway dies without a word to anyone.
+    let (maker, mut maker_events) = connect(&gateway, 0).await;
+    maker
+        .new_order(OrderParams::limit_sell(1, 11, 100, 5))
+        .expect("send");
+    next_frame(&mut maker_events, |f| matches!(f, Frame::OrderAck(_))).await;
+    gateway.kill_and_restart().expect("restart");
+    gateway.wait_ready().await.expect("ready again");
+
+    // The book came back from the stream: a taker logging in to the new process
+    // trades against the order.
+    let (taker, mut taker_events) = connect(&gateway, 1).await;
+    taker
+        .new_order(OrderParams::limit_buy(1, 21, 100, 5))
+        .expect("send");
+    let Frame::Fill(taker_fill) =
+        next_frame(&mut taker_events, |f| matches!(f, Frame::Fill(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(taker_fill.quantity, 5);
+
+    // The maker resumes its session (no new login) and gets its side of the trade.
+    let Frame::Fill(maker_fill) =
+        next_frame(&mut maker_events, |f| matches!(f, Frame::Fill(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(maker_fill.trade_id, taker_fill.trade_id);
+    assert_eq!(maker_fill.client_order_id, 11);
+    drop((maker, taker));
+    gateway.stop(false).await;
+}
