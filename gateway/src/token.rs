@@ -155,6 +155,14 @@ impl TokenKeyRing {
         self.previous.len() != before
     }
 
+    /// A key for another purpose, derived from the current token key and `label`
+    /// (HMAC-SHA256), so that it lasts as long as the token key does: a gateway
+    /// started again with the same key file derives the same one.
+    pub fn derive_key(&self, label: &[u8]) -> hmac::Key {
+        let derived = hmac::sign(&self.current.key, label);
+        hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
+    }
+
     /// Id of the key that mints.
     pub fn current_key_id(&self) -> u32 {
         self.current.id
