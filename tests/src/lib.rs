@@ -43,42 +43,27 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 impl TestGateway {
     /// Starts a gateway with accounts `1..=accounts` and settings changed by `adjust`.
     pub fn start(accounts: u64, adjust: impl FnOnce(&mut Config)) -> TestGateway {
-        let mut config = Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..Config::default()
-        };
-        config.session.max_sessions_per_account = 2_000;
-        config.admin.listen = "127.0.0.1:0".into();
-        adjust(&mut config);
-        config.validate().expect("valid test config");
-        let (certs, key) = gateway::dev::self_signed().expect("certificate");
-        let cert = certs[0].clone();
-        let accounts = AccountsFile {
-            accounts: (1..=accounts)
-                .map(|id| AccountEntry {
-                    id,
-                    max_sessions: None,
-                    keys: vec![ApiKeyEntry {
-                        id: 1_000 + id,
-                        public_key: hex::encode(
-                            Ed25519KeyPair::from_seed_unchecked(&seed(id))
-                                .expect("seed")
-                                .public_key()
-                                .as_ref(),
-                        ),
-                    }],
-                })
-                .collect(),
-        };
-        let setup = Setup {
-            config,
-            tls: (certs, key),
-            accounts,
-            token_keys: TokenKeyRing::generate(1).expect("token key"),
-            accounts_path: None,
-            admin_token: Some(ADMIN_TOKEN.into()),
-        };
+        let token_keys = TokenKeyRing::generate(1).expect("token key");
+        let (setup, cert) = test_setup(accounts, token_keys, adjust);
         let gateway = Gateway::start(setup).expect("gateway starts");
+        Self::running(gateway, cert)
+    }
+
+    /// Starts a gateway in either sequencer mode (`Gateway::launch`), with its token
+    /// key from `token_secret`: gateways started one after another on one stream
+    /// verify each other's tokens.
+    pub async fn launch(
+        accounts: u64,
+        token_secret: &[u8; 32],
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestGateway {
+        let token_keys = TokenKeyRing::new(1, token_secret).expect("token key");
+        let (setup, cert) = test_setup(accounts, token_keys, adjust);
+        let gateway = Gateway::launch(setup).await.expect("gateway starts");
+        Self::running(gateway, cert)
+    }
+
+    fn running(gateway: Gateway, cert: CertificateDer<'static>) -> TestGateway {
         let addr = gateway.local_addr().expect("bound");
         TestGateway {
             gateway,
@@ -112,6 +97,51 @@ impl TestGateway {
         config.keep_alive = Duration::from_millis(200);
         config
     }
+}
+
+/// A test gateway's setup: accounts `1..=accounts` with their test keys, a fresh
+/// certificate, settings changed by `adjust`.
+fn test_setup(
+    accounts: u64,
+    token_keys: TokenKeyRing,
+    adjust: impl FnOnce(&mut Config),
+) -> (Setup, CertificateDer<'static>) {
+    let mut config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Config::default()
+    };
+    config.session.max_sessions_per_account = 2_000;
+    config.admin.listen = "127.0.0.1:0".into();
+    adjust(&mut config);
+    config.validate().expect("valid test config");
+    let (certs, key) = gateway::dev::self_signed().expect("certificate");
+    let cert = certs[0].clone();
+    let accounts = AccountsFile {
+        accounts: (1..=accounts)
+            .map(|id| AccountEntry {
+                id,
+                max_sessions: None,
+                keys: vec![ApiKeyEntry {
+                    id: 1_000 + id,
+                    public_key: hex::encode(
+                        Ed25519KeyPair::from_seed_unchecked(&seed(id))
+                            .expect("seed")
+                            .public_key()
+                            .as_ref(),
+                    ),
+                }],
+            })
+            .collect(),
+    };
+    let setup = Setup {
+        config,
+        tls: (certs, key),
+        accounts,
+        token_keys,
+        accounts_path: None,
+        admin_token: Some(ADMIN_TOKEN.into()),
+    };
+    (setup, cert)
 }
 
 /// A connection speaking the protocol frame by frame.
