@@ -763,11 +763,21 @@ async fn follow_log(
     let mut caught_up = Some(caught_up);
     let error = log
         .follow(|entry, position| {
+            // Another gateway started on this stream: its core has taken every
+            // session over, so this one must not answer for them any more.
+            let superseded = position > start && entry.record == Record::Started;
             shared.apply(entry, &log);
             if position >= start {
                 if let Some(caught_up) = caught_up.take() {
                     let _ = caught_up.send(());
                 }
+            }
+            if superseded && shared.failed.borrow().is_none() {
+                let why = format!(
+                    "another gateway started on this stream (at position {position}); one gateway per stream"
+                );
+                tracing::error!("{why}: the gateway stops");
+                shared.failed.send_replace(Some(why));
             }
         })
         .await;

@@ -401,6 +401,13 @@ impl Event {
 ///
 /// Implementations handle one request at a time and append the events it causes to
 /// `events`, following the contract in this module's documentation.
+///
+/// **Deterministic.** In the gateway's crash-safe mode the engine is part of the core
+/// that a restarted gateway rebuilds by handling every request again, in the same
+/// order: the same requests must give the same events, byte for byte. So an engine
+/// reads no clock, no random generator and nothing outside its requests, and iterates
+/// no hash map in an order that shows in its events (sort first, as the bundled one
+/// does for mass cancels).
 pub trait MatchingEngine: Send + 'static {
     /// Handles one request, appending its events to `events` (which may already
     /// hold events of earlier requests).

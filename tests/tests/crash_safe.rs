@@ -240,3 +240,22 @@ async fn gateways_that_apply_one_stream_hold_byte_identical_messages() {
         rebuilt.gateway.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stops_when_another_starts_on_its_stream() {
+    let nats = NatsServer::start();
+    let secret = [3u8; 32];
+    let crash_safe = |config: &mut gateway::config::Config| {
+        config.sequencer.mode = gateway::config::SequencerMode::Jetstream;
+        config.sequencer.nats_url = nats.url.clone();
+        config.sequencer.stream = "TWO_GATEWAYS".into();
+    };
+    let first = TestGateway::launch(1, &secret, crash_safe).await;
+    let second = TestGateway::launch(1, &secret, crash_safe).await;
+    let why = tokio::time::timeout(PATIENCE, first.gateway.failed())
+        .await
+        .expect("the first gateway gives up");
+    assert!(why.contains("another gateway started"), "{why}");
+    second.gateway.shutdown().await;
+    first.gateway.shutdown().await;
+}
