@@ -272,6 +272,15 @@ impl NatsServer {
     }
 }
 
+impl NatsServer {
+    /// Sets `config` to crash-safe mode on this server's stream `stream`.
+    pub fn serve(&self, config: &mut Config, stream: &str) {
+        config.sequencer.mode = gateway::config::SequencerMode::Jetstream;
+        config.sequencer.nats_url = self.url.clone();
+        config.sequencer.stream = stream.into();
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();

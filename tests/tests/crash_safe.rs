@@ -171,11 +171,7 @@ fn progress(gateway: &gateway::server::Gateway) -> Vec<(u64, u64, u32)> {
 async fn gateways_that_apply_one_stream_hold_byte_identical_messages() {
     let nats = NatsServer::start();
     let secret = [9u8; 32];
-    let crash_safe = |config: &mut gateway::config::Config| {
-        config.sequencer.mode = gateway::config::SequencerMode::Jetstream;
-        config.sequencer.nats_url = nats.url.clone();
-        config.sequencer.stream = "DETERMINISM".into();
-    };
+    let crash_safe = |config: &mut gateway::config::Config| nats.serve(config, "DETERMINISM");
     let first = TestGateway::launch(2, &secret, crash_safe).await;
 
     // Two sessions that acknowledge nothing, so their rings keep every message:
@@ -222,13 +218,30 @@ async fn gateways_that_apply_one_stream_hold_byte_identical_messages() {
     })
     .await;
 
+    // The clients go; once the core has applied their lost connections, it has
+    // applied everything they sent (a connection's records are in order).
+    drop((maker, taker));
+    let detached = async {
+        while first
+            .gateway
+            .registry()
+            .sessions_info()
+            .iter()
+            .any(|info| info.state != "detached")
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, detached)
+        .await
+        .expect("both sessions detached");
     let live = retained(&first.gateway);
     let live_progress = progress(&first.gateway);
     assert_eq!(live.len(), 2);
-    // The maker's resume acknowledged what it had; trades and the cancel followed.
+    // Something to compare: the taker, which never resumed, still holds at least its
+    // five order acks and their fills (the maker's resume acknowledged what it had).
     let messages: usize = live.values().map(Vec::len).sum();
-    assert!(messages >= 20, "{messages} messages retained");
-    drop((maker, taker));
+    assert!(messages >= 10, "{messages} messages retained");
     first.gateway.shutdown().await;
 
     // Two more gateways, one after the other, rebuild the core from the stream: the
@@ -245,11 +258,7 @@ async fn gateways_that_apply_one_stream_hold_byte_identical_messages() {
 async fn a_gateway_stops_when_another_starts_on_its_stream() {
     let nats = NatsServer::start();
     let secret = [3u8; 32];
-    let crash_safe = |config: &mut gateway::config::Config| {
-        config.sequencer.mode = gateway::config::SequencerMode::Jetstream;
-        config.sequencer.nats_url = nats.url.clone();
-        config.sequencer.stream = "TWO_GATEWAYS".into();
-    };
+    let crash_safe = |config: &mut gateway::config::Config| nats.serve(config, "TWO_GATEWAYS");
     let first = TestGateway::launch(1, &secret, crash_safe).await;
     let second = TestGateway::launch(1, &secret, crash_safe).await;
     let why = tokio::time::timeout(PATIENCE, first.gateway.failed())
