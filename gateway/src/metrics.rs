@@ -97,6 +97,8 @@ pub struct Snapshot {
     pub snapshot_resumes: u64,
     /// Detached sessions ended to make room for a login of their account.
     pub sessions_evicted: u64,
+    /// Crash-safe mode: records of a gateway superseded by a later one, not applied.
+    pub fenced_records: u64,
     /// Whether the gateway is draining (refusing new logins).
     pub draining: bool,
 }
@@ -290,6 +292,11 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
         "sessions_evicted",
         "Detached sessions ended to make room for a login of their account",
         ConstCounter::new(snapshot.sessions_evicted),
+    );
+    registry.register(
+        "fenced_records",
+        "Crash-safe mode: records appended by a gateway after a later one started, not applied",
+        ConstCounter::new(snapshot.fenced_records),
     );
 }
 

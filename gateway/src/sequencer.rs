@@ -102,9 +102,13 @@ pub enum Record {
     },
 }
 
-/// A record as appended: when the edge took it, and who waits for its outcome.
+/// A record as appended: by which gateway run, when, and who waits for its outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    /// The stream position of the appending gateway's `Started` record (0 for that
+    /// record itself): the core applies records of the latest gateway only, so a
+    /// gateway that was superseded (paused, cut off, then back) changes nothing.
+    pub from: u64,
     /// The edge's clock when it appended the record, Unix milliseconds. The core's
     /// time is the latest of these it has applied.
     pub time_ms: u64,
@@ -150,6 +154,8 @@ pub enum Outcome {
     Ended(Vec<u64>),
     /// Whether a key operation took effect.
     Done(bool),
+    /// Not applied: a later gateway started on the stream.
+    Fenced,
 }
 
 /// The core's clock: the latest time of the records applied, so that it never
@@ -188,6 +194,8 @@ pub struct JetStreamLog {
     subject: String,
     url: String,
     timeout: Duration,
+    /// This gateway's start position (its `Started` record's).
+    start: AtomicU64,
     /// Tickets for outcomes; the high half is this gateway's start position.
     next_ticket: AtomicU64,
     waiting: dashmap::DashMap<u64, oneshot::Sender<Outcome>>,
@@ -220,6 +228,7 @@ impl JetStreamLog {
             subject,
             url,
             timeout,
+            start: AtomicU64::new(0),
             next_ticket: AtomicU64::new(0),
             waiting: dashmap::DashMap::new(),
         })
@@ -280,7 +289,18 @@ impl JetStreamLog {
     /// Makes ticket numbers unique to this gateway's run, which started at
     /// `position` of the stream.
     pub fn set_start(&self, position: u64) {
+        self.start.store(position, Ordering::Release);
         self.next_ticket.store(position << 32, Ordering::Release);
+    }
+
+    /// An entry of this gateway, stamped now.
+    pub fn entry(&self, record: Record, reply: u64) -> Entry {
+        Entry {
+            from: self.start.load(Ordering::Acquire),
+            time_ms: Timestamp::now().as_millis(),
+            reply,
+            record,
+        }
     }
 
     /// A fresh ticket (also used as a connection id: both are unique to the run).
@@ -292,12 +312,7 @@ impl JetStreamLog {
     pub async fn call(&self, record: Record, ticket: u64) -> Result<Outcome, LogError> {
         let (answer, outcome) = oneshot::channel();
         self.waiting.insert(ticket, answer);
-        let entry = Entry {
-            time_ms: Timestamp::now().as_millis(),
-            reply: ticket,
-            record,
-        };
-        let appended = self.append(&entry).await;
+        let appended = self.append(&self.entry(record, ticket)).await;
         let outcome = match appended {
             Ok(_) => tokio::time::timeout(self.timeout, outcome)
                 .await
@@ -397,6 +412,7 @@ mod tests {
     #[test]
     fn entries_round_trip_and_bad_bytes_are_refused() {
         let entry = Entry {
+            from: 7,
             time_ms: 1_700_000_000_000,
             reply: 7 << 32 | 3,
             record: Record::Frame {

@@ -196,6 +196,11 @@ pub(crate) struct Shared {
     log: Option<Arc<JetStreamLog>>,
     /// Crash-safe mode: the core's time, from the records applied.
     log_clock: LogClock,
+    /// Crash-safe mode: the stream position of the latest gateway start the core
+    /// applied; records of earlier gateways are fenced off.
+    latest_start: AtomicU64,
+    /// Crash-safe mode: records fenced off so far.
+    fenced_records: AtomicU64,
     /// Set when the gateway cannot go on (the stream cannot be read): why.
     failed: watch::Sender<Option<String>>,
     /// Whether connections are accepted yet (in crash-safe mode, once the core is
@@ -252,12 +257,7 @@ impl Gateway {
             return Self::start(setup);
         }
         let log = Arc::new(JetStreamLog::connect(&setup.config.sequencer).await?);
-        let started = Entry {
-            time_ms: Timestamp::now().as_millis(),
-            reply: 0,
-            record: Record::Started,
-        };
-        let position = log.append(&started).await?;
+        let position = log.append(&log.entry(Record::Started, 0)).await?;
         log.set_start(position);
         let (caught_up, replayed) = oneshot::channel();
         let setup_url = setup.config.sequencer.nats_url.clone();
@@ -397,6 +397,8 @@ impl Gateway {
             accounts_path,
             log,
             log_clock: LogClock::default(),
+            latest_start: AtomicU64::new(0),
+            fenced_records: AtomicU64::new(0),
             failed: watch::Sender::new(None),
             accepting: watch::Sender::new(false),
         });
@@ -766,7 +768,7 @@ async fn follow_log(
             // Another gateway started on this stream: its core has taken every
             // session over, so this one must not answer for them any more.
             let superseded = position > start && entry.record == Record::Started;
-            shared.apply(entry, &log);
+            shared.apply(entry, position, &log);
             if position >= start {
                 if let Some(caught_up) = caught_up.take() {
                     let _ = caught_up.send(());
@@ -1030,15 +1032,12 @@ async fn read_loop_logged(
             }
         }
         shared.count_request(session_id, &frame);
-        let entry = Entry {
-            time_ms: Timestamp::now().as_millis(),
-            reply: 0,
-            record: Record::Frame {
-                session: session_id,
-                conn: conn_id,
-                frame: frame.to_bytes().to_vec(),
-            },
+        let record = Record::Frame {
+            session: session_id,
+            conn: conn_id,
+            frame: frame.to_bytes().to_vec(),
         };
+        let entry = log.entry(record, 0);
         match log.send(&entry).await {
             Ok(stored) => in_flight.push(log.stored(stored)),
             Err(error) => {
@@ -1203,12 +1202,7 @@ impl Shared {
     /// Crash-safe mode: appends a record nobody waits on; a failure is logged (the
     /// core then never sees it, as if it had not happened).
     async fn append(&self, log: &JetStreamLog, record: Record) {
-        let entry = Entry {
-            time_ms: Timestamp::now().as_millis(),
-            reply: 0,
-            record,
-        };
-        if let Err(error) = log.append(&entry).await {
+        if let Err(error) = log.append(&log.entry(record, 0)).await {
             warn!(%error, "a record was not stored");
         }
     }
@@ -1234,9 +1228,24 @@ impl Shared {
         self.execute(actions, now);
     }
 
-    /// Crash-safe mode: applies one record of the stream to the core, at the
-    /// record's time, and hands the outcome to the gateway waiting for it.
-    fn apply(&self, entry: Entry, log: &JetStreamLog) {
+    /// Crash-safe mode: applies one record of the stream (at `position`) to the
+    /// core, at the record's time, and hands the outcome to the gateway waiting for
+    /// it. Records of a gateway that a later one superseded are not applied.
+    fn apply(&self, entry: Entry, position: u64, log: &JetStreamLog) {
+        if entry.record == Record::Started {
+            self.latest_start.store(position, Ordering::Release);
+        } else if entry.from < self.latest_start.load(Ordering::Acquire) {
+            self.fenced_records.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                position,
+                from = entry.from,
+                "fenced off a superseded gateway's record"
+            );
+            if entry.reply != 0 {
+                log.answer(entry.reply, Outcome::Fenced);
+            }
+            return;
+        }
         let now = self.log_clock.advance(entry.time_ms);
         let decoded = |bytes: &[u8]| match proto::decode(bytes) {
             Ok(Some((frame, _))) => Some(frame),
@@ -1456,6 +1465,7 @@ impl Shared {
                 };
                 match log.call(record, log.ticket()).await {
                     Ok(Outcome::Done(true)) => Ok(key_id),
+                    Ok(Outcome::Fenced) => Err(SUPERSEDED.into()),
                     Ok(_) => Err(format!("key {key_id} was not installed")),
                     Err(error) => Err(error.to_string()),
                 }
@@ -1473,6 +1483,7 @@ impl Shared {
         match &self.log {
             Some(log) => match log.call(Record::RetireKey { key_id }, log.ticket()).await {
                 Ok(Outcome::Done(retired)) => Ok(retired),
+                Ok(Outcome::Fenced) => Err(SUPERSEDED.into()),
                 Ok(_) => Ok(false),
                 Err(error) => Err(error.to_string()),
             },
@@ -1515,6 +1526,7 @@ impl Shared {
             messages_replayed: stats.messages_replayed,
             snapshot_resumes: stats.snapshot_resumes,
             sessions_evicted: stats.evicted,
+            fenced_records: self.fenced_records.load(Ordering::Relaxed),
             draining: self.draining.load(Ordering::Relaxed),
         }
     }
@@ -1812,10 +1824,15 @@ impl Shared {
     }
 }
 
+/// Why an operation on a superseded gateway did nothing.
+const SUPERSEDED: &str = "another gateway started on this stream; this one is stopping";
+
 /// A login's or resume's outcome from the core, as the handshake needs it.
 fn session_outcome(outcome: Result<Outcome, LogError>) -> Result<SessionHandle, ReasonCode> {
     match outcome {
         Ok(Outcome::Session(result)) => result,
+        // This gateway was superseded and is stopping.
+        Ok(Outcome::Fenced) => Err(ReasonCode::ShuttingDown),
         Ok(_) => Err(ReasonCode::InternalError),
         Err(error) => {
             warn!(%error, "the core did not answer");
@@ -1828,6 +1845,7 @@ fn session_outcome(outcome: Result<Outcome, LogError>) -> Result<SessionHandle, 
 fn ended_outcome(outcome: Result<Outcome, LogError>) -> Result<Vec<u64>, String> {
     match outcome {
         Ok(Outcome::Ended(sessions)) => Ok(sessions),
+        Ok(Outcome::Fenced) => Err(SUPERSEDED.into()),
         Ok(_) => Err("the core gave an unexpected answer".into()),
         Err(error) => Err(error.to_string()),
     }

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use e2e::{NatsServer, TestGateway};
-use gateway_client::{Client, ClientConfig, Credentials, Event, OrderParams};
+use gateway_client::{Client, ClientConfig, ClientError, Credentials, Event, OrderParams};
 use loadtest::crash::{CrashSafe, GatewayProcess};
-use proto::Frame;
+use proto::{Frame, ReasonCode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_under_load_loses_nothing_and_does_nothing_twice() {
@@ -265,6 +265,24 @@ async fn a_gateway_stops_when_another_starts_on_its_stream() {
         .await
         .expect("the first gateway gives up");
     assert!(why.contains("another gateway started"), "{why}");
+
+    // Until it has stopped, what it appends is fenced off: a login there is refused,
+    // and the gateway that took over has no session for it.
+    let login = Client::connect(first.client_config(1, first.addr)).await;
+    assert!(
+        matches!(login, Err(ClientError::Refused(ReasonCode::ShuttingDown))),
+        "{:?}",
+        login.err()
+    );
+    assert!(second.gateway.registry().is_empty());
+    let fenced = second
+        .gateway
+        .metrics_text()
+        .lines()
+        .find(|line| line.contains("fenced_records_total"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(fenced.ends_with(" 1"), "{fenced}");
     second.gateway.shutdown().await;
     first.gateway.shutdown().await;
 }
