@@ -383,6 +383,9 @@ pub struct DisconnectCounts {
 pub struct ReplayReport {
     /// Messages replayed.
     pub messages: u64,
+    /// With a crash-safe gateway: from killing it (after the maker missed the
+    /// messages) to the restarted gateway being ready; the reconnect starts then.
+    pub restart_ms: Option<f64>,
     /// Reconnect start to the handshake completing, with `Resume` sent (as 0-RTT
     /// data when a ticket allowed it).
     pub connect_ms: f64,
@@ -989,15 +992,17 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     drop(clients);
     drop(relays);
     receivers.abort_all();
-    if let Some(process) = crash_safe {
-        let failed = lock(&shared).verifier.violations() > 0 || drained.is_err();
-        process.stop(failed).await;
-    }
     if let Some(bar) = &progress {
         bar.finish_and_clear();
     }
 
     let measuring = target.gateway.is_some() && options.replay_messages > 0;
+    if crash_safe.is_some() && options.replay_messages > 0 && options.progress {
+        eprintln!(
+            "measuring the replay of {} missed messages after a gateway restart",
+            options.replay_messages
+        );
+    }
     if measuring && options.progress {
         eprintln!(
             "measuring the replay of {} missed messages, then 50 quiet login/resume cycles",
@@ -1005,13 +1010,27 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         );
     }
 
-    let (replay, cycles) = match (&target.gateway, options.replay_messages) {
-        (Some(_), messages) if messages > 0 => (
-            Some(measure_replay(&target, messages).await?),
+    let (replay, cycles) = match (
+        &target.gateway,
+        crash_safe.as_mut(),
+        options.replay_messages,
+    ) {
+        (Some(_), _, messages) if messages > 0 => (
+            Some(measure_replay(&target, messages, None).await?),
             Some(measure_cycles(&target, RESUME_CYCLES).await?),
+        ),
+        // The maker misses the fills, then the gateway is killed and started again
+        // before the maker resumes.
+        (None, Some(process), messages) if messages > 0 => (
+            Some(measure_replay(&target, messages, Some(process)).await?),
+            None,
         ),
         _ => (None, None),
     };
+    if let Some(process) = crash_safe {
+        let failed = lock(&shared).verifier.violations() > 0 || drained.is_err();
+        process.stop(failed).await;
+    }
     let (messages_replayed, snapshot_resumes) = target.gateway.as_ref().map_or((0, 0), |g| {
         let stats = g.registry().stats();
         (stats.messages_replayed, stats.snapshot_resumes)
@@ -1766,7 +1785,13 @@ async fn send_frame(link: &mut gateway_client::Link, frame: Frame) -> Result<(),
 /// Both sides are checked like the main run: every order answered once, every trade
 /// seen once on each side, no sequence gap. A snapshot on either side (messages
 /// released beyond the retention bound) fails the measurement with its cause.
-async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, RunError> {
+/// With `restart`, the gateway is killed and started again after the maker missed
+/// the fills, and before it resumes: the replay comes from the rebuilt core.
+async fn measure_replay(
+    target: &Target,
+    messages: u64,
+    restart: Option<&mut crash::GatewayProcess>,
+) -> Result<ReplayReport, RunError> {
     const TAKER: usize = 0;
     const MAKER: usize = 1;
     let failed = |what: String| RunError::Setup(format!("replay measurement: {what}"));
@@ -1829,6 +1854,14 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
         .await
         .map_err(failed)?;
 
+    let mut restart_ms = None;
+    if let Some(process) = restart {
+        let killed = Instant::now();
+        process.kill_and_restart()?;
+        process.wait_ready().await?;
+        restart_ms = Some(killed.elapsed().as_secs_f64() * 1e3);
+    }
+
     // The maker resumes, its Resume in 0-RTT data: one flight brings the answer and
     // the replay.
     let resume = proto::Resume {
@@ -1885,6 +1918,7 @@ async fn measure_replay(target: &Target, messages: u64) -> Result<ReplayReport, 
     }
     Ok(ReplayReport {
         messages: replayed,
+        restart_ms,
         connect_ms,
         resume_ms,
         first_message_ms,

@@ -84,8 +84,9 @@ struct Cli {
     /// Also run a bare-QUIC echo with the same settings and report ratios.
     #[arg(long)]
     baseline: bool,
-    /// Messages in the replay measurement (in-process gateway only; 0 skips it; at
-    /// most 10,000: one session's burst allowance).
+    /// Messages in the replay measurement (in-process or --nats gateway only, the
+    /// latter killed and started again before the resume; 0 skips it; at most
+    /// 10,000: one session's burst allowance).
     #[arg(long, default_value_t = 1_000)]
     replay: u64,
     /// Where the in-process gateway runs its engine: its own thread, or inline in
@@ -315,6 +316,13 @@ fn summary(report: &Report) {
         println!("connections the gateway closed: {}", closes.join(", "));
     }
     if let Some(replay) = &report.replay {
+        if let Some(restart_ms) = replay.restart_ms {
+            println!(
+                "gateway killed after the maker missed {} messages: ready again after {restart_ms:.1} ms, the last replayed message {:.1} ms after the kill",
+                replay.messages,
+                restart_ms + replay.complete_ms
+            );
+        }
         println!(
             "replay of {} missed messages: connected {:.2} ms, ResumeAccepted {:.2} ms, first {:.2} ms, complete {:.2} ms",
             replay.messages, replay.connect_ms, replay.resume_ms, replay.first_message_ms, replay.complete_ms

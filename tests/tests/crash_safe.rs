@@ -21,7 +21,9 @@ async fn a_gateway_killed_under_load_loses_nothing_and_does_nothing_twice() {
         sessions: 4,
         rate: 400,
         duration: Duration::from_secs(4),
-        replay_messages: 0,
+        // Then a session misses 500 fills, the gateway is killed and started again,
+        // and the session resumes: the fills come from the rebuilt core, once each.
+        replay_messages: 500,
         ..loadtest::Options::default()
     })
     .await
@@ -33,6 +35,9 @@ async fn a_gateway_killed_under_load_loses_nothing_and_does_nothing_twice() {
         report.gateway_restarts
     );
     assert!(report.checks.trades > 0, "traded");
+    let replay = report.replay.as_ref().expect("replay measured");
+    assert_eq!(replay.messages, 500);
+    assert!(replay.restart_ms.is_some());
     assert!(
         report.resumes >= 4 * report.gateway_restarts,
         "every session resumed after every restart: {} resumes",
