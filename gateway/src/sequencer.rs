@@ -15,13 +15,14 @@
 //! nonces and failed-login counters, latency samples, metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
 use crate::config::SequencerSettings;
@@ -199,6 +200,9 @@ pub struct JetStreamLog {
     /// Tickets for outcomes; the high half is this gateway's start position.
     next_ticket: AtomicU64,
     waiting: dashmap::DashMap<u64, oneshot::Sender<Outcome>>,
+    /// Signalled when the connection to NATS is back after a loss: a NATS server
+    /// that restarted has forgotten the read's consumer, so the read starts again.
+    reconnected: Arc<Notify>,
 }
 
 impl JetStreamLog {
@@ -206,7 +210,8 @@ impl JetStreamLog {
     pub async fn connect(settings: &SequencerSettings) -> Result<JetStreamLog, LogError> {
         let url = settings.nats_url.clone();
         let timeout = Duration::from_millis(settings.timeout_ms);
-        let context = jetstream_context(settings).await?;
+        let reconnected = Arc::new(Notify::new());
+        let context = jetstream_context(settings, Some(Arc::clone(&reconnected))).await?;
         let subject = format!("{}.in", settings.stream);
         let stream = context
             .get_or_create_stream(stream::Config {
@@ -231,12 +236,13 @@ impl JetStreamLog {
             start: AtomicU64::new(0),
             next_ticket: AtomicU64::new(0),
             waiting: dashmap::DashMap::new(),
+            reconnected,
         })
     }
 
     /// Deletes the stream named in `settings` (for tools that make one per run).
     pub async fn delete_stream(settings: &SequencerSettings) -> Result<(), LogError> {
-        jetstream_context(settings)
+        jetstream_context(settings, None)
             .await?
             .delete_stream(&settings.stream)
             .await
@@ -332,60 +338,113 @@ impl JetStreamLog {
     }
 
     /// Reads the stream from the beginning, in order, calling `apply` with each
-    /// entry and its position; returns only if the stream cannot be read.
+    /// entry and its position. A read that fails (NATS restarted and forgot the
+    /// consumer, the connection dropped) goes on after the last record applied,
+    /// retrying for as long as NATS is away. Returns only if records the core has
+    /// not applied are gone from the stream: it cannot go on deterministically.
     pub async fn follow(&self, mut apply: impl FnMut(Entry, u64)) -> LogError {
+        let started = Instant::now();
+        let mut last_position = 0;
+        let mut backoff = FOLLOW_BACKOFF_MIN;
+        loop {
+            let mut messages = match self.read_from(last_position + 1).await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    warn!(%error, after = last_position, "cannot read the stream; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            // A connection that comes back ends this read at once; the next read
+            // starts after the last record applied. (The first connection leaves a
+            // permit too: the first read starts again once, harmlessly.)
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    () = self.reconnected.notified() => {
+                        info!(after = last_position, "NATS is back: reading the stream on");
+                        break;
+                    }
+                };
+                let Some(message) = message else { break };
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => {
+                        warn!(%error, after = last_position, "reading the stream failed; reading on");
+                        break;
+                    }
+                };
+                let position = match message.info() {
+                    Ok(info) => info.stream_sequence,
+                    Err(error) => {
+                        warn!(%error, after = last_position, "a record without its position; reading on");
+                        break;
+                    }
+                };
+                if position <= last_position {
+                    // Read again after a restarted read: applied already.
+                    continue;
+                }
+                if position != last_position + 1 {
+                    let missing =
+                        format!("records {} to {} are gone", last_position + 1, position - 1);
+                    return self.error("reading the stream", &missing);
+                }
+                last_position = position;
+                backoff = FOLLOW_BACKOFF_MIN;
+                match Entry::decode(&message.payload) {
+                    Ok(entry) => apply(entry, position),
+                    Err(error) => warn!(position, %error, "skipping an unreadable record"),
+                }
+                if position % 100_000 == 0 {
+                    info!(
+                        applied = position,
+                        elapsed_ms =
+                            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "applying the stream"
+                    );
+                }
+            }
+        }
+    }
+
+    /// An ordered read of the stream from `position` on.
+    async fn read_from(&self, position: u64) -> Result<consumer::pull::Ordered, LogError> {
+        let deliver_policy = if position <= 1 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: position,
+            }
+        };
         let consumer = self
             .stream
             .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy,
                 ..Default::default()
             })
-            .await;
-        let messages = match consumer {
-            Ok(consumer) => consumer.messages().await,
-            Err(error) => return self.error("reading the stream", &error),
-        };
-        let mut messages = match messages {
-            Ok(messages) => messages,
-            Err(error) => return self.error("reading the stream", &error),
-        };
-        let started = Instant::now();
-        let mut applied = 0u64;
-        let mut last_position = 0;
-        while let Some(message) = messages.next().await {
-            let message = match message {
-                Ok(message) => message,
-                Err(error) => return self.error("reading the stream", &error),
-            };
-            let position = match message.info() {
-                Ok(info) => info.stream_sequence,
-                Err(error) => return self.error("reading the stream", &error),
-            };
-            if position <= last_position {
-                // A consumer that restarted may deliver again what was applied.
-                warn!(position, last_position, "skipping a record delivered again");
-                continue;
-            }
-            last_position = position;
-            match Entry::decode(&message.payload) {
-                Ok(entry) => apply(entry, position),
-                Err(error) => warn!(position, %error, "skipping an unreadable record"),
-            }
-            applied += 1;
-            if applied % 100_000 == 0 {
-                info!(
-                    applied,
-                    elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "applying the stream"
-                );
-            }
-        }
-        self.error("reading the stream", &"the stream ended")
+            .await
+            .map_err(|error| self.error("reading the stream", &error))?;
+        consumer
+            .messages()
+            .await
+            .map_err(|error| self.error("reading the stream", &error))
     }
 }
 
-/// A JetStream context on a new connection to the NATS server of `settings`.
-async fn jetstream_context(settings: &SequencerSettings) -> Result<jetstream::Context, LogError> {
+/// First wait before reading the stream again after a failed read; it doubles up to
+/// [`FOLLOW_BACKOFF_MAX`].
+const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest wait between attempts to read the stream.
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A JetStream context on a new connection to the NATS server of `settings`;
+/// `reconnected` is signalled each time the connection is back after a loss.
+async fn jetstream_context(
+    settings: &SequencerSettings,
+    reconnected: Option<Arc<Notify>>,
+) -> Result<jetstream::Context, LogError> {
     let timeout = Duration::from_millis(settings.timeout_ms);
     let failed = |error: &dyn std::fmt::Display| LogError::Nats {
         what: "connecting to NATS",
@@ -397,6 +456,14 @@ async fn jetstream_context(settings: &SequencerSettings) -> Result<jetstream::Co
         .request_timeout(Some(timeout))
         .retry_on_initial_connect()
         .max_reconnects(None)
+        .event_callback(move |event| {
+            let reconnected = reconnected.clone();
+            async move {
+                if let (async_nats::Event::Connected, Some(reconnected)) = (event, reconnected) {
+                    reconnected.notify_one();
+                }
+            }
+        })
         .connect(settings.nats_url.as_str());
     let client = tokio::time::timeout(timeout, client)
         .await

@@ -755,7 +755,8 @@ async fn timer_loop(shared: Arc<Shared>) {
 
 /// Crash-safe mode: applies the stream to the core, in order, for as long as the
 /// gateway runs; says when the record at `start` (this gateway's `Started`) is
-/// applied. If the stream cannot be read, the gateway has failed.
+/// applied. The gateway has failed if its stream lost records the core needs, or
+/// when another gateway starts on it.
 async fn follow_log(
     shared: Arc<Shared>,
     log: Arc<JetStreamLog>,
@@ -783,7 +784,7 @@ async fn follow_log(
             }
         })
         .await;
-    tracing::error!(%error, "the core cannot read its stream: the gateway stops");
+    tracing::error!(%error, "the core cannot go on with its stream: the gateway stops");
     shared.failed.send_replace(Some(error.to_string()));
 }
 
@@ -1768,9 +1769,13 @@ impl Shared {
             match action {
                 Action::Engine(request) => queue.extend(self.submit(request, now)),
                 Action::CloseConnection { conn, reason } => {
-                    info!(conn, reason = reason.name(), "closing connection");
-                    if let Some(conn) = self.conns.get(&conn) {
-                        conn.close(reason);
+                    // Said once per connection of this gateway (a connection's late
+                    // frames, or a core rebuilding, ask again).
+                    if let Some(conn_handle) = self.conns.get(&conn) {
+                        if conn_handle.closing().is_none() {
+                            info!(conn, reason = reason.name(), "closing connection");
+                        }
+                        conn_handle.close(reason);
                     }
                 }
                 Action::Ended { session_id, reason } => {

@@ -231,6 +231,7 @@ impl Raw {
 /// its own; stopped by its process id, and its directory removed, when dropped.
 pub struct NatsServer {
     child: std::process::Child,
+    port: u16,
     dir: std::path::PathBuf,
     /// Where clients connect, `nats://127.0.0.1:PORT`.
     pub url: String,
@@ -240,7 +241,6 @@ impl NatsServer {
     /// Starts one and waits until it takes connections. Panics (the test fails, it
     /// is not skipped) when there is no `nats-server` to run.
     pub fn start() -> NatsServer {
-        let program = nats_server_binary();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
@@ -248,28 +248,43 @@ impl NatsServer {
         let dir = std::env::temp_dir().join(format!("nats-test-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("nats storage directory");
-        let child = std::process::Command::new(&program)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
-        let server = NatsServer {
-            child,
+        NatsServer {
+            child: spawn_nats(port, &dir),
+            port,
             dir,
             url: format!("nats://127.0.0.1:{port}"),
-        };
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "nats-server did not listen within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        server
     }
+
+    /// Kills the server (SIGKILL), waits `down`, and starts it again on the same
+    /// port and storage.
+    pub fn restart(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = spawn_nats(self.port, &self.dir);
+    }
+}
+
+/// A `nats-server` with JetStream on `port`, storing in `dir`, once it listens.
+fn spawn_nats(port: u16, dir: &std::path::Path) -> std::process::Child {
+    let program = nats_server_binary();
+    let child = std::process::Command::new(&program)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "nats-server did not listen within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 impl NatsServer {

@@ -45,6 +45,35 @@ async fn a_gateway_killed_under_load_loses_nothing_and_does_nothing_twice() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_under_load_loses_nothing_and_does_nothing_twice() {
+    let mut nats = NatsServer::start();
+    let nats_url = nats.url.clone();
+    // NATS dies (SIGKILL) mid-run and is back half a second later, with its store.
+    let outage = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(2_000));
+        nats.restart(Duration::from_millis(500));
+        nats
+    });
+    let report = loadtest::run(loadtest::Options {
+        crash_safe: Some(CrashSafe {
+            program: e2e::gateway_binary(),
+            nats_url,
+            kill_interval: None,
+        }),
+        sessions: 4,
+        rate: 400,
+        duration: Duration::from_secs(4),
+        replay_messages: 0,
+        ..loadtest::Options::default()
+    })
+    .await
+    .expect("run completes");
+    let _nats = outage.await.expect("restarted");
+    assert_eq!(report.violations, 0, "{:?}", report.violation_samples);
+    assert!(report.checks.trades > 0, "traded");
+}
+
 /// How long the tests wait for an answer.
 const PATIENCE: Duration = Duration::from_secs(10);
 
