@@ -1,0 +1,333 @@
+//! The core's side of the server: what an input does to sessions, the book and the
+//! timers. In embedded mode the connection tasks, the timer and the admin calls run
+//! these as inputs arrive; in crash-safe mode only the task following the stream
+//! does, record by record, with the time each record carries, so a gateway started
+//! again on the stream does exactly the same.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use matching_stub::{self as engine, SubmitError};
+use proto::{Frame, ReasonCode};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use super::{EngineLink, Shared};
+use crate::registry::{lock, SessionHandle};
+use crate::sequencer::{Entry, JetStreamLog, Outcome, Record};
+use crate::session::{Action, CodPolicy, ConnectionId};
+use crate::time::Timestamp;
+
+/// Crash-safe mode: applies the stream to the core, in order, for as long as the
+/// gateway runs; says when the record at `start` (this gateway's `Started`) is
+/// applied. The gateway has failed if its stream lost records the core needs, or
+/// when another gateway starts on it.
+pub(super) async fn follow_log(
+    shared: Arc<Shared>,
+    log: Arc<JetStreamLog>,
+    start: u64,
+    caught_up: oneshot::Sender<()>,
+) {
+    let mut caught_up = Some(caught_up);
+    let error = log
+        .follow(|entry, position| {
+            // Another gateway started on this stream: its core has taken every
+            // session over, so this one must not answer for them any more.
+            let superseded = position > start && entry.record == Record::Started;
+            shared.apply(entry, position, &log);
+            if position >= start {
+                if let Some(caught_up) = caught_up.take() {
+                    let _ = caught_up.send(());
+                }
+            }
+            if superseded && shared.failed.borrow().is_none() {
+                let why = format!(
+                    "another gateway started on this stream (at position {position}); one gateway per stream"
+                );
+                tracing::error!("{why}: the gateway stops");
+                shared.failed.send_replace(Some(why));
+            }
+        })
+        .await;
+    tracing::error!(%error, "the core cannot go on with its stream: the gateway stops");
+    shared.failed.send_replace(Some(error.to_string()));
+}
+
+impl Shared {
+    /// Core: a frame from the client of `session` on `conn` after the handshake.
+    pub(super) fn take_frame(
+        &self,
+        session: &SessionHandle,
+        conn_id: ConnectionId,
+        frame: &Frame,
+        now: Timestamp,
+    ) {
+        let mut actions = Vec::new();
+        let queued = {
+            let mut session = lock(session);
+            session.handle_frame(conn_id, frame, now, &mut actions);
+            // Duplicates and gateway-side rejects; engine answers wake it when routed.
+            session.has_output_for(conn_id)
+        };
+        if queued {
+            self.wake(conn_id);
+        }
+        self.execute(actions, now);
+    }
+
+    /// Crash-safe mode: applies one record of the stream (at `position`) to the
+    /// core, at the record's time, and hands the outcome to the gateway waiting for
+    /// it. Records of a gateway that a later one superseded are not applied.
+    pub(super) fn apply(&self, entry: Entry, position: u64, log: &JetStreamLog) {
+        if entry.record == Record::Started {
+            self.latest_start.store(position, Ordering::Release);
+        } else if entry.from < self.latest_start.load(Ordering::Acquire) {
+            self.fenced_records.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                position,
+                from = entry.from,
+                "fenced off a superseded gateway's record"
+            );
+            if entry.reply != 0 {
+                log.answer(entry.reply, Outcome::Fenced);
+            }
+            return;
+        }
+        let now = self.log_clock.advance(entry.time_ms);
+        let decoded = |bytes: &[u8]| match proto::decode(bytes) {
+            Ok(Some((frame, _))) => Some(frame),
+            _ => None,
+        };
+        let outcome = match entry.record {
+            Record::Started => {
+                // One gateway at a time: every connection before this one's is gone.
+                self.registry.gateway_restarted(now);
+                None
+            }
+            Record::Login {
+                conn,
+                account,
+                max_sessions,
+                login,
+            } => {
+                let created = match decoded(&login) {
+                    Some(Frame::Login(login)) => {
+                        let orders = self.orders_now(account).unwrap_or_default();
+                        let max_sessions = max_sessions.and_then(|m| usize::try_from(m).ok());
+                        self.open_session(conn, account, max_sessions, &login, &orders, now)
+                    }
+                    _ => Err(ReasonCode::InternalError),
+                };
+                Some(Outcome::Session(created))
+            }
+            Record::Resume { conn, resume } => Some(Outcome::Session(match decoded(&resume) {
+                Some(Frame::Resume(resume)) => self.resume_session(conn, &resume, now),
+                _ => Err(ReasonCode::InternalError),
+            })),
+            Record::Frame {
+                session,
+                conn,
+                frame,
+            } => {
+                if let (Some(session), Some(frame)) = (self.registry.get(session), decoded(&frame))
+                {
+                    self.take_frame(&session, conn, &frame, now);
+                }
+                None
+            }
+            Record::ConnectionLost { session, conn } => {
+                if let Some(session) = self.registry.get(session) {
+                    self.registry.connection_lost(&session, conn, now);
+                }
+                None
+            }
+            Record::Tick => {
+                let mut actions = Vec::new();
+                self.registry.handle_timeouts(now, &mut actions);
+                self.execute(actions, now);
+                None
+            }
+            Record::Revoke { sessions } => Some(Outcome::Ended(self.end_sessions(&sessions, now))),
+            Record::KillSwitch { account } => {
+                Some(Outcome::Ended(self.cancel_and_end_account(account, now)))
+            }
+            Record::RotateKey { key_id, secret } => Some(Outcome::Done(
+                self.registry
+                    .with_keys(|keys| keys.rotate(key_id, &secret))
+                    .is_ok(),
+            )),
+            Record::RetireKey { key_id } => Some(Outcome::Done(
+                self.registry.with_keys(|keys| keys.retire(key_id)),
+            )),
+        };
+        if let Some(outcome) = outcome.filter(|_| entry.reply != 0) {
+            log.answer(entry.reply, outcome);
+        }
+    }
+
+    /// Core: ends these sessions (`Revoked`); returns those that were live.
+    pub(super) fn end_sessions(&self, ids: &[u64], now: Timestamp) -> Vec<u64> {
+        let mut actions = Vec::new();
+        let ended = ids
+            .iter()
+            .copied()
+            .filter(|id| self.registry.revoke(*id, &mut actions))
+            .collect();
+        self.execute(actions, now);
+        ended
+    }
+
+    /// Core: the kill switch.
+    pub(super) fn cancel_and_end_account(&self, account: u64, now: Timestamp) -> Vec<u64> {
+        let cancel = engine::Request::MassCancel {
+            scope: engine::MassCancelScope::Account(account),
+            reason: engine::CancelReason::SessionEnded,
+        };
+        self.execute(vec![Action::Engine(cancel)], now);
+        self.end_sessions(&self.registry.sessions_of(account), now)
+    }
+
+    /// Core: opens a session for an authenticated login, unless a limit refuses it.
+    pub(super) fn open_session(
+        &self,
+        conn_id: ConnectionId,
+        account: u64,
+        max_sessions: Option<usize>,
+        login: &proto::Login,
+        orders: &[engine::OrderView],
+        now: Timestamp,
+    ) -> Result<SessionHandle, ReasonCode> {
+        let cod = CodPolicy {
+            mode: login.cancel_on_disconnect,
+            grace: Duration::from_millis(u64::from(login.cod_grace_ms)),
+        };
+        let mut actions = Vec::new();
+        let new = self.registry.login(
+            account,
+            max_sessions,
+            cod,
+            conn_id,
+            orders,
+            self.idle_timeout,
+            now,
+            &mut actions,
+        );
+        self.execute(actions, now);
+        Ok(new?.session)
+    }
+
+    /// Core: resumes the session a token names on `conn_id`.
+    pub(super) fn resume_session(
+        &self,
+        conn_id: ConnectionId,
+        resume: &proto::Resume,
+        now: Timestamp,
+    ) -> Result<SessionHandle, ReasonCode> {
+        let mut actions = Vec::new();
+        let result = self.registry.resume(conn_id, resume, now, &mut actions);
+        self.execute(actions, now);
+        result
+    }
+
+    /// Routes a batch of engine events into their sessions and wakes their writers;
+    /// returns what the sessions asked for in turn.
+    pub(super) fn route_events(
+        &self,
+        events: &mut Vec<engine::Event>,
+        now: Timestamp,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut wake = Vec::new();
+        for event in events.drain(..) {
+            if let engine::Event::OrderStates { tag, orders, .. } = event {
+                if let Some((_, answer)) = self.queries.remove(&tag) {
+                    let _ = answer.send(orders);
+                }
+                continue;
+            }
+            self.count_event(&event);
+            self.registry.route(&event, now, &mut actions, &mut wake);
+        }
+        wake.sort_unstable();
+        wake.dedup();
+        for conn_id in wake {
+            self.wake(conn_id);
+        }
+        actions
+    }
+
+    /// Carries out what the session core asked for, and what that asks for in turn
+    /// (an inline engine's answers can release a session's waiting requests), in a
+    /// loop rather than by recursion.
+    pub(super) fn execute(&self, actions: Vec<Action>, now: Timestamp) {
+        let mut queue = VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Engine(request) => queue.extend(self.submit(request, now)),
+                Action::CloseConnection { conn, reason } => {
+                    // Said once per connection of this gateway (a connection's late
+                    // frames, or a core rebuilding, ask again).
+                    if let Some(conn_handle) = self.conns.get(&conn) {
+                        if conn_handle.closing().is_none() {
+                            info!(conn, reason = reason.name(), "closing connection");
+                        }
+                        conn_handle.close(reason);
+                    }
+                }
+                Action::Ended { session_id, reason } => {
+                    info!(session = session_id, ?reason, "session ended");
+                    self.registry.remove(session_id, reason);
+                }
+            }
+        }
+    }
+
+    /// Hands a request to the engine; returns what the sessions ask for in turn.
+    pub(super) fn submit(&self, request: engine::Request, now: Timestamp) -> Vec<Action> {
+        let sender = match &self.engine {
+            EngineLink::Inline(book) => {
+                let mut book = book.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut events = Vec::new();
+                engine::MatchingEngine::handle(&mut *book, request, &mut events);
+                return self.route_events(&mut events, now);
+            }
+            EngineLink::Thread(sender) => sender,
+        };
+        match sender.try_submit(request) {
+            Ok(()) => Vec::new(),
+            Err(SubmitError::Full(request @ engine::Request::MassCancel { .. })) => {
+                // Cancels must not be lost: wait for room off the async threads.
+                let engine = sender.clone();
+                self.runtime.spawn_blocking(move || engine.submit(request));
+                Vec::new()
+            }
+            Err(SubmitError::Full(request)) => {
+                warn!("engine queue full; refusing request");
+                self.refuse(&request, ReasonCode::EngineBusy, now)
+            }
+            Err(SubmitError::Stopped(request)) => {
+                warn!("engine stopped; refusing request");
+                self.refuse(&request, ReasonCode::InternalError, now)
+            }
+        }
+    }
+
+    /// Answers a request the engine did not take with a `Reject`.
+    pub(super) fn refuse(
+        &self,
+        request: &engine::Request,
+        reason: ReasonCode,
+        now: Timestamp,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(session) = request.owner().and_then(|o| self.registry.get(o.session)) {
+            let wake = lock(&session).refuse_request(request, reason, now, &mut actions);
+            if let Some(conn_id) = wake {
+                self.wake(conn_id);
+            }
+        }
+        actions
+    }
+}
