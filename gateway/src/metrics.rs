@@ -99,6 +99,10 @@ pub struct Snapshot {
     pub sessions_evicted: u64,
     /// Crash-safe mode: records of a gateway superseded by a later one, not applied.
     pub fenced_records: u64,
+    /// Crash-safe mode: stream position of the last record the core applied.
+    pub applied_position: u64,
+    /// Crash-safe mode: records the stream did not acknowledge in time.
+    pub append_failures: u64,
     /// Whether the gateway is draining (refusing new logins).
     pub draining: bool,
 }
@@ -292,6 +296,16 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
         "sessions_evicted",
         "Detached sessions ended to make room for a login of their account",
         ConstCounter::new(snapshot.sessions_evicted),
+    );
+    registry.register(
+        "sequencer_applied_position",
+        "Crash-safe mode: stream position of the last record the core applied (0: embedded mode)",
+        gauge(snapshot.applied_position),
+    );
+    registry.register(
+        "sequencer_append_failures",
+        "Crash-safe mode: records the stream did not acknowledge in time (each closed its connection or refused its request)",
+        ConstCounter::new(snapshot.append_failures),
     );
     registry.register(
         "fenced_records",

@@ -199,6 +199,8 @@ pub struct JetStreamLog {
     start: AtomicU64,
     /// Tickets for outcomes; the high half is this gateway's start position.
     next_ticket: AtomicU64,
+    /// Appends the stream refused or did not acknowledge in time.
+    failures: AtomicU64,
     waiting: dashmap::DashMap<u64, oneshot::Sender<Outcome>>,
     /// Signalled when the connection to NATS is back after a loss: a NATS server
     /// that restarted has forgotten the read's consumer, so the read starts again.
@@ -235,6 +237,7 @@ impl JetStreamLog {
             timeout,
             start: AtomicU64::new(0),
             next_ticket: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
             waiting: dashmap::DashMap::new(),
             reconnected,
         })
@@ -269,7 +272,7 @@ impl JetStreamLog {
         self.context
             .publish(self.subject.clone(), entry.encode())
             .await
-            .map_err(|error| self.error("appending to the stream", &error))
+            .map_err(|error| self.append_error(&error))
     }
 
     /// Waits for the stream to confirm a [`Self::send`]; returns the position.
@@ -279,9 +282,20 @@ impl JetStreamLog {
     ) -> Result<u64, LogError> {
         match tokio::time::timeout(self.timeout, stored).await {
             Ok(Ok(ack)) => Ok(ack.sequence),
-            Ok(Err(error)) => Err(self.error("appending to the stream", &error)),
-            Err(elapsed) => Err(self.error("appending to the stream", &elapsed)),
+            Ok(Err(error)) => Err(self.append_error(&error)),
+            Err(elapsed) => Err(self.append_error(&elapsed)),
         }
+    }
+
+    /// Appends the stream refused or did not acknowledge in time, so far.
+    pub fn append_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed append and says why it failed.
+    fn append_error(&self, error: &dyn std::fmt::Display) -> LogError {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.error("appending to the stream", error)
     }
 
     fn error(&self, what: &'static str, error: &dyn std::fmt::Display) -> LogError {

@@ -208,6 +208,9 @@ pub(crate) struct Shared {
     latest_start: AtomicU64,
     /// Crash-safe mode: records fenced off so far.
     fenced_records: AtomicU64,
+    /// Crash-safe mode: stream position of the last record applied.
+    applied_position: AtomicU64,
+
     /// Set when the gateway cannot go on (the stream cannot be read): why.
     failed: watch::Sender<Option<String>>,
     /// Whether connections are accepted yet (in crash-safe mode, once the core is
@@ -406,6 +409,8 @@ impl Gateway {
             log_clock: LogClock::default(),
             latest_start: AtomicU64::new(0),
             fenced_records: AtomicU64::new(0),
+            applied_position: AtomicU64::new(0),
+
             failed: watch::Sender::new(None),
             accepting: watch::Sender::new(false),
         });
@@ -1367,6 +1372,8 @@ impl Shared {
             snapshot_resumes: stats.snapshot_resumes,
             sessions_evicted: stats.evicted,
             fenced_records: self.fenced_records.load(Ordering::Relaxed),
+            applied_position: self.applied_position.load(Ordering::Relaxed),
+            append_failures: self.log.as_ref().map_or(0, |log| log.append_failures()),
             draining: self.draining.load(Ordering::Relaxed),
         }
     }

