@@ -35,6 +35,8 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     /// Its certificate, for clients to trust.
     pub cert: CertificateDer<'static>,
+    /// Its certificate chain and key, for a gateway started in its place.
+    identity: gateway::dev::TlsIdentity,
 }
 
 /// The bearer token of every test gateway's admin listener.
@@ -44,9 +46,10 @@ impl TestGateway {
     /// Starts a gateway with accounts `1..=accounts` and settings changed by `adjust`.
     pub fn start(accounts: u64, adjust: impl FnOnce(&mut Config)) -> TestGateway {
         let token_keys = TokenKeyRing::generate(1).expect("token key");
-        let (setup, cert) = test_setup(accounts, token_keys, adjust);
+        let identity = gateway::dev::self_signed().expect("certificate");
+        let (setup, cert) = test_setup(accounts, token_keys, &identity, adjust);
         let gateway = Gateway::start(setup).expect("gateway starts");
-        Self::running(gateway, cert)
+        Self::running(gateway, cert, identity)
     }
 
     /// Starts a gateway in either sequencer mode (`Gateway::launch`), with its token
@@ -57,18 +60,40 @@ impl TestGateway {
         token_secret: &[u8; 32],
         adjust: impl FnOnce(&mut Config),
     ) -> TestGateway {
-        let token_keys = TokenKeyRing::new(1, token_secret).expect("token key");
-        let (setup, cert) = test_setup(accounts, token_keys, adjust);
-        let gateway = Gateway::launch(setup).await.expect("gateway starts");
-        Self::running(gateway, cert)
+        let identity = gateway::dev::self_signed().expect("certificate");
+        Self::launch_as(accounts, token_secret, identity, adjust).await
     }
 
-    fn running(gateway: Gateway, cert: CertificateDer<'static>) -> TestGateway {
+    /// [`Self::launch`] with this certificate chain and key (another gateway's,
+    /// [`Self::identity`], so that its clients trust this one).
+    pub async fn launch_as(
+        accounts: u64,
+        token_secret: &[u8; 32],
+        identity: gateway::dev::TlsIdentity,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestGateway {
+        let token_keys = TokenKeyRing::new(1, token_secret).expect("token key");
+        let (setup, cert) = test_setup(accounts, token_keys, &identity, adjust);
+        let gateway = Gateway::launch(setup).await.expect("gateway starts");
+        Self::running(gateway, cert, identity)
+    }
+
+    /// This gateway's certificate chain and key.
+    pub fn identity(&self) -> gateway::dev::TlsIdentity {
+        (self.identity.0.clone(), self.identity.1.clone_key())
+    }
+
+    fn running(
+        gateway: Gateway,
+        cert: CertificateDer<'static>,
+        identity: gateway::dev::TlsIdentity,
+    ) -> TestGateway {
         let addr = gateway.local_addr().expect("bound");
         TestGateway {
             gateway,
             addr,
             cert,
+            identity,
         }
     }
 
@@ -104,6 +129,7 @@ impl TestGateway {
 fn test_setup(
     accounts: u64,
     token_keys: TokenKeyRing,
+    (certs, key): &gateway::dev::TlsIdentity,
     adjust: impl FnOnce(&mut Config),
 ) -> (Setup, CertificateDer<'static>) {
     let mut config = Config {
@@ -114,7 +140,6 @@ fn test_setup(
     config.admin.listen = "127.0.0.1:0".into();
     adjust(&mut config);
     config.validate().expect("valid test config");
-    let (certs, key) = gateway::dev::self_signed().expect("certificate");
     let cert = certs[0].clone();
     let accounts = AccountsFile {
         accounts: (1..=accounts)
@@ -135,7 +160,7 @@ fn test_setup(
     };
     let setup = Setup {
         config,
-        tls: (certs, key),
+        tls: (certs.clone(), key.clone_key()),
         accounts,
         token_keys,
         accounts_path: None,
@@ -361,4 +386,35 @@ fn built(name: &str) -> std::path::PathBuf {
         program.display()
     );
     program
+}
+
+/// One request to a test gateway's admin listener: the status and the body.
+pub async fn http(
+    gateway: &TestGateway,
+    method: &'static str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let addr = gateway.gateway.admin_addr().expect("admin listener on");
+    let url = format!("http://{addr}{path}");
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut request = match method {
+            "GET" => agent.get(&url).force_send_body(),
+            _ => agent.post(&url),
+        };
+        if let Some(authorization) = &authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let response = request.send_empty().expect("admin listener answers");
+        let status = response.status().as_u16();
+        let body = response.into_body().read_to_string().expect("body");
+        (status, body)
+    })
+    .await
+    .expect("request task")
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use e2e::{NatsServer, TestGateway};
+use e2e::{http, NatsServer, TestGateway};
 use gateway_client::{Client, ClientConfig, ClientError, Credentials, Event, OrderParams};
 use loadtest::crash::{CrashSafe, GatewayProcess};
 use proto::{Frame, ReasonCode};
@@ -319,4 +319,88 @@ async fn a_gateway_stops_when_another_starts_on_its_stream() {
     assert!(fenced.ends_with(" 1"), "{fenced}");
     second.gateway.shutdown().await;
     first.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_operations_go_through_the_stream_and_outlive_the_gateway() {
+    let nats = NatsServer::start();
+    let secret = [5u8; 32];
+    let first = TestGateway::launch(2, &secret, |c| nats.serve(c, "ADMIN")).await;
+    let (one, mut one_events) = Client::connect(first.client_config(1, first.addr))
+        .await
+        .expect("login");
+    let (two, mut two_events) = Client::connect(first.client_config(2, first.addr))
+        .await
+        .expect("login");
+    let one_id = one.session_id().expect("session");
+    let two_id = two.session_id().expect("session");
+
+    // A new token key; the second session resumes and so holds a token of it; the
+    // old key is retired; the first session is revoked.
+    let admin = |method, path: String| {
+        let first = &first;
+        async move { http(first, method, &path, Some(e2e::ADMIN_TOKEN)).await }
+    };
+    let (status, body) = admin("POST", "/admin/rotate-key".into()).await;
+    assert_eq!(
+        (status, body.contains("\"key_id\":2")),
+        (200, true),
+        "{body}"
+    );
+    two.drop_connection();
+    next_event(&mut two_events, |e| matches!(e, Event::Resumed { .. })).await;
+    let (status, body) = admin("POST", "/admin/retire-key?id=1".into()).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = admin("POST", format!("/admin/revoke?session={one_id}")).await;
+    assert_eq!(status, 200, "{body}");
+    next_event(&mut one_events, |e| {
+        matches!(e, Event::Ended(ReasonCode::Revoked))
+    })
+    .await;
+
+    // A gateway rebuilt from the stream, where the clients look for it, has it all:
+    // no revoked session, the new key (and not the old), the second session, which
+    // resumes there with its token of the new key and trades on.
+    let addr = first.addr;
+    let identity = first.identity();
+    first.gateway.shutdown().await;
+    let rebuilt = TestGateway::launch_as(2, &secret, identity, |c| {
+        nats.serve(c, "ADMIN");
+        c.listen = addr;
+    })
+    .await;
+    assert!(rebuilt.gateway.registry().get(one_id).is_none());
+    assert_eq!(
+        rebuilt.gateway.registry().with_keys(|k| k.current_key_id()),
+        2
+    );
+    assert!(
+        !rebuilt.gateway.registry().with_keys(|k| k.retire(1)),
+        "key 1 retired already"
+    );
+    next_event(&mut two_events, |e| matches!(e, Event::Resumed { .. })).await;
+    assert_eq!(two.session_id(), Some(two_id));
+    two.new_order(OrderParams::limit_buy(1, 5, 90, 1))
+        .expect("send");
+    next_frame(&mut two_events, PATIENCE, |f| {
+        matches!(f, Frame::OrderAck(_))
+    })
+    .await;
+    drop((one, two));
+    rebuilt.gateway.shutdown().await;
+}
+
+/// The next event that `want` picks, within [`PATIENCE`].
+async fn next_event(events: &mut tokio::sync::mpsc::Receiver<Event>, want: fn(&Event) -> bool) {
+    let wait = async {
+        while let Some(event) = events.recv().await {
+            if want(&event) {
+                return;
+            }
+        }
+        panic!("events ended");
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("the event in time");
 }

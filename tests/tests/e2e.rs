@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use e2e::{Raw, Relay, TestGateway};
+use e2e::{http, Raw, Relay, TestGateway};
 use gateway_client::{Client, Event, OrderParams};
 use proto::{CancelOnDisconnect, CancelReason, Frame, ReasonCode, Side};
 use tokio::sync::mpsc;
@@ -1158,37 +1158,6 @@ async fn a_burst_larger_than_the_replay_window_gets_every_answer_without_a_recon
         s.fills().len() == ORDERS
     })
     .await;
-}
-
-/// One request to a test gateway's admin listener: the status and the body.
-async fn http(
-    gateway: &TestGateway,
-    method: &'static str,
-    path: &str,
-    token: Option<&str>,
-) -> (u16, String) {
-    let addr = gateway.gateway.admin_addr().expect("admin listener on");
-    let url = format!("http://{addr}{path}");
-    let authorization = token.map(|token| format!("Bearer {token}"));
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut request = match method {
-            "GET" => agent.get(&url).force_send_body(),
-            _ => agent.post(&url),
-        };
-        if let Some(authorization) = &authorization {
-            request = request.header("Authorization", authorization);
-        }
-        let response = request.send_empty().expect("admin listener answers");
-        let status = response.status().as_u16();
-        let body = response.into_body().read_to_string().expect("body");
-        (status, body)
-    })
-    .await
-    .expect("request task")
 }
 
 /// The value of the metric line starting with `prefix` (name and labels).
