@@ -12,23 +12,9 @@ use proto::{Frame, ReasonCode};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_under_load_loses_nothing_and_does_nothing_twice() {
     let nats = NatsServer::start();
-    let report = loadtest::run(loadtest::Options {
-        crash_safe: Some(CrashSafe {
-            program: e2e::gateway_binary(),
-            nats_url: nats.url.clone(),
-            kill_interval: Some(Duration::from_millis(1_200)),
-        }),
-        sessions: 4,
-        rate: 400,
-        duration: Duration::from_secs(4),
-        // Then a session misses 500 fills, the gateway is killed and started again,
-        // and the session resumes: the fills come from the rebuilt core, once each.
-        replay_messages: 500,
-        ..loadtest::Options::default()
-    })
-    .await
-    .expect("run completes");
-    assert_eq!(report.violations, 0, "{:?}", report.violation_samples);
+    // Then a session misses 500 fills, the gateway is killed and started again, and
+    // the session resumes: the fills come from the rebuilt core, once each.
+    let report = load(&nats.url, Some(Duration::from_millis(1_200)), 500).await;
     assert!(
         report.gateway_restarts >= 2,
         "{} restarts",
@@ -55,23 +41,31 @@ async fn a_nats_restart_under_load_loses_nothing_and_does_nothing_twice() {
         nats.restart(Duration::from_millis(500));
         nats
     });
+    let report = load(&nats_url, None, 0).await;
+    let _nats = outage.await.expect("restarted");
+    assert!(report.checks.trades > 0, "traded");
+}
+
+/// Four sessions' load for 4 s against a crash-safe gateway process on `nats_url`,
+/// killed every `kill_interval`, then the replay measurement of `replay` messages;
+/// the verifier found no violation.
+async fn load(nats_url: &str, kill_interval: Option<Duration>, replay: u64) -> loadtest::Report {
     let report = loadtest::run(loadtest::Options {
         crash_safe: Some(CrashSafe {
             program: e2e::gateway_binary(),
-            nats_url,
-            kill_interval: None,
+            nats_url: nats_url.to_owned(),
+            kill_interval,
         }),
         sessions: 4,
         rate: 400,
         duration: Duration::from_secs(4),
-        replay_messages: 0,
+        replay_messages: replay,
         ..loadtest::Options::default()
     })
     .await
     .expect("run completes");
-    let _nats = outage.await.expect("restarted");
     assert_eq!(report.violations, 0, "{:?}", report.violation_samples);
-    assert!(report.checks.trades > 0, "traded");
+    report
 }
 
 /// How long the tests wait for an answer.
