@@ -256,6 +256,17 @@ impl Registry {
             .map(|entry| Arc::clone(&entry))
     }
 
+    /// The live session a token names, if its tag verifies (no other check).
+    pub fn session_of_token(&self, token: &[u8]) -> Option<SessionHandle> {
+        let claims = self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .verify_tag(token)
+            .ok()?;
+        self.get(claims.session_id)
+    }
+
     /// Runs `change` on the token key ring (rotate, retire).
     pub fn with_keys<T>(&self, change: impl FnOnce(&mut TokenKeyRing) -> T) -> T {
         change(&mut self.keys.write().unwrap_or_else(PoisonError::into_inner))

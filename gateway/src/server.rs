@@ -1474,6 +1474,9 @@ impl Shared {
         let now = Timestamp::now();
         let rejected = |reason| Frame::from(proto::ResumeRejected { reason });
         let result = match &self.log {
+            // What this gateway sent (and, before its start, its predecessors) is
+            // known here, not in the core: check the resume's ack first.
+            Some(_) if self.resume_acks_unsent(resume) => Err(ReasonCode::AckBeyondSent),
             Some(log) => {
                 let record = Record::Resume {
                     conn: conn_id,
@@ -1500,6 +1503,14 @@ impl Shared {
                 Err(rejected(reason))
             }
         }
+    }
+
+    /// Whether a resume acknowledges messages this gateway never sent (crash-safe
+    /// mode's edge check; the core checks only that they exist).
+    fn resume_acks_unsent(&self, resume: &proto::Resume) -> bool {
+        self.registry
+            .session_of_token(&resume.token.0)
+            .is_some_and(|session| lock(&session).ack_beyond_sent(resume.last_acked_server_seq))
     }
 
     /// The account's orders, from an inline engine; `None` from one on its thread.

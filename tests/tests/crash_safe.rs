@@ -398,3 +398,39 @@ async fn next_event(events: &mut tokio::sync::mpsc::Receiver<Event>, want: fn(&E
         .await
         .expect("the event in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_acknowledges_messages_never_sent_is_refused() {
+    let nats = NatsServer::start();
+    let gateway = TestGateway::launch(1, &[7u8; 32], |c| nats.serve(c, "ACKS")).await;
+    let config = gateway.client_config(1, gateway.addr);
+    let login = config
+        .credentials
+        .signed_login(
+            &config.venue,
+            proto::CancelOnDisconnect::Off,
+            Duration::ZERO,
+        )
+        .expect("sign");
+    let mut raw = e2e::Raw::open(&config).await;
+    raw.send(&[login.into()]).await;
+    let Some(Frame::LoginAccepted(accepted)) = raw.recv().await else {
+        panic!("login refused");
+    };
+    raw.close();
+
+    let mut raw = e2e::Raw::open(&config).await;
+    let resume = proto::Resume {
+        token: accepted.token,
+        last_acked_server_seq: 3,
+        next_client_seq: 1,
+    };
+    raw.send(&[resume.into()]).await;
+    assert_eq!(
+        raw.recv().await,
+        Some(Frame::ResumeRejected(proto::ResumeRejected {
+            reason: ReasonCode::AckBeyondSent
+        }))
+    );
+    gateway.gateway.shutdown().await;
+}
