@@ -211,7 +211,7 @@ pub(crate) struct Shared {
     /// Crash-safe mode: stream position of the last record applied.
     applied_position: AtomicU64,
 
-    /// Set when the gateway cannot go on (the stream cannot be read): why.
+    /// Set when the gateway cannot go on (crash-safe mode): why.
     failed: watch::Sender<Option<String>>,
     /// Whether connections are accepted yet (in crash-safe mode, once the core is
     /// rebuilt).
@@ -410,7 +410,6 @@ impl Gateway {
             latest_start: AtomicU64::new(0),
             fenced_records: AtomicU64::new(0),
             applied_position: AtomicU64::new(0),
-
             failed: watch::Sender::new(None),
             accepting: watch::Sender::new(false),
         });
@@ -481,8 +480,9 @@ impl Gateway {
         Ok(!ended.is_empty())
     }
 
-    /// Resolves when the gateway cannot go on (crash-safe mode: its stream cannot be
-    /// read), with why; never in embedded mode.
+    /// Resolves when the gateway cannot go on, with why: in crash-safe mode, when
+    /// its stream lost records its core needs or another gateway started on it;
+    /// never in embedded mode.
     pub async fn failed(&self) -> String {
         let mut failed = self.shared.failed.subscribe();
         let why = failed
