@@ -399,9 +399,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         gateway.shutdown().await;
         match failed {
             // Sessions stay in the stream: a gateway started again resumes them.
-            Some(why) => Err(anyhow::anyhow!(
-                "stopped: the core cannot read its stream: {why}"
-            )),
+            Some(why) => Err(anyhow::anyhow!("stopped: {why}")),
             None => anyhow::Ok(()),
         }
     })
