@@ -294,8 +294,9 @@ async fn a_gateway_stops_when_another_starts_on_its_stream() {
         .expect("the first gateway gives up");
     assert!(why.contains("another gateway started"), "{why}");
 
-    // Until it has stopped, what it appends is fenced off: a login there is refused,
-    // and the gateway that took over has no session for it.
+    // Until it has stopped, what it appends is fenced off: a login there is refused
+    // (its own core fenced the record before answering), and the gateway that took
+    // over has no session for it.
     let login = Client::connect(first.client_config(1, first.addr)).await;
     assert!(
         matches!(login, Err(ClientError::Refused(ReasonCode::ShuttingDown))),
@@ -303,14 +304,13 @@ async fn a_gateway_stops_when_another_starts_on_its_stream() {
         login.err()
     );
     assert!(second.gateway.registry().is_empty());
-    let fenced = second
+    let fenced = first
         .gateway
         .metrics_text()
         .lines()
         .find(|line| line.contains("fenced_records_total"))
-        .map(str::to_owned)
-        .unwrap_or_default();
-    assert!(fenced.ends_with(" 1"), "{fenced}");
+        .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(fenced >= Some(1), "{fenced:?}");
     second.gateway.shutdown().await;
     first.gateway.shutdown().await;
 }
