@@ -176,7 +176,7 @@ impl LogClock {
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// NATS or JetStream refused or did not answer.
-    #[error("{what} ({url}): {error}")]
+    #[error("{what} (sequencer.nats_url = {url}): {error}")]
     Nats {
         /// What was being done.
         what: &'static str,
@@ -224,10 +224,21 @@ impl JetStreamLog {
                 ..Default::default()
             })
             .await
-            .map_err(|error| LogError::Nats {
-                what: "opening the JetStream stream",
-                url: url.clone(),
-                error: error.to_string(),
+            .map_err(|error| {
+                let connected =
+                    context.client().connection_state() == async_nats::connection::State::Connected;
+                let hint = match error.kind() {
+                    _ if !connected => ": NATS is not reachable (is nats-server running?)",
+                    jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
+                        ": this NATS server runs without JetStream (start it with -js)"
+                    }
+                    _ => "",
+                };
+                LogError::Nats {
+                    what: "opening the JetStream stream",
+                    url: url.clone(),
+                    error: format!("{error}{hint}"),
+                }
             })?;
         Ok(JetStreamLog {
             context,

@@ -96,7 +96,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// The crash-safe mode's stream could not be used.
-    #[error("sequencer: {0}")]
+    #[error(transparent)]
     Log(#[from] LogError),
 }
 

@@ -434,3 +434,35 @@ async fn a_resume_that_acknowledges_messages_never_sent_is_refused() {
     );
     gateway.gateway.shutdown().await;
 }
+
+#[test]
+fn a_gateway_without_its_nats_server_says_so_and_exits() {
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let dir = std::env::temp_dir().join(format!("gateway-no-nats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let output = std::process::Command::new(e2e::gateway_binary())
+        .current_dir(&dir)
+        .args(["--listen", "127.0.0.1:0", "--set", "admin.listen=\"\""])
+        .args([
+            "--set",
+            "sequencer.mode=jetstream",
+            "--set",
+            "sequencer.timeout_ms=1000",
+        ])
+        .args([
+            "--set",
+            &format!("sequencer.nats_url=nats://127.0.0.1:{closed_port}"),
+        ])
+        .output()
+        .expect("the gateway runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("sequencer.nats_url") && stderr.contains("NATS is not reachable"),
+        "{stderr}"
+    );
+}
