@@ -675,6 +675,20 @@ impl Registry {
         }
     }
 
+    /// Detaches the session attached to `conn`, if any (a connection the IO layer
+    /// knows no session of; rare, so every session is looked at, in order).
+    pub fn connection_abandoned(&self, conn: ConnectionId, now: Timestamp) {
+        for session_id in self.session_ids() {
+            let Some(session) = self.get(session_id) else {
+                continue;
+            };
+            let attached = lock(&session).attached_to();
+            if attached == Some(conn) {
+                self.connection_lost(&session, conn, now);
+            }
+        }
+    }
+
     /// Whether [`Self::handle_timeouts`] has anything to do at `now`: a timer is
     /// due, or the once-a-second check of every session.
     pub fn timers_due(&self, now: Timestamp) -> bool {

@@ -101,6 +101,14 @@ pub enum Record {
         /// The key's id.
         key_id: u32,
     },
+    /// The edge gave up on the login or resume of `conn` (no answer from the core in
+    /// time) and closed it: a session the core attached to it anyway is detached,
+    /// so that it expires and its cancel-on-disconnect runs rather than staying
+    /// attached to nothing.
+    Abandoned {
+        /// The connection.
+        conn: ConnectionId,
+    },
 }
 
 /// A record as appended: by which gateway run, when, and who waits for its outcome.

@@ -1447,7 +1447,9 @@ impl Shared {
                 max_sessions: grant.max_sessions.map(|m| m as u64),
                 login: Frame::from(*login).to_bytes().to_vec(),
             };
-            return session_outcome(log.call(record, conn_id).await);
+            return self
+                .handshake_outcome(log, log.call(record, conn_id).await, conn_id)
+                .await;
         }
         let orders = self
             .query_orders(grant.account)
@@ -1482,7 +1484,8 @@ impl Shared {
                     conn: conn_id,
                     resume: Frame::from(*resume).to_bytes().to_vec(),
                 };
-                session_outcome(log.call(record, conn_id).await)
+                self.handshake_outcome(log, log.call(record, conn_id).await, conn_id)
+                    .await
             }
             None => self.resume_session(conn_id, resume, now),
         };
@@ -1503,6 +1506,21 @@ impl Shared {
                 Err(rejected(reason))
             }
         }
+    }
+
+    /// A login's or resume's outcome from the core. Without one (the stream or the
+    /// core did not answer in time) the connection is refused, and the core is told
+    /// to detach whatever it attaches to it later.
+    async fn handshake_outcome(
+        &self,
+        log: &JetStreamLog,
+        outcome: Result<Outcome, LogError>,
+        conn_id: ConnectionId,
+    ) -> Result<SessionHandle, ReasonCode> {
+        if outcome.is_err() {
+            self.append(log, Record::Abandoned { conn: conn_id }).await;
+        }
+        session_outcome(outcome)
     }
 
     /// Whether a resume acknowledges messages this gateway never sent (crash-safe

@@ -281,6 +281,25 @@ impl NatsServer {
         }
     }
 
+    /// Stops the server in its tracks (SIGSTOP): connections stay open, nothing is
+    /// answered, until [`Self::carry_on`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server carry on (SIGCONT).
+    pub fn carry_on(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Kills the server (SIGKILL), waits `down`, and starts it again on the same
     /// port and storage.
     pub fn restart(&mut self, down: Duration) {

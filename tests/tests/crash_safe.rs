@@ -466,3 +466,37 @@ fn a_gateway_without_its_nats_server_says_so_and_exits() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_the_core_answers_too_late_leaves_no_session_attached_to_nothing() {
+    let nats = NatsServer::start();
+    let gateway = TestGateway::launch(1, &[8u8; 32], |c| {
+        nats.serve(c, "LATE");
+        c.sequencer.timeout_ms = 1_000;
+    })
+    .await;
+    // NATS stalls: the login is refused after the timeout, though its record is
+    // stored (and applied) once NATS carries on.
+    nats.pause();
+    let login = Client::connect(gateway.client_config(1, gateway.addr)).await;
+    assert!(
+        matches!(login, Err(ClientError::Refused(ReasonCode::InternalError))),
+        "{:?}",
+        login.err()
+    );
+    nats.carry_on();
+    let registry = gateway.gateway.registry();
+    let settled = async {
+        loop {
+            let sessions = registry.sessions_info();
+            if sessions.len() == 1 && sessions[0].state == "detached" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, settled)
+        .await
+        .unwrap_or_else(|_| panic!("{:?}", registry.sessions_info()));
+    gateway.gateway.shutdown().await;
+}

@@ -138,6 +138,10 @@ impl Shared {
                 }
                 None
             }
+            Record::Abandoned { conn } => {
+                self.registry.connection_abandoned(conn, now);
+                None
+            }
             Record::ConnectionLost { session, conn } => {
                 if let Some(session) = self.registry.get(session) {
                     self.registry.connection_lost(&session, conn, now);
