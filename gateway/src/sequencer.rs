@@ -262,6 +262,19 @@ impl JetStreamLog {
         })
     }
 
+    /// Appends a record nobody waits on but the core must see, trying again while
+    /// the stream does not store it (NATS away). For records that stored twice do
+    /// nothing more (a lost connection).
+    pub async fn append_until_stored(&self, record: Record) {
+        let entry = self.entry(record, 0);
+        let mut backoff = FOLLOW_BACKOFF_MIN;
+        while let Err(error) = self.append(&entry).await {
+            warn!(%error, "a record the core must see was not stored; trying again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
+        }
+    }
+
     /// Deletes the stream named in `settings` (for tools that make one per run).
     pub async fn delete_stream(settings: &SequencerSettings) -> Result<(), LogError> {
         jetstream_context(settings, None)

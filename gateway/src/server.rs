@@ -893,7 +893,9 @@ async fn serve_connection(
                 session: session_id,
                 conn: conn_id,
             };
-            shared.append(log, record).await;
+            // Without it the core would keep the session attached to nothing,
+            // neither expiring it nor running its cancel-on-disconnect.
+            log.append_until_stored(record).await;
         }
         None => {
             shared
@@ -1178,7 +1180,8 @@ impl Shared {
     }
 
     /// Crash-safe mode: appends a record nobody waits on; a failure is logged (the
-    /// core then never sees it, as if it had not happened).
+    /// core then never sees it, as if it had not happened). For records whose loss
+    /// the next one makes good (timer ticks).
     async fn append(&self, log: &JetStreamLog, record: Record) {
         if let Err(error) = log.append(&log.entry(record, 0)).await {
             warn!(%error, "a record was not stored");
@@ -1447,9 +1450,7 @@ impl Shared {
                 max_sessions: grant.max_sessions.map(|m| m as u64),
                 login: Frame::from(*login).to_bytes().to_vec(),
             };
-            return self
-                .handshake_outcome(log, log.call(record, conn_id).await, conn_id)
-                .await;
+            return handshake_outcome(log, log.call(record, conn_id).await, conn_id);
         }
         let orders = self
             .query_orders(grant.account)
@@ -1484,8 +1485,7 @@ impl Shared {
                     conn: conn_id,
                     resume: Frame::from(*resume).to_bytes().to_vec(),
                 };
-                self.handshake_outcome(log, log.call(record, conn_id).await, conn_id)
-                    .await
+                handshake_outcome(log, log.call(record, conn_id).await, conn_id)
             }
             None => self.resume_session(conn_id, resume, now),
         };
@@ -1506,21 +1506,6 @@ impl Shared {
                 Err(rejected(reason))
             }
         }
-    }
-
-    /// A login's or resume's outcome from the core. Without one (the stream or the
-    /// core did not answer in time) the connection is refused, and the core is told
-    /// to detach whatever it attaches to it later.
-    async fn handshake_outcome(
-        &self,
-        log: &JetStreamLog,
-        outcome: Result<Outcome, LogError>,
-        conn_id: ConnectionId,
-    ) -> Result<SessionHandle, ReasonCode> {
-        if outcome.is_err() {
-            self.append(log, Record::Abandoned { conn: conn_id }).await;
-        }
-        session_outcome(outcome)
     }
 
     /// Whether a resume acknowledges messages this gateway never sent (crash-safe
@@ -1573,6 +1558,25 @@ impl Shared {
 
 /// Why an operation on a superseded gateway did nothing.
 const SUPERSEDED: &str = "another gateway started on this stream; this one is stopping";
+
+/// A login's or resume's outcome from the core. Without one (the stream or the
+/// core did not answer in time) the connection is refused, and the core is told
+/// to detach whatever it attaches to it later.
+fn handshake_outcome(
+    log: &Arc<JetStreamLog>,
+    outcome: Result<Outcome, LogError>,
+    conn_id: ConnectionId,
+) -> Result<SessionHandle, ReasonCode> {
+    if outcome.is_err() {
+        // In the background: the refusal need not wait for NATS to come back.
+        let log = Arc::clone(log);
+        tokio::spawn(async move {
+            log.append_until_stored(Record::Abandoned { conn: conn_id })
+                .await;
+        });
+    }
+    session_outcome(outcome)
+}
 
 /// A login's or resume's outcome from the core, as the handshake needs it.
 fn session_outcome(outcome: Result<Outcome, LogError>) -> Result<SessionHandle, ReasonCode> {
