@@ -468,6 +468,45 @@ fn a_gateway_without_its_nats_server_says_so_and_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_while_nats_stalls_still_detaches_its_session() {
+    let nats = NatsServer::start();
+    let gateway = TestGateway::launch(1, &[4u8; 32], |c| {
+        nats.serve(c, "LOST");
+        c.sequencer.timeout_ms = 1_000;
+    })
+    .await;
+    let (client, _events) = Client::connect(gateway.client_config(1, gateway.addr))
+        .await
+        .expect("login");
+    // The client goes while NATS stalls for longer than an append may take: the
+    // lost connection's record is stored late (or, had the NATS connection broken,
+    // appended again), and the core detaches the session all the same.
+    nats.pause();
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    nats.carry_on();
+    wait_for_one_detached_session(&gateway).await;
+    gateway.gateway.shutdown().await;
+}
+
+/// Waits until the gateway's core has exactly one session, detached.
+async fn wait_for_one_detached_session(gateway: &TestGateway) {
+    let registry = gateway.gateway.registry();
+    let settled = async {
+        loop {
+            let sessions = registry.sessions_info();
+            if sessions.len() == 1 && sessions[0].state == "detached" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, settled)
+        .await
+        .unwrap_or_else(|_| panic!("{:?}", registry.sessions_info()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_the_core_answers_too_late_leaves_no_session_attached_to_nothing() {
     let nats = NatsServer::start();
     let gateway = TestGateway::launch(1, &[8u8; 32], |c| {
@@ -485,18 +524,6 @@ async fn a_login_the_core_answers_too_late_leaves_no_session_attached_to_nothing
         login.err()
     );
     nats.carry_on();
-    let registry = gateway.gateway.registry();
-    let settled = async {
-        loop {
-            let sessions = registry.sessions_info();
-            if sessions.len() == 1 && sessions[0].state == "detached" {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, settled)
-        .await
-        .unwrap_or_else(|_| panic!("{:?}", registry.sessions_info()));
+    wait_for_one_detached_session(&gateway).await;
     gateway.gateway.shutdown().await;
 }
