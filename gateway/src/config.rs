@@ -658,4 +658,29 @@ mod tests {
             "{zero_rtt}"
         );
     }
+
+    #[test]
+    fn crash_safe_settings_are_checked_together() {
+        let jetstream =
+            |more: &str| Config::load(None, &["sequencer.mode=jetstream".into(), more.to_string()]);
+        let loaded = jetstream("sequencer.stream=VENUE_1").expect("valid");
+        assert_eq!(loaded.sequencer.mode, SequencerMode::Jetstream);
+        let thread = jetstream("engine.mode=thread").expect_err("engine on its thread");
+        assert!(thread.to_string().contains("engine.mode"), "{thread}");
+        for bad in [
+            "sequencer.stream=a.b",
+            "sequencer.stream=\"\"",
+            "sequencer.stream=\"a b\"",
+        ] {
+            let refused = jetstream(bad).expect_err(bad);
+            assert!(
+                refused.to_string().contains("sequencer.stream"),
+                "{refused}"
+            );
+        }
+        let no_wait = jetstream("sequencer.timeout_ms=0").expect_err("zero timeout");
+        assert!(no_wait.to_string().contains("timeout_ms"), "{no_wait}");
+        let unknown = Config::load(None, &["sequencer.mode=kafka".into()]).expect_err("mode");
+        assert!(unknown.to_string().contains("kafka"), "{unknown}");
+    }
 }

@@ -491,10 +491,12 @@ pub struct Report {
     pub disconnects_by_mode: DisconnectCounts,
     /// Resumes the clients completed.
     pub resumes: u64,
-    /// Messages the gateway replayed on resumes.
+    /// Messages the gateway replayed on resumes (an in-process gateway's count; 0
+    /// for another process: its `/metrics` has it).
     pub messages_replayed: u64,
     /// Resumes that found messages the client needed released (a snapshot replaced
-    /// them: PROTOCOL.md section 4, "Retention").
+    /// them: PROTOCOL.md section 4, "Retention"); in-process only, like
+    /// `messages_replayed`.
     pub snapshot_resumes: u64,
     /// Connections the gateway closed with a reason, by reason (`SlowConsumer`, ...):
     /// closes the load client did not force. Each was followed by a resume.

@@ -273,15 +273,22 @@ fn summary(report: &Report) {
         );
     }
     if report.disconnects > 0 {
+        // The gateway's own counts are known of an in-process gateway only.
+        let replayed = if report.target == "in-process" {
+            format!(
+                ", replayed {} messages, {} snapshot resumes",
+                report.messages_replayed, report.snapshot_resumes
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "disconnects {} (clean {}, abrupt {}, blackhole {}), resumes {}, replayed {} messages, {} snapshot resumes",
+            "disconnects {} (clean {}, abrupt {}, blackhole {}), resumes {}{replayed}",
             report.disconnects,
             report.disconnects_by_mode.clean,
             report.disconnects_by_mode.abrupt,
             report.disconnects_by_mode.blackhole,
             report.resumes,
-            report.messages_replayed,
-            report.snapshot_resumes
         );
     }
     if report.resume_us.count > 0 {
