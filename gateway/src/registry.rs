@@ -234,6 +234,21 @@ impl Registry {
         }
     }
 
+    /// Starts [`Self::stats`] from zero: a registry rebuilt from a log has counted
+    /// what the processes before it did.
+    pub fn reset_stats(&self) {
+        for counter in [
+            &self.resumes,
+            &self.messages_replayed,
+            &self.snapshot_resumes,
+            &self.events_rehomed,
+            &self.unclaimed_dropped,
+            &self.evicted,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Number of live sessions.
     pub fn len(&self) -> usize {
         self.session_count.load(Ordering::Relaxed)

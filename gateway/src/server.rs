@@ -291,6 +291,8 @@ impl Gateway {
             elapsed_ms = u64::try_from(applied_from.elapsed().as_millis()).unwrap_or(u64::MAX),
             "core rebuilt from the stream"
         );
+        // The counters say what this process did, not what its predecessors did.
+        gateway.shared.registry.reset_stats();
         gateway.shared.accepting.send_replace(true);
         Ok(gateway)
     }

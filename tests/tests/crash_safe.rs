@@ -278,6 +278,14 @@ async fn gateways_that_apply_one_stream_hold_byte_identical_messages() {
         let rebuilt = TestGateway::launch(2, &secret, crash_safe).await;
         assert_eq!(retained(&rebuilt.gateway), live);
         assert_eq!(progress(&rebuilt.gateway), live_progress);
+        // Its counters start from zero: the rebuild is not counted as its work.
+        assert_eq!(rebuilt.gateway.registry().stats().resumes, 0);
+        let metrics = rebuilt.gateway.metrics_text();
+        let fills = metrics
+            .lines()
+            .find(|line| line.contains("fills_total"))
+            .unwrap_or_default();
+        assert!(fills.ends_with(" 0"), "{fills}");
         rebuilt.gateway.shutdown().await;
     }
 }

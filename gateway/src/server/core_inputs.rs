@@ -252,7 +252,10 @@ impl Shared {
                 }
                 continue;
             }
-            self.count_event(&event);
+            // A core being rebuilt routes again what earlier processes counted.
+            if self.is_accepting() {
+                self.count_event(&event);
+            }
             self.registry.route(&event, now, &mut actions, &mut wake);
         }
         wake.sort_unstable();
