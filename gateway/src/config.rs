@@ -101,6 +101,14 @@ pub struct SequencerSettings {
     /// How long the gateway waits for NATS at start and for each append's
     /// acknowledgement before it gives up.
     pub timeout_ms: u64,
+    /// NATS user the gateway connects as (with `password_file`). Whoever may
+    /// publish on the stream's subject controls the core: give the gateway its own
+    /// NATS user, and nobody else that subject.
+    pub user: Option<String>,
+    /// File holding that user's password (one line).
+    pub password_file: Option<PathBuf>,
+    /// File holding a NATS token to connect with, instead of a user.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for SequencerSettings {
@@ -110,6 +118,9 @@ impl Default for SequencerSettings {
             nats_url: "nats://127.0.0.1:4222".into(),
             stream: "GATEWAY_IN".into(),
             timeout_ms: 5_000,
+            user: None,
+            password_file: None,
+            token_file: None,
         }
     }
 }
@@ -530,6 +541,12 @@ impl Config {
             if self.sequencer.timeout_ms == 0 {
                 return invalid("sequencer.timeout_ms must be positive");
             }
+            if self.sequencer.user.is_some() != self.sequencer.password_file.is_some() {
+                return invalid("sequencer.user and sequencer.password_file go together");
+            }
+            if self.sequencer.user.is_some() && self.sequencer.token_file.is_some() {
+                return invalid("give sequencer.user or sequencer.token_file, not both");
+            }
         }
         if self.accounts_file.is_none() && self.demo_accounts == 0 {
             return invalid("give an accounts_file or a positive demo_accounts");
@@ -680,6 +697,8 @@ mod tests {
         }
         let no_wait = jetstream("sequencer.timeout_ms=0").expect_err("zero timeout");
         assert!(no_wait.to_string().contains("timeout_ms"), "{no_wait}");
+        let half_user = jetstream("sequencer.user=gateway").expect_err("user alone");
+        assert!(half_user.to_string().contains("password_file"), "{half_user}");
         let unknown = Config::load(None, &["sequencer.mode=kafka".into()]).expect_err("mode");
         assert!(unknown.to_string().contains("kafka"), "{unknown}");
     }

@@ -15,7 +15,7 @@
 //! nonces and failed-login counters, latency samples, metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -218,10 +218,11 @@ pub struct JetStreamLog {
 impl JetStreamLog {
     /// Connects to NATS and opens (creating if missing) the stream.
     pub async fn connect(settings: &SequencerSettings) -> Result<JetStreamLog, LogError> {
-        let url = settings.nats_url.clone();
+        let url = redacted(&settings.nats_url);
         let timeout = Duration::from_millis(settings.timeout_ms);
         let reconnected = Arc::new(Notify::new());
-        let context = jetstream_context(settings, Some(Arc::clone(&reconnected))).await?;
+        let (context, last_error) =
+            jetstream_context(settings, Some(Arc::clone(&reconnected))).await?;
         let subject = format!("{}.in", settings.stream);
         let stream = context
             .get_or_create_stream(stream::Config {
@@ -235,12 +236,22 @@ impl JetStreamLog {
             .map_err(|error| {
                 let connected =
                     context.client().connection_state() == async_nats::connection::State::Connected;
+                let last = last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
                 let hint = match error.kind() {
-                    _ if !connected => ": NATS is not reachable (is nats-server running?)",
+                    _ if !connected => format!(
+                        ": NATS is not reachable or refused the connection (is nats-server \
+                         running? are sequencer.user and password_file, or token_file, \
+                         right?){}",
+                        last.map(|last| format!("; last error: {last}"))
+                            .unwrap_or_default()
+                    ),
                     jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
-                        ": this NATS server runs without JetStream (start it with -js)"
+                        ": this NATS server runs without JetStream (start it with -js)".into()
                     }
-                    _ => "",
+                    _ => String::new(),
                 };
                 LogError::Nats {
                     what: "opening the JetStream stream",
@@ -279,12 +290,13 @@ impl JetStreamLog {
     pub async fn delete_stream(settings: &SequencerSettings) -> Result<(), LogError> {
         jetstream_context(settings, None)
             .await?
+            .0
             .delete_stream(&settings.stream)
             .await
             .map(drop)
             .map_err(|error| LogError::Nats {
                 what: "deleting the stream",
-                url: settings.nats_url.clone(),
+                url: redacted(&settings.nats_url),
                 error: error.to_string(),
             })
     }
@@ -485,28 +497,72 @@ const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between attempts to read the stream.
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// The last error the NATS server or the connection to it reported, if any.
+type LastNatsError = Arc<std::sync::Mutex<Option<String>>>;
+
+/// `url` without the user and password it may carry, for messages and logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// A JetStream context on a new connection to the NATS server of `settings`;
-/// `reconnected` is signalled each time the connection is back after a loss.
+/// `reconnected` is signalled each time the connection is back after a loss. Also
+/// returns where the connection's last error is kept.
 async fn jetstream_context(
     settings: &SequencerSettings,
     reconnected: Option<Arc<Notify>>,
-) -> Result<jetstream::Context, LogError> {
+) -> Result<(jetstream::Context, LastNatsError), LogError> {
     let timeout = Duration::from_millis(settings.timeout_ms);
     let failed = |error: &dyn std::fmt::Display| LogError::Nats {
         what: "connecting to NATS",
-        url: settings.nats_url.clone(),
+        url: redacted(&settings.nats_url),
         error: error.to_string(),
     };
-    let client = async_nats::ConnectOptions::new()
+    let secret = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|text| text.trim().to_owned())
+            .map_err(|error| LogError::Nats {
+                what: "reading the NATS credentials",
+                url: redacted(&settings.nats_url),
+                error: format!("{}: {error}", path.display()),
+            })
+    };
+    let last_error = LastNatsError::default();
+    let mut options = async_nats::ConnectOptions::new();
+    if let (Some(user), Some(path)) = (&settings.user, &settings.password_file) {
+        options = options.user_and_password(user.clone(), secret(path)?);
+    }
+    if let Some(path) = &settings.token_file {
+        options = options.token(secret(path)?);
+    }
+    let client = options
         .connection_timeout(timeout)
         .request_timeout(Some(timeout))
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .event_callback(move |event| {
-            let reconnected = reconnected.clone();
-            async move {
-                if let (async_nats::Event::Connected, Some(reconnected)) = (event, reconnected) {
-                    reconnected.notify_one();
+        .event_callback({
+            let last_error = Arc::clone(&last_error);
+            move |event| {
+                let reconnected = reconnected.clone();
+                let last_error = Arc::clone(&last_error);
+                async move {
+                    let error = match &event {
+                        async_nats::Event::Connected => {
+                            if let Some(reconnected) = reconnected {
+                                reconnected.notify_one();
+                            }
+                            return;
+                        }
+                        async_nats::Event::ServerError(error) => error.to_string(),
+                        async_nats::Event::ClientError(error) => error.to_string(),
+                        _ => return,
+                    };
+                    *last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
                 }
             }
         })
@@ -515,7 +571,7 @@ async fn jetstream_context(
         .await
         .map_err(|e| failed(&e))?
         .map_err(|e| failed(&e))?;
-    Ok(jetstream::new(client))
+    Ok((jetstream::new(client), last_error))
 }
 
 #[cfg(test)]

@@ -53,6 +53,9 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("sequencer.nats_url", "NATS server of jetstream mode"),
     ("sequencer.stream", "JetStream stream of the core's inputs (subject <stream>.in), created if missing"),
     ("sequencer.timeout_ms", "wait for NATS at start and for each append's acknowledgement"),
+    ("sequencer.user", "NATS user to connect as (with password_file); unset: none"),
+    ("sequencer.password_file", "file holding that user's password"),
+    ("sequencer.token_file", "file holding a NATS token, instead of a user"),
 ];
 
 /// The value of `key` (`section.key`) in `table`, if set.

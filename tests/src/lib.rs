@@ -258,6 +258,8 @@ pub struct NatsServer {
     child: std::process::Child,
     port: u16,
     dir: std::path::PathBuf,
+    /// Further `nats-server` arguments it runs with.
+    extra: Vec<String>,
     /// Where clients connect, `nats://127.0.0.1:PORT`.
     pub url: String,
 }
@@ -266,6 +268,12 @@ impl NatsServer {
     /// Starts one and waits until it takes connections. Panics (the test fails, it
     /// is not skipped) when there is no `nats-server` to run.
     pub fn start() -> NatsServer {
+        Self::start_with(&[])
+    }
+
+    /// [`Self::start`] with further `nats-server` arguments, e.g. a user and password.
+    pub fn start_with(extra: &[&str]) -> NatsServer {
+        let extra: Vec<String> = extra.iter().map(|arg| (*arg).to_owned()).collect();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
@@ -274,9 +282,10 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("nats storage directory");
         NatsServer {
-            child: spawn_nats(port, &dir),
+            child: spawn_nats(port, &dir, &extra),
             port,
             dir,
+            extra,
             url: format!("nats://127.0.0.1:{port}"),
         }
     }
@@ -306,16 +315,18 @@ impl NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         std::thread::sleep(down);
-        self.child = spawn_nats(self.port, &self.dir);
+        self.child = spawn_nats(self.port, &self.dir, &self.extra);
     }
 }
 
-/// A `nats-server` with JetStream on `port`, storing in `dir`, once it listens.
-fn spawn_nats(port: u16, dir: &std::path::Path) -> std::process::Child {
+/// A `nats-server` with JetStream on `port`, storing in `dir`, with `extra`
+/// arguments, once it listens.
+fn spawn_nats(port: u16, dir: &std::path::Path, extra: &[String]) -> std::process::Child {
     let program = nats_server_binary();
     let child = std::process::Command::new(&program)
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(dir)
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -535,3 +535,47 @@ async fn a_login_the_core_answers_too_late_leaves_no_session_attached_to_nothing
     wait_for_one_detached_session(&gateway).await;
     gateway.gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_connects_to_nats_as_its_user_and_is_refused_with_a_wrong_password() {
+    let nats = NatsServer::start_with(&["--user", "gateway", "--pass", "s3cret"]);
+    let dir = std::env::temp_dir().join(format!("gateway-nats-user-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (right, wrong) = (dir.join("right"), dir.join("wrong"));
+    std::fs::write(&right, "s3cret\n").expect("password file");
+    std::fs::write(&wrong, "guess\n").expect("password file");
+    let as_user = |password: &std::path::Path| {
+        let password = password.to_owned();
+        let url = nats.url.clone();
+        move |config: &mut gateway::config::Config| {
+            config.sequencer.mode = gateway::config::SequencerMode::Jetstream;
+            config.sequencer.nats_url = url;
+            config.sequencer.user = Some("gateway".into());
+            config.sequencer.password_file = Some(password);
+        }
+    };
+    let gateway = TestGateway::launch(1, &[6u8; 32], as_user(&right)).await;
+    gateway.gateway.shutdown().await;
+
+    let output = std::process::Command::new(e2e::gateway_binary())
+        .current_dir(&dir)
+        .args(["--listen", "127.0.0.1:0", "--set", "admin.listen=\"\""])
+        .args([
+            "--set",
+            "sequencer.mode=jetstream",
+            "--set",
+            "sequencer.timeout_ms=1000",
+        ])
+        .args(["--set", &format!("sequencer.nats_url={}", nats.url)])
+        .args(["--set", "sequencer.user=gateway"])
+        .args([
+            "--set",
+            &format!("sequencer.password_file={}", wrong.display()),
+        ])
+        .output()
+        .expect("the gateway runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("authorization violation"), "{stderr}");
+}
