@@ -698,7 +698,10 @@ mod tests {
         let no_wait = jetstream("sequencer.timeout_ms=0").expect_err("zero timeout");
         assert!(no_wait.to_string().contains("timeout_ms"), "{no_wait}");
         let half_user = jetstream("sequencer.user=gateway").expect_err("user alone");
-        assert!(half_user.to_string().contains("password_file"), "{half_user}");
+        assert!(
+            half_user.to_string().contains("password_file"),
+            "{half_user}"
+        );
         let unknown = Config::load(None, &["sequencer.mode=kafka".into()]).expect_err("mode");
         assert!(unknown.to_string().contains("kafka"), "{unknown}");
     }
