@@ -123,6 +123,9 @@ mod tests {
         config.accounts_file = Some(PathBuf::from("a"));
         config.token_key_file = Some(PathBuf::from("t"));
         config.admin.token_file = Some(PathBuf::from("t"));
+        config.sequencer.user = Some("u".into());
+        config.sequencer.password_file = Some(PathBuf::from("p"));
+        config.sequencer.token_file = Some(PathBuf::from("t"));
         let table = toml::Table::try_from(config).expect("serializes");
         let mut keys = BTreeSet::new();
         for (key, value) in &table {
