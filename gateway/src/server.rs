@@ -98,6 +98,10 @@ pub enum StartError {
     /// The crash-safe mode's stream could not be used.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The core stopped while it was being rebuilt from the stream (the reason says
+    /// which setting, if any, is at fault).
+    #[error("rebuilding the core from the stream: {0}")]
+    Rebuild(String),
 }
 
 /// Everything a gateway needs to start, resolved from [`Config`] (files read).
@@ -270,20 +274,13 @@ impl Gateway {
         let position = log.append(&log.entry(Record::Started, 0)).await?;
         log.set_start(position);
         let (caught_up, replayed) = oneshot::channel();
-        let setup_url = setup.config.sequencer.nats_url.clone();
         let gateway = Self::start_with(setup, Some(Arc::clone(&log)))?;
         let applied_from = Instant::now();
         let shared = Arc::clone(&gateway.shared);
         tokio::spawn(follow_log(shared, log, position, caught_up));
         tokio::select! {
             _ = replayed => {}
-            why = gateway.failed() => {
-                return Err(StartError::Log(LogError::Nats {
-                    what: "applying the stream",
-                    url: setup_url,
-                    error: why,
-                }));
-            }
+            why = gateway.failed() => return Err(StartError::Rebuild(why)),
         }
         info!(
             records = position,
@@ -1017,7 +1014,7 @@ async fn read_loop_logged(
         let record = Record::Frame {
             session: session_id,
             conn: conn_id,
-            frame: frame.to_bytes().to_vec(),
+            frame: frame.to_bytes().into(),
         };
         let entry = log.entry(record, 0);
         match log.send(&entry).await {
@@ -1450,7 +1447,7 @@ impl Shared {
                 conn: conn_id,
                 account: grant.account,
                 max_sessions: grant.max_sessions.map(|m| m as u64),
-                login: Frame::from(*login).to_bytes().to_vec(),
+                login: Frame::from(*login).to_bytes().into(),
             };
             return handshake_outcome(log, log.call(record, conn_id).await, conn_id);
         }
@@ -1485,7 +1482,7 @@ impl Shared {
             Some(log) => {
                 let record = Record::Resume {
                     conn: conn_id,
-                    resume: Frame::from(*resume).to_bytes().to_vec(),
+                    resume: Frame::from(*resume).to_bytes().into(),
                 };
                 handshake_outcome(log, log.call(record, conn_id).await, conn_id)
             }
