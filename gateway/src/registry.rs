@@ -675,30 +675,32 @@ impl Registry {
     /// detached, starting their cancel-on-disconnect and expiry clocks), and any
     /// message assigned so far may have been sent by them.
     pub fn gateway_restarted(&self, now: Timestamp) {
+        self.detach_where(now, |session| {
+            session.sent_by_predecessor();
+            true
+        });
+    }
+
+    /// Detaches the session attached to `conn`, if any (a connection the IO layer
+    /// knows no session of; rare, so every session is looked at).
+    pub fn connection_abandoned(&self, conn: ConnectionId, now: Timestamp) {
+        self.detach_where(now, |session| session.attached_to() == Some(conn));
+    }
+
+    /// Detaches, in session order (a core rebuilt from a log does the same), every
+    /// attached session for which `gone`, shown each session under its lock, says
+    /// its connection is gone.
+    fn detach_where(&self, now: Timestamp, mut gone: impl FnMut(&mut Session) -> bool) {
         for session_id in self.session_ids() {
             let Some(session) = self.get(session_id) else {
                 continue;
             };
             let attached = {
                 let mut guard = lock(&session);
-                guard.sent_by_predecessor();
-                guard.attached_to()
+                let gone = gone(&mut guard);
+                guard.attached_to().filter(|_| gone)
             };
             if let Some(conn) = attached {
-                self.connection_lost(&session, conn, now);
-            }
-        }
-    }
-
-    /// Detaches the session attached to `conn`, if any (a connection the IO layer
-    /// knows no session of; rare, so every session is looked at, in order).
-    pub fn connection_abandoned(&self, conn: ConnectionId, now: Timestamp) {
-        for session_id in self.session_ids() {
-            let Some(session) = self.get(session_id) else {
-                continue;
-            };
-            let attached = lock(&session).attached_to();
-            if attached == Some(conn) {
                 self.connection_lost(&session, conn, now);
             }
         }
