@@ -109,6 +109,14 @@ pub struct SequencerSettings {
     pub password_file: Option<PathBuf>,
     /// File holding a NATS token to connect with, instead of a user.
     pub token_file: Option<PathBuf>,
+    /// Records applied between two snapshots of the core, stored in the object
+    /// store `<stream>_snapshots`: a gateway starting again restores the latest and
+    /// applies only the records after it. 0: no snapshots (every start applies the
+    /// whole stream).
+    pub snapshot_every: u64,
+    /// Whether the records a stored snapshot covers are purged from the stream, so
+    /// that the stream stays bounded. Off keeps the whole stream (an audit trail).
+    pub purge_after_snapshot: bool,
 }
 
 impl Default for SequencerSettings {
@@ -121,6 +129,8 @@ impl Default for SequencerSettings {
             user: None,
             password_file: None,
             token_file: None,
+            snapshot_every: 100_000,
+            purge_after_snapshot: true,
         }
     }
 }

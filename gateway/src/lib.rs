@@ -29,5 +29,6 @@ pub mod sequencer;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod snapshot;
 pub mod time;
 pub mod token;

@@ -103,6 +103,11 @@ pub struct Snapshot {
     pub applied_position: u64,
     /// Crash-safe mode: records the stream did not acknowledge in time.
     pub append_failures: u64,
+    /// Crash-safe mode: position of the latest core snapshot this gateway stored or
+    /// restored.
+    pub core_snapshot_position: u64,
+    /// Crash-safe mode: core snapshots that could not be stored.
+    pub core_snapshot_failures: u64,
     /// Whether the gateway is draining (refusing new logins).
     pub draining: bool,
 }
@@ -306,6 +311,16 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
         "sequencer_append_failures",
         "Crash-safe mode: records the stream did not acknowledge in time (each closed its connection or refused its request)",
         ConstCounter::new(snapshot.append_failures),
+    );
+    registry.register(
+        "sequencer_snapshot_position",
+        "Crash-safe mode: stream position of the latest core snapshot stored or restored (0: none)",
+        gauge(snapshot.core_snapshot_position),
+    );
+    registry.register(
+        "sequencer_snapshot_failures",
+        "Crash-safe mode: core snapshots that could not be stored",
+        ConstCounter::new(snapshot.core_snapshot_failures),
     );
     registry.register(
         "fenced_records",

@@ -1,14 +1,15 @@
 //! The session's own view of its orders, kept in step with its outbound stream so an
 //! order-state snapshot is exact "as of" a server sequence number.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use proto::{OrderState, OrderStatus};
 
 /// Working orders by client order id, plus a bounded history of finished ones.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct OrderTracker {
-    working: HashMap<u64, OrderState>,
+    /// By client order id, ordered so that a snapshot of the same state is the same bytes.
+    working: BTreeMap<u64, OrderState>,
     finished: VecDeque<OrderState>,
     max_finished: usize,
 }
@@ -17,7 +18,7 @@ impl OrderTracker {
     /// An empty tracker keeping at most `max_finished` finished orders.
     pub fn new(max_finished: usize) -> Self {
         OrderTracker {
-            working: HashMap::new(),
+            working: BTreeMap::new(),
             finished: VecDeque::new(),
             max_finished,
         }
@@ -96,7 +97,6 @@ impl OrderTracker {
 
     /// Returns spare capacity to the allocator; used when a session goes idle.
     pub fn shrink_to_fit(&mut self) {
-        self.working.shrink_to_fit();
         self.finished.shrink_to_fit();
     }
 }

@@ -34,6 +34,9 @@ use crate::time::Timestamp;
 use crate::token::{KeyError, TokenKeyRing};
 use proto::CancelOnDisconnect;
 
+mod image;
+pub use image::{RegistryImage, RestoreError};
+
 /// A shared, lockable session.
 pub type SessionHandle = Arc<Mutex<Session>>;
 
@@ -257,6 +260,11 @@ impl Registry {
     /// True when there are no sessions.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The limits on sessions.
+    pub fn limits(&self) -> RegistryLimits {
+        self.limits
     }
 
     /// The session settings.

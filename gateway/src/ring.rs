@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 /// Limits of one ring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RingLimits {
     /// Most messages retained.
     pub max_messages: usize,
@@ -43,7 +43,7 @@ pub enum ReplayStart {
 }
 
 /// Bounded, sequence-indexed store of encoded outbound messages.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct OutboundRing {
     frames: VecDeque<Bytes>,
     /// Sequence of `frames[0]`; when empty, the sequence the next append gets.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer, object_store, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -173,6 +173,16 @@ pub enum Outcome {
 pub struct LogClock(AtomicU64);
 
 impl LogClock {
+    /// A clock at `time_ms` (a restored snapshot's time).
+    pub fn starting_at(time_ms: u64) -> Self {
+        LogClock(AtomicU64::new(time_ms))
+    }
+
+    /// The core's time: the latest record time applied.
+    pub fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.0.load(Ordering::Acquire))
+    }
+
     /// Advances to `time_ms` (if later) and returns the core's time.
     pub fn advance(&self, time_ms: u64) -> Timestamp {
         let previous = self.0.fetch_max(time_ms, Ordering::AcqRel);
@@ -196,7 +206,6 @@ pub enum LogError {
 }
 
 /// The stream of the core's inputs on JetStream.
-#[derive(Debug)]
 pub struct JetStreamLog {
     context: jetstream::Context,
     stream: stream::Stream,
@@ -213,6 +222,22 @@ pub struct JetStreamLog {
     /// Signalled when the connection to NATS is back after a loss: a NATS server
     /// that restarted has forgotten the read's consumer, so the read starts again.
     reconnected: Arc<Notify>,
+    /// Where the core's snapshots are kept (the object store
+    /// `<stream>_snapshots`); `None` when snapshots are off and none were taken.
+    snapshots: Option<object_store::ObjectStore>,
+    /// Whether the records a stored snapshot covers are purged from the stream.
+    purge_after_snapshot: bool,
+}
+
+impl std::fmt::Debug for JetStreamLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamLog")
+            .field("subject", &self.subject)
+            .field("url", &self.url)
+            .field("start", &self.start)
+            .field("snapshots", &self.snapshots.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl JetStreamLog {
@@ -259,7 +284,17 @@ impl JetStreamLog {
                     error: format!("{error}{hint}"),
                 }
             })?;
+        let snapshots =
+            snapshot_store(&context, settings)
+                .await
+                .map_err(|error| LogError::Nats {
+                    what: "opening the snapshot store",
+                    url: url.clone(),
+                    error,
+                })?;
         Ok(JetStreamLog {
+            snapshots,
+            purge_after_snapshot: settings.purge_after_snapshot,
             context,
             stream,
             subject,
@@ -286,8 +321,11 @@ impl JetStreamLog {
         }
     }
 
-    /// Deletes the stream named in `settings` (for tools that make one per run).
+    /// Deletes the stream named in `settings` and its snapshots (for tools that
+    /// make one per run).
     pub async fn delete_stream(settings: &SequencerSettings) -> Result<(), LogError> {
+        // A run without snapshots has none to delete.
+        let _ = Self::delete_snapshots(settings).await;
         jetstream_context(settings, None)
             .await?
             .0
@@ -299,6 +337,92 @@ impl JetStreamLog {
                 url: redacted(&settings.nats_url),
                 error: error.to_string(),
             })
+    }
+
+    /// Deletes the snapshots of the stream named in `settings`, so that the next
+    /// gateway applies the whole stream (which must not have been purged): after
+    /// an upgrade that reads snapshots of another format, say.
+    pub async fn delete_snapshots(settings: &SequencerSettings) -> Result<(), LogError> {
+        jetstream_context(settings, None)
+            .await?
+            .0
+            .delete_object_store(snapshot_bucket(settings))
+            .await
+            .map_err(|error| LogError::Nats {
+                what: "deleting the snapshots",
+                url: redacted(&settings.nats_url),
+                error: error.to_string(),
+            })
+    }
+
+    /// Stores a snapshot of the core after the record at `position`, drops the
+    /// older snapshots, then (`sequencer.purge_after_snapshot`) purges the records
+    /// it covers from the stream.
+    pub async fn save_snapshot(&self, position: u64, snapshot: &[u8]) -> Result<(), LogError> {
+        let Some(store) = &self.snapshots else {
+            return Ok(());
+        };
+        let failed = |error: &dyn std::fmt::Display| self.error("storing a snapshot", error);
+        let name = snapshot_name(position);
+        store
+            .put(name.as_str(), &mut &snapshot[..])
+            .await
+            .map_err(|e| failed(&e))?;
+        for (older, _) in self
+            .snapshot_names()
+            .await?
+            .into_iter()
+            .filter(|(_, p)| *p < position)
+        {
+            store.delete(&older).await.map_err(|e| failed(&e))?;
+        }
+        if self.purge_after_snapshot {
+            self.stream
+                .purge()
+                .sequence(position + 1)
+                .await
+                .map_err(|e| failed(&e))?;
+        }
+        Ok(())
+    }
+
+    /// The latest snapshot stored, if any: its position and bytes.
+    pub async fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        let Some(store) = &self.snapshots else {
+            return Ok(None);
+        };
+        let Some((name, position)) = self
+            .snapshot_names()
+            .await?
+            .into_iter()
+            .max_by_key(|(_, position)| *position)
+        else {
+            return Ok(None);
+        };
+        let failed = |error: &dyn std::fmt::Display| self.error("reading a snapshot", error);
+        let mut object = store.get(&name).await.map_err(|e| failed(&e))?;
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+            .await
+            .map_err(|e| failed(&e))?;
+        Ok(Some((position, bytes)))
+    }
+
+    /// The snapshots stored: their names and positions.
+    async fn snapshot_names(&self) -> Result<Vec<(String, u64)>, LogError> {
+        let Some(store) = &self.snapshots else {
+            return Ok(Vec::new());
+        };
+        let failed = |error: &dyn std::fmt::Display| self.error("listing the snapshots", error);
+        let mut list = store.list().await.map_err(|e| failed(&e))?;
+        let mut names = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| failed(&e))?;
+            if let Some(position) = snapshot_position(&info.name).filter(|_| !info.deleted) {
+                names.push((info.name, position));
+            }
+        }
+        Ok(names)
     }
 
     /// Appends `entry` and waits for the stream to store it; returns its position.
@@ -395,14 +519,14 @@ impl JetStreamLog {
         }
     }
 
-    /// Reads the stream from the beginning, in order, calling `apply` with each
-    /// entry and its position. A read that fails (NATS restarted and forgot the
+    /// Reads the stream from the record after `after` (0: from the beginning), in
+    /// order, calling `apply` with each entry and its position. A read that fails (NATS restarted and forgot the
     /// consumer, the connection dropped) goes on after the last record applied,
     /// retrying for as long as NATS is away. Returns only if records the core has
     /// not applied are gone from the stream: it cannot go on deterministically.
-    pub async fn follow(&self, mut apply: impl FnMut(Entry, u64)) -> LogError {
+    pub async fn follow(&self, after: u64, mut apply: impl FnMut(Entry, u64)) -> LogError {
         let started = Instant::now();
-        let mut last_position = 0;
+        let mut last_position = after;
         let mut backoff = FOLLOW_BACKOFF_MIN;
         loop {
             let mut messages = match self.read_from(last_position + 1).await {
@@ -496,6 +620,46 @@ impl JetStreamLog {
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between attempts to read the stream.
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The object store of a stream's snapshots.
+fn snapshot_bucket(settings: &SequencerSettings) -> String {
+    format!("{}_snapshots", settings.stream)
+}
+
+/// A snapshot's name in its store: `core-` and its position, zero-padded.
+fn snapshot_name(position: u64) -> String {
+    format!("core-{position:020}")
+}
+
+/// The position a snapshot's name carries.
+fn snapshot_position(name: &str) -> Option<u64> {
+    name.strip_prefix("core-")?.parse().ok()
+}
+
+/// The snapshot store of `settings`' stream: opened if it exists, created (file
+/// storage) if snapshots are on; `None` if they are off and none were ever taken.
+async fn snapshot_store(
+    context: &jetstream::Context,
+    settings: &SequencerSettings,
+) -> Result<Option<object_store::ObjectStore>, String> {
+    let bucket = snapshot_bucket(settings);
+    if let Ok(store) = context.get_object_store(&bucket).await {
+        return Ok(Some(store));
+    }
+    if settings.snapshot_every == 0 {
+        return Ok(None);
+    }
+    context
+        .create_object_store(object_store::Config {
+            bucket,
+            description: Some("snapshots of the gateway's core".into()),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map(Some)
+        .map_err(|error| error.to_string())
+}
 
 /// The last error the NATS server or the connection to it reported, if any.
 type LastNatsError = Arc<std::sync::Mutex<Option<String>>>;
@@ -599,6 +763,16 @@ mod tests {
             Entry::decode(&vec![0; MAX_RECORD_LEN + 1]),
             Err(EntryError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn snapshot_names_carry_their_position() {
+        assert_eq!(snapshot_position(&snapshot_name(1234)), Some(1234));
+        assert_eq!(snapshot_position(&snapshot_name(u64::MAX)), Some(u64::MAX));
+        // Names sort as positions do.
+        assert!(snapshot_name(99) < snapshot_name(100));
+        assert_eq!(snapshot_position("core-x"), None);
+        assert_eq!(snapshot_position("other-5"), None);
     }
 
     #[test]

@@ -48,6 +48,7 @@ use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
 use crate::registry::{lock, Registry, SessionHandle};
 use crate::sequencer::{JetStreamLog, LogClock, LogError, Outcome, Record};
 use crate::session::{AckBound, ConnectionId, Transmit};
+use crate::snapshot::CoreImage;
 use crate::time::Timestamp;
 use crate::token::TokenKeyRing;
 
@@ -214,6 +215,12 @@ pub(crate) struct Shared {
     fenced_records: AtomicU64,
     /// Crash-safe mode: stream position of the last record applied.
     applied_position: AtomicU64,
+    /// Crash-safe mode: records between two core snapshots (0: none taken).
+    snapshot_every: u64,
+    /// Crash-safe mode: position of the latest core snapshot stored or restored.
+    snapshot_position: AtomicU64,
+    /// Crash-safe mode: core snapshots that could not be stored.
+    snapshot_failures: AtomicU64,
 
     /// Set when the gateway cannot go on (crash-safe mode): why.
     failed: watch::Sender<Option<String>>,
@@ -271,19 +278,27 @@ impl Gateway {
             return Self::start(setup);
         }
         let log = Arc::new(JetStreamLog::connect(&setup.config.sequencer).await?);
+        let image = match log.load_snapshot().await? {
+            Some((position, bytes)) => Some(CoreImage::decode(&bytes).map_err(|error| {
+                StartError::Rebuild(format!("the core snapshot at position {position}: {error}"))
+            })?),
+            None => None,
+        };
+        let after = image.as_ref().map_or(0, |image| image.position);
         let position = log.append(&log.entry(Record::Started, 0)).await?;
         log.set_start(position);
         let (caught_up, replayed) = oneshot::channel();
-        let gateway = Self::start_with(setup, Some(Arc::clone(&log)))?;
+        let gateway = Self::start_with(setup, Some(Arc::clone(&log)), image)?;
         let applied_from = Instant::now();
         let shared = Arc::clone(&gateway.shared);
-        tokio::spawn(follow_log(shared, log, position, caught_up));
+        tokio::spawn(follow_log(shared, log, after, position, caught_up));
         tokio::select! {
             _ = replayed => {}
             why = gateway.failed() => return Err(StartError::Rebuild(why)),
         }
         info!(
-            records = position,
+            snapshot = after,
+            records = position - after,
             sessions = gateway.shared.registry.len(),
             elapsed_ms = u64::try_from(applied_from.elapsed().as_millis()).unwrap_or(u64::MAX),
             "core rebuilt from the stream"
@@ -302,12 +317,18 @@ impl Gateway {
                 "sequencer.mode = \"jetstream\" starts with Gateway::launch".into(),
             )));
         }
-        let gateway = Self::start_with(setup, None)?;
+        let gateway = Self::start_with(setup, None, None)?;
         gateway.shared.accepting.send_replace(true);
         Ok(gateway)
     }
 
-    fn start_with(setup: Setup, log: Option<Arc<JetStreamLog>>) -> Result<Gateway, StartError> {
+    /// Starts the gateway's tasks; in crash-safe mode with the `log` its core
+    /// follows, and the core from `image` (a snapshot) if there is one.
+    fn start_with(
+        setup: Setup,
+        log: Option<Arc<JetStreamLog>>,
+        image: Option<CoreImage>,
+    ) -> Result<Gateway, StartError> {
         let Setup {
             config,
             tls,
@@ -348,12 +369,41 @@ impl Gateway {
                 lot_size: i.lot_size,
             })
             .collect();
-        let book = OrderBookEngine::new(EngineConfig {
+        let engine_config = EngineConfig {
             instruments,
             finished_orders_per_account: config.engine.finished_orders_per_account,
             max_working_orders_per_account: config.engine.max_working_orders_per_account,
-        })
-        .map_err(|e| StartError::Engine(e.to_string()))?;
+        };
+        let mut session_config = config.session_config();
+        if log.is_some() {
+            // Rebuilt from the stream, sessions never saw what was sent: the edge
+            // checks acks against that before they reach the stream.
+            session_config.ack_bound = AckBound::Assigned;
+        }
+        let (registry, book, restored) = match image {
+            None => (
+                Registry::new(token_keys, session_config, config.registry_limits()),
+                OrderBookEngine::new(engine_config)
+                    .map_err(|e| StartError::Engine(e.to_string()))?,
+                None,
+            ),
+            Some(image) => {
+                let snapshot_error = |error: &dyn std::fmt::Display| {
+                    StartError::Rebuild(format!(
+                        "the core snapshot at position {}: {error}",
+                        image.position
+                    ))
+                };
+                let registry =
+                    Registry::from_image(image.registry, session_config, config.registry_limits())
+                        .map_err(|e| snapshot_error(&e))?;
+                let mut book = image.engine;
+                book.reconfigure(&engine_config)
+                    .map_err(|e| snapshot_error(&format!("engine.instruments: {e}")))?;
+                let restored = (image.position, image.time_ms, image.latest_start);
+                (registry, book, Some(restored))
+            }
+        };
         let routed_to: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
         let (engine_link, engine) = match config.engine.mode {
             EngineMode::Inline => (EngineLink::Inline(Mutex::new(book)), None),
@@ -375,14 +425,9 @@ impl Gateway {
             }
         };
 
-        let mut session_config = config.session_config();
-        if log.is_some() {
-            // Rebuilt from the stream, sessions never saw what was sent: the edge
-            // checks acks against that before they reach the stream.
-            session_config.ack_bound = AckBound::Assigned;
-        }
+        let (position, time_ms, latest_start) = restored.unwrap_or_default();
         let shared = Arc::new(Shared {
-            registry: Registry::new(token_keys, session_config, config.registry_limits()),
+            registry,
             engine: engine_link,
             conns: DashMap::new(),
             auth: Mutex::new(
@@ -404,11 +449,18 @@ impl Gateway {
             latency_samples: DashMap::new(),
             draining: AtomicBool::new(false),
             accounts_path,
+            snapshot_every: if log.is_some() {
+                config.sequencer.snapshot_every
+            } else {
+                0
+            },
             log,
-            log_clock: LogClock::default(),
-            latest_start: AtomicU64::new(0),
+            log_clock: LogClock::starting_at(time_ms),
+            latest_start: AtomicU64::new(latest_start),
             fenced_records: AtomicU64::new(0),
-            applied_position: AtomicU64::new(0),
+            applied_position: AtomicU64::new(position),
+            snapshot_position: AtomicU64::new(position),
+            snapshot_failures: AtomicU64::new(0),
             failed: watch::Sender::new(None),
             accepting: watch::Sender::new(false),
         });
@@ -1376,6 +1428,8 @@ impl Shared {
             fenced_records: self.fenced_records.load(Ordering::Relaxed),
             applied_position: self.applied_position.load(Ordering::Relaxed),
             append_failures: self.log.as_ref().map_or(0, |log| log.append_failures()),
+            core_snapshot_position: self.snapshot_position.load(Ordering::Relaxed),
+            core_snapshot_failures: self.snapshot_failures.load(Ordering::Relaxed),
             draining: self.draining.load(Ordering::Relaxed),
         }
     }

@@ -116,7 +116,7 @@ pub enum Action {
 }
 
 /// Cancel-on-disconnect choice made at login.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CodPolicy {
     /// Off or cancel-all.
     pub mode: CancelOnDisconnect,
@@ -162,7 +162,7 @@ const RESERVED_BYTES_PER_REQUEST: usize =
     RESERVED_MESSAGES_PER_REQUEST * (proto::HEADER_LEN + proto::Fill::BODY_LEN);
 
 /// The connection a session is attached to, and what it still has to send.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Attachment {
     conn: ConnectionId,
     /// Next server sequence to send from the ring.
@@ -180,7 +180,7 @@ struct Attachment {
 
 /// A request kept until there is room for its answers: the client frames that can
 /// wait, stored at their own size rather than the largest frame's.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 enum WaitingRequest {
     New(proto::NewOrder),
     Cancel(proto::Cancel),
@@ -233,7 +233,7 @@ impl Attachment {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 enum Link {
     Attached(Attachment),
     Detached {
@@ -260,17 +260,20 @@ pub enum Transmit {
 }
 
 /// One session: sequence numbers, retained output, order view, connection state.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Session {
     id: u64,
     account: u64,
     cod: CodPolicy,
+    /// The gateway's settings: not part of a snapshot, set again on restore.
+    #[serde(skip)]
     config: Arc<SessionConfig>,
     link: Link,
     last_processed_client_seq: u64,
     ring: OutboundRing,
     /// Where sequenced frames are encoded: each is split off as its own `Bytes`, so a
     /// chunk of [`ENCODE_CHUNK`] bytes serves many frames with one allocation.
+    #[serde(skip)]
     encoder: BytesMut,
     orders: OrderTracker,
     /// Client sequences of `NewOrder`s sent to the engine and not yet answered, in
@@ -302,6 +305,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session a core snapshot carried, under the gateway's settings now.
+    pub fn restored(mut self, config: Arc<SessionConfig>) -> Self {
+        self.config = config;
+        self
+    }
+
     /// A new session attached to `conn`, with `LoginAccepted` and the account's
     /// order-state snapshot (as of server sequence 0) queued to send.
     pub fn login(

@@ -56,6 +56,8 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("sequencer.user", "NATS user to connect as (with password_file); unset: none"),
     ("sequencer.password_file", "file holding that user's password"),
     ("sequencer.token_file", "file holding a NATS token, instead of a user"),
+    ("sequencer.snapshot_every", "records between core snapshots (object store <stream>_snapshots); 0: none"),
+    ("sequencer.purge_after_snapshot", "purge the records a stored snapshot covers from the stream"),
 ];
 
 /// The value of `key` (`section.key`) in `table`, if set.

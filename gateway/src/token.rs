@@ -74,6 +74,9 @@ pub enum KeyError {
     /// The operating system's random generator failed.
     #[error("system random generator failed")]
     Random,
+    /// A key ring without a key (a damaged snapshot).
+    #[error("the key ring has no key")]
+    Empty,
 }
 
 /// What a verified token says.
@@ -94,6 +97,26 @@ pub struct TokenClaims {
 struct TokenKey {
     id: u32,
     key: hmac::Key,
+    /// Kept for the core's snapshots (crash-safe mode), which carry the key ring.
+    secret: Vec<u8>,
+}
+
+/// A key ring's ids and secrets, current key first, as a core snapshot carries them
+/// (as secret as the key file).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRingImage {
+    keys: Vec<(u32, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for KeyRingImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRingImage")
+            .field(
+                "key_ids",
+                &self.keys.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// The gateway's token keys: one current key that mints, and up to
@@ -133,6 +156,27 @@ impl TokenKeyRing {
             .fill(&mut secret)
             .map_err(|_| KeyError::Random)?;
         Self::new(key_id, &secret)
+    }
+
+    /// The ring's keys, for a core snapshot.
+    pub fn image(&self) -> KeyRingImage {
+        KeyRingImage {
+            keys: std::iter::once(&self.current)
+                .chain(&self.previous)
+                .map(|key| (key.id, key.secret.clone()))
+                .collect(),
+        }
+    }
+
+    /// The ring a snapshot carried.
+    pub fn from_image(image: &KeyRingImage) -> Result<Self, KeyError> {
+        let mut keys = image.keys.iter().map(|(id, secret)| token_key(*id, secret));
+        let current = keys.next().ok_or(KeyError::Empty)??;
+        Ok(TokenKeyRing {
+            current,
+            previous: keys.collect::<Result<_, _>>()?,
+            random: SystemRandom::new(),
+        })
     }
 
     /// Makes `secret` the minting key; the old current key keeps verifying. The
@@ -234,6 +278,7 @@ fn token_key(id: u32, secret: &[u8]) -> Result<TokenKey, KeyError> {
     Ok(TokenKey {
         id,
         key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        secret: secret.to_vec(),
     })
 }
 

@@ -5,7 +5,8 @@
 //! The model: session `s` must receive exactly the engine events about its orders,
 //! in the order the engine produced them, numbered 1, 2, 3, ...; and every client
 //! sequence number reaches the engine exactly once. The simulated client asserts
-//! gap-free, duplicate-free delivery on every frame it receives.
+//! gap-free, duplicate-free delivery on every frame it receives. The same holds when
+//! the core is replaced, now and then, by what its snapshot restores.
 
 mod support;
 
@@ -49,6 +50,11 @@ enum Op {
     Resume {
         client: usize,
     },
+    /// The core is replaced by what its snapshot restores; with `restart`, the
+    /// gateway restarted too (every connection gone).
+    Restore {
+        restart: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -63,6 +69,14 @@ fn op() -> impl Strategy<Value = Op> {
         2 => client.clone().prop_map(|client| Op::Ack { client }),
         1 => client.clone().prop_map(|client| Op::DropConnection { client }),
         1 => client.prop_map(|client| Op::Resume { client }),
+    ]
+}
+
+/// [`op`], and now and then a restore of the core from its snapshot.
+fn op_or_restore() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        20 => op(),
+        1 => any::<bool>().prop_map(|restart| Op::Restore { restart }),
     ]
 }
 
@@ -98,6 +112,7 @@ fn run(ops: &[Op], config: SessionConfig) -> Result<(), TestCaseError> {
             Op::Resume { client } => sim
                 .resume(&mut clients[client])
                 .map_err(|reason| TestCaseError::fail(format!("resume refused: {reason:?}")))?,
+            Op::Restore { restart } => sim.restore_from_snapshot(&mut clients, restart),
         }
         // A connection the gateway closed is dead for the client too.
         for client in &mut clients {
@@ -191,6 +206,16 @@ proptest! {
     /// orders overflow it, and resumes take the snapshot path.
     #[test]
     fn waiting_requests_and_small_rings_keep_exactly_once(ops in proptest::collection::vec(op(), 1..120)) {
+        run(&ops, SessionConfig {
+            ring: RingLimits { max_messages: 6, max_bytes: 1 << 20 },
+            ..SessionConfig::default()
+        })?;
+    }
+
+    /// A core restored from its snapshot carries on as the original would: in
+    /// place, or after a gateway restart that took every connection with it.
+    #[test]
+    fn a_core_restored_from_its_snapshot_keeps_exactly_once(ops in proptest::collection::vec(op_or_restore(), 1..120)) {
         run(&ops, SessionConfig {
             ring: RingLimits { max_messages: 6, max_bytes: 1 << 20 },
             ..SessionConfig::default()

@@ -30,6 +30,9 @@ pub struct CrashSafe {
     pub nats_url: String,
     /// Kill the gateway this often and start it again; `None` never does.
     pub kill_interval: Option<Duration>,
+    /// More gateway settings, `key=value` (as its `--set` takes them), after the
+    /// load tester's own: `sequencer.snapshot_every=5000`, say.
+    pub gateway_settings: Vec<String>,
 }
 
 impl CrashSafe {
@@ -93,6 +96,7 @@ impl GatewayProcess {
             format!("sequencer.stream={stream}"),
         ]
         .into_iter()
+        .chain(settings.gateway_settings.iter().cloned())
         .flat_map(|set| ["--set".to_string(), set])
         .collect();
         let mut process = GatewayProcess {

@@ -53,6 +53,10 @@ struct Cli {
     /// With --nats: the gateway program (default: `gateway` beside this program).
     #[arg(long, requires = "nats")]
     gateway_program: Option<PathBuf>,
+    /// With --nats: a setting of the gateway, `key=value` as its `--set` takes it
+    /// (repeatable), e.g. `sequencer.snapshot_every=5000`.
+    #[arg(long = "gateway-set", requires = "nats", value_name = "KEY=VALUE")]
+    gateway_settings: Vec<String>,
     /// Sessions, one per account.
     #[arg(long, default_value_t = 50)]
     sessions: usize,
@@ -487,6 +491,7 @@ fn main() -> ExitCode {
                     .unwrap_or_else(loadtest::crash::CrashSafe::program_beside_this_one),
                 nats_url,
                 kill_interval: cli.kill_gateway_interval,
+                gateway_settings: cli.gateway_settings.clone(),
             }),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -29,6 +29,8 @@
 //!   session whose request they answer (`requester`): the gateway answers the
 //!   requester and tells the owner of the change.
 
+use serde::{Deserialize, Serialize};
+
 /// Instrument identifier.
 pub type InstrumentId = u32;
 /// Account identifier; client order ids are unique per account.
@@ -45,7 +47,7 @@ pub type Price = i64;
 pub type Quantity = u64;
 
 /// Who an order belongs to: events are routed to this session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Owner {
     /// The trading account.
     pub account: AccountId,
@@ -54,7 +56,7 @@ pub struct Owner {
 }
 
 /// Which side of the book.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Side {
     /// Bid.
     Buy,
@@ -73,7 +75,7 @@ impl Side {
 }
 
 /// How an order is priced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OrderType {
     /// At its limit price or better.
     Limit,
@@ -82,7 +84,7 @@ pub enum OrderType {
 }
 
 /// How long an order works.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TimeInForce {
     /// Rests until filled or cancelled.
     Gtc,
@@ -93,7 +95,7 @@ pub enum TimeInForce {
 }
 
 /// A tradable instrument and its price and quantity grid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instrument {
     /// Identifier used in orders.
     pub id: InstrumentId,
@@ -104,7 +106,7 @@ pub struct Instrument {
 }
 
 /// A new order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewOrder {
     /// Who places it.
     pub owner: Owner,
@@ -127,7 +129,7 @@ pub struct NewOrder {
 }
 
 /// Which working orders a mass cancel covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MassCancelScope {
     /// Every working order of the account.
     Account(AccountId),
@@ -136,7 +138,7 @@ pub enum MassCancelScope {
 }
 
 /// A request to the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Place an order.
     New(NewOrder),
@@ -190,7 +192,7 @@ impl Request {
 }
 
 /// Why a request was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error, Serialize, Deserialize)]
 pub enum RejectReason {
     /// The instrument is not listed.
     #[error("unknown instrument")]
@@ -219,7 +221,7 @@ pub enum RejectReason {
 }
 
 /// Why an order stopped working unfilled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CancelReason {
     /// The client asked.
     Requested,
@@ -234,7 +236,7 @@ pub enum CancelReason {
 }
 
 /// Where an order stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OrderStatus {
     /// Working, nothing filled.
     New,
@@ -247,7 +249,7 @@ pub enum OrderStatus {
 }
 
 /// The state of one order, as reported in snapshots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderView {
     /// Engine id.
     pub order_id: OrderId,
@@ -272,7 +274,7 @@ pub struct OrderView {
 }
 
 /// One side's part in a trade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fill {
     /// Owner of this side's order.
     pub owner: Owner,
@@ -295,7 +297,7 @@ pub struct Fill {
 }
 
 /// Something the engine reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// A new order was accepted.
     Accepted {

@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 use crate::api::{
     AccountId, CancelReason, Event, Fill, Instrument, InstrumentId, MassCancelScope,
     MatchingEngine, NewOrder, OrderStatus, OrderType, OrderView, Owner, Price, Quantity,
@@ -52,10 +54,13 @@ pub enum ConfigError {
     /// Two instruments share an id.
     #[error("instrument {0} is listed twice")]
     DuplicateInstrument(InstrumentId),
+    /// A restored engine's instruments are not those configured.
+    #[error("the instruments configured are not those of the restored books")]
+    InstrumentsChanged,
 }
 
 /// A working order in the slab, linked into its price level.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Node {
     view: OrderView,
     prev: u32,
@@ -63,7 +68,7 @@ struct Node {
 }
 
 /// One price level: a FIFO of nodes and their total working quantity.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Level {
     head: u32,
     tail: u32,
@@ -77,7 +82,7 @@ impl Level {
 }
 
 /// Both sides of one instrument's book.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Book {
     instrument: Instrument,
     bids: BTreeMap<Price, Level>,
@@ -103,6 +108,17 @@ impl Book {
     }
 }
 
+/// Serializes a hash map in key order, so that the same engine state always
+/// serializes to the same bytes (snapshots of two gateways compare equal).
+fn sorted<K: Ord + Serialize, V: Serialize, S: serde::Serializer>(
+    map: &HashMap<K, V>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut entries: Vec<(&K, &V)> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    serializer.collect_map(entries)
+}
+
 /// Whether an incoming order on `side` with `limit` (`None`: market) trades against
 /// a resting level at `level`.
 fn crosses(side: Side, level: Price, limit: Option<Price>) -> bool {
@@ -114,8 +130,9 @@ fn crosses(side: Side, level: Price, limit: Option<Price>) -> bool {
 }
 
 /// An account's working orders (client order id → slab slot) and finished history.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct AccountOrders {
+    #[serde(serialize_with = "sorted")]
     working: HashMap<u64, u32>,
     finished: VecDeque<OrderView>,
 }
@@ -128,13 +145,16 @@ enum Outcome {
     Done,
 }
 
-/// The bundled matching engine: one price-time-priority book per instrument.
-#[derive(Debug, Clone)]
+/// The bundled matching engine: one price-time-priority book per instrument. It
+/// serializes (serde) whole, for the gateway's core snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrderBookEngine {
     books: Vec<Book>,
+    #[serde(serialize_with = "sorted")]
     book_index: HashMap<InstrumentId, usize>,
     nodes: Vec<Node>,
     free_nodes: Vec<u32>,
+    #[serde(serialize_with = "sorted")]
     accounts: HashMap<AccountId, AccountOrders>,
     finished_per_account: usize,
     max_working_per_account: usize,
@@ -183,6 +203,19 @@ impl OrderBookEngine {
             last_order_id: 0,
             last_trade_id: 0,
         })
+    }
+
+    /// Applies `config` to an engine restored from a snapshot: its limits take
+    /// effect; its instruments must be the books' (books are not added or dropped
+    /// under the orders resting in them).
+    pub fn reconfigure(&mut self, config: &EngineConfig) -> Result<(), ConfigError> {
+        let instruments: Vec<Instrument> = self.books.iter().map(|book| book.instrument).collect();
+        if instruments != config.instruments {
+            return Err(ConfigError::InstrumentsChanged);
+        }
+        self.finished_per_account = config.finished_orders_per_account;
+        self.max_working_per_account = config.max_working_orders_per_account;
+        Ok(())
     }
 
     /// Working and recently finished orders of an account, as `QueryOrders` reports

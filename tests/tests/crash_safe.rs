@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use e2e::{http, NatsServer, TestGateway};
+use gateway::sequencer::JetStreamLog;
 use gateway_client::{Client, ClientConfig, ClientError, Credentials, Event, OrderParams};
 use loadtest::crash::{CrashSafe, GatewayProcess};
 use proto::{Frame, ReasonCode};
@@ -13,8 +14,16 @@ use proto::{Frame, ReasonCode};
 async fn a_gateway_killed_under_load_loses_nothing_and_does_nothing_twice() {
     let nats = NatsServer::start();
     // Then a session misses 500 fills, the gateway is killed and started again, and
-    // the session resumes: the fills come from the rebuilt core, once each.
-    let report = load(&nats.url, Some(Duration::from_millis(1_200)), 500).await;
+    // the session resumes: the fills come from the rebuilt core, once each. The
+    // core is snapshotted every 1,000 records and the stream purged behind: kills
+    // land while a snapshot is stored, and restarts restore one.
+    let report = load(
+        &nats.url,
+        Some(Duration::from_millis(1_200)),
+        500,
+        &["sequencer.snapshot_every=1000"],
+    )
+    .await;
     assert!(
         report.gateway_restarts >= 2,
         "{} restarts",
@@ -41,20 +50,27 @@ async fn a_nats_restart_under_load_loses_nothing_and_does_nothing_twice() {
         nats.restart(Duration::from_millis(500));
         nats
     });
-    let report = load(&nats_url, None, 0).await;
+    let report = load(&nats_url, None, 0, &[]).await;
     let _nats = outage.await.expect("restarted");
     assert!(report.checks.trades > 0, "traded");
 }
 
-/// Four sessions' load for 4 s against a crash-safe gateway process on `nats_url`,
-/// killed every `kill_interval`, then the replay measurement of `replay` messages;
-/// the verifier found no violation.
-async fn load(nats_url: &str, kill_interval: Option<Duration>, replay: u64) -> loadtest::Report {
+/// Four sessions' load for 4 s against a crash-safe gateway process on `nats_url`
+/// (with these settings besides the load tester's), killed every `kill_interval`,
+/// then the replay measurement of `replay` messages; the verifier found no
+/// violation.
+async fn load(
+    nats_url: &str,
+    kill_interval: Option<Duration>,
+    replay: u64,
+    settings: &[&str],
+) -> loadtest::Report {
     let report = loadtest::run(loadtest::Options {
         crash_safe: Some(CrashSafe {
             program: e2e::gateway_binary(),
             nats_url: nats_url.to_owned(),
             kill_interval,
+            gateway_settings: settings.iter().map(|set| (*set).to_owned()).collect(),
         }),
         sessions: 4,
         rate: 400,
@@ -115,6 +131,7 @@ async fn a_fill_made_while_the_maker_was_away_is_replayed_after_the_gateway_rest
             program: e2e::gateway_binary(),
             nats_url: nats.url.clone(),
             kill_interval: None,
+            gateway_settings: Vec::new(),
         },
         2,
     )
@@ -199,8 +216,17 @@ fn progress(gateway: &gateway::server::Gateway) -> Vec<(u64, u64, u32)> {
 async fn gateways_that_apply_one_stream_hold_byte_identical_messages() {
     let nats = NatsServer::start();
     let secret = [9u8; 32];
-    let crash_safe = |config: &mut gateway::config::Config| nats.serve(config, "DETERMINISM");
-    let first = TestGateway::launch(2, &secret, crash_safe).await;
+    // A snapshot every few records, the stream kept whole: a gateway can start from
+    // the latest snapshot and the records after it, or from the whole stream.
+    let nats = &nats;
+    let snapshots_every = |every: u64| {
+        move |config: &mut gateway::config::Config| {
+            nats.serve(config, "DETERMINISM");
+            config.sequencer.snapshot_every = every;
+            config.sequencer.purge_after_snapshot = false;
+        }
+    };
+    let first = TestGateway::launch(2, &secret, snapshots_every(5)).await;
 
     // Two sessions that acknowledge nothing, so their rings keep every message:
     // orders that rest, trade, are cancelled; a duplicate; a resume in between.
@@ -270,12 +296,34 @@ async fn gateways_that_apply_one_stream_hold_byte_identical_messages() {
     // five order acks and their fills (the maker's resume acknowledged what it had).
     let messages: usize = live.values().map(Vec::len).sum();
     assert!(messages >= 10, "{messages} messages retained");
+
+    let stored = async {
+        while snapshot_position(&first.gateway) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, stored)
+        .await
+        .expect("the first gateway stored a snapshot");
     first.gateway.shutdown().await;
 
-    // Two more gateways, one after the other, rebuild the core from the stream: the
-    // same messages, byte for byte, as the gateway that served the clients.
-    for _ in 0..2 {
-        let rebuilt = TestGateway::launch(2, &secret, crash_safe).await;
+    // Two more gateways, one after the other, rebuild the core: the first from the
+    // latest snapshot and the records after it, the second (snapshots deleted) from
+    // the whole stream. Both hold the same messages, byte for byte, as the gateway
+    // that served the clients.
+    for from_snapshot in [true, false] {
+        let every = if from_snapshot {
+            5
+        } else {
+            let mut settings = gateway::config::Config::default();
+            snapshots_every(0)(&mut settings);
+            JetStreamLog::delete_snapshots(&settings.sequencer)
+                .await
+                .expect("snapshots deleted");
+            0
+        };
+        let rebuilt = TestGateway::launch(2, &secret, snapshots_every(every)).await;
+        assert_eq!(snapshot_position(&rebuilt.gateway) > 0, from_snapshot);
         assert_eq!(retained(&rebuilt.gateway), live);
         assert_eq!(progress(&rebuilt.gateway), live_progress);
         // Its counters start from zero: the rebuild is not counted as its work.
@@ -288,6 +336,99 @@ async fn gateways_that_apply_one_stream_hold_byte_identical_messages() {
         assert!(fills.ends_with(" 0"), "{fills}");
         rebuilt.gateway.shutdown().await;
     }
+}
+
+/// The stream position of the latest core snapshot the gateway stored or restored.
+fn snapshot_position(gateway: &gateway::server::Gateway) -> u64 {
+    metric(gateway, "gateway_sequencer_snapshot_position")
+}
+
+/// The value of a metric without labels (0 if absent).
+fn metric(gateway: &gateway::server::Gateway, name: &str) -> u64 {
+    gateway
+        .metrics_text()
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restarts_from_its_snapshot_once_the_stream_is_purged() {
+    let nats = NatsServer::start();
+    let secret = [6u8; 32];
+    let snapshots = |config: &mut gateway::config::Config| {
+        nats.serve(config, "PURGED");
+        config.sequencer.snapshot_every = 3;
+    };
+    let first = TestGateway::launch(2, &secret, snapshots).await;
+    let (maker, mut maker_events) = Client::connect(first.client_config(1, first.addr))
+        .await
+        .expect("login");
+    let (taker, mut taker_events) = Client::connect(first.client_config(2, first.addr))
+        .await
+        .expect("login");
+    maker
+        .new_order(OrderParams::limit_sell(1, 11, 100, 10))
+        .expect("send");
+    next_frame(&mut maker_events, PATIENCE, |f| {
+        matches!(f, Frame::OrderAck(_))
+    })
+    .await;
+    taker
+        .new_order(OrderParams::limit_buy(1, 21, 100, 4))
+        .expect("send");
+    next_frame(&mut maker_events, PATIENCE, |f| matches!(f, Frame::Fill(_))).await;
+
+    // Once a snapshot covers the trade, the records before it are purged.
+    let applied = metric(&first.gateway, "gateway_sequencer_applied_position");
+    let covered = async {
+        while snapshot_position(&first.gateway) < applied {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, covered)
+        .await
+        .expect("a snapshot covers the trade");
+    let (addr, identity) = (first.addr, first.identity());
+    first.gateway.shutdown().await;
+
+    // A gateway started where the clients look for it restores the snapshot: the
+    // maker resumes and cancels what is left of its order, 6 of 10.
+    let rebuilt = TestGateway::launch_as(2, &secret, identity, |config| {
+        snapshots(config);
+        config.listen = addr;
+    })
+    .await;
+    assert!(snapshot_position(&rebuilt.gateway) >= applied);
+    next_event(&mut maker_events, |e| matches!(e, Event::Resumed { .. })).await;
+    maker.cancel(11).expect("send");
+    let Frame::Cancelled(cancelled) = next_frame(&mut maker_events, PATIENCE, |f| {
+        matches!(f, Frame::Cancelled(_))
+    })
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (cancelled.client_order_id, cancelled.cancelled_quantity),
+        (11, 6)
+    );
+    next_event(&mut taker_events, |e| matches!(e, Event::Resumed { .. })).await;
+    drop((maker, taker));
+    rebuilt.gateway.shutdown().await;
+
+    // Without the snapshots, the purged stream cannot rebuild the core, and a
+    // gateway says so rather than start with sessions and orders missing.
+    let mut settings = gateway::config::Config::default();
+    snapshots(&mut settings);
+    JetStreamLog::delete_snapshots(&settings.sequencer)
+        .await
+        .expect("snapshots deleted");
+    let stream = "sequencer.stream=PURGED".to_string();
+    let url = format!("sequencer.nats_url={}", nats.url);
+    let error = failed_start(&[&stream, &url, "sequencer.snapshot_every=0"]);
+    assert!(error.contains("are gone"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

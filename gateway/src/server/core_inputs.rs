@@ -5,9 +5,9 @@
 //! again on the stream does exactly the same.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use matching_stub::{self as engine, SubmitError};
 use proto::{Frame, ReasonCode};
@@ -18,21 +18,26 @@ use super::{EngineLink, Shared};
 use crate::registry::{lock, SessionHandle};
 use crate::sequencer::{Entry, JetStreamLog, Outcome, Record};
 use crate::session::{Action, CodPolicy, ConnectionId};
+use crate::snapshot::CoreImage;
 use crate::time::Timestamp;
 
-/// Crash-safe mode: applies the stream to the core, in order, for as long as the
-/// gateway runs; says when the record at `start` (this gateway's `Started`) is
-/// applied. The gateway has failed if its stream lost records the core needs, or
-/// when another gateway starts on it.
+/// Crash-safe mode: applies the stream to the core, in order, from the record after
+/// `after` (the restored snapshot's, or 0) for as long as the gateway runs; says when
+/// the record at `start` (this gateway's `Started`) is applied. Every
+/// `snapshot_every` records it snapshots the core and stores the snapshot in the
+/// background. The gateway has failed if its stream lost records the core needs,
+/// or when another gateway starts on it.
 pub(super) async fn follow_log(
     shared: Arc<Shared>,
     log: Arc<JetStreamLog>,
+    after: u64,
     start: u64,
     caught_up: oneshot::Sender<()>,
 ) {
     let mut caught_up = Some(caught_up);
+    let mut snapshots = Snapshots::new(after, shared.snapshot_every);
     let error = log
-        .follow(|entry, position| {
+        .follow(after, |entry, position| {
             // Another gateway started on this stream: its core has taken every
             // session over, so this one must not answer for them any more.
             let superseded = position > start && entry.record == Record::Started;
@@ -49,13 +54,92 @@ pub(super) async fn follow_log(
                 tracing::error!("{why}: the gateway stops");
                 shared.failed.send_replace(Some(why));
             }
+            snapshots.after(position, &shared, &log);
         })
         .await;
     tracing::error!(%error, "the core cannot go on with its stream: the gateway stops");
     shared.failed.send_replace(Some(error.to_string()));
 }
 
+/// When the core is snapshotted, and whether a snapshot is still being stored.
+struct Snapshots {
+    every: u64,
+    next_at: u64,
+    storing: Arc<AtomicBool>,
+}
+
+impl Snapshots {
+    fn new(after: u64, every: u64) -> Self {
+        Snapshots {
+            every,
+            next_at: after.saturating_add(every),
+            storing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// After the record at `position`: snapshots the core if one is due and the
+    /// last one is stored (a slow store delays the next snapshot, never the core),
+    /// and stores it in the background.
+    fn after(&mut self, position: u64, shared: &Arc<Shared>, log: &Arc<JetStreamLog>) {
+        if self.every == 0 || position < self.next_at || self.storing.load(Ordering::Acquire) {
+            return;
+        }
+        let taken = Instant::now();
+        let Some(image) = shared.core_image(position) else {
+            return;
+        };
+        let bytes = image.encode();
+        let encode_us = u64::try_from(taken.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.next_at = position.saturating_add(self.every);
+        self.storing.store(true, Ordering::Release);
+        let (storing, shared, log) = (
+            Arc::clone(&self.storing),
+            Arc::clone(shared),
+            Arc::clone(log),
+        );
+        tokio::spawn(async move {
+            match log.save_snapshot(position, &bytes).await {
+                Ok(()) => {
+                    info!(
+                        position,
+                        bytes = bytes.len(),
+                        encode_us,
+                        store_ms = u64::try_from(taken.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "core snapshot stored"
+                    );
+                    shared.snapshot_position.store(position, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    warn!(
+                        position,
+                        %error,
+                        "a core snapshot was not stored; the next is due sequencer.snapshot_every records on"
+                    );
+                    shared.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            storing.store(false, Ordering::Release);
+        });
+    }
+}
+
 impl Shared {
+    /// Crash-safe mode: the core after the record at `position`, for a snapshot
+    /// (`None` with the engine on its own thread, which crash-safe mode refuses).
+    fn core_image(&self, position: u64) -> Option<CoreImage> {
+        let EngineLink::Inline(book) = &self.engine else {
+            return None;
+        };
+        let engine = book.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        Some(CoreImage {
+            position,
+            time_ms: self.log_clock.now().as_millis(),
+            latest_start: self.latest_start.load(Ordering::Acquire),
+            registry: self.registry.image(),
+            engine,
+        })
+    }
+
     /// Core: a frame from the client of `session` on `conn` after the handshake.
     pub(super) fn take_frame(
         &self,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway::registry::{lock, Registry, RegistryLimits, SessionHandle};
 use gateway::session::{Action, CodPolicy, ConnectionId, SessionConfig, Transmit};
+use gateway::snapshot::CoreImage;
 use gateway::time::Timestamp;
 use gateway::token::TokenKeyRing;
 use matching_stub::{self as engine, EngineConfig, Instrument, MatchingEngine, OrderBookEngine};
@@ -138,6 +139,47 @@ impl Sim {
         self.registry
             .get(client.session_id)
             .expect("session is live")
+    }
+
+    /// Replaces the core (registry and engine) with the one its snapshot restores,
+    /// checking that the restored core snapshots to the same bytes. With `restart`,
+    /// the gateway restarted as well: every connection is gone, and the writers
+    /// with them.
+    pub fn restore_from_snapshot(&mut self, clients: &mut [Client], restart: bool) {
+        let image = |registry: &Registry, engine: &OrderBookEngine| CoreImage {
+            position: 7,
+            time_ms: self.now.as_millis(),
+            latest_start: 3,
+            registry: registry.image(),
+            engine: engine.clone(),
+        };
+        let bytes = image(&self.registry, &self.engine).encode();
+        let restored = CoreImage::decode(&bytes).expect("a snapshot decodes");
+        let registry = Registry::from_image(
+            restored.registry,
+            self.registry.config().clone(),
+            self.registry.limits(),
+        )
+        .expect("a snapshot restores");
+        assert!(
+            image(&registry, &restored.engine).encode() == bytes,
+            "the restored core snapshots to other bytes"
+        );
+        self.registry = registry;
+        self.engine = restored.engine;
+        if restart {
+            self.writers.clear();
+            self.registry.gateway_restarted(self.now);
+            for client in clients {
+                self.drop_connection(client);
+            }
+        } else {
+            for (session_id, writer) in &mut self.writers {
+                if let Some(session) = self.registry.get(*session_id) {
+                    *writer = session;
+                }
+            }
+        }
     }
 
     /// Moves the clock and fires due timers.
