@@ -277,6 +277,7 @@ impl Gateway {
         if setup.config.sequencer.mode == SequencerMode::Embedded {
             return Self::start(setup);
         }
+        let began = Instant::now();
         let log = Arc::new(JetStreamLog::connect(&setup.config.sequencer).await?);
         let image = match log.load_snapshot().await? {
             Some((position, bytes)) => Some(CoreImage::decode(&bytes).map_err(|error| {
@@ -289,7 +290,7 @@ impl Gateway {
         log.set_start(position);
         let (caught_up, replayed) = oneshot::channel();
         let gateway = Self::start_with(setup, Some(Arc::clone(&log)), image)?;
-        let applied_from = Instant::now();
+        let restored_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
         let shared = Arc::clone(&gateway.shared);
         tokio::spawn(follow_log(shared, log, after, position, caught_up));
         tokio::select! {
@@ -300,7 +301,8 @@ impl Gateway {
             snapshot = after,
             records = position - after,
             sessions = gateway.shared.registry.len(),
-            elapsed_ms = u64::try_from(applied_from.elapsed().as_millis()).unwrap_or(u64::MAX),
+            restored_ms,
+            elapsed_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
             "core rebuilt from the stream"
         );
         // The counters say what this process did, not what its predecessors did.
