@@ -355,27 +355,30 @@ impl JetStreamLog {
             })
     }
 
-    /// Stores a snapshot of the core after the record at `position`, drops the
-    /// older snapshots, then (`sequencer.purge_after_snapshot`) purges the records
-    /// it covers from the stream.
+    /// Stores a snapshot of the core after the record at `position` in place of
+    /// the one stored (unless that one is later: a superseded gateway's late
+    /// snapshot must not replace its successor's), then
+    /// (`sequencer.purge_after_snapshot`) purges the records it covers from the
+    /// stream.
     pub async fn save_snapshot(&self, position: u64, snapshot: &[u8]) -> Result<(), LogError> {
         let Some(store) = &self.snapshots else {
             return Ok(());
         };
         let failed = |error: &dyn std::fmt::Display| self.error("storing a snapshot", error);
-        let name = snapshot_name(position);
+        if let Ok(stored) = store.info(SNAPSHOT_NAME).await {
+            if snapshot_position(&stored.metadata).is_some_and(|stored| stored >= position) {
+                return Ok(());
+            }
+        }
+        let metadata = object_store::ObjectMetadata {
+            name: SNAPSHOT_NAME.into(),
+            metadata: [(POSITION_KEY.to_owned(), position.to_string())].into(),
+            ..Default::default()
+        };
         store
-            .put(name.as_str(), &mut &snapshot[..])
+            .put(metadata, &mut &snapshot[..])
             .await
             .map_err(|e| failed(&e))?;
-        for (older, _) in self
-            .snapshot_names()
-            .await?
-            .into_iter()
-            .filter(|(_, p)| *p < position)
-        {
-            store.delete(&older).await.map_err(|e| failed(&e))?;
-        }
         if self.purge_after_snapshot {
             self.stream
                 .purge()
@@ -386,43 +389,47 @@ impl JetStreamLog {
         Ok(())
     }
 
-    /// The latest snapshot stored, if any: its position and bytes.
-    pub async fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, LogError> {
-        let Some(store) = &self.snapshots else {
-            return Ok(None);
-        };
-        let Some((name, position)) = self
-            .snapshot_names()
-            .await?
-            .into_iter()
-            .max_by_key(|(_, position)| *position)
-        else {
-            return Ok(None);
-        };
-        let failed = |error: &dyn std::fmt::Display| self.error("reading a snapshot", error);
-        let mut object = store.get(&name).await.map_err(|e| failed(&e))?;
-        let mut bytes = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+    /// The position of the stream's last record (0 when it has none).
+    pub async fn last_position(&self) -> Result<u64, LogError> {
+        self.stream
+            .get_info()
             .await
-            .map_err(|e| failed(&e))?;
-        Ok(Some((position, bytes)))
+            .map(|info| info.state.last_sequence)
+            .map_err(|error| self.error("reading the stream's state", &error))
     }
 
-    /// The snapshots stored: their names and positions.
-    async fn snapshot_names(&self) -> Result<Vec<(String, u64)>, LogError> {
+    /// The snapshot stored, if any. A read that does not finish within
+    /// [`SNAPSHOT_READ_ATTEMPTS`] times `sequencer.timeout_ms` (the snapshot was
+    /// replaced meanwhile and its chunks purged, say) is made again.
+    pub async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, LogError> {
         let Some(store) = &self.snapshots else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
-        let failed = |error: &dyn std::fmt::Display| self.error("listing the snapshots", error);
-        let mut list = store.list().await.map_err(|e| failed(&e))?;
-        let mut names = Vec::new();
-        while let Some(info) = list.next().await {
-            let info = info.map_err(|e| failed(&e))?;
-            if let Some(position) = snapshot_position(&info.name).filter(|_| !info.deleted) {
-                names.push((info.name, position));
+        let failed = |error: &dyn std::fmt::Display| self.error("reading the snapshot", error);
+        let read = || async {
+            let mut object = match store.get(SNAPSHOT_NAME).await {
+                Ok(object) => object,
+                Err(error) if error.kind() == object_store::GetErrorKind::NotFound => {
+                    return Ok(None)
+                }
+                Err(error) => return Err(failed(&error)),
+            };
+            let mut bytes = Vec::with_capacity(object.info().size);
+            tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+                .await
+                .map_err(|e| failed(&e))?;
+            Ok(Some(bytes))
+        };
+        let patience = self.timeout * SNAPSHOT_READ_ATTEMPTS;
+        for _ in 1..SNAPSHOT_READ_ATTEMPTS {
+            match tokio::time::timeout(patience, read()).await {
+                Ok(read) => return read,
+                Err(_) => warn!("reading the core snapshot is taking too long; reading it again"),
             }
         }
-        Ok(names)
+        tokio::time::timeout(patience, read())
+            .await
+            .map_err(|e| failed(&e))?
     }
 
     /// Appends `entry` and waits for the stream to store it; returns its position.
@@ -626,14 +633,16 @@ fn snapshot_bucket(settings: &SequencerSettings) -> String {
     format!("{}_snapshots", settings.stream)
 }
 
-/// A snapshot's name in its store: `core-` and its position, zero-padded.
-fn snapshot_name(position: u64) -> String {
-    format!("core-{position:020}")
-}
+/// The snapshot's name in its store (one object, replaced by each snapshot).
+const SNAPSHOT_NAME: &str = "core";
+/// The object metadata key holding the snapshot's stream position.
+const POSITION_KEY: &str = "position";
+/// Reads of the snapshot at start before the gateway gives up.
+const SNAPSHOT_READ_ATTEMPTS: u32 = 3;
 
-/// The position a snapshot's name carries.
-fn snapshot_position(name: &str) -> Option<u64> {
-    name.strip_prefix("core-")?.parse().ok()
+/// The position a stored snapshot's metadata carries.
+fn snapshot_position(metadata: &std::collections::HashMap<String, String>) -> Option<u64> {
+    metadata.get(POSITION_KEY)?.parse().ok()
 }
 
 /// The snapshot store of `settings`' stream: opened if it exists, created (file
@@ -763,16 +772,6 @@ mod tests {
             Entry::decode(&vec![0; MAX_RECORD_LEN + 1]),
             Err(EntryError::TooLarge(_))
         ));
-    }
-
-    #[test]
-    fn snapshot_names_carry_their_position() {
-        assert_eq!(snapshot_position(&snapshot_name(1234)), Some(1234));
-        assert_eq!(snapshot_position(&snapshot_name(u64::MAX)), Some(u64::MAX));
-        // Names sort as positions do.
-        assert!(snapshot_name(99) < snapshot_name(100));
-        assert_eq!(snapshot_position("core-x"), None);
-        assert_eq!(snapshot_position("other-5"), None);
     }
 
     #[test]

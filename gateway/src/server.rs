@@ -280,12 +280,22 @@ impl Gateway {
         let began = Instant::now();
         let log = Arc::new(JetStreamLog::connect(&setup.config.sequencer).await?);
         let image = match log.load_snapshot().await? {
-            Some((position, bytes)) => Some(CoreImage::decode(&bytes).map_err(|error| {
-                StartError::Rebuild(format!("the core snapshot at position {position}: {error}"))
-            })?),
+            Some(bytes) => Some(
+                CoreImage::decode(&bytes)
+                    .map_err(|error| StartError::Rebuild(format!("the core snapshot: {error}")))?,
+            ),
             None => None,
         };
         let after = image.as_ref().map_or(0, |image| image.position);
+        let last = log.last_position().await?;
+        if after > last {
+            return Err(StartError::Rebuild(format!(
+                "the core snapshot (after record {after}) is ahead of the stream (last record \
+                 {last}): the stream was deleted or replaced but not its snapshots; delete \
+                 the object store {}_snapshots too, or restore the stream",
+                setup.config.sequencer.stream
+            )));
+        }
         let position = log.append(&log.entry(Record::Started, 0)).await?;
         log.set_start(position);
         let (caught_up, replayed) = oneshot::channel();
