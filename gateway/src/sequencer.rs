@@ -398,9 +398,9 @@ impl JetStreamLog {
             .map_err(|error| self.error("reading the stream's state", &error))
     }
 
-    /// The snapshot stored, if any. A read that does not finish within
-    /// [`SNAPSHOT_READ_ATTEMPTS`] times `sequencer.timeout_ms` (the snapshot was
-    /// replaced meanwhile and its chunks purged, say) is made again.
+    /// The snapshot stored, if any. A read that does not finish within three times
+    /// `sequencer.timeout_ms` (the snapshot was replaced meanwhile and its chunks
+    /// purged, say) is made again, three reads at most.
     pub async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, LogError> {
         let Some(store) = &self.snapshots else {
             return Ok(None);
