@@ -332,11 +332,7 @@ impl JetStreamLog {
             .delete_stream(&settings.stream)
             .await
             .map(drop)
-            .map_err(|error| LogError::Nats {
-                what: "deleting the stream",
-                url: redacted(&settings.nats_url),
-                error: error.to_string(),
-            })
+            .map_err(|error| settings_error(settings, "deleting the stream", &error))
     }
 
     /// Deletes the snapshots of the stream named in `settings`, so that the next
@@ -348,26 +344,22 @@ impl JetStreamLog {
             .0
             .delete_object_store(snapshot_bucket(settings))
             .await
-            .map_err(|error| LogError::Nats {
-                what: "deleting the snapshots",
-                url: redacted(&settings.nats_url),
-                error: error.to_string(),
-            })
+            .map_err(|error| settings_error(settings, "deleting the snapshots", &error))
     }
 
     /// Stores a snapshot of the core after the record at `position` in place of
     /// the one stored (unless that one is later: a superseded gateway's late
     /// snapshot must not replace its successor's), then
     /// (`sequencer.purge_after_snapshot`) purges the records it covers from the
-    /// stream.
-    pub async fn save_snapshot(&self, position: u64, snapshot: &[u8]) -> Result<(), LogError> {
+    /// stream. Says whether it stored the snapshot.
+    pub async fn save_snapshot(&self, position: u64, snapshot: &[u8]) -> Result<bool, LogError> {
         let Some(store) = &self.snapshots else {
-            return Ok(());
+            return Ok(false);
         };
         let failed = |error: &dyn std::fmt::Display| self.error("storing a snapshot", error);
         if let Ok(stored) = store.info(SNAPSHOT_NAME).await {
             if snapshot_position(&stored.metadata).is_some_and(|stored| stored >= position) {
-                return Ok(());
+                return Ok(false);
             }
         }
         let metadata = object_store::ObjectMetadata {
@@ -386,7 +378,7 @@ impl JetStreamLog {
                 .await
                 .map_err(|e| failed(&e))?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The position of the stream's last record (0 when it has none).
@@ -527,9 +519,9 @@ impl JetStreamLog {
     }
 
     /// Reads the stream from the record after `after` (0: from the beginning), in
-    /// order, calling `apply` with each entry and its position. A read that fails (NATS restarted and forgot the
-    /// consumer, the connection dropped) goes on after the last record applied,
-    /// retrying for as long as NATS is away. Returns only if records the core has
+    /// order, calling `apply` with each entry and its position. A read that fails
+    /// (NATS restarted and forgot the consumer, the connection dropped) goes on
+    /// after the last record applied, retrying for as long as NATS is away. Returns only if records the core has
     /// not applied are gone from the stream: it cannot go on deterministically.
     pub async fn follow(&self, after: u64, mut apply: impl FnMut(Entry, u64)) -> LogError {
         let started = Instant::now();
@@ -628,6 +620,19 @@ const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between attempts to read the stream.
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// What went wrong doing `what` with the NATS server of `settings`.
+fn settings_error(
+    settings: &SequencerSettings,
+    what: &'static str,
+    error: &dyn std::fmt::Display,
+) -> LogError {
+    LogError::Nats {
+        what,
+        url: redacted(&settings.nats_url),
+        error: error.to_string(),
+    }
+}
+
 /// The object store of a stream's snapshots.
 fn snapshot_bucket(settings: &SequencerSettings) -> String {
     format!("{}_snapshots", settings.stream)
@@ -691,18 +696,14 @@ async fn jetstream_context(
     reconnected: Option<Arc<Notify>>,
 ) -> Result<(jetstream::Context, LastNatsError), LogError> {
     let timeout = Duration::from_millis(settings.timeout_ms);
-    let failed = |error: &dyn std::fmt::Display| LogError::Nats {
-        what: "connecting to NATS",
-        url: redacted(&settings.nats_url),
-        error: error.to_string(),
-    };
+    let failed =
+        |error: &dyn std::fmt::Display| settings_error(settings, "connecting to NATS", error);
     let secret = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .map(|text| text.trim().to_owned())
-            .map_err(|error| LogError::Nats {
-                what: "reading the NATS credentials",
-                url: redacted(&settings.nats_url),
-                error: format!("{}: {error}", path.display()),
+            .map_err(|error| {
+                let error = format!("{}: {error}", path.display());
+                settings_error(settings, "reading the NATS credentials", &error)
             })
     };
     let last_error = LastNatsError::default();

@@ -99,7 +99,9 @@ impl Snapshots {
         );
         tokio::spawn(async move {
             match log.save_snapshot(position, &bytes).await {
-                Ok(()) => {
+                // A later snapshot is stored already (a successor's).
+                Ok(false) => {}
+                Ok(true) => {
                     info!(
                         position,
                         bytes = bytes.len(),
