@@ -117,6 +117,25 @@ pub struct SequencerSettings {
     /// Whether the records a stored snapshot covers are purged from the stream, so
     /// that the stream stays bounded. Off keeps the whole stream (an audit trail).
     pub purge_after_snapshot: bool,
+    /// This gateway's name among the gateways sharing the stream: each needs its
+    /// own. A gateway started again under the same name replaces its earlier run at
+    /// once (that run's connections are gone); under a new name, the earlier run's
+    /// connections are declared gone after its `gateway_timeout_ms`.
+    pub gateway_name: String,
+    /// How long the gateway may stay silent on the stream before the others
+    /// declare its connections gone (their sessions detached, cancel-on-disconnect
+    /// started) and fence off its later records. It appends a heartbeat every
+    /// quarter of this when it has nothing else to append.
+    pub gateway_timeout_ms: u64,
+    /// Copies JetStream keeps of the stream and the snapshots: 1 on a single NATS
+    /// server, 3 on a cluster of three or more (losing one server then loses
+    /// nothing acknowledged). Applies when the stream is created.
+    pub replicas: usize,
+    /// On SIGTERM, how long the gateway reports itself not ready (`/readyz` 503,
+    /// new logins refused) before it closes its connections with `ShuttingDown`:
+    /// time for a load balancer's health check to send reconnecting clients to
+    /// another gateway, where they resume.
+    pub drain_notice_ms: u64,
 }
 
 impl Default for SequencerSettings {
@@ -131,6 +150,10 @@ impl Default for SequencerSettings {
             token_file: None,
             snapshot_every: 100_000,
             purge_after_snapshot: true,
+            gateway_name: "gateway".into(),
+            gateway_timeout_ms: 3_000,
+            replicas: 1,
+            drain_notice_ms: 500,
         }
     }
 }
@@ -551,6 +574,23 @@ impl Config {
             if self.sequencer.timeout_ms == 0 {
                 return invalid("sequencer.timeout_ms must be positive");
             }
+            let name = &self.sequencer.gateway_name;
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            {
+                return invalid(
+                    "sequencer.gateway_name must be 1 to 64 letters, digits, '_', '-' or '.'",
+                );
+            }
+            if self.sequencer.gateway_timeout_ms < 200 {
+                return invalid("sequencer.gateway_timeout_ms must be at least 200");
+            }
+            if !(1..=5).contains(&self.sequencer.replicas) {
+                return invalid("sequencer.replicas must be 1 to 5");
+            }
             if self.sequencer.user.is_some() != self.sequencer.password_file.is_some() {
                 return invalid("sequencer.user and sequencer.password_file go together");
             }
@@ -714,5 +754,16 @@ mod tests {
         );
         let unknown = Config::load(None, &["sequencer.mode=kafka".into()]).expect_err("mode");
         assert!(unknown.to_string().contains("kafka"), "{unknown}");
+        for (bad, named) in [
+            ("sequencer.gateway_name=\"\"", "gateway_name"),
+            ("sequencer.gateway_name=\"a b\"", "gateway_name"),
+            ("sequencer.gateway_timeout_ms=10", "gateway_timeout_ms"),
+            ("sequencer.replicas=0", "replicas"),
+            ("sequencer.replicas=7", "replicas"),
+        ] {
+            let refused = jetstream(bad).expect_err(bad);
+            assert!(refused.to_string().contains(named), "{refused}");
+        }
+        assert!(jetstream("sequencer.gateway_name=\"edge-2.venue\"").is_ok());
     }
 }

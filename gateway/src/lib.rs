@@ -21,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod dev;
+pub mod members;
 pub mod metrics;
 pub mod orders;
 pub mod registry;

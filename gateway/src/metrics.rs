@@ -97,7 +97,7 @@ pub struct Snapshot {
     pub snapshot_resumes: u64,
     /// Detached sessions ended to make room for a login of their account.
     pub sessions_evicted: u64,
-    /// Crash-safe mode: records of a gateway superseded by a later one, not applied.
+    /// Crash-safe mode: records of gateway runs that had ended, not applied.
     pub fenced_records: u64,
     /// Crash-safe mode: stream position of the last record the core applied.
     pub applied_position: u64,
@@ -324,7 +324,7 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
     );
     registry.register(
         "fenced_records",
-        "Crash-safe mode: records appended by a gateway after a later one started, not applied",
+        "Crash-safe mode: records of gateway runs that had ended (replaced by a restart, or silent too long), not applied",
         ConstCounter::new(snapshot.fenced_records),
     );
 }

@@ -678,14 +678,14 @@ impl Registry {
         ids
     }
 
-    /// A gateway started on a log of which this registry is rebuilt: every
-    /// connection of the processes before it is gone (sessions attached to one are
-    /// detached, starting their cancel-on-disconnect and expiry clocks), and any
-    /// message assigned so far may have been sent by them.
-    pub fn gateway_restarted(&self, now: Timestamp) {
+    /// A gateway run ended (crash-safe mode: replaced by a restart, or silent too
+    /// long): every connection it accepted is gone. Sessions attached to one are
+    /// detached, starting their cancel-on-disconnect and expiry clocks.
+    pub fn run_ended(&self, run: u64, now: Timestamp) {
         self.detach_where(now, |session| {
-            session.sent_by_predecessor();
-            true
+            session
+                .attached_to()
+                .is_some_and(|conn| crate::members::run_of(conn) == run)
         });
     }
 

@@ -38,9 +38,16 @@ pub const MAX_RECORD_LEN: usize = 1 << 20;
 /// One input of the session core.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
-    /// A gateway started: every connection of its predecessors is gone. Its stream
-    /// position prefixes the ids of the connections it accepts.
-    Started,
+    /// A gateway run started: the earlier run of the same name, if any, has ended
+    /// and its connections are gone. The record's stream position names the run
+    /// and prefixes the ids of the connections it accepts.
+    Started {
+        /// The gateway's name (`sequencer.gateway_name`).
+        gateway: String,
+        /// How long the run may stay silent before it is declared gone
+        /// (`sequencer.gateway_timeout_ms`).
+        timeout_ms: u64,
+    },
     /// A client on `conn` authenticated as `account` (whose own session limit is
     /// `max_sessions`); `login` is its encoded `Login` frame.
     Login {
@@ -114,9 +121,9 @@ pub enum Record {
 /// A record as appended: by which gateway run, when, and who waits for its outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// The stream position of the appending gateway's `Started` record (0 for that
-    /// record itself): the core applies records of the latest gateway only, so a
-    /// gateway that was superseded (paused, cut off, then back) changes nothing.
+    /// The stream position of the appending gateway run's `Started` record (0 for
+    /// that record itself): the core applies records of live runs only, so a run
+    /// that ended (replaced, or paused or cut off for too long) changes nothing.
     pub from: u64,
     /// The edge's clock when it appended the record, Unix milliseconds. The core's
     /// time is the latest of these it has applied.
@@ -163,7 +170,7 @@ pub enum Outcome {
     Ended(Vec<u64>),
     /// Whether a key operation took effect.
     Done(bool),
-    /// Not applied: a later gateway started on the stream.
+    /// Not applied: the run of the gateway that appended it has ended.
     Fenced,
 }
 
@@ -218,6 +225,10 @@ pub struct JetStreamLog {
     next_ticket: AtomicU64,
     /// Appends the stream refused or did not acknowledge in time.
     failures: AtomicU64,
+    /// When this gateway last handed a record to NATS, Unix milliseconds: a
+    /// gateway with nothing to say appends a heartbeat before the others think it
+    /// gone.
+    last_sent_ms: AtomicU64,
     waiting: dashmap::DashMap<u64, oneshot::Sender<Outcome>>,
     /// Signalled when the connection to NATS is back after a loss: a NATS server
     /// that restarted has forgotten the read's consumer, so the read starts again.
@@ -255,6 +266,7 @@ impl JetStreamLog {
                 subjects: vec![subject.clone()],
                 storage: stream::StorageType::File,
                 max_message_size: i32::try_from(MAX_RECORD_LEN).unwrap_or(i32::MAX),
+                num_replicas: settings.replicas,
                 ..Default::default()
             })
             .await
@@ -303,6 +315,7 @@ impl JetStreamLog {
             start: AtomicU64::new(0),
             next_ticket: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            last_sent_ms: AtomicU64::new(0),
             waiting: dashmap::DashMap::new(),
             reconnected,
         })
@@ -348,17 +361,21 @@ impl JetStreamLog {
     }
 
     /// Stores a snapshot of the core after the record at `position` in place of
-    /// the one stored (unless that one is later: a superseded gateway's late
+    /// the one stored (unless that one is later: an ended gateway run's late
     /// snapshot must not replace its successor's), then
-    /// (`sequencer.purge_after_snapshot`) purges the records it covers from the
-    /// stream. Says whether it stored the snapshot.
+    /// (`sequencer.purge_after_snapshot`) purges the records the replaced snapshot
+    /// covered from the stream. The records between the two stay: a gateway that
+    /// is starting from the replaced snapshot still finds the records after it.
+    /// Says whether it stored the snapshot.
     pub async fn save_snapshot(&self, position: u64, snapshot: &[u8]) -> Result<bool, LogError> {
         let Some(store) = &self.snapshots else {
             return Ok(false);
         };
         let failed = |error: &dyn std::fmt::Display| self.error("storing a snapshot", error);
+        let mut replaced = 0;
         if let Ok(stored) = store.info(SNAPSHOT_NAME).await {
-            if snapshot_position(&stored.metadata).is_some_and(|stored| stored >= position) {
+            replaced = snapshot_position(&stored.metadata).unwrap_or(0);
+            if replaced >= position {
                 return Ok(false);
             }
         }
@@ -371,10 +388,10 @@ impl JetStreamLog {
             .put(metadata, &mut &snapshot[..])
             .await
             .map_err(|e| failed(&e))?;
-        if self.purge_after_snapshot {
+        if self.purge_after_snapshot && replaced > 0 {
             self.stream
                 .purge()
-                .sequence(position + 1)
+                .sequence(replaced + 1)
                 .await
                 .map_err(|e| failed(&e))?;
         }
@@ -436,6 +453,8 @@ impl JetStreamLog {
         &self,
         entry: &Entry,
     ) -> Result<jetstream::context::PublishAckFuture, LogError> {
+        self.last_sent_ms
+            .fetch_max(entry.time_ms, Ordering::Relaxed);
         self.context
             .publish(self.subject.clone(), entry.encode())
             .await
@@ -452,6 +471,12 @@ impl JetStreamLog {
             Ok(Err(error)) => Err(self.append_error(&error)),
             Err(elapsed) => Err(self.append_error(&elapsed)),
         }
+    }
+
+    /// How long since this gateway last appended anything, at `now`.
+    pub fn silent_for(&self, now: Timestamp) -> Duration {
+        let last = self.last_sent_ms.load(Ordering::Relaxed);
+        Duration::from_millis(now.as_millis().saturating_sub(last))
     }
 
     /// Appends the stream refused or did not acknowledge in time, so far.
@@ -478,6 +503,11 @@ impl JetStreamLog {
     pub fn set_start(&self, position: u64) {
         self.start.store(position, Ordering::Release);
         self.next_ticket.store(position << 32, Ordering::Release);
+    }
+
+    /// This gateway's run on the stream: its `Started` record's position.
+    pub fn run(&self) -> u64 {
+        self.start.load(Ordering::Acquire)
     }
 
     /// An entry of this gateway, stamped now.
@@ -668,6 +698,7 @@ async fn snapshot_store(
             bucket,
             description: Some("snapshots of the gateway's core".into()),
             storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
             ..Default::default()
         })
         .await

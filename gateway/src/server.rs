@@ -44,6 +44,7 @@ use crate::auth::{address_key, AccountsFile, Authenticator};
 use crate::config::{Config, EngineMode, SequencerMode};
 use crate::convert;
 use crate::dev::{SetupError, TlsIdentity};
+use crate::members::Members;
 use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
 use crate::registry::{lock, Registry, SessionHandle};
 use crate::sequencer::{JetStreamLog, LogClock, LogError, Outcome, Record};
@@ -208,9 +209,15 @@ pub(crate) struct Shared {
     log: Option<Arc<JetStreamLog>>,
     /// Crash-safe mode: the core's time, from the records applied.
     log_clock: LogClock,
-    /// Crash-safe mode: the stream position of the latest gateway start the core
-    /// applied; records of earlier gateways are fenced off.
-    latest_start: AtomicU64,
+    /// Crash-safe mode: the gateway runs sharing the stream; records of runs that
+    /// ended are fenced off.
+    members: Mutex<Members>,
+    /// Crash-safe mode: how long this gateway may stay silent on the stream before
+    /// the others declare it gone (`sequencer.gateway_timeout_ms`); it appends a
+    /// heartbeat after a quarter of that.
+    gateway_timeout: Duration,
+    /// Crash-safe mode: how long a shutdown drains before it closes connections.
+    drain_notice: Duration,
     /// Crash-safe mode: records fenced off so far.
     fenced_records: AtomicU64,
     /// Crash-safe mode: stream position of the last record applied.
@@ -296,7 +303,11 @@ impl Gateway {
                 setup.config.sequencer.stream
             )));
         }
-        let position = log.append(&log.entry(Record::Started, 0)).await?;
+        let started = Record::Started {
+            gateway: setup.config.sequencer.gateway_name.clone(),
+            timeout_ms: setup.config.sequencer.gateway_timeout_ms,
+        };
+        let position = log.append(&log.entry(started, 0)).await?;
         log.set_start(position);
         let (caught_up, replayed) = oneshot::channel();
         let gateway = Self::start_with(setup, Some(Arc::clone(&log)), image)?;
@@ -412,7 +423,7 @@ impl Gateway {
                 let mut book = image.engine;
                 book.reconfigure(&engine_config)
                     .map_err(|e| snapshot_error(&format!("engine.instruments: {e}")))?;
-                let restored = (image.position, image.time_ms, image.latest_start);
+                let restored = (image.position, image.time_ms, image.members);
                 (registry, book, Some(restored))
             }
         };
@@ -437,7 +448,7 @@ impl Gateway {
             }
         };
 
-        let (position, time_ms, latest_start) = restored.unwrap_or_default();
+        let (position, time_ms, members) = restored.unwrap_or_default();
         let shared = Arc::new(Shared {
             registry,
             engine: engine_link,
@@ -468,7 +479,9 @@ impl Gateway {
             },
             log,
             log_clock: LogClock::starting_at(time_ms),
-            latest_start: AtomicU64::new(latest_start),
+            members: Mutex::new(members),
+            gateway_timeout: Duration::from_millis(config.sequencer.gateway_timeout_ms),
+            drain_notice: Duration::from_millis(config.sequencer.drain_notice_ms),
             fenced_records: AtomicU64::new(0),
             applied_position: AtomicU64::new(position),
             snapshot_position: AtomicU64::new(position),
@@ -544,8 +557,9 @@ impl Gateway {
     }
 
     /// Resolves when the gateway cannot go on, with why: in crash-safe mode, when
-    /// its stream lost records its core needs or another gateway started on it;
-    /// never in embedded mode.
+    /// its stream lost records its core needs or its run on the stream ended
+    /// (another gateway started under its name, or it was silent too long); never
+    /// in embedded mode.
     pub async fn failed(&self) -> String {
         let mut failed = self.shared.failed.subscribe();
         let why = failed
@@ -564,12 +578,23 @@ impl Gateway {
         self.shutdown().await;
     }
 
-    /// Stops accepting and ends every session (sessions live in this process's
-    /// memory only): each one's cancel-on-disconnect runs, its connection gets the
-    /// rest of its stream and `Close` with `ShuttingDown`. Then closes the endpoint
-    /// and stops the engine after it has handled what was queued.
+    /// Embedded mode: stops accepting and ends every session (sessions live in this
+    /// process's memory only): each one's cancel-on-disconnect runs, its connection
+    /// gets the rest of its stream and `Close` with `ShuttingDown`.
+    ///
+    /// Crash-safe mode: drains. The gateway reports itself not ready and refuses new
+    /// logins for `sequencer.drain_notice_ms` (a balancer's health check moves new
+    /// connections elsewhere), then closes its connections with `ShuttingDown`:
+    /// sessions live on in the stream, and their clients resume on another gateway.
+    ///
+    /// Then closes the endpoint and stops the engine after it has handled what was
+    /// queued.
     pub async fn shutdown(mut self) {
         info!(connections = self.shared.conns.len(), "shutting down");
+        if self.shared.log.is_some() && self.shared.failed.borrow().is_none() {
+            self.shared.start_draining();
+            tokio::time::sleep(self.shared.drain_notice).await;
+        }
         self.tasks.abort_all();
         if self.shared.log.is_none() {
             let mut actions = Vec::new();
@@ -815,7 +840,10 @@ async fn timer_loop(shared: Arc<Shared>) {
         let now = Timestamp::now();
         match &shared.log {
             Some(log) => {
-                if shared.registry.timers_due(now) {
+                // A tick fires due timers; with nothing else to append, it also
+                // tells the other gateways this one is alive.
+                let heartbeat_due = log.silent_for(now) >= shared.gateway_timeout / 4;
+                if shared.registry.timers_due(now) || heartbeat_due {
                     shared.append(log, Record::Tick).await;
                 }
             }
@@ -1070,7 +1098,7 @@ async fn read_loop_logged(
             Err(reason) => return conn.close(reason),
         };
         if let Frame::Ack(ack) = &frame {
-            if lock(session).ack_beyond_sent(ack.server_seq) {
+            if lock(session).ack_beyond_sent(ack.server_seq, log.run()) {
                 return conn.close(ReasonCode::AckBeyondSent);
             }
         }
@@ -1578,7 +1606,10 @@ impl Shared {
     fn resume_acks_unsent(&self, resume: &proto::Resume) -> bool {
         self.registry
             .session_of_token(&resume.token.0)
-            .is_some_and(|session| lock(&session).ack_beyond_sent(resume.last_acked_server_seq))
+            .is_some_and(|session| {
+                let here = self.log.as_ref().map_or(0, |log| log.run());
+                lock(&session).ack_beyond_sent(resume.last_acked_server_seq, here)
+            })
     }
 
     /// The account's orders, from an inline engine; `None` from one on its thread.
@@ -1621,8 +1652,9 @@ impl Shared {
     }
 }
 
-/// Why an operation on a superseded gateway did nothing.
-const SUPERSEDED: &str = "another gateway started on this stream; this one is stopping";
+/// Why an operation on a gateway whose run ended did nothing.
+const SUPERSEDED: &str =
+    "this gateway's run on the stream has ended (replaced by a restart under its name, or silent too long); it is stopping";
 
 /// A login's or resume's outcome from the core. Without one (the stream or the
 /// core did not answer in time) the connection is refused, and the core is told
@@ -1647,7 +1679,7 @@ fn handshake_outcome(
 fn session_outcome(outcome: Result<Outcome, LogError>) -> Result<SessionHandle, ReasonCode> {
     match outcome {
         Ok(Outcome::Session(result)) => result,
-        // This gateway was superseded and is stopping.
+        // This gateway's run ended and it is stopping.
         Ok(Outcome::Fenced) => Err(ReasonCode::ShuttingDown),
         Ok(_) => Err(ReasonCode::InternalError),
         Err(error) => {

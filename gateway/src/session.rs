@@ -24,6 +24,7 @@ use matching_stub as engine;
 use proto::{CancelOnDisconnect, Frame, ReasonCode, SessionToken};
 
 use crate::convert;
+use crate::members::run_of;
 use crate::orders::OrderTracker;
 use crate::ring::{OutboundRing, ReplayStart, RingLimits};
 use crate::time::Timestamp;
@@ -290,6 +291,9 @@ pub struct Session {
     /// Highest server sequence handed to any connection's writer: the most a client
     /// can acknowledge.
     highest_sent: u64,
+    /// The connection the session was last attached to (by its login or latest
+    /// resume): which gateway run may have sent its messages.
+    last_conn: ConnectionId,
     /// Mass cancels this session asked of the engine whose completion has not come
     /// back: an ended session stays routable until they are in its stream.
     pending_mass_cancels: u32,
@@ -353,6 +357,7 @@ impl Session {
             token_issued: 0,
             token_used: 0,
             highest_sent: 0,
+            last_conn: conn,
             pending_mass_cancels: 0,
             login_snapshot,
             cod_deadline: None,
@@ -457,15 +462,22 @@ impl Session {
         }
     }
 
-    /// Whether an `Ack` of `seq` goes beyond what this process sent on the attached
-    /// connection: the edge's check of acks before they reach a log.
-    pub fn ack_beyond_sent(&self, seq: u64) -> bool {
-        seq > self.highest_sent
+    /// Whether an `Ack` of `seq` goes beyond what may have been sent: the edge's
+    /// check of acks before they reach a log, made by the gateway run `here`
+    /// (crash-safe mode; 0 in embedded mode). What this run sent, it knows; while
+    /// the session is (or was last) attached to another run's connection, any
+    /// message assigned may have been sent there.
+    pub fn ack_beyond_sent(&self, seq: u64, here: u64) -> bool {
+        if run_of(self.last_conn) == here {
+            seq > self.highest_sent
+        } else {
+            seq > self.ring.next_seq() - 1
+        }
     }
 
-    /// The process that ran this session before (it is rebuilt from a log) may have
-    /// sent every message assigned so far: the edge accepts acks up to there.
-    pub fn sent_by_predecessor(&mut self) {
+    /// Another gateway run may have sent every message assigned so far: the edge
+    /// accepts acks up to there.
+    fn sent_by_predecessor(&mut self) {
         self.highest_sent = self.highest_sent.max(self.ring.next_seq() - 1);
     }
 
@@ -897,6 +909,12 @@ impl Session {
             .ok_or(ResumeRefused(ReasonCode::InternalError))?;
         self.token_issued = next_generation;
         self.token_used = generation;
+        if run_of(self.last_conn) != run_of(conn) {
+            // Moving to another gateway run: the one it leaves may have sent
+            // everything assigned so far, and the client may acknowledge it here.
+            self.sent_by_predecessor();
+        }
+        self.last_conn = conn;
 
         self.acknowledge(request.last_acked_server_seq);
         let wanted = request.last_acked_server_seq + 1;

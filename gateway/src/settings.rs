@@ -58,6 +58,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("sequencer.token_file", "file holding a NATS token, instead of a user"),
     ("sequencer.snapshot_every", "records between core snapshots (object store <stream>_snapshots); 0: none"),
     ("sequencer.purge_after_snapshot", "purge the records a stored snapshot covers from the stream"),
+    ("sequencer.gateway_name", "this gateway's name among those sharing the stream; each its own"),
+    ("sequencer.gateway_timeout_ms", "silence after which the others declare this gateway's connections gone"),
+    ("sequencer.replicas", "copies of the stream and snapshots JetStream keeps: 1, or 3 on a cluster"),
+    ("sequencer.drain_notice_ms", "on SIGTERM, time not ready before connections are closed"),
 ];
 
 /// The value of `key` (`section.key`) in `table`, if set.

@@ -13,10 +13,11 @@
 use matching_stub::OrderBookEngine;
 use serde::{Deserialize, Serialize};
 
+use crate::members::Members;
 use crate::registry::RegistryImage;
 
 /// Version of the snapshot encoding; a gateway refuses snapshots of another one.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 /// The core after the record at `position` was applied.
 #[derive(Debug, Serialize, Deserialize)]
@@ -25,8 +26,8 @@ pub struct CoreImage {
     pub position: u64,
     /// The core's time then (the latest record time applied), Unix milliseconds.
     pub time_ms: u64,
-    /// The position of the latest gateway start applied, for fencing.
-    pub latest_start: u64,
+    /// The live gateway runs, for fencing.
+    pub members: Members,
     /// Sessions, timers, token keys.
     pub registry: RegistryImage,
     /// The books.
@@ -83,10 +84,12 @@ mod tests {
             tick_size: 1,
             lot_size: 1,
         };
+        let mut members = Members::default();
+        members.started("edge-1", 40, 3_000, crate::time::Timestamp::from_millis(5));
         CoreImage {
             position: 42,
             time_ms: 1_700_000_000_000,
-            latest_start: 40,
+            members,
             registry: registry.image(),
             engine: OrderBookEngine::new(EngineConfig::with_instruments(vec![instrument]))
                 .expect("engine"),
@@ -97,7 +100,8 @@ mod tests {
     fn a_snapshot_reads_back_as_written() {
         let bytes = image().encode();
         let read = CoreImage::decode(&bytes).expect("decodes");
-        assert_eq!((read.position, read.latest_start), (42, 40));
+        assert_eq!(read.position, 42);
+        assert_eq!(read.members.live().collect::<Vec<_>>(), [("edge-1", 40)]);
         assert_eq!(read.encode(), bytes);
     }
 

@@ -5,8 +5,10 @@
 //! The gateway runs in `jetstream` sequencer mode against a NATS server the caller
 //! names, on a stream of its own (named after this process and the time), with
 //! development certificate and demo accounts in a temporary directory. Its output
-//! goes to `gateway.log` there; the directory is removed when the gateway is
-//! stopped.
+//! goes to `<name>.log` there; the directory is removed when the gateway is
+//! stopped. [`GatewayProcess::start_cluster`] starts several on one stream, sharing
+//! the directory (and so the certificate, accounts and token key), each under its
+//! own `sequencer.gateway_name`.
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -57,16 +59,79 @@ pub struct GatewayProcess {
     program: PathBuf,
     args: Vec<String>,
     dir: PathBuf,
+    name: String,
     addr: SocketAddr,
     admin: SocketAddr,
     child: Option<Child>,
     nats_url: String,
     stream: String,
+    /// Whether stopping it deletes the stream and the directory (the first of a
+    /// cluster does; the others share them).
+    owns_stream: bool,
 }
 
 impl GatewayProcess {
     /// Starts the gateway with `accounts` demo accounts and waits until it serves.
     pub async fn start(settings: &CrashSafe, accounts: usize) -> Result<Self, RunError> {
+        let mut process = Self::first(settings, accounts, "gateway")?;
+        process.spawn()?;
+        process.wait_ready().await?;
+        Ok(process)
+    }
+
+    /// Starts `count` gateways on one stream, named `gw-1`, `gw-2`, ..., one after
+    /// the other (the first writes the shared certificate and keys), and waits
+    /// until each serves.
+    pub async fn start_cluster(
+        settings: &CrashSafe,
+        accounts: usize,
+        count: usize,
+    ) -> Result<Vec<Self>, RunError> {
+        let first = Self::first(settings, accounts, "gw-1")?;
+        let mut cluster = Vec::with_capacity(count);
+        for nth in 2..=count {
+            cluster.push(first.another(&format!("gw-{nth}"))?);
+        }
+        cluster.insert(0, first);
+        for process in &mut cluster {
+            process.spawn()?;
+            process.wait_ready().await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Another gateway on this one's stream and directory, named `name`.
+    fn another(&self, name: &str) -> Result<Self, RunError> {
+        let setup = |what: &str, e: &dyn std::fmt::Display| RunError::Setup(format!("{what}: {e}"));
+        let addr = free_udp_port().map_err(|e| setup("a free UDP port", &e))?;
+        let admin = free_tcp_port().map_err(|e| setup("a free TCP port", &e))?;
+        let replaced = |arg: &String| {
+            if arg.starts_with("listen=") {
+                format!("listen={addr}")
+            } else if arg.starts_with("admin.listen=") {
+                format!("admin.listen={admin}")
+            } else if arg.starts_with("sequencer.gateway_name=") {
+                format!("sequencer.gateway_name={name}")
+            } else {
+                arg.clone()
+            }
+        };
+        Ok(GatewayProcess {
+            program: self.program.clone(),
+            args: self.args.iter().map(replaced).collect(),
+            dir: self.dir.clone(),
+            name: name.to_owned(),
+            addr,
+            admin,
+            child: None,
+            nats_url: self.nats_url.clone(),
+            stream: self.stream.clone(),
+            owns_stream: false,
+        })
+    }
+
+    /// The settings of a first gateway named `name` on a new stream; not started.
+    fn first(settings: &CrashSafe, accounts: usize, name: &str) -> Result<Self, RunError> {
         let setup = |what: &str, e: &dyn std::fmt::Display| RunError::Setup(format!("{what}: {e}"));
         if !settings.program.exists() {
             return Err(RunError::Setup(format!(
@@ -94,38 +159,58 @@ impl GatewayProcess {
             "sequencer.mode=jetstream".into(),
             format!("sequencer.nats_url={}", settings.nats_url),
             format!("sequencer.stream={stream}"),
+            format!("sequencer.gateway_name={name}"),
         ]
         .into_iter()
         .chain(settings.gateway_settings.iter().cloned())
-        .flat_map(|set| ["--set".to_string(), set])
         .collect();
-        let mut process = GatewayProcess {
+        Ok(GatewayProcess {
             program: settings.program.clone(),
             args,
             dir,
+            name: name.to_owned(),
             addr,
             admin,
             child: None,
             nats_url: settings.nats_url.clone(),
             stream,
-        };
-        process.spawn()?;
-        process.wait_ready().await?;
-        Ok(process)
+            owns_stream: true,
+        })
     }
 
-    /// Starts the program again with the same settings (after a kill).
-    fn spawn(&mut self) -> Result<(), RunError> {
+    /// The gateway's name on its stream.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its QUIC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its admin listener (`/readyz`, `/metrics`).
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The log file of this gateway.
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.name))
+    }
+
+    /// Starts the program (again, after a kill) with its settings; [`Self::wait_ready`]
+    /// says when it serves.
+    pub fn spawn(&mut self) -> Result<(), RunError> {
+        let path = self.log_path();
+        let log_error = |e: std::io::Error| RunError::Setup(format!("{}: {e}", path.display()));
         let log = File::options()
             .create(true)
             .append(true)
-            .open(self.dir.join("gateway.log"))
-            .map_err(|e| RunError::Setup(format!("gateway.log: {e}")))?;
-        let err = log
-            .try_clone()
-            .map_err(|e| RunError::Setup(format!("gateway.log: {e}")))?;
+            .open(&path)
+            .map_err(log_error)?;
+        let err = log.try_clone().map_err(log_error)?;
         let child = Command::new(&self.program)
-            .args(&self.args)
+            .args(self.args.iter().flat_map(|set| ["--set", set]))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
@@ -177,11 +262,39 @@ impl GatewayProcess {
 
     /// SIGKILLs the gateway (no goodbye to anyone) and starts it again at once.
     pub fn kill_and_restart(&mut self) -> Result<(), RunError> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// SIGKILLs the gateway and reaps it.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        self.spawn()
+    }
+
+    /// Pauses the gateway (SIGSTOP) or lets it carry on (SIGCONT): a paused gateway
+    /// is the zombie that wakes up after the others moved on.
+    pub fn pause(&self, paused: bool) {
+        if let Some(child) = &self.child {
+            let signal = if paused { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Whether the process has exited (and is reaped), or was never started.
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => false,
+            Some(_) => {
+                self.child = None;
+                true
+            }
+            None => true,
+        }
     }
 
     /// Where clients connect, with the certificate and keys it generated.
@@ -207,25 +320,32 @@ impl GatewayProcess {
 
     /// The last lines of the gateway's log.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    /// Stops the gateway (SIGTERM, then SIGKILL after a while) and deletes its
-    /// stream; deletes its directory too unless `keep_log` (then says where it is).
-    pub async fn stop(mut self, keep_log: bool) {
+    /// SIGTERMs the gateway (it drains: its clients resume on other gateways) and
+    /// waits for it to exit, SIGKILLing it after 5 s.
+    pub async fn terminate(&mut self) {
         if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                // The gateway shuts down gracefully on SIGTERM.
-                let _ = Command::new("kill").arg(pid.to_string()).status();
-            }
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Stops the gateway (SIGTERM, then SIGKILL after a while); the first of a
+    /// cluster also deletes the stream, and its directory unless `keep_log` (then
+    /// says where it is).
+    pub async fn stop(mut self, keep_log: bool) {
+        self.terminate().await;
+        if !self.owns_stream {
+            return;
         }
         let settings = gateway::config::SequencerSettings {
             mode: gateway::config::SequencerMode::Jetstream,
@@ -237,10 +357,7 @@ impl GatewayProcess {
             eprintln!("loadtest: could not delete stream {}: {error}", self.stream);
         }
         if keep_log {
-            eprintln!(
-                "loadtest: the gateway's log is in {}",
-                self.dir.join("gateway.log").display()
-            );
+            eprintln!("loadtest: the gateways' logs are in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -12,7 +12,9 @@
 //! - [`verify`]: the exactly-once verifier.
 //! - [`baseline`]: the bare-QUIC echo and handshake baseline.
 //! - [`relay`]: the UDP relay that makes connections vanish.
+//! - [`balancer`]: the UDP balancer in front of several gateways.
 
+pub mod balancer;
 pub mod baseline;
 pub mod crash;
 pub mod html;

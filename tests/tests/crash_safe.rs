@@ -380,7 +380,8 @@ async fn a_gateway_restarts_from_its_snapshot_once_the_stream_is_purged() {
         .expect("send");
     next_frame(&mut maker_events, PATIENCE, |f| matches!(f, Frame::Fill(_))).await;
 
-    // Once a snapshot covers the trade, the records before it are purged.
+    // Once a snapshot covers the trade, the records the one before it covered are
+    // purged.
     let applied = metric(&first.gateway, "gateway_sequencer_applied_position");
     let covered = async {
         while snapshot_position(&first.gateway) < applied {
@@ -432,7 +433,7 @@ async fn a_gateway_restarts_from_its_snapshot_once_the_stream_is_purged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_stops_when_another_starts_on_its_stream() {
+async fn a_gateway_started_again_under_its_name_ends_the_earlier_run() {
     let nats = NatsServer::start();
     let secret = [3u8; 32];
     let crash_safe = |config: &mut gateway::config::Config| nats.serve(config, "TWO_GATEWAYS");
@@ -441,7 +442,10 @@ async fn a_gateway_stops_when_another_starts_on_its_stream() {
     let why = tokio::time::timeout(PATIENCE, first.gateway.failed())
         .await
         .expect("the first gateway gives up");
-    assert!(why.contains("another gateway started"), "{why}");
+    assert!(
+        why.contains("another gateway started under its sequencer.gateway_name"),
+        "{why}"
+    );
 
     // Until it has stopped, what it appends is fenced off: a login there is refused
     // (its own core fenced the record before answering), and the gateway that took

@@ -24,9 +24,10 @@ use crate::time::Timestamp;
 /// Crash-safe mode: applies the stream to the core, in order, from the record after
 /// `after` (the restored snapshot's, or 0) for as long as the gateway runs; says when
 /// the record at `start` (this gateway's `Started`) is applied. Every
-/// `snapshot_every` records it snapshots the core and stores the snapshot in the
-/// background. The gateway has failed if its stream lost records the core needs,
-/// or when another gateway starts on it.
+/// `snapshot_every` records the earliest live gateway run snapshots the core and
+/// stores the snapshot in the background. The gateway has failed if its stream lost
+/// records the core needs, or when its own run has ended (another gateway started
+/// under its name, or it was silent too long and the others moved on).
 pub(super) async fn follow_log(
     shared: Arc<Shared>,
     log: Arc<JetStreamLog>,
@@ -38,23 +39,38 @@ pub(super) async fn follow_log(
     let mut snapshots = Snapshots::new(after, shared.snapshot_every);
     let error = log
         .follow(after, |entry, position| {
-            // Another gateway started on this stream: its core has taken every
-            // session over, so this one must not answer for them any more.
-            let superseded = position > start && entry.record == Record::Started;
             shared.apply(entry, position, &log);
-            if position >= start {
-                if let Some(caught_up) = caught_up.take() {
-                    let _ = caught_up.send(());
+            if position < start {
+                return;
+            }
+            if let Some(caught_up) = caught_up.take() {
+                let _ = caught_up.send(());
+            }
+            let members = shared
+                .members
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !members.is_live(start) {
+                // Its records are fenced off and its connections declared gone:
+                // this gateway must not answer for any session any more.
+                drop(members);
+                if shared.failed.borrow().is_none() {
+                    let why = format!(
+                        "this gateway's run (started at position {start}) ended at position \
+                         {position}: another gateway started under its sequencer.gateway_name, \
+                         or it was silent on the stream for longer than \
+                         sequencer.gateway_timeout_ms"
+                    );
+                    tracing::error!("{why}: the gateway stops");
+                    shared.failed.send_replace(Some(why));
                 }
+                return;
             }
-            if superseded && shared.failed.borrow().is_none() {
-                let why = format!(
-                    "another gateway started on this stream (at position {position}); one gateway per stream"
-                );
-                tracing::error!("{why}: the gateway stops");
-                shared.failed.send_replace(Some(why));
+            let takes_snapshots = members.snapshot_taker() == Some(start);
+            drop(members);
+            if takes_snapshots {
+                snapshots.after(position, &shared, &log);
             }
-            snapshots.after(position, &shared, &log);
         })
         .await;
     tracing::error!(%error, "the core cannot go on with its stream: the gateway stops");
@@ -136,7 +152,11 @@ impl Shared {
         Some(CoreImage {
             position,
             time_ms: self.log_clock.now().as_millis(),
-            latest_start: self.latest_start.load(Ordering::Acquire),
+            members: self
+                .members
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
             registry: self.registry.image(),
             engine,
         })
@@ -165,34 +185,28 @@ impl Shared {
 
     /// Crash-safe mode: applies one record of the stream (at `position`) to the
     /// core, at the record's time, and hands the outcome to the gateway waiting for
-    /// it. Records of a gateway that a later one superseded are not applied.
+    /// it. Records of gateway runs that ended are not applied.
     pub(super) fn apply(&self, entry: Entry, position: u64, log: &JetStreamLog) {
         self.applied_position.store(position, Ordering::Relaxed);
-        if entry.record == Record::Started {
-            self.latest_start.store(position, Ordering::Release);
-        } else if entry.from < self.latest_start.load(Ordering::Acquire) {
+        let Some(now) = self.admit_record(&entry, position) else {
             self.fenced_records.fetch_add(1, Ordering::Relaxed);
             debug!(
                 position,
                 from = entry.from,
-                "fenced off a superseded gateway's record"
+                "fenced off the record of a gateway run that ended"
             );
             if entry.reply != 0 {
                 log.answer(entry.reply, Outcome::Fenced);
             }
             return;
-        }
-        let now = self.log_clock.advance(entry.time_ms);
+        };
         let decoded = |bytes: &[u8]| match proto::decode(bytes) {
             Ok(Some((frame, _))) => Some(frame),
             _ => None,
         };
         let outcome = match entry.record {
-            Record::Started => {
-                // One gateway at a time: every connection before this one's is gone.
-                self.registry.gateway_restarted(now);
-                None
-            }
+            // Taken by `admit_record`.
+            Record::Started { .. } => None,
             Record::Login {
                 conn,
                 account,
@@ -256,6 +270,46 @@ impl Shared {
         if let Some(outcome) = outcome.filter(|_| entry.reply != 0) {
             log.answer(entry.reply, outcome);
         }
+    }
+
+    /// Crash-safe mode: whether a record's gateway run is live (`Started` begins
+    /// one); if it is, advances the core's time to the record's and returns it,
+    /// after noting the run heard and ending the runs that one replaces or that
+    /// have been silent too long (their connections are gone).
+    fn admit_record(&self, entry: &Entry, position: u64) -> Option<Timestamp> {
+        let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
+        let starts = matches!(entry.record, Record::Started { .. });
+        if !starts && !members.is_live(entry.from) {
+            return None;
+        }
+        let now = self.log_clock.advance(entry.time_ms);
+        let mut ended = Vec::new();
+        match &entry.record {
+            Record::Started {
+                gateway,
+                timeout_ms,
+            } => {
+                info!(
+                    gateway,
+                    run = position,
+                    "a gateway run started on the stream"
+                );
+                ended.extend(members.started(gateway, position, *timeout_ms, now));
+            }
+            _ => {
+                members.heard(entry.from, now);
+            }
+        }
+        ended.extend(members.expire(now));
+        drop(members);
+        for run in ended {
+            info!(
+                run,
+                position, "a gateway run ended: its connections are gone"
+            );
+            self.registry.run_ended(run, now);
+        }
+        Some(now)
     }
 
     /// Core: ends these sessions (`Revoked`); returns those that were live.

@@ -26,6 +26,9 @@ pub struct Sim {
     pub engine: OrderBookEngine,
     pub now: Timestamp,
     next_conn: ConnectionId,
+    /// The simulated gateway run (the high half of its connection ids); a
+    /// restart begins the next.
+    run: u64,
     /// Every request submitted to the engine, in order.
     pub engine_log: Vec<engine::Request>,
     /// Connections the gateway closed, with the reason.
@@ -55,6 +58,7 @@ impl Sim {
             .expect("valid engine config"),
             now: START,
             next_conn: 0,
+            run: 0,
             engine_log: Vec::new(),
             closed: Vec::new(),
             routed: Vec::new(),
@@ -64,7 +68,7 @@ impl Sim {
 
     pub fn new_conn(&mut self) -> ConnectionId {
         self.next_conn += 1;
-        self.next_conn
+        self.run << 32 | self.next_conn
     }
 
     /// Carries out actions, feeding engine events back through the registry.
@@ -149,7 +153,7 @@ impl Sim {
         let image = |registry: &Registry, engine: &OrderBookEngine| CoreImage {
             position: 7,
             time_ms: self.now.as_millis(),
-            latest_start: 3,
+            members: gateway::members::Members::default(),
             registry: registry.image(),
             engine: engine.clone(),
         };
@@ -169,7 +173,8 @@ impl Sim {
         self.engine = restored.engine;
         if restart {
             self.writers.clear();
-            self.registry.gateway_restarted(self.now);
+            self.registry.run_ended(self.run, self.now);
+            self.run += 1;
             for client in clients {
                 self.drop_connection(client);
             }

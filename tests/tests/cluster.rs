@@ -1,0 +1,327 @@
+//! Several gateways on one stream (crash-safe mode, a real `nats-server` started
+//! here): each applies the whole stream, so a session resumes on whichever gateway
+//! its client reaches, and answers reach the gateway the session is attached to.
+//! Gateways run as processes behind the load tester's UDP balancer, and are killed
+//! (SIGKILL), paused (SIGSTOP) and drained (SIGTERM).
+
+use std::time::Duration;
+
+use e2e::{NatsServer, TestGateway};
+use gateway_client::{Client, ClientConfig, Event, OrderParams};
+use loadtest::balancer::{Backend, Balancer};
+use loadtest::crash::{CrashSafe, GatewayProcess};
+use proto::Frame;
+
+/// How long the tests wait for an answer.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The next frame of a kind, within [`PATIENCE`]; resumes pass, an ended session
+/// fails the test.
+async fn next_frame(
+    events: &mut tokio::sync::mpsc::Receiver<Event>,
+    want: fn(&Frame) -> bool,
+) -> Frame {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Some(Event::Message(frame)) if want(&frame) => return frame,
+                Some(Event::Ended(reason)) => panic!("session ended: {reason:?}"),
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("the frame in time")
+}
+
+/// The quantity of the next fill.
+async fn next_fill(events: &mut tokio::sync::mpsc::Receiver<Event>) -> u64 {
+    match next_frame(events, |f| matches!(f, Frame::Fill(_))).await {
+        Frame::Fill(fill) => fill.quantity,
+        _ => unreachable!(),
+    }
+}
+
+/// Waits for the next `Resumed` event, failing on anything but messages.
+async fn resumed(events: &mut tokio::sync::mpsc::Receiver<Event>) -> Vec<Frame> {
+    let mut before = Vec::new();
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Some(Event::Resumed { .. }) => return,
+                Some(Event::Message(frame)) => before.push(frame),
+                Some(other) => panic!("{other:?} before the resume"),
+                None => panic!("events ended"),
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("resumed in time");
+    before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_on_one_stream_hold_the_same_core_and_route_answers_to_the_sessions_gateway() {
+    let nats = NatsServer::start();
+    let secret = [11u8; 32];
+    let named = |name: &'static str| {
+        let nats = &nats;
+        move |config: &mut gateway::config::Config| {
+            nats.serve(config, "TWO_EDGES");
+            config.sequencer.gateway_name = name.into();
+        }
+    };
+    let a = TestGateway::launch(2, &secret, named("a")).await;
+    let b = TestGateway::launch_as(2, &secret, a.identity(), named("b")).await;
+
+    // The maker on one gateway, the taker on the other: the trade's fills reach
+    // each on its own gateway.
+    let (maker, mut maker_events) = Client::connect(a.client_config(1, a.addr))
+        .await
+        .expect("login on a");
+    let (taker, mut taker_events) = Client::connect(a.client_config(2, b.addr))
+        .await
+        .expect("login on b");
+    maker
+        .new_order(OrderParams::limit_sell(1, 1, 100, 10))
+        .expect("send");
+    next_frame(&mut maker_events, |f| matches!(f, Frame::OrderAck(_))).await;
+    taker
+        .new_order(OrderParams::limit_buy(1, 2, 100, 4))
+        .expect("send");
+    assert_eq!(next_fill(&mut taker_events).await, 4);
+    assert_eq!(next_fill(&mut maker_events).await, 4);
+
+    // Both gateways applied the same stream: the same sessions, with the same
+    // retained messages, byte for byte, and each serves only its own connections.
+    let same = async {
+        loop {
+            let (on_a, on_b) = (retained(&a.gateway), retained(&b.gateway));
+            if on_a.len() == 2 && on_a == on_b {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, same)
+        .await
+        .expect("both gateways hold the same sessions and messages");
+    assert_eq!(
+        (a.gateway.connection_count(), b.gateway.connection_count()),
+        (1, 1)
+    );
+    drop((maker, taker));
+    b.gateway.shutdown().await;
+    a.gateway.shutdown().await;
+}
+
+/// Every live session's retained messages (what it would replay), by session id.
+fn retained(
+    gateway: &gateway::server::Gateway,
+) -> std::collections::BTreeMap<u64, Vec<bytes::Bytes>> {
+    let registry = gateway.registry();
+    registry
+        .sessions_info()
+        .iter()
+        .map(|info| {
+            let session = registry.get(info.session).expect("live session");
+            let session = gateway::registry::lock(&session);
+            let ring = session.ring();
+            (
+                info.session,
+                ring.replay_from(ring.oldest_seq()).cloned().collect(),
+            )
+        })
+        .collect()
+}
+
+/// Two gateway processes on one stream behind a balancer, each declared gone after
+/// a second of silence.
+async fn two_gateway_processes(nats: &NatsServer) -> (Vec<GatewayProcess>, Balancer) {
+    let settings = CrashSafe {
+        program: e2e::gateway_binary(),
+        nats_url: nats.url.clone(),
+        kill_interval: None,
+        gateway_settings: vec![
+            "sequencer.gateway_timeout_ms=1000".into(),
+            "sequencer.drain_notice_ms=300".into(),
+        ],
+    };
+    let gateways = GatewayProcess::start_cluster(&settings, 2, 2)
+        .await
+        .expect("gateways start");
+    let balancer = Balancer::start(
+        gateways
+            .iter()
+            .map(|g| Backend {
+                addr: g.addr(),
+                admin: g.admin(),
+            })
+            .collect(),
+    )
+    .await
+    .expect("balancer starts");
+    (gateways, balancer)
+}
+
+/// A client of demo account `index` through the balancer, quick to notice a dead
+/// path.
+fn through(gateways: &[GatewayProcess], balancer: &Balancer, index: usize) -> ClientConfig {
+    let remote = gateways[0].remote().expect("dev files");
+    let (_, credentials) = &remote.keys[index];
+    let mut config = ClientConfig::new(balancer.addr, remote.cert.clone(), credentials.clone());
+    config.idle_timeout = Duration::from_millis(1_000);
+    config.keep_alive = Duration::from_millis(200);
+    config
+}
+
+/// The maker (on the first gateway, the balancer's first pick) rests a sell of 10;
+/// the taker (on the second) buys 4 of it.
+async fn trade_across(
+    gateways: &[GatewayProcess],
+    balancer: &Balancer,
+) -> (
+    (Client, tokio::sync::mpsc::Receiver<Event>),
+    (Client, tokio::sync::mpsc::Receiver<Event>),
+) {
+    let (maker, mut maker_events) = Client::connect(through(gateways, balancer, 0))
+        .await
+        .expect("maker logs in");
+    let (taker, mut taker_events) = Client::connect(through(gateways, balancer, 1))
+        .await
+        .expect("taker logs in");
+    maker
+        .new_order(OrderParams::limit_sell(1, 1, 100, 10))
+        .expect("send");
+    next_frame(&mut maker_events, |f| matches!(f, Frame::OrderAck(_))).await;
+    taker
+        .new_order(OrderParams::limit_buy(1, 2, 100, 4))
+        .expect("send");
+    assert_eq!(next_fill(&mut taker_events).await, 4);
+    assert_eq!(next_fill(&mut maker_events).await, 4);
+    ((maker, maker_events), (taker, taker_events))
+}
+
+/// After its gateway went away, the maker resumes on the other one: it gets the
+/// fill of 3 made meanwhile exactly once (before its connection closed, or replayed
+/// after the resume), and its order's rest of 3 is still there to cancel.
+async fn maker_resumes_elsewhere_with_nothing_lost(
+    maker: &Client,
+    maker_events: &mut tokio::sync::mpsc::Receiver<Event>,
+    taker: &Client,
+    taker_events: &mut tokio::sync::mpsc::Receiver<Event>,
+) {
+    taker
+        .new_order(OrderParams::limit_buy(1, 3, 100, 3))
+        .expect("send");
+    assert_eq!(next_fill(taker_events).await, 3);
+    let before = resumed(maker_events).await;
+    let filled_before: u64 = before
+        .iter()
+        .map(|f| match f {
+            Frame::Fill(fill) => fill.quantity,
+            _ => 0,
+        })
+        .sum();
+    if filled_before == 0 {
+        assert_eq!(next_fill(maker_events).await, 3);
+    } else {
+        assert_eq!(filled_before, 3, "{before:?}");
+    }
+    maker.cancel(1).expect("send");
+    match next_frame(maker_events, |f| {
+        matches!(f, Frame::Cancelled(_) | Frame::Fill(_))
+    })
+    .await
+    {
+        Frame::Cancelled(cancelled) => assert_eq!(cancelled.client_order_id, 1),
+        fill => panic!("a fill delivered twice: {fill:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost() {
+    let nats = NatsServer::start();
+    let (mut gateways, balancer) = two_gateway_processes(&nats).await;
+    let ((maker, mut maker_events), (taker, mut taker_events)) =
+        trade_across(&gateways, &balancer).await;
+
+    gateways[0].kill();
+    maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
+        .await;
+    assert_eq!(balancer.flows_moved(), 1, "the maker's flow moved");
+    drop((maker, taker));
+    for gateway in gateways.into_iter().rev() {
+        gateway.stop(false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
+    let nats = NatsServer::start();
+    let (mut gateways, balancer) = two_gateway_processes(&nats).await;
+    let ((maker, mut maker_events), (taker, mut taker_events)) =
+        trade_across(&gateways, &balancer).await;
+
+    // The zombie: paused past its timeout, while its client resumes elsewhere.
+    gateways[0].pause(true);
+    maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    gateways[0].pause(false);
+    let stopped = async {
+        while !gateways[0].has_exited() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, stopped)
+        .await
+        .expect("the woken gateway stops");
+    let log = gateways[0].log_tail();
+    assert!(log.contains("run (started at position"), "{log}");
+
+    // What it appended on waking was fenced off by the gateway that carried on.
+    let metrics = ureq::get(&format!("http://{}/metrics", gateways[1].admin()))
+        .call()
+        .expect("metrics")
+        .into_body()
+        .read_to_string()
+        .expect("text");
+    let fenced = metrics
+        .lines()
+        .find(|line| line.contains("fenced_records_total"))
+        .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(fenced >= Some(1), "{fenced:?}");
+    drop((maker, taker));
+    for gateway in gateways.into_iter().rev() {
+        gateway.stop(false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_gateway_sends_its_sessions_to_another() {
+    let nats = NatsServer::start();
+    let (mut gateways, balancer) = two_gateway_processes(&nats).await;
+    let ((maker, mut maker_events), (taker, mut taker_events)) =
+        trade_across(&gateways, &balancer).await;
+
+    // SIGTERM: not ready, then `ShuttingDown` to its clients, which resume on the
+    // other gateway by themselves.
+    let mut first = gateways.remove(0);
+    let drained = tokio::spawn(async move {
+        first.terminate().await;
+        first
+    });
+    maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
+        .await;
+    let first = drained.await.expect("drained");
+    assert_eq!(balancer.flows_moved(), 1, "the maker's flow moved");
+    drop((maker, taker));
+    for gateway in gateways {
+        gateway.stop(false).await;
+    }
+    first.stop(false).await;
+}
