@@ -92,7 +92,8 @@ pub struct SequencerSettings {
     /// `embedded` or `jetstream`. `jetstream` needs `engine.mode = "inline"` (the
     /// engine is part of the core the stream rebuilds).
     pub mode: SequencerMode,
-    /// The NATS server (jetstream mode).
+    /// The NATS server (jetstream mode); the servers of a cluster separated by
+    /// commas, `nats://10.0.0.1:4222,nats://10.0.0.2:4222`.
     pub nats_url: String,
     /// The JetStream stream of the core's inputs, created (file storage) if missing;
     /// its subject is `<stream>.in`. One stream per venue: every record in it is
@@ -125,7 +126,10 @@ pub struct SequencerSettings {
     /// How long the gateway may stay silent on the stream before the others
     /// declare its connections gone (their sessions detached, cancel-on-disconnect
     /// started) and fence off its later records. It appends a heartbeat every
-    /// quarter of this when it has nothing else to append.
+    /// quarter of this when it has nothing else to append. Keep it above the time
+    /// a NATS cluster takes to recover from the loss of a server (seconds): a
+    /// gateway cut off from the stream longer than this stops, and its clients
+    /// resume elsewhere.
     pub gateway_timeout_ms: u64,
     /// Copies JetStream keeps of the stream and the snapshots: 1 on a single NATS
     /// server, 3 on a cluster of three or more (losing one server then loses
@@ -151,7 +155,7 @@ impl Default for SequencerSettings {
             snapshot_every: 100_000,
             purge_after_snapshot: true,
             gateway_name: "gateway".into(),
-            gateway_timeout_ms: 3_000,
+            gateway_timeout_ms: 10_000,
             replicas: 1,
             drain_notice_ms: 500,
         }

@@ -569,7 +569,13 @@ impl JetStreamLog {
             };
             // A connection that comes back ends this read at once; the next read
             // starts after the last record applied. (The first connection leaves a
-            // permit too: the first read starts again once, harmlessly.)
+            // permit too: the first read starts again once, harmlessly.) So does a
+            // read that stalled: quiet for a while with records after the last one
+            // applied on the stream (its consumer went with a NATS server of a
+            // cluster; the client library would notice only after 30 s).
+            let mut stall_check = tokio::time::interval(READ_STALL);
+            stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut read_since_check = true;
             loop {
                 let message = tokio::select! {
                     message = messages.next() => message,
@@ -577,7 +583,20 @@ impl JetStreamLog {
                         info!(after = last_position, "NATS is back: reading the stream on");
                         break;
                     }
+                    _ = stall_check.tick() => {
+                        if std::mem::take(&mut read_since_check) {
+                            continue;
+                        }
+                        match self.last_position().await {
+                            Ok(last) if last > last_position => {
+                                warn!(after = last_position, last, "the read of the stream stalled; reading it again");
+                                break;
+                            }
+                            _ => continue,
+                        }
+                    }
                 };
+                read_since_check = true;
                 let Some(message) = message else { break };
                 let message = match message {
                     Ok(message) => message,
@@ -644,6 +663,10 @@ impl JetStreamLog {
     }
 }
 
+/// How long a read of the stream may bring nothing before the stream is asked
+/// whether it has records the read missed.
+const READ_STALL: Duration = Duration::from_millis(500);
+
 /// First wait before reading the stream again after a failed read; it doubles up to
 /// [`FOLLOW_BACKOFF_MAX`].
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -706,17 +729,33 @@ async fn snapshot_store(
         .map_err(|error| error.to_string())
 }
 
+/// The servers of `sequencer.nats_url`: one URL, or several separated by commas
+/// (the servers of a cluster; the client tries them in turn and learns the others
+/// from the cluster itself).
+fn server_urls(nats_url: &str) -> Vec<&str> {
+    nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
 /// The last error the NATS server or the connection to it reported, if any.
 type LastNatsError = Arc<std::sync::Mutex<Option<String>>>;
 
 /// `url` without the user and password it may carry, for messages and logs.
 fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let one = |url: &str| match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://…@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_owned(),
-    }
+    };
+    server_urls(url)
+        .into_iter()
+        .map(one)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A JetStream context on a new connection to the NATS server of `settings`;
@@ -771,7 +810,7 @@ async fn jetstream_context(
                 }
             }
         })
-        .connect(settings.nats_url.as_str());
+        .connect(server_urls(&settings.nats_url));
     let client = tokio::time::timeout(timeout, client)
         .await
         .map_err(|e| failed(&e))?
@@ -812,5 +851,12 @@ mod tests {
         assert_eq!(clock.advance(10).as_millis(), 10);
         assert_eq!(clock.advance(5).as_millis(), 10);
         assert_eq!(clock.advance(12).as_millis(), 12);
+    }
+
+    #[test]
+    fn a_cluster_url_lists_its_servers_and_messages_hide_their_credentials() {
+        let urls = "nats://a:1, nats://u:secret@b:2,";
+        assert_eq!(server_urls(urls), ["nats://a:1", "nats://u:secret@b:2"]);
+        assert_eq!(redacted(urls), "nats://a:1,nats://…@b:2");
     }
 }

@@ -844,7 +844,14 @@ async fn timer_loop(shared: Arc<Shared>) {
                 // tells the other gateways this one is alive.
                 let heartbeat_due = log.silent_for(now) >= shared.gateway_timeout / 4;
                 if shared.registry.timers_due(now) || heartbeat_due {
-                    shared.append(log, Record::Tick).await;
+                    // Not waited for: a slow acknowledgement (NATS failing over)
+                    // must not hold the next tick back.
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        if let Some(log) = &shared.log {
+                            shared.append(log, Record::Tick).await;
+                        }
+                    });
                 }
             }
             None => {

@@ -50,7 +50,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("admin.listen", "TCP address of /metrics, /healthz, /readyz and /admin; empty: off"),
     ("admin.token_file", "bearer token /admin needs; unset: generated in dev_dir/admin-token"),
     ("sequencer.mode", "embedded (in this process) or jetstream (crash-safe: inputs on a NATS JetStream stream)"),
-    ("sequencer.nats_url", "NATS server of jetstream mode"),
+    ("sequencer.nats_url", "NATS server of jetstream mode; a cluster's, comma-separated"),
     ("sequencer.stream", "JetStream stream of the core's inputs (subject <stream>.in), created if missing"),
     ("sequencer.timeout_ms", "wait for NATS at start and for each append's acknowledgement"),
     ("sequencer.user", "NATS user to connect as (with password_file); unset: none"),

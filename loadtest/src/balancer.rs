@@ -68,20 +68,24 @@ impl Shared {
     }
 }
 
-/// The balancer; dropping it stops it.
+/// The balancer, on a thread of its own (as a balancer is a box of its own: the
+/// load it carries is not delayed by the tasks of whoever started it); dropping it
+/// stops it.
 pub struct Balancer {
     /// The address clients connect to.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Balancer {
     /// Starts a balancer on a free loopback port in front of `backends`, all
     /// counted healthy until their first check says otherwise.
-    pub async fn start(backends: Vec<Backend>) -> std::io::Result<Balancer> {
-        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
-        let addr = socket.local_addr()?;
+    pub fn start(backends: Vec<Backend>) -> std::io::Result<Balancer> {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        std_socket.set_nonblocking(true)?;
+        let addr = std_socket.local_addr()?;
         let shared = Arc::new(Shared {
             healthy: backends.iter().map(|_| AtomicBool::new(true)).collect(),
             backends,
@@ -89,14 +93,38 @@ impl Balancer {
             next: AtomicUsize::new(0),
             moved: AtomicUsize::new(0),
         });
-        let mut tasks = vec![tokio::spawn(forward(socket, Arc::clone(&shared)))];
-        for index in 0..shared.backends.len() {
-            tasks.push(tokio::spawn(check_health(Arc::clone(&shared), index)));
-        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("balancer".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(socket) = UdpSocket::from_std(std_socket) else {
+                        return;
+                    };
+                    tokio::spawn(forward(Arc::new(socket), Arc::clone(&serving)));
+                    for index in 0..serving.backends.len() {
+                        tokio::spawn(check_health(Arc::clone(&serving), index));
+                    }
+                    let _ = stopped.await;
+                    for flow in serving
+                        .flows
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .values()
+                    {
+                        flow.task.abort();
+                    }
+                });
+            })?;
         Ok(Balancer {
             addr,
             shared,
-            tasks,
+            stop: Some(stop),
+            thread: Some(thread),
         })
     }
 
@@ -113,17 +141,11 @@ impl Balancer {
 
 impl Drop for Balancer {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        for flow in self
-            .shared
-            .flows
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
-            flow.task.abort();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

@@ -13,11 +13,15 @@
 //! - [`baseline`]: the bare-QUIC echo and handshake baseline.
 //! - [`relay`]: the UDP relay that makes connections vanish.
 //! - [`balancer`]: the UDP balancer in front of several gateways.
+//! - [`crash`]: crash-safe gateways as child processes, alone or several on a stream.
+//! - [`nats`]: `nats-server` processes, alone or as a cluster.
 
 pub mod balancer;
 pub mod baseline;
+pub mod cluster;
 pub mod crash;
 pub mod html;
+pub mod nats;
 pub mod process;
 pub mod relay;
 pub mod verify;
@@ -110,6 +114,9 @@ pub struct Options {
     /// Run a crash-safe gateway as a child process (instead of one in this process),
     /// and kill it and start it again as this says.
     pub crash_safe: Option<crash::CrashSafe>,
+    /// Run a cluster (NATS servers, several gateways on one stream, a balancer) and
+    /// inflict faults on it as this says.
+    pub cluster: Option<cluster::ClusterOptions>,
 }
 
 impl Default for Options {
@@ -132,6 +139,7 @@ impl Default for Options {
             gateway_pid: None,
             server_core: None,
             crash_safe: None,
+            cluster: None,
         }
     }
 }
@@ -519,6 +527,8 @@ pub struct Report {
     pub chaos_events: Vec<ChaosEvent>,
     /// Times the gateway process was killed (SIGKILL) and started again.
     pub gateway_restarts: u64,
+    /// Cluster runs: the cluster, its faults and failovers.
+    pub cluster: Option<cluster::ClusterReport>,
     /// From a kill to the restarted gateway being ready (its core rebuilt from its
     /// stream), microseconds.
     pub restart_ready_us: Percentiles,
@@ -660,6 +670,11 @@ struct Tally {
     timeline: Vec<Histogram<u64>>,
     /// Forced disconnects.
     chaos_events: Vec<ChaosEvent>,
+    /// Cluster runs: when the latest fault of a gateway began, until the next
+    /// fault; resumes meanwhile are its sessions' failovers.
+    gateway_fault: Option<Instant>,
+    /// Cluster runs: from a gateway fault to each resume after it.
+    failover: Histogram<u64>,
     /// Set when the run logs its sessions out: their end is expected.
     logging_out: bool,
     verifier: Verifier,
@@ -723,20 +738,27 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         .map_or(0, |since| {
             u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
         });
+    let started_processes = options.crash_safe.is_some() || options.cluster.is_some();
+    if started_processes && options.remote.is_some() {
+        return Err(RunError::Setup(
+            "the load tester starts the crash-safe gateways itself: name no other".into(),
+        ));
+    }
+    let mut cluster = match &options.cluster {
+        Some(settings) => Some(cluster::Cluster::start(settings, options.sessions).await?),
+        None => None,
+    };
     let mut crash_safe = match (&options.crash_safe, &options.remote) {
-        (Some(_), Some(_)) => {
-            return Err(RunError::Setup(
-                "the load tester starts the crash-safe gateway itself: name no other".into(),
-            ))
-        }
+        (Some(_), Some(_)) => unreachable!("refused above"),
         (Some(settings), None) => {
             Some(crash::GatewayProcess::start(settings, options.sessions).await?)
         }
         (None, _) => None,
     };
-    let remote = match &crash_safe {
-        Some(process) => Some(process.remote()?),
-        None => options.remote.clone(),
+    let remote = match (&crash_safe, &cluster) {
+        (Some(process), _) => Some(process.remote()?),
+        (None, Some(cluster)) => Some(cluster.remote()?),
+        (None, None) => options.remote.clone(),
     };
     let target = match remote.clone() {
         Some(remote) => Target {
@@ -793,6 +815,8 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         started: Instant::now(),
         timeline: Vec::new(),
         chaos_events: Vec::new(),
+        gateway_fault: None,
+        failover: histogram(),
         verifier,
         books: (0..options.sessions)
             .map(|_| SessionBook::default())
@@ -868,6 +892,15 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             async move { chaos_loop(clients, relays, shared, interval, deadline, seed).await },
         )
     });
+    let faults = match (cluster.take(), &options.cluster) {
+        (Some(running), Some(settings)) => Some(tokio::spawn(running.inflict(
+            settings.faults.clone(),
+            settings.fault_interval,
+            deadline,
+            Arc::clone(&shared),
+        ))),
+        _ => None,
+    };
     let kill_interval = options.crash_safe.as_ref().and_then(|c| c.kill_interval);
     let killer = match (crash_safe.take(), kill_interval) {
         (Some(process), Some(interval)) => Some(tokio::spawn(kill_loop(
@@ -918,6 +951,13 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             record(&mut restart_ready, after);
         }
         crash_safe = Some(process);
+    }
+    if let Some(faults) = faults {
+        cluster = Some(
+            faults
+                .await
+                .map_err(|e| RunError::Setup(format!("the cluster's faults failed: {e}")))??,
+        );
     }
     if let Some(ticker) = ticker {
         let _ = ticker.await;
@@ -1031,10 +1071,19 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         ),
         _ => (None, None),
     };
+    let failed = lock(&shared).verifier.violations() > 0 || drained.is_err();
     if let Some(process) = crash_safe {
-        let failed = lock(&shared).verifier.violations() > 0 || drained.is_err();
         process.stop(failed).await;
     }
+    let cluster_report = match cluster {
+        Some(cluster) => {
+            let failover = lock(&shared).failover.clone();
+            let report = cluster.report(&failover).await;
+            cluster.stop(failed).await;
+            Some(report)
+        }
+        None => None,
+    };
     let (messages_replayed, snapshot_resumes) = target.gateway.as_ref().map_or((0, 0), |g| {
         let stats = g.registry().stats();
         (stats.messages_replayed, stats.snapshot_resumes)
@@ -1067,6 +1116,10 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             version: env!("CARGO_PKG_VERSION"),
             started_unix_ms,
             target: match (&remote, &options.crash_safe) {
+                (Some(remote), _) if cluster_report.is_some() => format!(
+                    "cluster of crash-safe gateway processes behind a balancer at {}",
+                    remote.addr
+                ),
                 (Some(remote), Some(_)) => format!("crash-safe gateway process at {}", remote.addr),
                 (Some(remote), None) => remote.addr.to_string(),
                 (None, _) => "in-process".to_string(),
@@ -1124,6 +1177,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 .collect(),
             chaos_events: tally.chaos_events.clone(),
             gateway_restarts: restart_ready.len(),
+            cluster: cluster_report,
             restart_ready_us: Percentiles::of(&restart_ready),
             restart_resume_us: Percentiles::of(&tally.restart_resume),
             throughput_orders_per_s: answers as f64
@@ -1363,6 +1417,9 @@ async fn receive_events(
                 }
                 if let Some(at) = tally.books[index].gateway_killed.take() {
                     record(&mut tally.restart_resume, now.saturating_duration_since(at));
+                }
+                if let Some(at) = tally.gateway_fault {
+                    record(&mut tally.failover, now.saturating_duration_since(at));
                 }
             }
             Event::Ended(ReasonCode::LoggedOut) if tally.logging_out => return,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use gateway_client::Credentials;
+use loadtest::cluster::{ClusterOptions, Fault};
 use loadtest::{Options, RemoteGateway, Report};
 
 /// Load, chaos and exactly-once verification for the session gateway.
@@ -50,13 +51,36 @@ struct Cli {
     /// 5s; the verifier checks nothing was lost or done twice across the restarts.
     #[arg(long, requires = "nats", value_parser = humantime::parse_duration)]
     kill_gateway_interval: Option<Duration>,
-    /// With --nats: the gateway program (default: `gateway` beside this program).
-    #[arg(long, requires = "nats")]
+    /// With --nats or --cluster: the gateway program (default: `gateway` beside
+    /// this program).
+    #[arg(long)]
     gateway_program: Option<PathBuf>,
-    /// With --nats: a setting of the gateway, `key=value` as its `--set` takes it
-    /// (repeatable), e.g. `sequencer.snapshot_every=5000`.
-    #[arg(long = "gateway-set", requires = "nats", value_name = "KEY=VALUE")]
+    /// With --nats or --cluster: a setting of the gateways, `key=value` as their
+    /// `--set` takes it (repeatable), e.g. `sequencer.snapshot_every=5000`.
+    #[arg(long = "gateway-set", value_name = "KEY=VALUE")]
     gateway_settings: Vec<String>,
+    /// Start a cluster on loopback and run the load through it: --nats-servers
+    /// NATS servers, this many crash-safe gateways sharing one stream, and a UDP
+    /// balancer in front of them that the sessions connect to.
+    #[arg(long, value_name = "GATEWAYS", conflicts_with_all = ["gateway", "nats"])]
+    cluster: Option<usize>,
+    /// With --cluster: NATS servers, 3 (a JetStream cluster; the stream keeps three
+    /// replicas) or 1.
+    #[arg(long, requires = "cluster", default_value_t = 3)]
+    nats_servers: usize,
+    /// With --cluster: the faults to inflict in turn, e.g. gateway,zombie,nats:
+    /// SIGKILL a gateway (started again 1.5 s later), pause one past its timeout
+    /// (SIGSTOP, then SIGCONT: it must stop by itself; started again), SIGKILL a
+    /// NATS server (started again 0.5 s later).
+    #[arg(long, requires = "cluster", value_enum, value_delimiter = ',')]
+    kill: Vec<FaultArg>,
+    /// With --cluster: time from one fault to the next.
+    #[arg(long, requires = "cluster", default_value = "5s", value_parser = humantime::parse_duration)]
+    kill_interval: Duration,
+    /// With --cluster: the gateways' silence before the others declare them gone
+    /// (sequencer.gateway_timeout_ms); a zombie is paused 2 s longer.
+    #[arg(long, requires = "cluster", default_value = "10s", value_parser = humantime::parse_duration)]
+    gateway_timeout: Duration,
     /// Sessions, one per account.
     #[arg(long, default_value_t = 50)]
     sessions: usize,
@@ -129,6 +153,17 @@ struct Cli {
     /// Log filter for diagnostics, e.g. `gateway_client=debug,gateway=debug`.
     #[arg(long, env = "LOADTEST_LOG")]
     log: Option<String>,
+}
+
+/// `--kill` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FaultArg {
+    /// SIGKILL a gateway.
+    Gateway,
+    /// SIGSTOP a gateway past its timeout, then SIGCONT.
+    Zombie,
+    /// SIGKILL a NATS server.
+    Nats,
 }
 
 /// `--engine` values.
@@ -318,6 +353,24 @@ fn summary(report: &Report) {
             time(report.restart_resume_us.max)
         );
     }
+    if let Some(cluster) = &report.cluster {
+        let kills: Vec<String> = cluster
+            .kills
+            .iter()
+            .map(|(kind, count)| format!("{kind} {count}"))
+            .collect();
+        println!(
+            "cluster of {} gateways, {} NATS servers: faults {}; {} sessions resumed on another gateway, {} after a gateway fault ({} p50, max {}); {} records of ended gateway runs fenced off",
+            cluster.gateways,
+            cluster.nats_servers,
+            kills.join(", "),
+            cluster.cross_gateway_resumes,
+            cluster.failover_ms.count,
+            time(cluster.failover_ms.p50 * 1e3),
+            time(cluster.failover_ms.max * 1e3),
+            cluster.fenced_stale_records
+        );
+    }
     if !report.closed_by_gateway.is_empty() {
         let closes: Vec<String> = report
             .closed_by_gateway
@@ -461,6 +514,13 @@ fn main() -> ExitCode {
             .try_init();
     }
     let run = || -> anyhow::Result<Report> {
+        if !cli.gateway_settings.is_empty() && cli.nats.is_none() && cli.cluster.is_none() {
+            anyhow::bail!("--gateway-set is for the gateways --nats or --cluster starts");
+        }
+        let program = cli
+            .gateway_program
+            .clone()
+            .unwrap_or_else(loadtest::crash::CrashSafe::program_beside_this_one);
         let options = Options {
             remote: remote(&cli)?,
             sessions: cli.sessions,
@@ -485,12 +545,26 @@ fn main() -> ExitCode {
             gateway_pid: cli.gateway_pid,
             server_core: cli.server_core,
             crash_safe: cli.nats.clone().map(|nats_url| loadtest::crash::CrashSafe {
-                program: cli
-                    .gateway_program
-                    .clone()
-                    .unwrap_or_else(loadtest::crash::CrashSafe::program_beside_this_one),
+                program: program.clone(),
                 nats_url,
                 kill_interval: cli.kill_gateway_interval,
+                gateway_settings: cli.gateway_settings.clone(),
+            }),
+            cluster: cli.cluster.map(|gateways| ClusterOptions {
+                program: program.clone(),
+                gateways,
+                nats_servers: cli.nats_servers,
+                faults: cli
+                    .kill
+                    .iter()
+                    .map(|fault| match fault {
+                        FaultArg::Gateway => Fault::Gateway,
+                        FaultArg::Zombie => Fault::Zombie,
+                        FaultArg::Nats => Fault::Nats,
+                    })
+                    .collect(),
+                fault_interval: cli.kill_interval,
+                gateway_timeout: cli.gateway_timeout,
                 gateway_settings: cli.gateway_settings.clone(),
             }),
         };

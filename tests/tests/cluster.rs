@@ -162,7 +162,6 @@ async fn two_gateway_processes(nats: &NatsServer) -> (Vec<GatewayProcess>, Balan
             })
             .collect(),
     )
-    .await
     .expect("balancer starts");
     (gateways, balancer)
 }
@@ -324,4 +323,37 @@ async fn a_drained_gateway_sends_its_sessions_to_another() {
         gateway.stop(false).await;
     }
     first.stop(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_under_load_survives_a_killed_gateway_a_zombie_and_a_lost_nats_server() {
+    use loadtest::cluster::{ClusterOptions, Fault};
+    // The load tester's cluster chaos, small: three NATS servers (streams with
+    // three replicas), three gateways behind the balancer, one fault of each kind.
+    let report = loadtest::run(loadtest::Options {
+        cluster: Some(ClusterOptions {
+            program: e2e::gateway_binary(),
+            gateways: 3,
+            nats_servers: 3,
+            faults: vec![Fault::Gateway, Fault::Zombie, Fault::Nats],
+            fault_interval: Duration::from_secs(1),
+            gateway_timeout: Duration::from_secs(3),
+            gateway_settings: Vec::new(),
+        }),
+        sessions: 6,
+        rate: 300,
+        duration: Duration::from_secs(20),
+        replay_messages: 0,
+        ..loadtest::Options::default()
+    })
+    .await
+    .expect("run completes");
+    assert_eq!(report.violations, 0, "{:?}", report.violation_samples);
+    let cluster = report.cluster.expect("a cluster run");
+    for kind in ["gateway", "zombie", "nats"] {
+        assert!(cluster.kills.get(kind) >= Some(&1), "{:?}", cluster.kills);
+    }
+    assert!(cluster.cross_gateway_resumes >= 1, "{cluster:?}");
+    assert!(cluster.fenced_stale_records >= 1, "{cluster:?}");
+    assert!(report.checks.trades > 0, "traded");
 }
