@@ -626,6 +626,25 @@ impl Config {
         }
     }
 
+    /// A fingerprint of the settings the session core applies the stream with
+    /// (`session.*`, `engine.*` but its mode and queue, and
+    /// `transport.idle_timeout_ms`): gateways that share a stream must agree on it,
+    /// or their copies of the core would differ.
+    pub fn core_fingerprint(&self) -> u64 {
+        let engine = EngineSettings {
+            mode: EngineMode::Inline,
+            queue_capacity: 0,
+            ..self.engine.clone()
+        };
+        let core = (&self.session, &engine, self.transport.idle_timeout_ms);
+        // Serializing plain settings into a vector cannot fail.
+        let bytes = postcard::to_stdvec(&core).unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_ref()[..8]);
+        u64::from_le_bytes(first)
+    }
+
     /// The registry's limits.
     pub fn registry_limits(&self) -> RegistryLimits {
         RegistryLimits {
@@ -769,5 +788,18 @@ mod tests {
             assert!(refused.to_string().contains(named), "{refused}");
         }
         assert!(jetstream("sequencer.gateway_name=\"edge-2.venue\"").is_ok());
+    }
+
+    #[test]
+    fn the_core_fingerprint_follows_the_settings_the_core_applies() {
+        let load = |set: &str| Config::load(None, &[set.into()]).expect("valid");
+        let base = load("demo_accounts=2").core_fingerprint();
+        assert_eq!(load("engine.mode=thread").core_fingerprint(), base);
+        assert_eq!(load("sequencer.gateway_name=x").core_fingerprint(), base);
+        assert_ne!(load("session.replay_window=7").core_fingerprint(), base);
+        assert_ne!(
+            load("transport.idle_timeout_ms=999").core_fingerprint(),
+            base
+        );
     }
 }

@@ -29,6 +29,8 @@ struct Run {
     name: String,
     /// How long it may stay silent, milliseconds of log time.
     timeout_ms: u64,
+    /// The fingerprint of its core settings.
+    settings: u64,
     /// The log time of its latest record.
     last_heard_ms: u64,
 }
@@ -40,14 +42,14 @@ pub struct Members {
 }
 
 impl Members {
-    /// A gateway named `name` started a run at `position`, to be declared gone
-    /// after `timeout_ms` of silence. Returns the run of the same name it replaces,
-    /// which has ended.
+    /// A gateway named `name` started a run at `position` with core `settings`,
+    /// to be declared gone after `timeout_ms` of silence. Returns the run of the
+    /// same name it replaces, which has ended.
     pub fn started(
         &mut self,
         name: &str,
         position: u64,
-        timeout_ms: u64,
+        (timeout_ms, settings): (u64, u64),
         now: Timestamp,
     ) -> Option<u64> {
         let replaced = self
@@ -62,6 +64,7 @@ impl Members {
             Run {
                 name: name.to_owned(),
                 timeout_ms,
+                settings,
                 last_heard_ms: now.as_millis(),
             },
         );
@@ -100,6 +103,15 @@ impl Members {
         self.runs.contains_key(&start)
     }
 
+    /// A live run, other than `start`, whose core settings are not `settings`:
+    /// its gateway's name.
+    pub fn other_settings(&self, start: u64, settings: u64) -> Option<&str> {
+        self.runs
+            .iter()
+            .find(|(other, run)| **other != start && run.settings != settings)
+            .map(|(_, run)| run.name.as_str())
+    }
+
     /// The live run that snapshots the core for everyone: the earliest started.
     pub fn snapshot_taker(&self) -> Option<u64> {
         self.runs.keys().next().copied()
@@ -124,9 +136,9 @@ mod tests {
     #[test]
     fn a_restart_under_the_same_name_ends_the_earlier_run_only() {
         let mut members = Members::default();
-        assert_eq!(members.started("a", 1, 1_000, at(0)), None);
-        assert_eq!(members.started("b", 5, 1_000, at(0)), None);
-        assert_eq!(members.started("a", 9, 1_000, at(10)), Some(1));
+        assert_eq!(members.started("a", 1, (1_000, 0), at(0)), None);
+        assert_eq!(members.started("b", 5, (1_000, 0), at(0)), None);
+        assert_eq!(members.started("a", 9, (1_000, 0), at(10)), Some(1));
         assert!(!members.is_live(1));
         assert!(members.is_live(5) && members.is_live(9));
         assert!(
@@ -139,11 +151,14 @@ mod tests {
     #[test]
     fn a_run_silent_past_its_timeout_ends_and_stays_ended() {
         let mut members = Members::default();
-        members.started("a", 1, 1_000, at(0));
-        members.started("b", 2, 3_000, at(0));
+        members.started("a", 1, (1_000, 0), at(0));
+        members.started("b", 2, (3_000, 7), at(0));
         assert!(members.heard(1, at(900)));
         assert!(members.expire(at(1_900)).is_empty());
+        assert_eq!(members.other_settings(2, 7), Some("a"));
+        assert_eq!(members.other_settings(1, 0), Some("b"));
         assert_eq!(members.expire(at(1_901)), vec![1]);
+        assert_eq!(members.other_settings(2, 7), None);
         assert!(
             !members.heard(1, at(1_950)),
             "a paused run that wakes up is fenced"

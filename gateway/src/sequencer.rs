@@ -10,6 +10,12 @@
 //! every session, its unacknowledged messages and the book by applying the stream
 //! from the beginning, and its clients resume with their tokens.
 //!
+//! Several gateways can share one stream: each applies all of it, so each holds the
+//! same core (every session, the book) and serves its own connections from it; a
+//! client resumes on any of them. There is no leader to elect or lose: the order of
+//! the stream is the only agreement needed, and which gateway runs are alive is
+//! itself decided by records on the stream ([`crate::members`]).
+//!
 //! What stays at the edge and is not rebuilt: which connection wrote which message
 //! (the edge checks acks against what it sent before they reach the stream), login
 //! nonces and failed-login counters, latency samples, metrics.
@@ -47,6 +53,8 @@ pub enum Record {
         /// How long the run may stay silent before it is declared gone
         /// (`sequencer.gateway_timeout_ms`).
         timeout_ms: u64,
+        /// The fingerprint of its core settings (`Config::core_fingerprint`).
+        settings: u64,
     },
     /// A client on `conn` authenticated as `account` (whose own session limit is
     /// `max_sessions`); `login` is its encoded `Login` frame.

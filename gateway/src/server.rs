@@ -303,9 +303,11 @@ impl Gateway {
                 setup.config.sequencer.stream
             )));
         }
+        let settings = setup.config.core_fingerprint();
         let started = Record::Started {
             gateway: setup.config.sequencer.gateway_name.clone(),
             timeout_ms: setup.config.sequencer.gateway_timeout_ms,
+            settings,
         };
         let position = log.append(&log.entry(started, 0)).await?;
         log.set_start(position);
@@ -317,6 +319,23 @@ impl Gateway {
         tokio::select! {
             _ = replayed => {}
             why = gateway.failed() => return Err(StartError::Rebuild(why)),
+        }
+        let differing = gateway
+            .shared
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .other_settings(position, settings)
+            .map(str::to_owned);
+        if let Some(other) = differing {
+            return Err(StartError::Config(crate::config::ConfigError::Invalid(
+                format!(
+                    "session.*, engine.* or transport.idle_timeout_ms differ from those of \
+                 gateway {other:?}, running on the same stream: every gateway of a stream \
+                 applies it with the same ones (to change them, stop every gateway, then \
+                 start them with the new ones)"
+                ),
+            )));
         }
         info!(
             snapshot = after,

@@ -85,7 +85,12 @@ mod tests {
             lot_size: 1,
         };
         let mut members = Members::default();
-        members.started("edge-1", 40, 3_000, crate::time::Timestamp::from_millis(5));
+        members.started(
+            "edge-1",
+            40,
+            (3_000, 9),
+            crate::time::Timestamp::from_millis(5),
+        );
         CoreImage {
             position: 42,
             time_ms: 1_700_000_000_000,

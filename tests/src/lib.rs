@@ -301,6 +301,29 @@ impl NatsServer {
     }
 }
 
+/// Runs the gateway binary in crash-safe mode (a 1 s timeout) with these further
+/// settings, in a directory of its own; it must fail to start: its standard error.
+pub fn failed_start(settings: &[&str]) -> String {
+    static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nth = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("gateway-failed-start-{}-{nth}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut command = std::process::Command::new(gateway_binary());
+    command
+        .current_dir(&dir)
+        .args(["--listen", "127.0.0.1:0", "--set", "admin.listen=\"\""])
+        .args(["--set", "sequencer.mode=jetstream"])
+        .args(["--set", "sequencer.timeout_ms=1000"]);
+    for setting in settings {
+        command.args(["--set", setting]);
+    }
+    let output = command.output().expect("the gateway runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!output.status.success(), "the gateway started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// The `gateway` binary of this build (`cargo test --workspace` builds it).
 pub fn gateway_binary() -> std::path::PathBuf {
     built("gateway")

@@ -357,3 +357,26 @@ async fn a_cluster_under_load_survives_a_killed_gateway_a_zombie_and_a_lost_nats
     assert!(cluster.fenced_stale_records >= 1, "{cluster:?}");
     assert!(report.checks.trades > 0, "traded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_other_core_settings_refuses_to_join_a_stream() {
+    let nats = NatsServer::start();
+    let running = TestGateway::launch(2, &[12u8; 32], |config| {
+        nats.serve(config, "MIXED");
+        config.sequencer.gateway_name = "a".into();
+    })
+    .await;
+    // Its copy of the core would differ from the running gateway's.
+    let url = format!("sequencer.nats_url={}", nats.url);
+    let error = e2e::failed_start(&[
+        "sequencer.stream=MIXED",
+        &url,
+        "sequencer.gateway_name=b",
+        "session.replay_window=7",
+    ]);
+    assert!(
+        error.contains("differ from those of gateway \"a\""),
+        "{error}"
+    );
+    running.gateway.shutdown().await;
+}

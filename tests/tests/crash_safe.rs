@@ -428,7 +428,7 @@ async fn a_gateway_restarts_from_its_snapshot_once_the_stream_is_purged() {
         .expect("snapshots deleted");
     let stream = "sequencer.stream=PURGED".to_string();
     let url = format!("sequencer.nats_url={}", nats.url);
-    let error = failed_start(&[&stream, &url, "sequencer.snapshot_every=0"]);
+    let error = e2e::failed_start(&[&stream, &url, "sequencer.snapshot_every=0"]);
     assert!(error.contains("are gone"), "{error}");
 }
 
@@ -594,7 +594,7 @@ fn a_gateway_without_its_nats_server_says_so_and_exits() {
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
         .port();
-    let stderr = failed_start(&[&format!(
+    let stderr = e2e::failed_start(&[&format!(
         "sequencer.nats_url=nats://127.0.0.1:{closed_port}"
     )]);
     assert!(
@@ -685,34 +685,11 @@ async fn a_gateway_connects_to_nats_as_its_user_and_is_refused_with_a_wrong_pass
     let gateway = TestGateway::launch(1, &[6u8; 32], as_user(&right)).await;
     gateway.gateway.shutdown().await;
 
-    let stderr = failed_start(&[
+    let stderr = e2e::failed_start(&[
         &format!("sequencer.nats_url={}", nats.url),
         "sequencer.user=gateway",
         &format!("sequencer.password_file={}", wrong.display()),
     ]);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(stderr.contains("authorization violation"), "{stderr}");
-}
-
-/// Runs the gateway binary in crash-safe mode (a 1 s timeout) with these further
-/// settings, in a directory of its own; it must fail to start: its standard error.
-fn failed_start(settings: &[&str]) -> String {
-    static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let nth = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir =
-        std::env::temp_dir().join(format!("gateway-failed-start-{}-{nth}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let mut command = std::process::Command::new(e2e::gateway_binary());
-    command
-        .current_dir(&dir)
-        .args(["--listen", "127.0.0.1:0", "--set", "admin.listen=\"\""])
-        .args(["--set", "sequencer.mode=jetstream"])
-        .args(["--set", "sequencer.timeout_ms=1000"]);
-    for setting in settings {
-        command.args(["--set", setting]);
-    }
-    let output = command.output().expect("the gateway runs");
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(!output.status.success(), "the gateway started");
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }

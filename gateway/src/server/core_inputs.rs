@@ -288,13 +288,21 @@ impl Shared {
             Record::Started {
                 gateway,
                 timeout_ms,
+                settings,
             } => {
                 info!(
                     gateway,
                     run = position,
                     "a gateway run started on the stream"
                 );
-                ended.extend(members.started(gateway, position, *timeout_ms, now));
+                ended.extend(members.started(gateway, position, (*timeout_ms, *settings), now));
+                if let Some(other) = members.other_settings(position, *settings) {
+                    warn!(
+                        gateway,
+                        other,
+                        "a gateway started on the stream with other core settings than a running one; it will refuse to serve"
+                    );
+                }
             }
             _ => {
                 members.heard(entry.from, now);
