@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Order->answer latency and CPU per order of the gateway in embedded mode and in
 crash-safe mode (JetStream R1, with NATS's default sync_interval and with
-`sync_interval: always`), in one script run, rounds interleaved, so that the machine's
-drift shows as spread rather than as a difference between modes.
+`sync_interval: always`; and R3 on a cluster of three NATS servers), in one script
+run, rounds interleaved, so that the machine's drift shows as spread rather than as a
+difference between modes.
 
-The gateway and nats-server run pinned to core 0, the load client on core 1; the
-gateway's and NATS's CPU time per order come from /proc. Needs a release build
+The gateway and the nats-server processes run pinned to core 0, the load client on
+core 1; the gateway's and NATS's CPU time per order come from /proc. Needs a release build
 (cargo build --release -p gateway -p loadtest) and nats-server (scripts/test.sh
 installs it).
 
@@ -15,6 +16,7 @@ installs it).
 check the embedded mode is not slower than before.
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GATEWAY = os.path.join(ROOT, 'target/release/gateway')
@@ -39,6 +41,41 @@ def start_nats(work, port, always):
     return process
 
 
+def start_nats_cluster(work, ports):
+    """Three nats-server processes routed into one JetStream cluster, on `ports`
+    (client port p, route port p + 100, monitor port p + 200), once JetStream is ready
+    on each."""
+    program = shutil.which('nats-server') or os.path.expanduser('~/.local/bin/nats-server')
+    routes = ', '.join(f'nats-route://127.0.0.1:{port + 100}' for port in ports)
+    processes = []
+    for nth, port in enumerate(ports):
+        store = os.path.join(work, f'nats-{port}')
+        conf = os.path.join(work, f'nats-{port}.conf')
+        with open(conf, 'w') as f:
+            f.write(f'server_name: bench-{nth}\nlisten: 127.0.0.1:{port}\n'
+                    f'http: 127.0.0.1:{port + 200}\n'
+                    f'jetstream {{ store_dir: "{store}" }}\n'
+                    f'cluster {{ name: bench, listen: 127.0.0.1:{port + 100}, routes: [{routes}] }}\n')
+        processes.append(subprocess.Popen(['taskset', '-c', '0', program, '-c', conf],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for port in ports:
+        wait_for(f'http://127.0.0.1:{port + 200}/healthz')
+    return processes
+
+
+def wait_for(url, patience=30):
+    """Waits until `url` answers 200."""
+    deadline = time.time() + patience
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url, timeout=1).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f'{url} did not answer 200 within {patience} s')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--rate', type=int, default=5000)
@@ -52,23 +89,27 @@ def main():
     dev = os.path.join(work, 'dev')
     nats = start_nats(work, 14300, False)
     nats_always = start_nats(work, 14301, True)
+    cluster = start_nats_cluster(work, [14310, 14311, 14312])
+    cluster_urls = ','.join(f'nats://127.0.0.1:{port}' for port in [14310, 14311, 14312])
     jetstream = ['--set', 'sequencer.mode=jetstream']
-    modes = [('embedded', GATEWAY, [], None),
-             ('jetstream R1', GATEWAY, jetstream + ['--set', 'sequencer.nats_url=nats://127.0.0.1:14300'], nats),
-             ('jetstream R1, sync always', GATEWAY, jetstream + ['--set', 'sequencer.nats_url=nats://127.0.0.1:14301'], nats_always)]
+    modes = [('embedded', GATEWAY, [], []),
+             ('jetstream R1', GATEWAY, jetstream + ['--set', 'sequencer.nats_url=nats://127.0.0.1:14300'], [nats]),
+             ('jetstream R1, sync always', GATEWAY, jetstream + ['--set', 'sequencer.nats_url=nats://127.0.0.1:14301'], [nats_always]),
+             ('jetstream R3, 3 servers', GATEWAY, jetstream + ['--set', f'sequencer.nats_url={cluster_urls}',
+                                                              '--set', 'sequencer.replicas=3'], cluster)]
     if args.before:
-        modes.insert(0, ('embedded, --before', args.before, [], None))
+        modes.insert(0, ('embedded, --before', args.before, [], []))
     try:
         for round_ in range(args.rounds):
-            for index, (name, program, extra, nats_process) in enumerate(modes):
+            for index, (name, program, extra, nats_processes) in enumerate(modes):
                 stream = ['--set', f'sequencer.stream=BENCH_{round_}_{index}'] if extra else []
                 gateway = subprocess.Popen(
                     ['taskset', '-c', '0', program, '--listen', '127.0.0.1:4500',
-                     '--set', f'demo_accounts={args.sessions}', '--set', 'admin.listen=127.0.0.1:0',
+                     '--set', f'demo_accounts={args.sessions}', '--set', 'admin.listen=127.0.0.1:14590',
                      '--set', f'dev_dir={dev}'] + extra + stream,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1.5)
-                nats_before = cpu_us(nats_process.pid) if nats_process else 0
+                wait_for('http://127.0.0.1:14590/readyz')
+                nats_before = sum(cpu_us(p.pid) for p in nats_processes)
                 report = os.path.join(work, f'{round_}-{index}.json')
                 subprocess.run(['taskset', '-c', '1', LOADTEST, '--gateway', '127.0.0.1:4500',
                                 '--cert', os.path.join(dev, 'cert.der'),
@@ -77,7 +118,7 @@ def main():
                                 '--rate', str(args.rate), '--duration', args.duration,
                                 '--replay', '0', '--quiet', '--json', report],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                nats_after = cpu_us(nats_process.pid) if nats_process else 0
+                nats_after = sum(cpu_us(p.pid) for p in nats_processes)
                 gateway.send_signal(signal.SIGTERM)
                 gateway.wait()
                 result = json.load(open(report))
@@ -90,8 +131,8 @@ def main():
                       f"  {result['throughput_orders_per_s']:7.0f}/s"
                       f"  violations {result['violations']}", flush=True)
     finally:
-        nats.kill()
-        nats_always.kill()
+        for process in [nats, nats_always] + cluster:
+            process.kill()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -133,6 +133,24 @@ impl Balancer {
         self.shared.healthy[index].load(Ordering::Relaxed)
     }
 
+    /// The healthy backend with the most client flows (the first if none has
+    /// any): where a fault hurts most.
+    pub fn busiest(&self) -> usize {
+        let flows = self
+            .shared
+            .flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut counts = vec![0usize; self.shared.backends.len()];
+        for flow in flows.values() {
+            counts[flow.backend] += 1;
+        }
+        (0..counts.len())
+            .filter(|&index| self.is_healthy(index))
+            .max_by_key(|&index| (counts[index], std::cmp::Reverse(index)))
+            .unwrap_or(0)
+    }
+
     /// Flows moved off an unhealthy backend so far.
     pub fn flows_moved(&self) -> usize {
         self.shared.moved.load(Ordering::Relaxed)

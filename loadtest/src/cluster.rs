@@ -39,13 +39,16 @@ const ZOMBIE_OVERSTAY: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Fault {
-    /// SIGKILL a gateway; start it again after [`GATEWAY_DOWN`].
+    /// SIGKILL the gateway with the most clients; start it again after
+    /// [`GATEWAY_DOWN`].
     Gateway,
-    /// SIGSTOP a gateway past its timeout (by [`ZOMBIE_OVERSTAY`]), then SIGCONT:
+    /// SIGSTOP the gateway with the most clients past its timeout (by
+    /// [`ZOMBIE_OVERSTAY`]), then SIGCONT:
     /// the others have declared it gone, fence off what it appends, and it stops;
     /// it is started again.
     Zombie,
-    /// SIGKILL a NATS server; start it again after [`NATS_DOWN`] on its storage.
+    /// SIGKILL a NATS server (each in turn); start it again after [`NATS_DOWN`] on
+    /// its storage.
     Nats,
 }
 
@@ -234,7 +237,6 @@ impl Cluster {
                 }
             }
             let fault = faults[turn % faults.len()];
-            let victim = turn / faults.len();
             turn += 1;
             let at = Instant::now();
             {
@@ -250,13 +252,13 @@ impl Cluster {
             *self.report.kills.entry(fault.name()).or_default() += 1;
             match fault {
                 Fault::Gateway => {
-                    let index = victim % self.gateways.len();
+                    let index = self.balancer.busiest();
                     self.gateways[index].kill();
                     tokio::time::sleep(GATEWAY_DOWN).await;
                     self.restart(index).await?;
                 }
                 Fault::Zombie => {
-                    let index = victim % self.gateways.len();
+                    let index = self.balancer.busiest();
                     self.gateways[index].pause(true);
                     tokio::time::sleep(self.gateway_timeout + ZOMBIE_OVERSTAY).await;
                     self.gateways[index].pause(false);
@@ -274,7 +276,7 @@ impl Cluster {
                     self.restart(index).await?;
                 }
                 Fault::Nats => {
-                    let index = victim % self.nats.len();
+                    let index = (turn / faults.len()) % self.nats.len();
                     self.nats[index].kill();
                     tokio::time::sleep(NATS_DOWN).await;
                     // Starting it waits for it (JetStream recovers first): off the
@@ -370,8 +372,9 @@ impl Cluster {
     }
 }
 
-/// A gateway's `fenced_records` counter, from its metrics.
-fn fenced_records(admin: std::net::SocketAddr) -> Option<u64> {
+/// A gateway's count of records of ended runs it fenced off, from the metrics on
+/// its admin listener `admin`.
+pub fn fenced_records(admin: std::net::SocketAddr) -> Option<u64> {
     let text = ureq::get(&format!("http://{admin}/metrics"))
         .config()
         .timeout_global(Some(Duration::from_secs(2)))

@@ -12,7 +12,7 @@ use gateway::auth::{AccountEntry, AccountsFile, ApiKeyEntry};
 use gateway::config::Config;
 use gateway::server::{Gateway, Setup};
 use gateway::token::TokenKeyRing;
-use gateway_client::{ClientConfig, Credentials, Link};
+use gateway_client::{ClientConfig, Credentials, Event, Link};
 use proto::Frame;
 
 pub use loadtest::relay::Relay;
@@ -322,6 +322,28 @@ pub fn failed_start(settings: &[&str]) -> String {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!output.status.success(), "the gateway started");
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The next sequenced frame that `want` picks, within `within`; other events pass,
+/// an ended session or a closed channel fails the test.
+pub async fn next_frame(
+    events: &mut tokio::sync::mpsc::Receiver<Event>,
+    within: Duration,
+    want: fn(&Frame) -> bool,
+) -> Frame {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Some(Event::Message(frame)) if want(&frame) => return frame,
+                Some(Event::Ended(reason)) => panic!("session ended: {reason:?}"),
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    };
+    tokio::time::timeout(within, wait)
+        .await
+        .expect("the frame in time")
 }
 
 /// The `gateway` binary of this build (`cargo test --workspace` builds it).

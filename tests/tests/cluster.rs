@@ -15,25 +15,12 @@ use proto::Frame;
 /// How long the tests wait for an answer.
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// The next frame of a kind, within [`PATIENCE`]; resumes pass, an ended session
-/// fails the test.
+/// The next frame of a kind, within [`PATIENCE`].
 async fn next_frame(
     events: &mut tokio::sync::mpsc::Receiver<Event>,
     want: fn(&Frame) -> bool,
 ) -> Frame {
-    let wait = async {
-        loop {
-            match events.recv().await {
-                Some(Event::Message(frame)) if want(&frame) => return frame,
-                Some(Event::Ended(reason)) => panic!("session ended: {reason:?}"),
-                Some(_) => {}
-                None => panic!("events ended"),
-            }
-        }
-    };
-    tokio::time::timeout(PATIENCE, wait)
-        .await
-        .expect("the frame in time")
+    e2e::next_frame(events, PATIENCE, want).await
 }
 
 /// The quantity of the next fill.
@@ -166,6 +153,13 @@ async fn two_gateway_processes(nats: &NatsServer) -> (Vec<GatewayProcess>, Balan
     (gateways, balancer)
 }
 
+/// Stops the gateways, the first (which owns the stream) last.
+async fn stop(gateways: Vec<GatewayProcess>) {
+    for gateway in gateways.into_iter().rev() {
+        gateway.stop(false).await;
+    }
+}
+
 /// A client of demo account `index` through the balancer, quick to notice a dead
 /// path.
 fn through(gateways: &[GatewayProcess], balancer: &Balancer, index: usize) -> ClientConfig {
@@ -253,9 +247,7 @@ async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost(
         .await;
     assert_eq!(balancer.flows_moved(), 1, "the maker's flow moved");
     drop((maker, taker));
-    for gateway in gateways.into_iter().rev() {
-        gateway.stop(false).await;
-    }
+    stop(gateways).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,21 +275,10 @@ async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
     assert!(log.contains("run (started at position"), "{log}");
 
     // What it appended on waking was fenced off by the gateway that carried on.
-    let metrics = ureq::get(&format!("http://{}/metrics", gateways[1].admin()))
-        .call()
-        .expect("metrics")
-        .into_body()
-        .read_to_string()
-        .expect("text");
-    let fenced = metrics
-        .lines()
-        .find(|line| line.contains("fenced_records_total"))
-        .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok());
+    let fenced = loadtest::cluster::fenced_records(gateways[1].admin());
     assert!(fenced >= Some(1), "{fenced:?}");
     drop((maker, taker));
-    for gateway in gateways.into_iter().rev() {
-        gateway.stop(false).await;
-    }
+    stop(gateways).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

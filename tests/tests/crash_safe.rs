@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use e2e::{http, NatsServer, TestGateway};
+use e2e::{http, next_frame, NatsServer, TestGateway};
 use gateway::sequencer::JetStreamLog;
 use gateway_client::{Client, ClientConfig, ClientError, Credentials, Event, OrderParams};
 use loadtest::crash::{CrashSafe, GatewayProcess};
@@ -100,27 +100,6 @@ async fn connect(
     config.idle_timeout = Duration::from_secs(60);
     config.keep_alive = Duration::from_millis(200);
     Client::connect(config).await.expect("login")
-}
-
-/// The next frame of a kind, within `within`.
-async fn next_frame(
-    events: &mut tokio::sync::mpsc::Receiver<Event>,
-    within: Duration,
-    want: fn(&Frame) -> bool,
-) -> Frame {
-    let wait = async {
-        loop {
-            match events.recv().await {
-                Some(Event::Message(frame)) if want(&frame) => return frame,
-                Some(Event::Ended(reason)) => panic!("session ended: {reason:?}"),
-                Some(_) => {}
-                None => panic!("events ended"),
-            }
-        }
-    };
-    tokio::time::timeout(within, wait)
-        .await
-        .expect("the frame in time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
