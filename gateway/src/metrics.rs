@@ -99,6 +99,8 @@ pub struct Snapshot {
     pub sessions_evicted: u64,
     /// Crash-safe mode: records of gateway runs that had ended, not applied.
     pub fenced_records: u64,
+    /// Crash-safe mode: gateways live on the stream, this one included.
+    pub live_gateways: u64,
     /// Crash-safe mode: stream position of the last record the core applied.
     pub applied_position: u64,
     /// Crash-safe mode: records the stream did not acknowledge in time.
@@ -321,6 +323,11 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
         "sequencer_snapshot_failures",
         "Crash-safe mode: core snapshots that could not be stored",
         ConstCounter::new(snapshot.core_snapshot_failures),
+    );
+    registry.register(
+        "sequencer_live_gateways",
+        "Crash-safe mode: gateways live on the stream as the core sees them, this one included",
+        gauge(snapshot.live_gateways),
     );
     registry.register(
         "fenced_records",

@@ -1492,6 +1492,12 @@ impl Shared {
             snapshot_resumes: stats.snapshot_resumes,
             sessions_evicted: stats.evicted,
             fenced_records: self.fenced_records.load(Ordering::Relaxed),
+            live_gateways: self
+                .members
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .live()
+                .count() as u64,
             applied_position: self.applied_position.load(Ordering::Relaxed),
             append_failures: self.log.as_ref().map_or(0, |log| log.append_failures()),
             core_snapshot_position: self.snapshot_position.load(Ordering::Relaxed),

@@ -39,16 +39,14 @@ const ZOMBIE_OVERSTAY: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Fault {
-    /// SIGKILL the gateway with the most clients; start it again after
-    /// [`GATEWAY_DOWN`].
+    /// SIGKILL the gateway with the most clients; start it again 1.5 s later.
     Gateway,
-    /// SIGSTOP the gateway with the most clients past its timeout (by
-    /// [`ZOMBIE_OVERSTAY`]), then SIGCONT:
-    /// the others have declared it gone, fence off what it appends, and it stops;
-    /// it is started again.
+    /// SIGSTOP the gateway with the most clients until 2 s past its timeout, then
+    /// SIGCONT: the others have declared it gone and fence off what it appends, and
+    /// it stops; it is started again.
     Zombie,
-    /// SIGKILL a NATS server (each in turn); start it again after [`NATS_DOWN`] on
-    /// its storage.
+    /// SIGKILL a NATS server (each in turn); start it again 0.5 s later on its
+    /// storage.
     Nats,
 }
 

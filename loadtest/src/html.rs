@@ -232,7 +232,7 @@ fn timeline_chart(timeline: &[TimelinePoint], chaos: &[ChaosEvent]) -> Result<St
                     PathElement::new([(event.t_s, 1.0), (event.t_s, top * 1.5)], marks)
                 }))
                 .map_err(|e| e.to_string())?
-                .label(format!("forced disconnect ({})", chaos.len()))
+                .label(format!("forced disconnects and faults ({})", chaos.len()))
                 .legend(move |(x, y)| PathElement::new([(x + 10, y - 6), (x + 10, y + 6)], marks));
         }
         for (pick, colour, label) in [

@@ -100,6 +100,19 @@ async fn gateways_on_one_stream_hold_the_same_core_and_route_answers_to_the_sess
         (a.gateway.connection_count(), b.gateway.connection_count()),
         (1, 1)
     );
+    let live = |gateway: &TestGateway| {
+        gateway
+            .gateway
+            .metrics_text()
+            .lines()
+            .find(|line| line.starts_with("gateway_sequencer_live_gateways"))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        live(&a).as_deref(),
+        Some("gateway_sequencer_live_gateways 2")
+    );
+    assert_eq!(live(&b), live(&a));
     drop((maker, taker));
     b.gateway.shutdown().await;
     a.gateway.shutdown().await;
