@@ -133,9 +133,8 @@ impl Balancer {
         self.shared.healthy[index].load(Ordering::Relaxed)
     }
 
-    /// The healthy backend with the most client flows (the first if none has
-    /// any): where a fault hurts most.
-    pub fn busiest(&self) -> usize {
+    /// Client flows on each backend, in backend order.
+    pub fn flows(&self) -> Vec<usize> {
         let flows = self
             .shared
             .flows
@@ -145,6 +144,13 @@ impl Balancer {
         for flow in flows.values() {
             counts[flow.backend] += 1;
         }
+        counts
+    }
+
+    /// The healthy backend with the most client flows (the first if none has
+    /// any): where a fault hurts most.
+    pub fn busiest(&self) -> usize {
+        let counts = self.flows();
         (0..counts.len())
             .filter(|&index| self.is_healthy(index))
             .max_by_key(|&index| (counts[index], std::cmp::Reverse(index)))

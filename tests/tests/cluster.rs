@@ -184,21 +184,24 @@ fn through(gateways: &[GatewayProcess], balancer: &Balancer, index: usize) -> Cl
     config
 }
 
-/// The maker (on the first gateway, the balancer's first pick) rests a sell of 10;
-/// the taker (on the second) buys 4 of it.
+/// A client and its events.
+type Connected = (Client, tokio::sync::mpsc::Receiver<Event>);
+
+/// The maker rests a sell of 10 on one gateway; the taker, on the other (the
+/// balancer takes gateways in turn), buys 4 of it. Also returns the maker's gateway.
 async fn trade_across(
     gateways: &[GatewayProcess],
     balancer: &Balancer,
-) -> (
-    (Client, tokio::sync::mpsc::Receiver<Event>),
-    (Client, tokio::sync::mpsc::Receiver<Event>),
-) {
+) -> (Connected, Connected, usize) {
     let (maker, mut maker_events) = Client::connect(through(gateways, balancer, 0))
         .await
         .expect("maker logs in");
+    let on = balancer.flows();
+    let makers = on.iter().position(|flows| *flows == 1).expect("one flow");
     let (taker, mut taker_events) = Client::connect(through(gateways, balancer, 1))
         .await
         .expect("taker logs in");
+    assert_eq!(balancer.flows(), [1, 1], "one client on each gateway");
     maker
         .new_order(OrderParams::limit_sell(1, 1, 100, 10))
         .expect("send");
@@ -208,7 +211,7 @@ async fn trade_across(
         .expect("send");
     assert_eq!(next_fill(&mut taker_events).await, 4);
     assert_eq!(next_fill(&mut maker_events).await, 4);
-    ((maker, maker_events), (taker, taker_events))
+    ((maker, maker_events), (taker, taker_events), makers)
 }
 
 /// After its gateway went away, the maker resumes on the other one: it gets the
@@ -252,10 +255,10 @@ async fn maker_resumes_elsewhere_with_nothing_lost(
 async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost() {
     let nats = NatsServer::start();
     let (mut gateways, balancer) = two_gateway_processes(&nats).await;
-    let ((maker, mut maker_events), (taker, mut taker_events)) =
+    let ((maker, mut maker_events), (taker, mut taker_events), makers) =
         trade_across(&gateways, &balancer).await;
 
-    gateways[0].kill();
+    gateways[makers].kill();
     maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
         .await;
     assert_eq!(balancer.flows_moved(), 1, "the maker's flow moved");
@@ -267,28 +270,28 @@ async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost(
 async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
     let nats = NatsServer::start();
     let (mut gateways, balancer) = two_gateway_processes(&nats).await;
-    let ((maker, mut maker_events), (taker, mut taker_events)) =
+    let ((maker, mut maker_events), (taker, mut taker_events), makers) =
         trade_across(&gateways, &balancer).await;
 
     // The zombie: paused past its timeout, while its client resumes elsewhere.
-    gateways[0].pause(true);
+    gateways[makers].pause(true);
     maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
         .await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    gateways[0].pause(false);
+    gateways[makers].pause(false);
     let stopped = async {
-        while !gateways[0].has_exited() {
+        while !gateways[makers].has_exited() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     tokio::time::timeout(PATIENCE, stopped)
         .await
         .expect("the woken gateway stops");
-    let log = gateways[0].log_tail();
+    let log = gateways[makers].log_tail();
     assert!(log.contains("run (started at position"), "{log}");
 
     // What it appended on waking was fenced off by the gateway that carried on.
-    let fenced = loadtest::cluster::fenced_records(gateways[1].admin());
+    let fenced = loadtest::cluster::fenced_records(gateways[1 - makers].admin());
     assert!(fenced >= Some(1), "{fenced:?}");
     drop((maker, taker));
     stop(gateways).await;
@@ -298,25 +301,22 @@ async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
 async fn a_drained_gateway_sends_its_sessions_to_another() {
     let nats = NatsServer::start();
     let (mut gateways, balancer) = two_gateway_processes(&nats).await;
-    let ((maker, mut maker_events), (taker, mut taker_events)) =
+    let ((maker, mut maker_events), (taker, mut taker_events), makers) =
         trade_across(&gateways, &balancer).await;
 
     // SIGTERM: not ready, then `ShuttingDown` to its clients, which resume on the
     // other gateway by themselves.
-    let mut first = gateways.remove(0);
+    let mut drained = gateways.remove(makers);
     let drained = tokio::spawn(async move {
-        first.terminate().await;
-        first
+        drained.terminate().await;
+        drained
     });
     maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
         .await;
-    let first = drained.await.expect("drained");
+    gateways.insert(makers, drained.await.expect("drained"));
     assert_eq!(balancer.flows_moved(), 1, "the maker's flow moved");
     drop((maker, taker));
-    for gateway in gateways {
-        gateway.stop(false).await;
-    }
-    first.stop(false).await;
+    stop(gateways).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
