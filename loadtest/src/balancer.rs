@@ -4,11 +4,17 @@
 //! It does what a real one must do for QUIC, and no more: it forwards UDP datagrams
 //! without terminating QUIC, keeps each client address on one backend (a flow),
 //! and sends new connections only to healthy backends. Health is each backend's
-//! `GET /readyz` on its admin listener, checked every [`HEALTH_INTERVAL`]: a gateway
-//! killed, paused or draining fails it. A QUIC Initial packet from a client whose
-//! backend is unhealthy starts the flow again on a healthy one, so a client that
-//! reconnects from the same port (the gateway client keeps its endpoint) reaches a
-//! live gateway and resumes there.
+//! `GET /readyz` on its admin listener, checked every [`HEALTH_INTERVAL`]; two
+//! failures in a row (a gateway killed, paused or draining) make a backend
+//! unhealthy, one success healthy again.
+//!
+//! The next packet of a flow whose backend is unhealthy moves the flow to a healthy
+//! backend. If the packet belongs to the old connection, the gateway it lands on
+//! does not know that connection and answers with a QUIC stateless reset, which the
+//! client accepts (every gateway of a stream derives its reset key from the shared
+//! token key): the client learns at once that its connection is gone, without
+//! waiting for its idle timeout, and its next connection (from the same port: the
+//! gateway client keeps its endpoint) resumes there.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,8 +25,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
-
-use crate::relay::is_quic_initial;
 
 /// How often each backend's health is checked.
 pub const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
@@ -180,10 +184,9 @@ async fn forward(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
     while let Ok((len, client)) = socket.recv_from(&mut packet).await {
         let route = {
             let mut flows = shared.flows.lock().unwrap_or_else(PoisonError::into_inner);
-            let stale = flows.get(&client).is_some_and(|flow| {
-                !shared.healthy[flow.backend].load(Ordering::Relaxed)
-                    && is_quic_initial(&packet[..len])
-            });
+            let stale = flows
+                .get(&client)
+                .is_some_and(|flow| !shared.healthy[flow.backend].load(Ordering::Relaxed));
             if stale {
                 if let Some(old) = flows.remove(&client) {
                     old.task.abort();
@@ -238,16 +241,22 @@ async fn backward(upstream: Arc<UdpSocket>, socket: Arc<UdpSocket>, client: Sock
     }
 }
 
-/// Checks backend `index`'s `/readyz` every [`HEALTH_INTERVAL`].
+/// Checks backend `index`'s `/readyz` every [`HEALTH_INTERVAL`]: two failures in
+/// a row make it unhealthy (one slow answer on a busy machine does not), one
+/// success healthy.
 async fn check_health(shared: Arc<Shared>, index: usize) {
     let admin = shared.backends[index].admin;
     let mut interval = tokio::time::interval(HEALTH_INTERVAL);
+    let mut failed_before = false;
     loop {
         interval.tick().await;
         let ready = tokio::time::timeout(HEALTH_TIMEOUT, is_ready(admin))
             .await
             .unwrap_or(false);
-        shared.healthy[index].store(ready, Ordering::Relaxed);
+        if ready || failed_before {
+            shared.healthy[index].store(ready, Ordering::Relaxed);
+        }
+        failed_before = !ready;
     }
 }
 

@@ -218,12 +218,13 @@ pub struct TimelinePoint {
     pub p99_us: f64,
 }
 
-/// A forced disconnect.
+/// A forced disconnect, or a fault of a process (a gateway kill, a cluster fault).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ChaosEvent {
     /// When, seconds from the run's start.
     pub t_s: f64,
-    /// `clean`, `abrupt` or `blackhole`.
+    /// `clean`, `abrupt` or `blackhole`; `gateway_kill`; `gateway`, `zombie` or
+    /// `nats`.
     pub mode: &'static str,
 }
 
@@ -523,7 +524,8 @@ pub struct Report {
     pub ack_latency_curve: Vec<CurvePoint>,
     /// The same over the run, in slices of 250 ms by intended send time.
     pub timeline: Vec<TimelinePoint>,
-    /// The forced disconnects (and gateway kills, `gateway_kill`), in order.
+    /// The forced disconnects, gateway kills (`gateway_kill`) and cluster faults
+    /// (`gateway`, `zombie`, `nats`), in order.
     pub chaos_events: Vec<ChaosEvent>,
     /// Times the gateway process was killed (SIGKILL) and started again.
     pub gateway_restarts: u64,

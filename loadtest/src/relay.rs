@@ -208,7 +208,7 @@ async fn forward(
 }
 
 /// A QUIC version 1 Initial packet: long header (bit 7) with packet type 0 (bits 4-5).
-pub(crate) fn is_quic_initial(packet: &[u8]) -> bool {
+fn is_quic_initial(packet: &[u8]) -> bool {
     packet
         .first()
         .is_some_and(|first| first & 0x80 != 0 && first & 0x30 == 0)

@@ -261,7 +261,7 @@ async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost(
     gateways[makers].kill();
     maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
         .await;
-    assert_eq!(balancer.flows_moved(), 1, "the maker's flow moved");
+    assert!(balancer.flows_moved() >= 1, "the maker's flow moved");
     drop((maker, taker));
     stop(gateways).await;
 }
@@ -314,7 +314,7 @@ async fn a_drained_gateway_sends_its_sessions_to_another() {
     maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
         .await;
     gateways.insert(makers, drained.await.expect("drained"));
-    assert_eq!(balancer.flows_moved(), 1, "the maker's flow moved");
+    assert!(balancer.flows_moved() >= 1, "the maker's flow moved");
     drop((maker, taker));
     stop(gateways).await;
 }

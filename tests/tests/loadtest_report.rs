@@ -25,7 +25,10 @@ async fn the_html_report_draws_both_charts_with_the_disconnects_and_needs_nothin
     for text in [
         "gateway order → answer",
         "bare QUIC echo",
-        &format!("forced disconnect ({})", report.chaos_events.len()),
+        &format!(
+            "forced disconnects and faults ({})",
+            report.chaos_events.len()
+        ),
         "No violations",
         "orders sent",
     ] {
