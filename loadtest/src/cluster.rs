@@ -97,6 +97,8 @@ pub struct ClusterReport {
     pub fenced_stale_records: u64,
     /// From a gateway fault to each of its sessions' resume elsewhere, milliseconds.
     pub failover_ms: Failover,
+    /// The same by fault (`gateway`, `zombie`).
+    pub failover_ms_by_fault: BTreeMap<&'static str, Failover>,
     /// How long restarted gateways took to be ready, milliseconds (median).
     pub gateway_ready_ms: f64,
     /// Gateways that stopped outside a fault of theirs (their run declared gone
@@ -245,7 +247,7 @@ impl Cluster {
                     mode: fault.name(),
                 });
                 // Resumes until the next fault are this one's failovers.
-                tally.gateway_fault = (fault != Fault::Nats).then_some(at);
+                tally.gateway_fault = (fault != Fault::Nats).then_some((at, fault));
             }
             *self.report.kills.entry(fault.name()).or_default() += 1;
             match fault {
@@ -334,7 +336,11 @@ impl Cluster {
 
     /// The report, with what the balancer and the gateways counted; `failover` is
     /// the run's failover histogram.
-    pub(crate) async fn report(&self, failover: &Histogram<u64>) -> ClusterReport {
+    pub(crate) async fn report(&self, failover: &BTreeMap<Fault, Histogram<u64>>) -> ClusterReport {
+        let mut all = crate::histogram();
+        for histogram in failover.values() {
+            let _ = all.add(histogram);
+        }
         let admins: Vec<_> = self.gateways.iter().map(GatewayProcess::admin).collect();
         let fenced = tokio::task::spawn_blocking(move || {
             admins.into_iter().filter_map(fenced_records).max()
@@ -346,7 +352,11 @@ impl Cluster {
         ClusterReport {
             cross_gateway_resumes: self.balancer.flows_moved(),
             fenced_stale_records: fenced,
-            failover_ms: Failover::of(failover),
+            failover_ms: Failover::of(&all),
+            failover_ms_by_fault: failover
+                .iter()
+                .map(|(fault, histogram)| (fault.name(), Failover::of(histogram)))
+                .collect(),
             gateway_ready_ms: if self.ready.is_empty() {
                 0.0
             } else {

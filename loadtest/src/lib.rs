@@ -674,9 +674,9 @@ struct Tally {
     chaos_events: Vec<ChaosEvent>,
     /// Cluster runs: when the latest fault of a gateway began, until the next
     /// fault; resumes meanwhile are its sessions' failovers.
-    gateway_fault: Option<Instant>,
-    /// Cluster runs: from a gateway fault to each resume after it.
-    failover: Histogram<u64>,
+    gateway_fault: Option<(Instant, cluster::Fault)>,
+    /// Cluster runs: from a gateway fault to each resume after it, by fault.
+    failover: BTreeMap<cluster::Fault, Histogram<u64>>,
     /// Set when the run logs its sessions out: their end is expected.
     logging_out: bool,
     verifier: Verifier,
@@ -818,7 +818,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         timeline: Vec::new(),
         chaos_events: Vec::new(),
         gateway_fault: None,
-        failover: histogram(),
+        failover: BTreeMap::new(),
         verifier,
         books: (0..options.sessions)
             .map(|_| SessionBook::default())
@@ -1420,8 +1420,9 @@ async fn receive_events(
                 if let Some(at) = tally.books[index].gateway_killed.take() {
                     record(&mut tally.restart_resume, now.saturating_duration_since(at));
                 }
-                if let Some(at) = tally.gateway_fault {
-                    record(&mut tally.failover, now.saturating_duration_since(at));
+                if let Some((at, fault)) = tally.gateway_fault {
+                    let failover = tally.failover.entry(fault).or_insert_with(histogram);
+                    record(failover, now.saturating_duration_since(at));
                 }
             }
             Event::Ended(ReasonCode::LoggedOut) if tally.logging_out => return,
