@@ -29,7 +29,9 @@ use dashmap::DashMap;
 use matching_stub as engine;
 use proto::{ReasonCode, SessionToken};
 
-use crate::session::{Action, CodPolicy, ConnectionId, LoginGrant, Session, SessionConfig};
+use crate::session::{
+    Action, CodPolicy, ConnectionId, LoginGrant, ResumeClaim, Session, SessionConfig,
+};
 use crate::time::Timestamp;
 use crate::token::{KeyError, TokenKeyRing};
 use proto::CancelOnDisconnect;
@@ -438,6 +440,7 @@ impl Registry {
         &self,
         conn: ConnectionId,
         request: &proto::Resume,
+        sent_here: Option<u64>,
         now: Timestamp,
         out: &mut Vec<Action>,
     ) -> Result<SessionHandle, ReasonCode> {
@@ -461,7 +464,10 @@ impl Registry {
             }
             guard.resume(
                 conn,
-                claims.generation,
+                ResumeClaim {
+                    generation: claims.generation,
+                    sent_here,
+                },
                 request,
                 now,
                 |generation, expires_at| {

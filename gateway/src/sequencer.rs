@@ -74,6 +74,10 @@ pub enum Record {
         conn: ConnectionId,
         /// The encoded `Resume` frame.
         resume: Vec<u8>,
+        /// The highest server sequence the appending gateway run sent the session,
+        /// if the session was last on that run as far as the run knew: the most its
+        /// client can acknowledge if the core finds the same.
+        sent_here: Option<u64>,
     },
     /// A frame of session `session`'s client on `conn` after the handshake.
     Frame {

@@ -1602,17 +1602,19 @@ impl Shared {
         let now = Timestamp::now();
         let rejected = |reason| Frame::from(proto::ResumeRejected { reason });
         let result = match &self.log {
-            // What this gateway sent (and, before its start, its predecessors) is
-            // known here, not in the core: check the resume's ack first.
-            Some(_) if self.resume_acks_unsent(resume) => Err(ReasonCode::AckBeyondSent),
+            // What this gateway sent is known here, not in the core: the record
+            // says it, and the core checks the resume's ack against it if the
+            // session was last on this gateway's run when the core applies it
+            // (this copy of the core may not have applied a move elsewhere yet).
             Some(log) => {
                 let record = Record::Resume {
                     conn: conn_id,
                     resume: Frame::from(*resume).to_bytes().into(),
+                    sent_here: self.sent_here(resume, log.run()),
                 };
                 handshake_outcome(log, log.call(record, conn_id).await, conn_id)
             }
-            None => self.resume_session(conn_id, resume, now),
+            None => self.resume_session(conn_id, resume, None, now),
         };
         match result {
             Ok(session) => {
@@ -1633,15 +1635,13 @@ impl Shared {
         }
     }
 
-    /// Whether a resume acknowledges messages this gateway never sent (crash-safe
-    /// mode's edge check; the core checks only that they exist).
-    fn resume_acks_unsent(&self, resume: &proto::Resume) -> bool {
+    /// Crash-safe mode: what this gateway's run (`here`) sent the session a resume
+    /// names, if that session was last on this run as far as this copy of the core
+    /// knows; carried in the `Resume` record for the core's check of its ack.
+    fn sent_here(&self, resume: &proto::Resume, here: u64) -> Option<u64> {
         self.registry
             .session_of_token(&resume.token.0)
-            .is_some_and(|session| {
-                let here = self.log.as_ref().map_or(0, |log| log.run());
-                lock(&session).ack_beyond_sent(resume.last_acked_server_seq, here)
-            })
+            .and_then(|session| lock(&session).sent_by_run(here))
     }
 
     /// The account's orders, from an inline engine; `None` from one on its thread.

@@ -260,6 +260,17 @@ pub enum Transmit {
     Finished(ReasonCode),
 }
 
+/// What a resume brings besides its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeClaim {
+    /// The generation of the verified token presented.
+    pub generation: u32,
+    /// Crash-safe mode: what the gateway run of the resuming connection says it
+    /// sent the session. If the session was last on that run, it bounds what the
+    /// client can acknowledge; else anything assigned may have been sent.
+    pub sent_here: Option<u64>,
+}
+
 /// One session: sequence numbers, retained output, order view, connection state.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Session {
@@ -468,11 +479,15 @@ impl Session {
     /// the session is (or was last) attached to another run's connection, any
     /// message assigned may have been sent there.
     pub fn ack_beyond_sent(&self, seq: u64, here: u64) -> bool {
-        if run_of(self.last_conn) == here {
-            seq > self.highest_sent
-        } else {
-            seq > self.ring.next_seq() - 1
-        }
+        seq > self
+            .sent_by_run(here)
+            .unwrap_or_else(|| self.ring.next_seq() - 1)
+    }
+
+    /// The highest server sequence the gateway run `here` sent, if the session was
+    /// last attached to that run (as far as this copy of the core has applied).
+    pub fn sent_by_run(&self, here: u64) -> Option<u64> {
+        (run_of(self.last_conn) == here).then_some(self.highest_sent)
     }
 
     /// Another gateway run may have sent every message assigned so far: the edge
@@ -867,7 +882,7 @@ impl Session {
     }
 
     /// Resumes the session on `conn` for a client presenting a verified token of
-    /// `generation`.
+    /// `claim.generation` (see [`ResumeClaim`]).
     ///
     /// `mint` makes the rotated token for a generation and expiry. On success the
     /// `ResumeAccepted` and, if needed, a snapshot are queued on `conn`, the replay
@@ -875,12 +890,16 @@ impl Session {
     pub fn resume(
         &mut self,
         conn: ConnectionId,
-        generation: u32,
+        claim: ResumeClaim,
         request: &proto::Resume,
         now: Timestamp,
         mint: impl FnOnce(u32, Timestamp) -> Option<SessionToken>,
         out: &mut Vec<Action>,
     ) -> Result<Resumed, ResumeRefused> {
+        let ResumeClaim {
+            generation,
+            sent_here,
+        } = claim;
         if let Some(reason) = self.closed_reason() {
             return Err(ResumeRefused(match reason {
                 ReasonCode::Revoked | ReasonCode::TokenSuperseded => reason,
@@ -898,7 +917,13 @@ impl Session {
             self.end(ReasonCode::TokenSuperseded, out);
             return Err(ResumeRefused(ReasonCode::TokenSuperseded));
         }
-        if request.last_acked_server_seq > self.ack_limit() {
+        let ack_limit = match sent_here {
+            Some(sent) if run_of(self.last_conn) == run_of(conn) => {
+                sent.min(self.ring.next_seq() - 1)
+            }
+            _ => self.ack_limit(),
+        };
+        if request.last_acked_server_seq > ack_limit {
             return Err(ResumeRefused(ReasonCode::AckBeyondSent));
         }
         let next_generation = self

@@ -1357,3 +1357,47 @@ fn the_cancels_of_a_session_evicted_while_detached_reach_the_accounts_live_sessi
     );
     assert!(sim.registry.get(evicted.session_id).is_none());
 }
+
+#[test]
+fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
+    // Crash-safe mode's core: a resume's ack is bounded by what was assigned, and
+    // by what the resuming connection's gateway run says it sent if the session was
+    // last on that run when the core applies the resume.
+    let mut sim = Sim::new(SessionConfig {
+        ack_bound: gateway::session::AckBound::Assigned,
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, NO_COD);
+    for id in 1..=3 {
+        client.new_order(id, Side::Buy, 90, 1);
+    }
+    sim.settle(&mut client);
+    assert_eq!(client.last_server_seq, 3);
+    sim.drop_connection(&mut client);
+    let resume = proto::Resume {
+        token: client.token.expect("token"),
+        last_acked_server_seq: 3,
+        next_client_seq: client.next_client_seq,
+    };
+    let mut out = Vec::new();
+
+    // Gateway run 7's copy of the core had not applied the session's latest moves
+    // and believed the session was last on run 7, which sent it nothing; the core
+    // knows it was last on run 0, which may have sent all three.
+    let on_run_7 = 7 << 32 | 1;
+    let resumed = sim
+        .registry
+        .resume(on_run_7, &resume, Some(0), sim.now, &mut out);
+    assert!(resumed.is_ok(), "{:?}", resumed.err());
+
+    // Now it is on run 7: what run 7 says it sent bounds the next resume there.
+    let again_on_run_7 = 7 << 32 | 2;
+    let refused = sim
+        .registry
+        .resume(again_on_run_7, &resume, Some(2), sim.now, &mut out);
+    assert_eq!(refused.err(), Some(ReasonCode::AckBeyondSent));
+    let resumed = sim
+        .registry
+        .resume(again_on_run_7, &resume, Some(3), sim.now, &mut out);
+    assert!(resumed.is_ok(), "{:?}", resumed.err());
+}

@@ -223,8 +223,12 @@ impl Shared {
                 };
                 Some(Outcome::Session(created))
             }
-            Record::Resume { conn, resume } => Some(Outcome::Session(match decoded(&resume) {
-                Some(Frame::Resume(resume)) => self.resume_session(conn, &resume, now),
+            Record::Resume {
+                conn,
+                resume,
+                sent_here,
+            } => Some(Outcome::Session(match decoded(&resume) {
+                Some(Frame::Resume(resume)) => self.resume_session(conn, &resume, sent_here, now),
                 _ => Err(ReasonCode::InternalError),
             })),
             Record::Frame {
@@ -371,15 +375,19 @@ impl Shared {
         Ok(new?.session)
     }
 
-    /// Core: resumes the session a token names on `conn_id`.
+    /// Core: resumes the session a token names on `conn_id`; `sent_here` is what the
+    /// gateway run of `conn_id` says it sent the session (crash-safe mode).
     pub(super) fn resume_session(
         &self,
         conn_id: ConnectionId,
         resume: &proto::Resume,
+        sent_here: Option<u64>,
         now: Timestamp,
     ) -> Result<SessionHandle, ReasonCode> {
         let mut actions = Vec::new();
-        let result = self.registry.resume(conn_id, resume, now, &mut actions);
+        let result = self
+            .registry
+            .resume(conn_id, resume, sent_here, now, &mut actions);
         self.execute(actions, now);
         result
     }

@@ -306,7 +306,9 @@ impl Sim {
             next_client_seq: client.next_client_seq,
         };
         let mut out = Vec::new();
-        let result = self.registry.resume(conn, &request, self.now, &mut out);
+        let result = self
+            .registry
+            .resume(conn, &request, None, self.now, &mut out);
         self.apply(out);
         let session = result?;
         self.writers.insert(client.session_id, session);
