@@ -214,6 +214,33 @@ async fn trade_across(
     ((maker, maker_events), (taker, taker_events), makers)
 }
 
+/// Two gateway processes behind a balancer with a trade across them.
+struct Across {
+    nats: NatsServer,
+    gateways: Vec<GatewayProcess>,
+    balancer: Balancer,
+    maker: Connected,
+    taker: Connected,
+    /// The maker's gateway.
+    makers: usize,
+}
+
+/// Starts NATS, two gateway processes and the balancer, and trades across them
+/// ([`trade_across`]).
+async fn across() -> Across {
+    let nats = NatsServer::start();
+    let (gateways, balancer) = two_gateway_processes(&nats).await;
+    let (maker, taker, makers) = trade_across(&gateways, &balancer).await;
+    Across {
+        nats,
+        gateways,
+        balancer,
+        maker,
+        taker,
+        makers,
+    }
+}
+
 /// After its gateway went away, the maker resumes on the other one: it gets the
 /// fill of 3 made meanwhile exactly once (before its connection closed, or replayed
 /// after the resume), and its order's rest of 3 is still there to cancel.
@@ -253,10 +280,14 @@ async fn maker_resumes_elsewhere_with_nothing_lost(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost() {
-    let nats = NatsServer::start();
-    let (mut gateways, balancer) = two_gateway_processes(&nats).await;
-    let ((maker, mut maker_events), (taker, mut taker_events), makers) =
-        trade_across(&gateways, &balancer).await;
+    let Across {
+        nats: _nats,
+        mut gateways,
+        balancer,
+        maker: (maker, mut maker_events),
+        taker: (taker, mut taker_events),
+        makers,
+    } = across().await;
 
     gateways[makers].kill();
     maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
@@ -268,10 +299,14 @@ async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
-    let nats = NatsServer::start();
-    let (mut gateways, balancer) = two_gateway_processes(&nats).await;
-    let ((maker, mut maker_events), (taker, mut taker_events), makers) =
-        trade_across(&gateways, &balancer).await;
+    let Across {
+        nats: _nats,
+        mut gateways,
+        balancer: _balancer,
+        maker: (maker, mut maker_events),
+        taker: (taker, mut taker_events),
+        makers,
+    } = across().await;
 
     // The zombie: paused past its timeout, while its client resumes elsewhere.
     gateways[makers].pause(true);
@@ -299,10 +334,14 @@ async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_gateway_sends_its_sessions_to_another() {
-    let nats = NatsServer::start();
-    let (mut gateways, balancer) = two_gateway_processes(&nats).await;
-    let ((maker, mut maker_events), (taker, mut taker_events), makers) =
-        trade_across(&gateways, &balancer).await;
+    let Across {
+        nats: _nats,
+        mut gateways,
+        balancer,
+        maker: (maker, mut maker_events),
+        taker: (taker, mut taker_events),
+        makers,
+    } = across().await;
 
     // SIGTERM: not ready, then `ShuttingDown` to its clients, which resume on the
     // other gateway by themselves.
