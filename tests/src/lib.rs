@@ -346,6 +346,24 @@ pub async fn next_frame(
         .expect("the frame in time")
 }
 
+/// Every live session's retained messages (what it would replay), by session id.
+pub fn retained(
+    gateway: &gateway::server::Gateway,
+) -> std::collections::BTreeMap<u64, Vec<bytes::Bytes>> {
+    let registry = gateway.registry();
+    registry
+        .sessions_info()
+        .iter()
+        .map(|info| {
+            let session = registry.get(info.session).expect("live session");
+            let session = gateway::registry::lock(&session);
+            let ring = session.ring();
+            let messages = ring.replay_from(ring.oldest_seq()).cloned().collect();
+            (info.session, messages)
+        })
+        .collect()
+}
+
 /// The `gateway` binary of this build (`cargo test --workspace` builds it).
 pub fn gateway_binary() -> std::path::PathBuf {
     built("gateway")

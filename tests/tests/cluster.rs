@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use e2e::{NatsServer, TestGateway};
+use e2e::{retained, NatsServer, TestGateway};
 use gateway_client::{Client, ClientConfig, Event, OrderParams};
 use loadtest::balancer::{Backend, Balancer};
 use loadtest::crash::{CrashSafe, GatewayProcess};
@@ -72,15 +72,7 @@ async fn gateways_on_one_stream_hold_the_same_core_and_route_answers_to_the_sess
     let (taker, mut taker_events) = Client::connect(a.client_config(2, b.addr))
         .await
         .expect("login on b");
-    maker
-        .new_order(OrderParams::limit_sell(1, 1, 100, 10))
-        .expect("send");
-    next_frame(&mut maker_events, |f| matches!(f, Frame::OrderAck(_))).await;
-    taker
-        .new_order(OrderParams::limit_buy(1, 2, 100, 4))
-        .expect("send");
-    assert_eq!(next_fill(&mut taker_events).await, 4);
-    assert_eq!(next_fill(&mut maker_events).await, 4);
+    trade(&maker, &mut maker_events, &taker, &mut taker_events).await;
 
     // Both gateways applied the same stream: the same sessions, with the same
     // retained messages, byte for byte, and each serves only its own connections.
@@ -116,26 +108,6 @@ async fn gateways_on_one_stream_hold_the_same_core_and_route_answers_to_the_sess
     drop((maker, taker));
     b.gateway.shutdown().await;
     a.gateway.shutdown().await;
-}
-
-/// Every live session's retained messages (what it would replay), by session id.
-fn retained(
-    gateway: &gateway::server::Gateway,
-) -> std::collections::BTreeMap<u64, Vec<bytes::Bytes>> {
-    let registry = gateway.registry();
-    registry
-        .sessions_info()
-        .iter()
-        .map(|info| {
-            let session = registry.get(info.session).expect("live session");
-            let session = gateway::registry::lock(&session);
-            let ring = session.ring();
-            (
-                info.session,
-                ring.replay_from(ring.oldest_seq()).cloned().collect(),
-            )
-        })
-        .collect()
 }
 
 /// Two gateway processes on one stream behind a balancer, each declared gone after
@@ -187,6 +159,24 @@ fn through(gateways: &[GatewayProcess], balancer: &Balancer, index: usize) -> Cl
 /// A client and its events.
 type Connected = (Client, tokio::sync::mpsc::Receiver<Event>);
 
+/// The maker rests a sell of 10; the taker buys 4 of it: each gets its fill.
+async fn trade(
+    maker: &Client,
+    maker_events: &mut tokio::sync::mpsc::Receiver<Event>,
+    taker: &Client,
+    taker_events: &mut tokio::sync::mpsc::Receiver<Event>,
+) {
+    maker
+        .new_order(OrderParams::limit_sell(1, 1, 100, 10))
+        .expect("send");
+    next_frame(maker_events, |f| matches!(f, Frame::OrderAck(_))).await;
+    taker
+        .new_order(OrderParams::limit_buy(1, 2, 100, 4))
+        .expect("send");
+    assert_eq!(next_fill(taker_events).await, 4);
+    assert_eq!(next_fill(maker_events).await, 4);
+}
+
 /// The maker rests a sell of 10 on one gateway; the taker, on the other (the
 /// balancer takes gateways in turn), buys 4 of it. Also returns the maker's gateway.
 async fn trade_across(
@@ -202,15 +192,7 @@ async fn trade_across(
         .await
         .expect("taker logs in");
     assert_eq!(balancer.flows(), [1, 1], "one client on each gateway");
-    maker
-        .new_order(OrderParams::limit_sell(1, 1, 100, 10))
-        .expect("send");
-    next_frame(&mut maker_events, |f| matches!(f, Frame::OrderAck(_))).await;
-    taker
-        .new_order(OrderParams::limit_buy(1, 2, 100, 4))
-        .expect("send");
-    assert_eq!(next_fill(&mut taker_events).await, 4);
-    assert_eq!(next_fill(&mut maker_events).await, 4);
+    trade(&maker, &mut maker_events, &taker, &mut taker_events).await;
     ((maker, maker_events), (taker, taker_events), makers)
 }
 

@@ -1,10 +1,9 @@
 //! Crash-safe mode: the gateway as its own process on a JetStream stream (a real
 //! `nats-server` started here), killed with SIGKILL under load and started again.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use e2e::{http, next_frame, NatsServer, TestGateway};
+use e2e::{http, next_frame, retained, NatsServer, TestGateway};
 use gateway::sequencer::JetStreamLog;
 use gateway_client::{Client, ClientConfig, ClientError, Credentials, Event, OrderParams};
 use loadtest::crash::{CrashSafe, GatewayProcess};
@@ -157,22 +156,6 @@ async fn a_fill_made_while_the_maker_was_away_is_replayed_after_the_gateway_rest
     assert_eq!(maker_fill.client_order_id, 11);
     drop((maker, taker));
     gateway.stop(false).await;
-}
-
-/// Every live session's retained messages (what it would replay), by session id.
-fn retained(gateway: &gateway::server::Gateway) -> BTreeMap<u64, Vec<bytes::Bytes>> {
-    let registry = gateway.registry();
-    registry
-        .sessions_info()
-        .iter()
-        .map(|info| {
-            let session = registry.get(info.session).expect("live session");
-            let session = gateway::registry::lock(&session);
-            let ring = session.ring();
-            let messages = ring.replay_from(ring.oldest_seq()).cloned().collect();
-            (info.session, messages)
-        })
-        .collect()
 }
 
 /// Each session's exactly-once and token state.
