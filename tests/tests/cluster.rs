@@ -66,13 +66,13 @@ async fn gateways_on_one_stream_hold_the_same_core_and_route_answers_to_the_sess
 
     // The maker on one gateway, the taker on the other: the trade's fills reach
     // each on its own gateway.
-    let (maker, mut maker_events) = Client::connect(a.client_config(1, a.addr))
+    let mut maker = Client::connect(a.client_config(1, a.addr))
         .await
         .expect("login on a");
-    let (taker, mut taker_events) = Client::connect(a.client_config(2, b.addr))
+    let mut taker = Client::connect(a.client_config(2, b.addr))
         .await
         .expect("login on b");
-    trade(&maker, &mut maker_events, &taker, &mut taker_events).await;
+    trade(&mut maker, &mut taker).await;
 
     // Both gateways applied the same stream: the same sessions, with the same
     // retained messages, byte for byte, and each serves only its own connections.
@@ -160,12 +160,7 @@ fn through(gateways: &[GatewayProcess], balancer: &Balancer, index: usize) -> Cl
 type Connected = (Client, tokio::sync::mpsc::Receiver<Event>);
 
 /// The maker rests a sell of 10; the taker buys 4 of it: each gets its fill.
-async fn trade(
-    maker: &Client,
-    maker_events: &mut tokio::sync::mpsc::Receiver<Event>,
-    taker: &Client,
-    taker_events: &mut tokio::sync::mpsc::Receiver<Event>,
-) {
+async fn trade((maker, maker_events): &mut Connected, (taker, taker_events): &mut Connected) {
     maker
         .new_order(OrderParams::limit_sell(1, 1, 100, 10))
         .expect("send");
@@ -183,17 +178,17 @@ async fn trade_across(
     gateways: &[GatewayProcess],
     balancer: &Balancer,
 ) -> (Connected, Connected, usize) {
-    let (maker, mut maker_events) = Client::connect(through(gateways, balancer, 0))
+    let mut maker = Client::connect(through(gateways, balancer, 0))
         .await
         .expect("maker logs in");
     let on = balancer.flows();
     let makers = on.iter().position(|flows| *flows == 1).expect("one flow");
-    let (taker, mut taker_events) = Client::connect(through(gateways, balancer, 1))
+    let mut taker = Client::connect(through(gateways, balancer, 1))
         .await
         .expect("taker logs in");
     assert_eq!(balancer.flows(), [1, 1], "one client on each gateway");
-    trade(&maker, &mut maker_events, &taker, &mut taker_events).await;
-    ((maker, maker_events), (taker, taker_events), makers)
+    trade(&mut maker, &mut taker).await;
+    (maker, taker, makers)
 }
 
 /// Two gateway processes behind a balancer with a trade across them.
@@ -227,10 +222,8 @@ async fn across() -> Across {
 /// fill of 3 made meanwhile exactly once (before its connection closed, or replayed
 /// after the resume), and its order's rest of 3 is still there to cancel.
 async fn maker_resumes_elsewhere_with_nothing_lost(
-    maker: &Client,
-    maker_events: &mut tokio::sync::mpsc::Receiver<Event>,
-    taker: &Client,
-    taker_events: &mut tokio::sync::mpsc::Receiver<Event>,
+    (maker, maker_events): &mut Connected,
+    (taker, taker_events): &mut Connected,
 ) {
     taker
         .new_order(OrderParams::limit_buy(1, 3, 100, 3))
@@ -266,14 +259,13 @@ async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost(
         nats: _nats,
         mut gateways,
         balancer,
-        maker: (maker, mut maker_events),
-        taker: (taker, mut taker_events),
+        mut maker,
+        mut taker,
         makers,
     } = across().await;
 
     gateways[makers].kill();
-    maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
-        .await;
+    maker_resumes_elsewhere_with_nothing_lost(&mut maker, &mut taker).await;
     assert!(balancer.flows_moved() >= 1, "the maker's flow moved");
     drop((maker, taker));
     stop(gateways).await;
@@ -285,15 +277,14 @@ async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
         nats: _nats,
         mut gateways,
         balancer: _balancer,
-        maker: (maker, mut maker_events),
-        taker: (taker, mut taker_events),
+        mut maker,
+        mut taker,
         makers,
     } = across().await;
 
     // The zombie: paused past its timeout, while its client resumes elsewhere.
     gateways[makers].pause(true);
-    maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
-        .await;
+    maker_resumes_elsewhere_with_nothing_lost(&mut maker, &mut taker).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     gateways[makers].pause(false);
     let stopped = async {
@@ -320,8 +311,8 @@ async fn a_drained_gateway_sends_its_sessions_to_another() {
         nats: _nats,
         mut gateways,
         balancer,
-        maker: (maker, mut maker_events),
-        taker: (taker, mut taker_events),
+        mut maker,
+        mut taker,
         makers,
     } = across().await;
 
@@ -332,8 +323,7 @@ async fn a_drained_gateway_sends_its_sessions_to_another() {
         drained.terminate().await;
         drained
     });
-    maker_resumes_elsewhere_with_nothing_lost(&maker, &mut maker_events, &taker, &mut taker_events)
-        .await;
+    maker_resumes_elsewhere_with_nothing_lost(&mut maker, &mut taker).await;
     gateways.insert(makers, drained.await.expect("drained"));
     assert!(balancer.flows_moved() >= 1, "the maker's flow moved");
     drop((maker, taker));
