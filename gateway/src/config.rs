@@ -115,8 +115,10 @@ pub struct SequencerSettings {
     /// applies only the records after it. 0: no snapshots (every start applies the
     /// whole stream).
     pub snapshot_every: u64,
-    /// Whether the records a stored snapshot covers are purged from the stream, so
-    /// that the stream stays bounded. Off keeps the whole stream (an audit trail).
+    /// Whether, once a snapshot is stored, the records the one it replaces covered
+    /// are purged from the stream, so that the stream stays bounded (a gateway
+    /// starting from the replaced one still finds the records after it). Off keeps
+    /// the whole stream (an audit trail).
     pub purge_after_snapshot: bool,
     /// This gateway's name among the gateways sharing the stream: each needs its
     /// own. A gateway started again under the same name replaces its earlier run at

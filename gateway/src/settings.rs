@@ -57,7 +57,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("sequencer.password_file", "file holding that user's password"),
     ("sequencer.token_file", "file holding a NATS token, instead of a user"),
     ("sequencer.snapshot_every", "records between core snapshots (object store <stream>_snapshots); 0: none"),
-    ("sequencer.purge_after_snapshot", "purge the records a stored snapshot covers from the stream"),
+    ("sequencer.purge_after_snapshot", "purge the records the replaced snapshot covered from the stream"),
     ("sequencer.gateway_name", "this gateway's name among those sharing the stream; each its own"),
     ("sequencer.gateway_timeout_ms", "silence after which the others declare this gateway's connections gone"),
     ("sequencer.replicas", "copies of the stream and snapshots JetStream keeps: 1, or 3 on a cluster"),
