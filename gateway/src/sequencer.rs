@@ -5,7 +5,7 @@
 //! connection) turns everything that changes the *core* (sessions, their
 //! exactly-once state, rings, tokens, timers, the book) into a [`Record`] and
 //! appends it to the stream. One task reads the stream back, in order, and applies
-//! each record to the core with the time the record carries. The core never reads a
+//! each record to the core at the time NATS stored it. The core never reads a
 //! clock, a random generator or the edge's state, so a gateway started again rebuilds
 //! every session, its unacknowledged messages and the book by applying the stream
 //! from the beginning, and its clients resume with their tokens.
@@ -137,8 +137,9 @@ pub struct Entry {
     /// that record itself): the core applies records of live runs only, so a run
     /// that ended (replaced, or paused or cut off for too long) changes nothing.
     pub from: u64,
-    /// The edge's clock when it appended the record, Unix milliseconds. The core's
-    /// time is the latest of these it has applied.
+    /// The edge's clock when it appended the record, Unix milliseconds: when this
+    /// gateway last said something (for its heartbeats). The core's time comes from
+    /// the stream instead ([`Stored::time_ms`]).
     pub time_ms: u64,
     /// A ticket the appending gateway waits on for the outcome (0: nobody waits).
     pub reply: u64,
@@ -186,8 +187,18 @@ pub enum Outcome {
     Fenced,
 }
 
-/// The core's clock: the latest time of the records applied, so that it never
-/// goes back, whatever the clocks of the gateways that appended them.
+/// Where and when the stream stored a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Its position in the stream.
+    pub position: u64,
+    /// When NATS stored it, Unix milliseconds, by the NATS server's clock: the
+    /// same for every reader of the stream, whatever the clocks of the gateways.
+    pub time_ms: u64,
+}
+
+/// The core's clock: the latest time at which NATS stored a record the core applied,
+/// so that it never goes back, and no gateway's clock moves it.
 #[derive(Debug, Default)]
 pub struct LogClock(AtomicU64);
 
@@ -561,11 +572,12 @@ impl JetStreamLog {
     }
 
     /// Reads the stream from the record after `after` (0: from the beginning), in
-    /// order, calling `apply` with each entry and its position. A read that fails
+    /// order, calling `apply` with each entry and where and when it was stored. A
+    /// read that fails
     /// (NATS restarted and forgot the consumer, the connection dropped) goes on
     /// after the last record applied, retrying for as long as NATS is away. Returns only if records the core has
     /// not applied are gone from the stream: it cannot go on deterministically.
-    pub async fn follow(&self, after: u64, mut apply: impl FnMut(Entry, u64)) -> LogError {
+    pub async fn follow(&self, after: u64, mut apply: impl FnMut(Entry, Stored)) -> LogError {
         let started = Instant::now();
         let mut last_position = after;
         let mut backoff = FOLLOW_BACKOFF_MIN;
@@ -617,8 +629,12 @@ impl JetStreamLog {
                         break;
                     }
                 };
-                let position = match message.info() {
-                    Ok(info) => info.stream_sequence,
+                let (position, stored_ms) = match message.info() {
+                    Ok(info) => (
+                        info.stream_sequence,
+                        u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
+                            .unwrap_or(0),
+                    ),
                     Err(error) => {
                         warn!(%error, after = last_position, "a record without its position; reading on");
                         break;
@@ -636,7 +652,13 @@ impl JetStreamLog {
                 last_position = position;
                 backoff = FOLLOW_BACKOFF_MIN;
                 match Entry::decode(&message.payload) {
-                    Ok(entry) => apply(entry, position),
+                    Ok(entry) => apply(
+                        entry,
+                        Stored {
+                            position,
+                            time_ms: stored_ms,
+                        },
+                    ),
                     Err(error) => warn!(position, %error, "skipping an unreadable record"),
                 }
                 if position % 100_000 == 0 {

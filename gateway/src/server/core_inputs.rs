@@ -1,7 +1,7 @@
 //! The core's side of the server: what an input does to sessions, the book and the
 //! timers. In embedded mode the connection tasks, the timer and the admin calls run
 //! these as inputs arrive; in crash-safe mode only the task following the stream
-//! does, record by record, with the time each record carries, so a gateway started
+//! does, record by record, at the time NATS stored each, so a gateway started
 //! again on the stream does exactly the same.
 
 use std::collections::VecDeque;
@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{EngineLink, Shared};
 use crate::registry::{lock, SessionHandle};
-use crate::sequencer::{Entry, JetStreamLog, Outcome, Record};
+use crate::sequencer::{Entry, JetStreamLog, Outcome, Record, Stored};
 use crate::session::{Action, CodPolicy, ConnectionId};
 use crate::snapshot::CoreImage;
 use crate::time::Timestamp;
@@ -38,8 +38,9 @@ pub(super) async fn follow_log(
     let mut caught_up = Some(caught_up);
     let mut snapshots = Snapshots::new(after, shared.snapshot_every);
     let error = log
-        .follow(after, |entry, position| {
-            shared.apply(entry, position, &log);
+        .follow(after, |entry, stored| {
+            let position = stored.position;
+            shared.apply(entry, stored, &log);
             if position < start {
                 return;
             }
@@ -183,12 +184,13 @@ impl Shared {
         self.execute(actions, now);
     }
 
-    /// Crash-safe mode: applies one record of the stream (at `position`) to the
-    /// core, at the record's time, and hands the outcome to the gateway waiting for
-    /// it. Records of gateway runs that ended are not applied.
-    pub(super) fn apply(&self, entry: Entry, position: u64, log: &JetStreamLog) {
+    /// Crash-safe mode: applies one record of the stream to the core, at the time
+    /// the stream stored it, and hands the outcome to the gateway waiting for it.
+    /// Records of gateway runs that ended are not applied.
+    pub(super) fn apply(&self, entry: Entry, stored: Stored, log: &JetStreamLog) {
+        let position = stored.position;
         self.applied_position.store(position, Ordering::Relaxed);
-        let Some(now) = self.admit_record(&entry, position) else {
+        let Some(now) = self.admit_record(&entry, stored) else {
             self.fenced_records.fetch_add(1, Ordering::Relaxed);
             debug!(
                 position,
@@ -277,16 +279,17 @@ impl Shared {
     }
 
     /// Crash-safe mode: whether a record's gateway run is live (`Started` begins
-    /// one); if it is, advances the core's time to the record's and returns it,
-    /// after noting the run heard and ending the runs that one replaces or that
-    /// have been silent too long (their connections are gone).
-    fn admit_record(&self, entry: &Entry, position: u64) -> Option<Timestamp> {
+    /// one); if it is, advances the core's time to when the record was stored and
+    /// returns it, after noting the run heard and ending the runs that one replaces
+    /// or that have been silent too long (their connections are gone).
+    fn admit_record(&self, entry: &Entry, stored: Stored) -> Option<Timestamp> {
+        let position = stored.position;
         let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
         let starts = matches!(entry.record, Record::Started { .. });
         if !starts && !members.is_live(entry.from) {
             return None;
         }
-        let now = self.log_clock.advance(entry.time_ms);
+        let now = self.log_clock.advance(stored.time_ms);
         let mut ended = Vec::new();
         match &entry.record {
             Record::Started {
