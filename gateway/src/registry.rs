@@ -33,7 +33,7 @@ use crate::session::{
     Action, CodPolicy, ConnectionId, LoginGrant, ResumeClaim, Session, SessionConfig,
 };
 use crate::time::Timestamp;
-use crate::token::{KeyError, TokenKeyRing};
+use crate::token::{KeyError, TokenClaims, TokenError, TokenKeyRing};
 use proto::CancelOnDisconnect;
 
 mod image;
@@ -283,13 +283,15 @@ impl Registry {
 
     /// The live session a token names, if its tag verifies (no other check).
     pub fn session_of_token(&self, token: &[u8]) -> Option<SessionHandle> {
-        let claims = self
-            .keys
+        self.get(self.verify_tag(token).ok()?.session_id)
+    }
+
+    /// The claims of a token whose tag verifies under the key ring.
+    fn verify_tag(&self, token: &[u8]) -> Result<TokenClaims, TokenError> {
+        self.keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .verify_tag(token)
-            .ok()?;
-        self.get(claims.session_id)
     }
 
     /// Runs `change` on the token key ring (rotate, retire).
@@ -445,9 +447,6 @@ impl Registry {
         out: &mut Vec<Action>,
     ) -> Result<SessionHandle, ReasonCode> {
         let claims = self
-            .keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
             .verify_tag(&request.token.0)
             .map_err(|error| error.reason())?;
         let Some(session) = self.get(claims.session_id) else {

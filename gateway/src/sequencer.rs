@@ -259,7 +259,7 @@ pub struct JetStreamLog {
     /// Where the core's snapshots are kept (the object store
     /// `<stream>_snapshots`); `None` when snapshots are off and none were taken.
     snapshots: Option<object_store::ObjectStore>,
-    /// Whether the records a stored snapshot covers are purged from the stream.
+    /// Whether storing a snapshot purges the records the one it replaces covered.
     purge_after_snapshot: bool,
 }
 
@@ -313,20 +313,15 @@ impl JetStreamLog {
                     }
                     _ => String::new(),
                 };
-                LogError::Nats {
-                    what: "opening the JetStream stream",
-                    url: url.clone(),
-                    error: format!("{error}{hint}"),
-                }
+                settings_error(
+                    settings,
+                    "opening the JetStream stream",
+                    &format!("{error}{hint}"),
+                )
             })?;
-        let snapshots =
-            snapshot_store(&context, settings)
-                .await
-                .map_err(|error| LogError::Nats {
-                    what: "opening the snapshot store",
-                    url: url.clone(),
-                    error,
-                })?;
+        let snapshots = snapshot_store(&context, settings)
+            .await
+            .map_err(|error| settings_error(settings, "opening the snapshot store", &error))?;
         Ok(JetStreamLog {
             snapshots,
             purge_after_snapshot: settings.purge_after_snapshot,
@@ -360,11 +355,10 @@ impl JetStreamLog {
     /// Deletes the stream named in `settings` and its snapshots (for tools that
     /// make one per run).
     pub async fn delete_stream(settings: &SequencerSettings) -> Result<(), LogError> {
+        let (context, _) = jetstream_context(settings, None).await?;
         // A run without snapshots has none to delete.
-        let _ = Self::delete_snapshots(settings).await;
-        jetstream_context(settings, None)
-            .await?
-            .0
+        let _ = context.delete_object_store(snapshot_bucket(settings)).await;
+        context
             .delete_stream(&settings.stream)
             .await
             .map(drop)
@@ -573,10 +567,10 @@ impl JetStreamLog {
 
     /// Reads the stream from the record after `after` (0: from the beginning), in
     /// order, calling `apply` with each entry and where and when it was stored. A
-    /// read that fails
-    /// (NATS restarted and forgot the consumer, the connection dropped) goes on
-    /// after the last record applied, retrying for as long as NATS is away. Returns only if records the core has
-    /// not applied are gone from the stream: it cannot go on deterministically.
+    /// read that fails (NATS restarted and forgot the consumer, the connection
+    /// dropped) goes on after the last record applied, retrying for as long as NATS
+    /// is away. Returns only if records the core has not applied are gone from the
+    /// stream: it cannot go on deterministically.
     pub async fn follow(&self, after: u64, mut apply: impl FnMut(Entry, Stored)) -> LogError {
         let started = Instant::now();
         let mut last_position = after;
@@ -720,8 +714,8 @@ fn settings_error(
     }
 }
 
-/// The object store of a stream's snapshots.
-fn snapshot_bucket(settings: &SequencerSettings) -> String {
+/// The object store of a stream's snapshots: `<stream>_snapshots`.
+pub fn snapshot_bucket(settings: &SequencerSettings) -> String {
     format!("{}_snapshots", settings.stream)
 }
 

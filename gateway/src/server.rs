@@ -299,8 +299,8 @@ impl Gateway {
             return Err(StartError::Rebuild(format!(
                 "the core snapshot (after record {after}) is ahead of the stream (last record \
                  {last}): the stream was deleted or replaced but not its snapshots; delete \
-                 the object store {}_snapshots too, or restore the stream",
-                setup.config.sequencer.stream
+                 the object store {} too, or restore the stream",
+                crate::sequencer::snapshot_bucket(&setup.config.sequencer)
             )));
         }
         let settings = setup.config.core_fingerprint();
@@ -328,14 +328,13 @@ impl Gateway {
             .other_settings(position, settings)
             .map(str::to_owned);
         if let Some(other) = differing {
-            return Err(StartError::Config(crate::config::ConfigError::Invalid(
-                format!(
-                    "session.*, engine.* or transport.idle_timeout_ms differ from those of \
-                 gateway {other:?}, running on the same stream: every gateway of a stream \
-                 applies it with the same ones (to change them, stop every gateway, then \
-                 start them with the new ones)"
-                ),
-            )));
+            let why = format!(
+                "session.*, engine.* or transport.idle_timeout_ms differ from those of gateway \
+                 {other:?}, running on the same stream: every gateway of a stream applies it \
+                 with the same ones (to change them, stop every gateway, then start them with \
+                 the new ones)"
+            );
+            return Err(StartError::Config(crate::config::ConfigError::Invalid(why)));
         }
         info!(
             snapshot = after,
@@ -865,12 +864,8 @@ async fn timer_loop(shared: Arc<Shared>) {
                 if shared.registry.timers_due(now) || heartbeat_due {
                     // Not waited for: a slow acknowledgement (NATS failing over)
                     // must not hold the next tick back.
-                    let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
-                        if let Some(log) = &shared.log {
-                            shared.append(log, Record::Tick).await;
-                        }
-                    });
+                    let (shared, log) = (Arc::clone(&shared), Arc::clone(log));
+                    tokio::spawn(async move { shared.append(&log, Record::Tick).await });
                 }
             }
             None => {

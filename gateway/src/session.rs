@@ -469,7 +469,7 @@ impl Session {
     fn ack_limit(&self) -> u64 {
         match self.config.ack_bound {
             AckBound::Sent => self.highest_sent,
-            AckBound::Assigned => self.ring.next_seq() - 1,
+            AckBound::Assigned => self.ring.last_seq(),
         }
     }
 
@@ -481,7 +481,7 @@ impl Session {
     pub fn ack_beyond_sent(&self, seq: u64, here: u64) -> bool {
         seq > self
             .sent_by_run(here)
-            .unwrap_or_else(|| self.ring.next_seq() - 1)
+            .unwrap_or_else(|| self.ring.last_seq())
     }
 
     /// The highest server sequence the gateway run `here` sent, if the session was
@@ -493,7 +493,7 @@ impl Session {
     /// Another gateway run may have sent every message assigned so far: the edge
     /// accepts acks up to there.
     fn sent_by_predecessor(&mut self) {
-        self.highest_sent = self.highest_sent.max(self.ring.next_seq() - 1);
+        self.highest_sent = self.highest_sent.max(self.ring.last_seq());
     }
 
     /// The client has every server message up to `seq`.
@@ -918,9 +918,7 @@ impl Session {
             return Err(ResumeRefused(ReasonCode::TokenSuperseded));
         }
         let ack_limit = match sent_here {
-            Some(sent) if run_of(self.last_conn) == run_of(conn) => {
-                sent.min(self.ring.next_seq() - 1)
-            }
+            Some(sent) if run_of(self.last_conn) == run_of(conn) => sent.min(self.ring.last_seq()),
             _ => self.ack_limit(),
         };
         if request.last_acked_server_seq > ack_limit {
