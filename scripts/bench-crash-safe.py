@@ -15,65 +15,14 @@ installs it).
 --before adds an embedded run of another gateway binary (an earlier commit's), to
 check the embedded mode is not slower than before.
 """
-import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
-import urllib.request
+import argparse, json, os, shutil, signal, subprocess, sys, tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import cpu_us, start_nats, start_nats_cluster, wait_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GATEWAY = os.path.join(ROOT, 'target/release/gateway')
 LOADTEST = os.path.join(ROOT, 'target/release/loadtest')
-
-
-def cpu_us(pid):
-    fields = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1e6 / os.sysconf('SC_CLK_TCK')
-
-
-def start_nats(work, port, always):
-    store = os.path.join(work, f'nats-{port}')
-    conf = os.path.join(work, f'nats-{port}.conf')
-    sync = ', sync_interval: always' if always else ''
-    with open(conf, 'w') as f:
-        f.write(f'listen: 127.0.0.1:{port}\njetstream {{ store_dir: "{store}"{sync} }}\n')
-    program = shutil.which('nats-server') or os.path.expanduser('~/.local/bin/nats-server')
-    process = subprocess.Popen(['taskset', '-c', '0', program, '-c', conf],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
-    return process
-
-
-def start_nats_cluster(work, ports):
-    """Three nats-server processes routed into one JetStream cluster, on `ports`
-    (client port p, route port p + 100, monitor port p + 200), once JetStream is ready
-    on each."""
-    program = shutil.which('nats-server') or os.path.expanduser('~/.local/bin/nats-server')
-    routes = ', '.join(f'nats-route://127.0.0.1:{port + 100}' for port in ports)
-    processes = []
-    for nth, port in enumerate(ports):
-        store = os.path.join(work, f'nats-{port}')
-        conf = os.path.join(work, f'nats-{port}.conf')
-        with open(conf, 'w') as f:
-            f.write(f'server_name: bench-{nth}\nlisten: 127.0.0.1:{port}\n'
-                    f'http: 127.0.0.1:{port + 200}\n'
-                    f'jetstream {{ store_dir: "{store}" }}\n'
-                    f'cluster {{ name: bench, listen: 127.0.0.1:{port + 100}, routes: [{routes}] }}\n')
-        processes.append(subprocess.Popen(['taskset', '-c', '0', program, '-c', conf],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    for port in ports:
-        wait_for(f'http://127.0.0.1:{port + 200}/healthz')
-    return processes
-
-
-def wait_for(url, patience=30):
-    """Waits until `url` answers 200."""
-    deadline = time.time() + patience
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(url, timeout=1).status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f'{url} did not answer 200 within {patience} s')
 
 
 def main():

@@ -16,6 +16,9 @@ installs it).
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import start_nats  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GATEWAY = os.path.join(ROOT, 'target/release/gateway')
 LOADTEST = os.path.join(ROOT, 'target/release/loadtest')
@@ -85,13 +88,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix='bench-restart-')
     dev = os.path.join(work, 'dev')
-    conf = os.path.join(work, 'nats.conf')
-    with open(conf, 'w') as f:
-        f.write(f'listen: 127.0.0.1:{NATS_PORT}\njetstream {{ store_dir: "{work}/nats" }}\n')
-    program = shutil.which('nats-server') or os.path.expanduser('~/.local/bin/nats-server')
-    nats = subprocess.Popen(['taskset', '-c', '0', program, '-c', conf],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
+    nats = start_nats(work, NATS_PORT, False)
     try:
         load_log = os.path.join(work, 'load.log')
         with open(load_log, 'w') as log:

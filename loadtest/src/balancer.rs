@@ -113,15 +113,8 @@ impl Balancer {
                     for index in 0..serving.backends.len() {
                         tokio::spawn(check_health(Arc::clone(&serving), index));
                     }
+                    // Its flows' tasks end with the runtime, dropped with this thread.
                     let _ = stopped.await;
-                    for flow in serving
-                        .flows
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .values()
-                    {
-                        flow.task.abort();
-                    }
                 });
             })?;
         Ok(Balancer {
@@ -214,9 +207,7 @@ async fn forward(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
 }
 
 fn open_flow(socket: &Arc<UdpSocket>, client: SocketAddr, backend: usize) -> Option<Flow> {
-    let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
-    std_socket.set_nonblocking(true).ok()?;
-    let upstream = Arc::new(UdpSocket::from_std(std_socket).ok()?);
+    let upstream = crate::relay::flow_socket()?;
     let task = tokio::spawn(backward(Arc::clone(&upstream), Arc::clone(socket), client));
     Some(Flow {
         backend,

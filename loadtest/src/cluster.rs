@@ -262,11 +262,7 @@ impl Cluster {
                     self.gateways[index].pause(true);
                     tokio::time::sleep(self.gateway_timeout + ZOMBIE_OVERSTAY).await;
                     self.gateways[index].pause(false);
-                    let woke = Instant::now();
-                    while !self.gateways[index].has_exited() && woke.elapsed() < ZOMBIE_EXIT {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    if !self.gateways[index].has_exited() {
+                    if !self.gateways[index].wait_exit(ZOMBIE_EXIT).await {
                         return Err(RunError::Setup(format!(
                             "gateway {} went on after its run ended; its log:\n{}",
                             self.gateways[index].name(),
@@ -370,12 +366,7 @@ impl Cluster {
     /// servers; keeps the gateways' logs if `keep_logs`.
     pub async fn stop(self, keep_logs: bool) {
         drop(self.balancer);
-        let mut gateways = self.gateways;
-        let first = gateways.remove(0);
-        for gateway in gateways {
-            gateway.stop(keep_logs).await;
-        }
-        first.stop(keep_logs).await;
+        GatewayProcess::stop_all(self.gateways, keep_logs).await;
         drop(self.nats);
     }
 }

@@ -297,6 +297,26 @@ impl GatewayProcess {
         }
     }
 
+    /// Waits up to `within` for the process to exit by itself; says whether it did.
+    pub async fn wait_exit(&mut self, within: Duration) -> bool {
+        let began = Instant::now();
+        while !self.has_exited() {
+            if began.elapsed() >= within {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Stops a cluster's gateways ([`Self::start_cluster`]), the first, which owns
+    /// the stream and the directory, last.
+    pub async fn stop_all(gateways: Vec<Self>, keep_log: bool) {
+        for gateway in gateways.into_iter().rev() {
+            gateway.stop(keep_log).await;
+        }
+    }
+
     /// Where clients connect, with the certificate and keys it generated.
     pub fn remote(&self) -> Result<RemoteGateway, RunError> {
         let read = |name: &str| {
@@ -377,6 +397,7 @@ fn free_udp_port() -> std::io::Result<SocketAddr> {
     UdpSocket::bind("127.0.0.1:0")?.local_addr()
 }
 
-fn free_tcp_port() -> std::io::Result<SocketAddr> {
+/// A loopback TCP address no one listens on now.
+pub(crate) fn free_tcp_port() -> std::io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }

@@ -3,7 +3,7 @@
 //! keep three replicas. Each stores in a directory of its own, is stopped by its
 //! process id and has its directory removed when dropped.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -242,8 +242,7 @@ pub fn streams_replicated(jsz_urls: &[String], replicas: usize) -> bool {
 }
 
 fn free_port() -> Result<u16, RunError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
+    crate::crash::free_tcp_port()
         .map(|addr| addr.port())
         .map_err(|e| RunError::Setup(format!("a free port: {e}")))
 }

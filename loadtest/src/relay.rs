@@ -214,10 +214,16 @@ fn is_quic_initial(packet: &[u8]) -> bool {
         .is_some_and(|first| first & 0x80 != 0 && first & 0x30 == 0)
 }
 
-fn open_flow(socket: &Arc<UdpSocket>, client: SocketAddr, path: Path) -> Option<Flow> {
+/// A socket on a free loopback port for one client's flow to its upstream, bound
+/// without awaiting (flows are opened under a lock).
+pub(crate) fn flow_socket() -> Option<Arc<UdpSocket>> {
     let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
     std_socket.set_nonblocking(true).ok()?;
-    let upstream = Arc::new(UdpSocket::from_std(std_socket).ok()?);
+    Some(Arc::new(UdpSocket::from_std(std_socket).ok()?))
+}
+
+fn open_flow(socket: &Arc<UdpSocket>, client: SocketAddr, path: Path) -> Option<Flow> {
+    let upstream = flow_socket()?;
     let blackholed = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn(backward(
         Arc::clone(&upstream),

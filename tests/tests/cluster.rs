@@ -138,13 +138,6 @@ async fn two_gateway_processes(nats: &NatsServer) -> (Vec<GatewayProcess>, Balan
     (gateways, balancer)
 }
 
-/// Stops the gateways, the first (which owns the stream) last.
-async fn stop(gateways: Vec<GatewayProcess>) {
-    for gateway in gateways.into_iter().rev() {
-        gateway.stop(false).await;
-    }
-}
-
 /// A client of demo account `index` through the balancer, quick to notice a dead
 /// path.
 fn through(gateways: &[GatewayProcess], balancer: &Balancer, index: usize) -> ClientConfig {
@@ -268,7 +261,7 @@ async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost(
     maker_resumes_elsewhere_with_nothing_lost(&mut maker, &mut taker).await;
     assert!(balancer.flows_moved() >= 1, "the maker's flow moved");
     drop((maker, taker));
-    stop(gateways).await;
+    GatewayProcess::stop_all(gateways, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,14 +280,10 @@ async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
     maker_resumes_elsewhere_with_nothing_lost(&mut maker, &mut taker).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     gateways[makers].pause(false);
-    let stopped = async {
-        while !gateways[makers].has_exited() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, stopped)
-        .await
-        .expect("the woken gateway stops");
+    assert!(
+        gateways[makers].wait_exit(PATIENCE).await,
+        "the woken gateway stops"
+    );
     let log = gateways[makers].log_tail();
     assert!(log.contains("run (started at position"), "{log}");
 
@@ -302,7 +291,7 @@ async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
     let fenced = loadtest::cluster::fenced_records(gateways[1 - makers].admin());
     assert!(fenced >= Some(1), "{fenced:?}");
     drop((maker, taker));
-    stop(gateways).await;
+    GatewayProcess::stop_all(gateways, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,7 +316,7 @@ async fn a_drained_gateway_sends_its_sessions_to_another() {
     gateways.insert(makers, drained.await.expect("drained"));
     assert!(balancer.flows_moved() >= 1, "the maker's flow moved");
     drop((maker, taker));
-    stop(gateways).await;
+    GatewayProcess::stop_all(gateways, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
