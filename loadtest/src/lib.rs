@@ -26,7 +26,7 @@ pub mod process;
 pub mod relay;
 pub mod verify;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +41,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
+use rustc_hash::{FxHashMap, FxHashSet};
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 
@@ -641,11 +642,11 @@ fn start_gateway(options: &Options) -> Result<Target, RunError> {
 #[derive(Default)]
 struct SessionBook {
     /// Intended send time of each unanswered request, by client sequence.
-    intended: HashMap<u64, Instant>,
+    intended: FxHashMap<u64, Instant>,
     /// Working orders of this session, oldest first (cancel candidates).
     working: VecDeque<u64>,
     /// Orders known to be done, skipped when picking a cancel target.
-    done: HashSet<u64>,
+    done: FxHashSet<u64>,
     /// A forced disconnect waiting for its resume.
     chaos: Option<(Instant, ChaosMode)>,
     /// When the gateway process was last killed, until this session resumed.

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use proto::{Fill, Frame, OrderState, OrderStatus, Side};
 use serde::Serialize;
@@ -36,13 +36,64 @@ struct Order {
     done: bool,
 }
 
+/// A set of client sequences, one bit each: a session numbers its requests from 1
+/// on, so the set is dense and a lookup is one memory access instead of a hash probe
+/// (the verifier checks every message at full load, in the load client's budget).
+/// It grows only with what this client sends; a sequence far beyond is simply absent.
+#[derive(Debug, Default)]
+struct SeqSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl SeqSet {
+    fn contains(&self, seq: u64) -> bool {
+        let (word, bit) = Self::place(seq);
+        self.words.get(word).is_some_and(|w| w & bit != 0)
+    }
+
+    /// Adds `seq`; false if it was there already.
+    fn insert(&mut self, seq: u64) -> bool {
+        let (word, bit) = Self::place(seq);
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        let fresh = self.words[word] & bit == 0;
+        self.words[word] |= bit;
+        self.len += usize::from(fresh);
+        fresh
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The members of `self` that `other` lacks, in order.
+    fn missing_from<'a>(&'a self, other: &'a SeqSet) -> impl Iterator<Item = u64> + 'a {
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(move |(index, &word)| {
+                let absent = word & !other.words.get(index).copied().unwrap_or(0);
+                (0..64)
+                    .filter(move |bit| absent & (1 << bit) != 0)
+                    .map(move |bit| (index as u64) * 64 + bit)
+            })
+    }
+
+    fn place(seq: u64) -> (usize, u64) {
+        let word = usize::try_from(seq / 64).unwrap_or(usize::MAX);
+        (word, 1 << (seq % 64))
+    }
+}
+
 /// One session's view.
 #[derive(Debug, Default)]
 struct SessionView {
-    sent: FxHashSet<u64>,
-    answered: FxHashSet<u64>,
+    sent: SeqSet,
+    answered: SeqSet,
     /// Client sequences of new orders.
-    new_orders: FxHashSet<u64>,
+    new_orders: SeqSet,
     last_server_seq: u64,
     orders: BTreeMap<u64, Order>,
 }
@@ -70,6 +121,12 @@ impl TradeSides {
             Some(slot) => *slot = Some(side),
             None => self.more.push(side),
         }
+    }
+
+    /// Exactly two fills, on opposite sides, at one price and quantity.
+    fn consistent(&self) -> bool {
+        matches!((self.two, self.more.is_empty()), ([Some(a), Some(b)], true)
+            if a.side != b.side && a.price == b.price && a.quantity == b.quantity)
     }
 
     fn all(&self) -> Vec<TradeSide> {
@@ -167,7 +224,7 @@ impl Verifier {
             Frame::Reject(reject) => {
                 // A rejected new order never existed; a rejected cancel changes nothing.
                 let view = &mut self.sessions[session];
-                if view.new_orders.contains(&reject.client_seq) {
+                if view.new_orders.contains(reject.client_seq) {
                     if let Some(order) = view.orders.get_mut(&reject.client_order_id) {
                         order.leaves = 0;
                         order.done = true;
@@ -190,7 +247,7 @@ impl Verifier {
         if let Some(client_seq) = answered {
             self.checks.answers += 1;
             let view = &mut self.sessions[session];
-            if !view.sent.contains(&client_seq) {
+            if !view.sent.contains(client_seq) {
                 self.violation(format!(
                     "session {session}: answer for client seq {client_seq} never sent"
                 ));
@@ -212,15 +269,20 @@ impl Verifier {
         order.filled += fill.quantity;
         order.leaves = fill.leaves_quantity;
         order.done = fill.leaves_quantity == 0;
-        self.trades
-            .entry(fill.trade_id)
-            .or_default()
-            .push(TradeSide {
-                session,
-                side: fill.side,
-                price: fill.price,
-                quantity: fill.quantity,
-            });
+        let sides = self.trades.entry(fill.trade_id).or_default();
+        sides.push(TradeSide {
+            session,
+            side: fill.side,
+            price: fill.price,
+            quantity: fill.quantity,
+        });
+        // A settled trade leaves the map, which so holds only the trades in flight:
+        // a fill of it seen again starts a new entry, one-sided and so a violation
+        // at the end.
+        if sides.consistent() {
+            self.trades.remove(&fill.trade_id);
+            self.checks.trades += 1;
+        }
     }
 
     /// Messages of session `session` up to `server_seq` were the run's set-up: checks
@@ -252,15 +314,12 @@ impl Verifier {
         view.sent.len().saturating_sub(view.answered.len())
     }
 
-    /// End-of-run checks: every request answered, every trade seen once on each side.
+    /// End-of-run checks: every request answered, every trade seen once on each side
+    /// (a trade still open here had one fill, or fills that do not match).
     pub fn finish(&mut self) {
         for session in 0..self.sessions.len() {
-            let missing: Vec<u64> = self.sessions[session]
-                .sent
-                .difference(&self.sessions[session].answered)
-                .copied()
-                .take(5)
-                .collect();
+            let view = &self.sessions[session];
+            let missing: Vec<u64> = view.sent.missing_from(&view.answered).take(5).collect();
             if !missing.is_empty() {
                 self.violation(format!(
                     "session {session}: client seqs never answered, e.g. {missing:?}"
@@ -270,11 +329,7 @@ impl Verifier {
         let trades = std::mem::take(&mut self.trades);
         for (trade_id, sides) in &trades {
             self.checks.trades += 1;
-            let consistent = matches!((sides.two, sides.more.is_empty()), ([Some(a), Some(b)], true)
-                if a.side != b.side && a.price == b.price && a.quantity == b.quantity);
-            if !consistent {
-                self.violation(format!("trade {trade_id}: fills {:?}", sides.all()));
-            }
+            self.violation(format!("trade {trade_id}: fills {:?}", sides.all()));
         }
         self.trades = trades;
     }
@@ -371,5 +426,46 @@ mod tests {
         verifier.message(0, &fill(5, 3, Side::Buy)); // no other side
         verifier.finish(); // seq 2 never answered
         assert_eq!(verifier.violations(), 5, "{:?}", verifier.samples());
+    }
+
+    #[test]
+    fn a_trade_filled_again_after_it_settled_or_filled_twice_on_one_side_is_a_violation() {
+        let mut verifier = Verifier::new(2);
+        verifier.sent_order(0, 1, 1, 1);
+        verifier.sent_order(1, 1, 1, 1);
+        verifier.message(0, &ack(1, 1));
+        verifier.message(1, &ack(1, 1));
+        verifier.message(0, &fill(2, 9, Side::Buy));
+        verifier.message(1, &fill(2, 9, Side::Sell));
+        verifier.message(1, &fill(3, 9, Side::Sell)); // the settled trade again
+        verifier.message(0, &fill(3, 10, Side::Buy));
+        verifier.message(1, &fill(4, 10, Side::Buy)); // both sides buy
+        verifier.finish();
+        assert_eq!(verifier.violations(), 2, "{:?}", verifier.samples());
+        assert!(verifier.samples().iter().any(|s| s.starts_with("trade 9:")));
+        assert!(verifier
+            .samples()
+            .iter()
+            .any(|s| s.starts_with("trade 10:")));
+    }
+
+    #[test]
+    fn requests_never_answered_are_named_and_far_sequences_are_absent() {
+        let mut sent = SeqSet::default();
+        let mut answered = SeqSet::default();
+        for seq in 1..=200 {
+            assert!(sent.insert(seq));
+        }
+        assert!(!sent.insert(7));
+        for seq in (1..=200).filter(|seq| ![3, 64, 130].contains(seq)) {
+            answered.insert(seq);
+        }
+        assert_eq!(sent.len(), 200);
+        assert_eq!(
+            sent.missing_from(&answered).collect::<Vec<_>>(),
+            [3, 64, 130]
+        );
+        assert!(!sent.contains(u64::MAX));
+        assert!(!sent.contains(201));
     }
 }
