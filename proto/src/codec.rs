@@ -165,9 +165,55 @@ impl Frame {
     }
 }
 
+/// Bytes of encoding room a [`FrameEncoder`] allocates at a time (about 60 frames).
+pub const ENCODE_CHUNK: usize = 4_096;
+
+/// Encodes frames one after another into shared chunks of [`ENCODE_CHUNK`] bytes and
+/// hands each out as its own immutable `Bytes`: one allocation serves many frames,
+/// where [`Frame::to_bytes`] makes one per frame. A chunk is freed once every frame
+/// split off it is dropped, so keep a frame that must live long (weeks in a resend
+/// buffer) in a buffer of its own.
+#[derive(Debug, Default)]
+pub struct FrameEncoder {
+    chunk: BytesMut,
+}
+
+impl FrameEncoder {
+    /// The encoded frame, split off the current chunk (a new one when it is full).
+    pub fn encode(&mut self, frame: &Frame) -> Bytes {
+        let len = frame.encoded_len();
+        if self.chunk.capacity() < len {
+            self.chunk.reserve(ENCODE_CHUNK.max(len));
+        }
+        frame.encode(&mut self.chunk);
+        self.chunk.split().freeze()
+    }
+
+    /// Lets go of the spare room of the current chunk (an idle owner keeps none).
+    pub fn release(&mut self) {
+        self.chunk = BytesMut::new();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_encoder_hands_out_each_frame_alone_and_decodable_from_shared_chunks() {
+        let mut encoder = FrameEncoder::default();
+        let frames: Vec<Frame> = (1..=200)
+            .map(|server_seq| Frame::from(crate::Ack { server_seq }))
+            .collect();
+        let encoded: Vec<Bytes> = frames.iter().map(|f| encoder.encode(f)).collect();
+        for (frame, bytes) in frames.iter().zip(&encoded) {
+            assert_eq!(bytes, &frame.to_bytes());
+            assert_eq!(decode(bytes), Ok(Some((*frame, bytes.len()))));
+        }
+        encoder.release();
+        let big_enough = encoder.encode(&frames[0]);
+        assert_eq!(big_enough, frames[0].to_bytes());
+    }
     use crate::frame::{Ack, Cancel, FRAME_TYPES};
 
     #[test]

@@ -38,8 +38,8 @@ pub mod types;
 pub mod wire;
 
 pub use codec::{
-    decode, decode_buf, decode_header, DecodeError, Header, HEADER_LEN, MAX_BODY_LEN,
-    MAX_FRAME_LEN, VERSION,
+    decode, decode_buf, decode_header, DecodeError, FrameEncoder, Header, ENCODE_CHUNK, HEADER_LEN,
+    MAX_BODY_LEN, MAX_FRAME_LEN, VERSION,
 };
 pub use frame::*;
 pub use types::*;
