@@ -46,7 +46,7 @@ use crate::convert;
 use crate::dev::{SetupError, TlsIdentity};
 use crate::members::Members;
 use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
-use crate::registry::{lock, Registry, SessionHandle};
+use crate::registry::{lock, IdMap, Registry, SessionHandle};
 use crate::sequencer::{JetStreamLog, LogClock, LogError, Outcome, Record};
 use crate::session::{AckBound, ConnectionId, Transmit};
 use crate::snapshot::CoreImage;
@@ -180,9 +180,9 @@ enum EngineLink {
 pub(crate) struct Shared {
     pub(crate) registry: Registry,
     engine: EngineLink,
-    conns: DashMap<ConnectionId, Arc<Conn>>,
+    conns: IdMap<ConnectionId, Arc<Conn>>,
     auth: Mutex<Authenticator>,
-    queries: DashMap<u64, oneshot::Sender<Vec<engine::OrderView>>>,
+    queries: IdMap<u64, oneshot::Sender<Vec<engine::OrderView>>>,
     next_query: AtomicU64,
     next_conn: AtomicU64,
     idle_timeout: Duration,
@@ -199,7 +199,7 @@ pub(crate) struct Shared {
     metrics: Metrics,
     /// Arrival times of the new orders sampled for the latency histogram, by
     /// (session, client sequence); swept of answers that never came.
-    latency_samples: DashMap<(u64, u64), Instant>,
+    latency_samples: IdMap<(u64, u64), Instant>,
     /// Set while draining: new logins are refused, sessions carry on.
     draining: AtomicBool,
     /// Where the accounts are read again from on a reload.
@@ -470,11 +470,11 @@ impl Gateway {
         let shared = Arc::new(Shared {
             registry,
             engine: engine_link,
-            conns: DashMap::new(),
+            conns: IdMap::default(),
             auth: Mutex::new(
                 Authenticator::new(&accounts, config.auth_config()).map_err(SetupError::from)?,
             ),
-            queries: DashMap::new(),
+            queries: IdMap::default(),
             next_query: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
             idle_timeout: Duration::from_millis(config.transport.idle_timeout_ms),
@@ -487,7 +487,7 @@ impl Gateway {
             handshaking_by_address: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),
             metrics: Metrics::new(),
-            latency_samples: DashMap::new(),
+            latency_samples: IdMap::default(),
             draining: AtomicBool::new(false),
             accounts_path,
             snapshot_every: if log.is_some() {

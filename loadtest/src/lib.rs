@@ -44,6 +44,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use rustc_hash::{FxHashMap, FxHashSet};
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
+use tokio::sync::Notify;
 
 use crate::baseline::{BaselineOptions, BaselineReport};
 use crate::relay::Relay;
@@ -867,6 +868,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 .wrapping_mul(1_000_003)
                 .wrapping_add(index as u64),
         );
+        let answered = Arc::new(Notify::new());
         senders.spawn(send_orders(
             index,
             Arc::clone(&client),
@@ -876,10 +878,11 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 deadline,
                 window: options.window,
                 first_order_id: run_order_ids,
+                answered: Arc::clone(&answered),
             },
             rng,
         ));
-        receivers.spawn(receive_events(index, events, Arc::clone(&shared)));
+        receivers.spawn(receive_events(index, events, Arc::clone(&shared), answered));
         clients.push((account, client));
         relays.push(relay);
     }
@@ -1284,15 +1287,17 @@ async fn send_orders(
         deadline,
         window,
         first_order_id,
+        answered,
     } = limits;
     let mut next_order_id = first_order_id;
     while let Some(intended) = ticks.next().await {
-        // Window-limited mode: wait for answers rather than queue without bound.
+        // Window-limited mode: wait for answers rather than queue without bound,
+        // woken by each answer as the echo baseline's sender is.
         while lock(&shared).verifier.unanswered(index) >= window {
-            if Instant::now() >= deadline {
-                return;
+            tokio::select! {
+                () = answered.notified() => {}
+                () = tokio::time::sleep_until(deadline.into()) => return,
             }
-            tokio::time::sleep(Duration::from_micros(200)).await;
         }
         let mut tally = lock(&shared);
         let cancel_target = (rng.gen_range(0..10) == 0)
@@ -1343,6 +1348,7 @@ async fn receive_events(
     index: usize,
     mut events: tokio::sync::mpsc::Receiver<Event>,
     shared: Shared,
+    answered: Arc<Notify>,
 ) {
     while let Some(event) = events.recv().await {
         let now = Instant::now();
@@ -1396,6 +1402,7 @@ async fn receive_events(
                         }
                     }
                     tally.last_answer = Some(now);
+                    answered.notify_one();
                 }
             }
             Event::Snapshot {
@@ -1518,6 +1525,8 @@ struct SendLimits {
     deadline: Instant,
     window: usize,
     first_order_id: u64,
+    /// Told of each answer: room in the window.
+    answered: Arc<Notify>,
 }
 
 /// Where a session's own checks start, after [`clean_start`].

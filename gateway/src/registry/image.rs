@@ -6,12 +6,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use dashmap::DashMap;
 use matching_stub as engine;
 use proto::ReasonCode;
 use serde::{Deserialize, Serialize};
 
-use super::{lock, Endings, Registry, RegistryLimits, Timers};
+use super::{lock, Endings, IdMap, Registry, RegistryLimits, Timers};
 use crate::session::{Session, SessionConfig};
 use crate::time::Timestamp;
 use crate::token::{KeyError, KeyRingImage, TokenKeyRing};
@@ -123,7 +122,8 @@ impl Registry {
         limits: RegistryLimits,
     ) -> Result<Registry, RestoreError> {
         let mut registry = Registry::new(TokenKeyRing::from_image(&image.keys)?, config, limits);
-        let sessions = DashMap::with_capacity(image.sessions.len());
+        let sessions =
+            IdMap::with_capacity_and_hasher(image.sessions.len(), rustc_hash::FxBuildHasher);
         for (id, bytes) in image.sessions {
             let session: Session =
                 postcard::from_bytes(&bytes).map_err(|error| RestoreError::Session(id, error))?;
