@@ -1343,6 +1343,9 @@ async fn send_orders(
     }
 }
 
+/// Events a session's receiver takes from its channel at a time.
+const EVENT_BATCH: usize = 64;
+
 /// One session's events: verified, counted, timed.
 async fn receive_events(
     index: usize,
@@ -1350,95 +1353,99 @@ async fn receive_events(
     shared: Shared,
     answered: Arc<Notify>,
 ) {
-    while let Some(event) = events.recv().await {
+    // Whatever is queued is taken at once: one lock and one clock read per batch.
+    let mut batch = Vec::with_capacity(EVENT_BATCH);
+    while events.recv_many(&mut batch, EVENT_BATCH).await > 0 {
         let now = Instant::now();
         let mut tally = lock(&shared);
         let tally = &mut *tally;
-        match event {
-            Event::Message(frame) => {
-                match frame {
-                    Frame::OrderAck(ack) => {
-                        tally.counts.acks += 1;
-                        tally.books[index].working.push_back(ack.client_order_id);
+        for event in batch.drain(..) {
+            match event {
+                Event::Message(frame) => {
+                    match frame {
+                        Frame::OrderAck(ack) => {
+                            tally.counts.acks += 1;
+                            tally.books[index].working.push_back(ack.client_order_id);
+                        }
+                        Frame::Reject(reject) => {
+                            tally.counts.rejects += 1;
+                            *tally
+                                .counts
+                                .rejects_by_reason
+                                .entry(reject.reason.name().to_string())
+                                .or_default() += 1;
+                        }
+                        Frame::Fill(fill) => {
+                            tally.counts.fills += 1;
+                            if fill.leaves_quantity == 0 {
+                                tally.books[index].done.insert(fill.client_order_id);
+                            }
+                        }
+                        Frame::Cancelled(cancelled) => {
+                            tally.counts.cancelled += 1;
+                            tally.books[index].done.insert(cancelled.client_order_id);
+                        }
+                        _ => {}
                     }
-                    Frame::Reject(reject) => {
-                        tally.counts.rejects += 1;
+                    if let Some(seq) = tally.verifier.message(index, &frame) {
+                        if let Some(intended) = tally.books[index].intended.remove(&seq) {
+                            let latency = now.saturating_duration_since(intended);
+                            record(&mut tally.ack_latency, latency);
+                            let slice = usize::try_from(
+                                intended
+                                    .saturating_duration_since(tally.started)
+                                    .as_millis()
+                                    / TIMELINE_SLICE.as_millis(),
+                            )
+                            .unwrap_or(usize::MAX)
+                            .min(MAX_TIMELINE_SLICES);
+                            if tally.timeline.len() <= slice {
+                                tally.timeline.resize_with(slice + 1, slice_histogram);
+                            }
+                            record(&mut tally.timeline[slice], latency);
+                            if let Some((midpoint, quiet, flooded)) = &mut tally.phase_latency {
+                                record(if intended < *midpoint { quiet } else { flooded }, latency);
+                            }
+                        }
+                        tally.last_answer = Some(now);
+                        answered.notify_one();
+                    }
+                }
+                Event::Snapshot {
+                    as_of_server_seq,
+                    orders,
+                } => tally.verifier.snapshot(index, as_of_server_seq, &orders),
+                Event::Resumed { lost } => {
+                    tally.counts.resumes += 1;
+                    if let Some(reason) = lost {
                         *tally
                             .counts
-                            .rejects_by_reason
-                            .entry(reject.reason.name().to_string())
+                            .closed_by_gateway
+                            .entry(format!("{reason:?}"))
                             .or_default() += 1;
                     }
-                    Frame::Fill(fill) => {
-                        tally.counts.fills += 1;
-                        if fill.leaves_quantity == 0 {
-                            tally.books[index].done.insert(fill.client_order_id);
-                        }
+                    if let Some((at, mode)) = tally.books[index].chaos.take() {
+                        let histogram = match mode {
+                            ChaosMode::Blackhole => &mut tally.blackhole,
+                            ChaosMode::Clean | ChaosMode::Abrupt => &mut tally.resume,
+                        };
+                        record(histogram, now.saturating_duration_since(at));
                     }
-                    Frame::Cancelled(cancelled) => {
-                        tally.counts.cancelled += 1;
-                        tally.books[index].done.insert(cancelled.client_order_id);
+                    if let Some(at) = tally.books[index].gateway_killed.take() {
+                        record(&mut tally.restart_resume, now.saturating_duration_since(at));
                     }
-                    _ => {}
-                }
-                if let Some(seq) = tally.verifier.message(index, &frame) {
-                    if let Some(intended) = tally.books[index].intended.remove(&seq) {
-                        let latency = now.saturating_duration_since(intended);
-                        record(&mut tally.ack_latency, latency);
-                        let slice = usize::try_from(
-                            intended
-                                .saturating_duration_since(tally.started)
-                                .as_millis()
-                                / TIMELINE_SLICE.as_millis(),
-                        )
-                        .unwrap_or(usize::MAX)
-                        .min(MAX_TIMELINE_SLICES);
-                        if tally.timeline.len() <= slice {
-                            tally.timeline.resize_with(slice + 1, slice_histogram);
-                        }
-                        record(&mut tally.timeline[slice], latency);
-                        if let Some((midpoint, quiet, flooded)) = &mut tally.phase_latency {
-                            record(if intended < *midpoint { quiet } else { flooded }, latency);
-                        }
+                    if let Some((at, fault)) = tally.gateway_fault {
+                        let failover = tally.failover.entry(fault).or_insert_with(histogram);
+                        record(failover, now.saturating_duration_since(at));
                     }
-                    tally.last_answer = Some(now);
-                    answered.notify_one();
                 }
-            }
-            Event::Snapshot {
-                as_of_server_seq,
-                orders,
-            } => tally.verifier.snapshot(index, as_of_server_seq, &orders),
-            Event::Resumed { lost } => {
-                tally.counts.resumes += 1;
-                if let Some(reason) = lost {
-                    *tally
-                        .counts
-                        .closed_by_gateway
-                        .entry(format!("{reason:?}"))
-                        .or_default() += 1;
+                Event::Ended(ReasonCode::LoggedOut) if tally.logging_out => return,
+                Event::Ended(reason) => {
+                    tally
+                        .verifier
+                        .violation(format!("session {index} ended: {reason:?}"));
+                    return;
                 }
-                if let Some((at, mode)) = tally.books[index].chaos.take() {
-                    let histogram = match mode {
-                        ChaosMode::Blackhole => &mut tally.blackhole,
-                        ChaosMode::Clean | ChaosMode::Abrupt => &mut tally.resume,
-                    };
-                    record(histogram, now.saturating_duration_since(at));
-                }
-                if let Some(at) = tally.books[index].gateway_killed.take() {
-                    record(&mut tally.restart_resume, now.saturating_duration_since(at));
-                }
-                if let Some((at, fault)) = tally.gateway_fault {
-                    let failover = tally.failover.entry(fault).or_insert_with(histogram);
-                    record(failover, now.saturating_duration_since(at));
-                }
-            }
-            Event::Ended(ReasonCode::LoggedOut) if tally.logging_out => return,
-            Event::Ended(reason) => {
-                tally
-                    .verifier
-                    .violation(format!("session {index} ended: {reason:?}"));
-                return;
             }
         }
     }
