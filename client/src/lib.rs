@@ -189,6 +189,11 @@ pub struct ClientConfig {
     pub initial_rtt: Duration,
     /// Acknowledge received messages at least this often.
     pub ack_interval: Duration,
+    /// QUIC packets carrying data the gateway may receive before it must acknowledge
+    /// them (asked through the acknowledgement-frequency extension; the gateway then
+    /// acknowledges on its answers or within 2 ms). 1 keeps QUIC's own rule, every
+    /// other packet.
+    pub ack_eliciting_threshold: u32,
     /// Reconnect attempts after a loss before giving up.
     pub reconnect_attempts: u32,
     /// Delay after a failed reconnect attempt; doubles up to one second. The first
@@ -222,6 +227,7 @@ impl ClientConfig {
             keep_alive: Duration::from_secs(1),
             initial_rtt: Duration::from_millis(333),
             ack_interval: Duration::from_millis(10),
+            ack_eliciting_threshold: 8,
             reconnect_attempts: 20,
             reconnect_backoff: Duration::from_millis(10),
             max_unprocessed: 10_000,
@@ -526,7 +532,13 @@ pub fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientE
             quinn::IdleTimeout::try_from(config.idle_timeout).map_err(|e| error(&e))?,
         ))
         .keep_alive_interval(Some(config.keep_alive))
-        .initial_rtt(config.initial_rtt);
+        .initial_rtt(config.initial_rtt)
+        .ack_frequency_config((config.ack_eliciting_threshold > 1).then(|| {
+            let mut ack = quinn::AckFrequencyConfig::default();
+            ack.ack_eliciting_threshold(quinn::VarInt::from_u32(config.ack_eliciting_threshold))
+                .max_ack_delay(Some(Duration::from_millis(2)));
+            ack
+        }));
     quic.transport_config(Arc::new(transport));
     Ok(quic)
 }

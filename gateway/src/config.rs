@@ -16,6 +16,10 @@ use crate::registry::RegistryLimits;
 use crate::ring::RingLimits;
 use crate::session::SessionConfig;
 
+/// The largest `transport.ack_eliciting_threshold`: beyond, a sender waits on its
+/// acknowledgements (its congestion window) more than it saves on packets.
+pub const MAX_ACK_ELICITING_THRESHOLD: u32 = 64;
+
 /// Why the configuration cannot be used. The operator's fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -249,6 +253,13 @@ pub struct TransportSettings {
     /// round trip (a few ms in a colocation hall) and a resume over a lossy path
     /// recovers that much sooner.
     pub initial_rtt_ms: u64,
+    /// Packets carrying data a client may receive before it must acknowledge them,
+    /// asked of clients through the QUIC acknowledgement-frequency extension (quinn
+    /// clients take it; others ignore it). An acknowledgement then mostly rides on the
+    /// client's next order instead of a packet of its own, and comes within
+    /// [`ACK_DELAY`](crate::server::ACK_DELAY) otherwise. 1 keeps QUIC's own rule
+    /// (every other packet).
+    pub ack_eliciting_threshold: u32,
     /// Most simultaneous connections; more are refused at the QUIC level.
     pub max_connections: usize,
     /// Connections kept for resumes of existing sessions: a login is refused
@@ -412,6 +423,7 @@ impl Default for TransportSettings {
             keep_alive_ms: 0,
             handshake_timeout_ms: 5_000,
             initial_rtt_ms: 333,
+            ack_eliciting_threshold: 8,
             max_connections: 20_000,
             resume_reserved_connections: 2_000,
             max_handshaking: 2_048,
@@ -537,6 +549,9 @@ impl Config {
             || self.transport.initial_rtt_ms == 0
         {
             return invalid("transport timeouts and initial_rtt_ms must be positive");
+        }
+        if !(1..=MAX_ACK_ELICITING_THRESHOLD).contains(&self.transport.ack_eliciting_threshold) {
+            return invalid("transport.ack_eliciting_threshold must be from 1 to 64");
         }
         if self.transport.resume_reserved_connections >= self.transport.max_connections {
             return invalid("transport.resume_reserved_connections must be below max_connections");

@@ -786,9 +786,27 @@ fn server_config(
         // refused with `UnexpectedFrame` rather than left waiting for credit.
         .max_concurrent_bidi_streams(VarInt::from_u32(2))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .initial_rtt(Duration::from_millis(config.transport.initial_rtt_ms));
+        .initial_rtt(Duration::from_millis(config.transport.initial_rtt_ms))
+        .ack_frequency_config(ack_frequency(config.transport.ack_eliciting_threshold));
     server.transport_config(Arc::new(transport));
     Ok(server)
+}
+
+/// Longest a peer asked to acknowledge less often may hold an acknowledgement back.
+pub const ACK_DELAY: Duration = Duration::from_millis(2);
+
+/// What a QUIC endpoint asks of its peer through the acknowledgement-frequency
+/// extension: an acknowledgement after more than `threshold` packets carrying data,
+/// or [`ACK_DELAY`] after the first. `None` (threshold 1) leaves QUIC's own rule.
+/// Orders and their answers flow both ways at once, so the acknowledgements then ride
+/// on them instead of taking packets (a system call and a wake-up each) of their own.
+pub fn ack_frequency(threshold: u32) -> Option<quinn::AckFrequencyConfig> {
+    (threshold > 1).then(|| {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(threshold))
+            .max_ack_delay(Some(ACK_DELAY));
+        ack
+    })
 }
 
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {

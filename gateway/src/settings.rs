@@ -19,6 +19,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("transport.keep_alive_ms", "gateway-side keep-alive interval; 0: clients keep connections alive"),
     ("transport.handshake_timeout_ms", "time to send Login or Resume after connecting"),
     ("transport.initial_rtt_ms", "round-trip estimate before the first measurement"),
+    ("transport.ack_eliciting_threshold", "packets a client may take before it must acknowledge them; 1: every other packet"),
     ("transport.max_connections", "most open connections"),
     ("transport.resume_reserved_connections", "connection slots only resumes may take"),
     ("transport.max_handshaking", "most connections not yet logged in or resumed; from half on, QUIC Retry"),

@@ -65,7 +65,13 @@ pub fn echo_server(
         gateway::config::TlsSettings::default().resumption_cache,
     )
     .map_err(|e| setup(&e))?;
-    let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // The gateway's own acknowledgement rule, so the two compare like for like.
+    let mut transport = quinn::TransportConfig::default();
+    transport.ack_frequency_config(gateway::server::ack_frequency(
+        gateway::config::TransportSettings::default().ack_eliciting_threshold,
+    ));
+    server.transport_config(Arc::new(transport));
     let socket = gateway::server::bind_udp(SocketAddr::from(([127, 0, 0, 1], 0)), socket_buffer)
         .map_err(|e| setup(&e))?;
     let runtime = quinn::default_runtime().ok_or_else(|| RunError::Setup("no runtime".into()))?;
