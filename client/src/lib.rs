@@ -896,7 +896,14 @@ async fn run_connection(
                     return None;
                 }
             };
-            if events.send(event).await.is_err() {
+            // Without waiting while the channel has room (most of the time): cheaper
+            // than a send future per message.
+            let delivered = match events.try_send(event) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(event)) => events.send(event).await.is_ok(),
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            };
+            if !delivered {
                 // The application stopped listening.
                 return Some(ReasonCode::LoggedOut);
             }
