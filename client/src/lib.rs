@@ -191,8 +191,8 @@ pub struct ClientConfig {
     pub ack_interval: Duration,
     /// QUIC packets carrying data the gateway may receive before it must acknowledge
     /// them (asked through the acknowledgement-frequency extension; the gateway then
-    /// acknowledges on its answers or within 2 ms). 1 keeps QUIC's own rule, every
-    /// other packet.
+    /// acknowledges on its answers, within 2 ms, or at once for a packet out of
+    /// order). 1 keeps QUIC's own rule, every other packet.
     pub ack_eliciting_threshold: u32,
     /// Reconnect attempts after a loss before giving up.
     pub reconnect_attempts: u32,
@@ -536,7 +536,8 @@ pub fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientE
         .ack_frequency_config((config.ack_eliciting_threshold > 1).then(|| {
             let mut ack = quinn::AckFrequencyConfig::default();
             ack.ack_eliciting_threshold(quinn::VarInt::from_u32(config.ack_eliciting_threshold))
-                .max_ack_delay(Some(Duration::from_millis(2)));
+                .max_ack_delay(Some(Duration::from_millis(2)))
+                .reordering_threshold(quinn::VarInt::from_u32(1));
             ack
         }));
     quic.transport_config(Arc::new(transport));

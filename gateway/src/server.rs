@@ -797,14 +797,18 @@ pub const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// What a QUIC endpoint asks of its peer through the acknowledgement-frequency
 /// extension: an acknowledgement after more than `threshold` packets carrying data,
-/// or [`ACK_DELAY`] after the first. `None` (threshold 1) leaves QUIC's own rule.
-/// Orders and their answers flow both ways at once, so the acknowledgements then ride
-/// on them instead of taking packets (a system call and a wake-up each) of their own.
+/// or [`ACK_DELAY`] after the first, and at once for a packet out of order (a loss
+/// is then noticed as soon as without the extension: the draft's default of waiting
+/// for a second one cost 2 ms at the p90 over a path losing 2%). `None` (threshold 1)
+/// leaves QUIC's own rule. Orders and their answers flow both ways at once, so the
+/// acknowledgements then ride on them instead of taking packets (a system call and a
+/// wake-up each) of their own.
 pub fn ack_frequency(threshold: u32) -> Option<quinn::AckFrequencyConfig> {
     (threshold > 1).then(|| {
         let mut ack = quinn::AckFrequencyConfig::default();
         ack.ack_eliciting_threshold(VarInt::from_u32(threshold))
-            .max_ack_delay(Some(ACK_DELAY));
+            .max_ack_delay(Some(ACK_DELAY))
+            .reordering_threshold(VarInt::from_u32(1));
         ack
     })
 }
