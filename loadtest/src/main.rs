@@ -231,7 +231,7 @@ fn print_sweep(sweep: &loadtest::SweepReport) {
         )
     };
     println!(
-        "knee (p99 past twice its lowest-rate p99): gateway {}, echo {}",
+        "knee (p99 above twice the low-load p99 from this rate on): gateway {}, echo {}",
         knee(sweep.gateway_knee),
         knee(sweep.echo_knee)
     );
