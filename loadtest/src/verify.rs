@@ -401,13 +401,19 @@ mod tests {
         .into()
     }
 
+    /// Two sessions, each with order 1 sent and acknowledged (server sequence 1).
+    fn two_sessions_with_an_acknowledged_order() -> Verifier {
+        let mut verifier = Verifier::new(2);
+        for session in 0..2 {
+            verifier.sent_order(session, 1, 1, 1);
+            verifier.message(session, &ack(1, 1));
+        }
+        verifier
+    }
+
     #[test]
     fn a_clean_run_has_no_violations() {
-        let mut verifier = Verifier::new(2);
-        verifier.sent_order(0, 1, 1, 1);
-        verifier.sent_order(1, 1, 1, 1);
-        verifier.message(0, &ack(1, 1));
-        verifier.message(1, &ack(1, 1));
+        let mut verifier = two_sessions_with_an_acknowledged_order();
         verifier.message(0, &fill(2, 9, Side::Buy));
         verifier.message(1, &fill(2, 9, Side::Sell));
         verifier.finish();
@@ -430,11 +436,7 @@ mod tests {
 
     #[test]
     fn a_trade_filled_again_after_it_settled_or_filled_twice_on_one_side_is_a_violation() {
-        let mut verifier = Verifier::new(2);
-        verifier.sent_order(0, 1, 1, 1);
-        verifier.sent_order(1, 1, 1, 1);
-        verifier.message(0, &ack(1, 1));
-        verifier.message(1, &ack(1, 1));
+        let mut verifier = two_sessions_with_an_acknowledged_order();
         verifier.message(0, &fill(2, 9, Side::Buy));
         verifier.message(1, &fill(2, 9, Side::Sell));
         verifier.message(1, &fill(3, 9, Side::Sell)); // the settled trade again
