@@ -16,8 +16,9 @@ use crate::registry::RegistryLimits;
 use crate::ring::RingLimits;
 use crate::session::SessionConfig;
 
-/// The largest `transport.ack_eliciting_threshold`: beyond, a sender waits on its
-/// acknowledgements (its congestion window) more than it saves on packets.
+/// The largest `transport.ack_eliciting_threshold`: a sender's congestion window
+/// waits on the acknowledgements asked for, so a slip of the keyboard must not ask
+/// clients to hold them back for thousands of packets.
 pub const MAX_ACK_ELICITING_THRESHOLD: u32 = 64;
 
 /// Why the configuration cannot be used. The operator's fault.
@@ -553,7 +554,9 @@ impl Config {
             return invalid("transport timeouts and initial_rtt_ms must be positive");
         }
         if !(1..=MAX_ACK_ELICITING_THRESHOLD).contains(&self.transport.ack_eliciting_threshold) {
-            return invalid("transport.ack_eliciting_threshold must be from 1 to 64");
+            return invalid(&format!(
+                "transport.ack_eliciting_threshold must be from 1 to {MAX_ACK_ELICITING_THRESHOLD}"
+            ));
         }
         if self.transport.resume_reserved_connections >= self.transport.max_connections {
             return invalid("transport.resume_reserved_connections must be below max_connections");
@@ -766,6 +769,27 @@ mod tests {
             zero_rtt.to_string().contains("initial_rtt_ms"),
             "{zero_rtt}"
         );
+        for threshold in ["0", "65"] {
+            let refused = Config::load(
+                None,
+                &[format!("transport.ack_eliciting_threshold={threshold}")],
+            )
+            .expect_err("threshold out of range");
+            assert!(
+                refused.to_string().contains("ack_eliciting_threshold"),
+                "{refused}"
+            );
+        }
+        let quic_rule = Config::load(None, &["transport.ack_eliciting_threshold=1".into()]);
+        assert_eq!(
+            quic_rule
+                .expect("1 is QUIC's own rule")
+                .transport
+                .ack_eliciting_threshold,
+            1
+        );
+        assert!(crate::server::ack_frequency(1).is_none());
+        assert!(crate::server::ack_frequency(8).is_some());
     }
 
     #[test]
