@@ -448,6 +448,9 @@ pub struct FloodReport {
 pub struct Ratios {
     /// Order-to-ack p50 ÷ echo p50.
     pub ack_p50: f64,
+    /// Order-to-ack p90 ÷ echo p90: the body of the tail, below the few-ms stalls of
+    /// a shared machine that decide a short run's p99.
+    pub ack_p90: f64,
     /// Order-to-ack p99 ÷ echo p99.
     pub ack_p99: f64,
     /// Order throughput ÷ echo throughput.
@@ -1233,6 +1236,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         };
         report.ratios = Some(Ratios {
             ack_p50: ratio(report.ack_latency_us.p50, baseline.echo_rtt_us.p50),
+            ack_p90: ratio(report.ack_latency_us.p90, baseline.echo_rtt_us.p90),
             ack_p99: ratio(report.ack_latency_us.p99, baseline.echo_rtt_us.p99),
             throughput: ratio(
                 report.throughput_orders_per_s,

@@ -438,8 +438,9 @@ fn summary(report: &Report) {
             String::new()
         };
         println!(
-            "ratios: ack p50 {:.2}×  p99 {:.2}×  throughput {:.0}%{resumes}",
+            "ratios: ack p50 {:.2}×  p90 {:.2}×  p99 {:.2}×  throughput {:.0}%{resumes}",
             ratios.ack_p50,
+            ratios.ack_p90,
             ratios.ack_p99,
             ratios.throughput * 100.0,
         );
