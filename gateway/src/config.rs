@@ -260,7 +260,7 @@ pub struct TransportSettings {
     /// client's next order instead of a packet of its own, and comes within
     /// [`ACK_DELAY`](crate::server::ACK_DELAY) otherwise: 10-15% more orders per core
     /// at full load, but a replay after a resume, paced by those acknowledgements,
-    /// takes longer (9 ms instead of 7 for 10,000 messages, BENCHMARKS.md). 1 keeps
+    /// takes longer (8.7 ms instead of 6.7 for 10,000 messages, BENCHMARKS.md). 1 keeps
     /// QUIC's own rule (every other packet).
     pub ack_eliciting_threshold: u32,
     /// Most simultaneous connections; more are refused at the QUIC level.
