@@ -186,7 +186,8 @@ async fn trade_across(
 
 /// Two gateway processes behind a balancer with a trade across them.
 struct Across {
-    nats: NatsServer,
+    /// Kept for the gateways' stream until the end.
+    _nats: NatsServer,
     gateways: Vec<GatewayProcess>,
     balancer: Balancer,
     maker: Connected,
@@ -195,128 +196,114 @@ struct Across {
     makers: usize,
 }
 
-/// Starts NATS, two gateway processes and the balancer, and trades across them
-/// ([`trade_across`]).
-async fn across() -> Across {
-    let nats = NatsServer::start();
-    let (gateways, balancer) = two_gateway_processes(&nats).await;
-    let (maker, taker, makers) = trade_across(&gateways, &balancer).await;
-    Across {
-        nats,
-        gateways,
-        balancer,
-        maker,
-        taker,
-        makers,
+impl Across {
+    /// Starts NATS, two gateway processes and the balancer, and trades across them
+    /// ([`trade_across`]).
+    async fn start() -> Across {
+        let nats = NatsServer::start();
+        let (gateways, balancer) = two_gateway_processes(&nats).await;
+        let (maker, taker, makers) = trade_across(&gateways, &balancer).await;
+        Across {
+            _nats: nats,
+            gateways,
+            balancer,
+            maker,
+            taker,
+            makers,
+        }
     }
-}
 
-/// After its gateway went away, the maker resumes on the other one: it gets the
-/// fill of 3 made meanwhile exactly once (before its connection closed, or replayed
-/// after the resume), and its order's rest of 3 is still there to cancel.
-async fn maker_resumes_elsewhere_with_nothing_lost(
-    (maker, maker_events): &mut Connected,
-    (taker, taker_events): &mut Connected,
-) {
-    taker
-        .new_order(OrderParams::limit_buy(1, 3, 100, 3))
-        .expect("send");
-    assert_eq!(next_fill(taker_events).await, 3);
-    let before = resumed(maker_events).await;
-    let filled_before: u64 = before
-        .iter()
-        .map(|f| match f {
-            Frame::Fill(fill) => fill.quantity,
-            _ => 0,
+    /// After its gateway went away, the maker resumes on the other one: it gets the
+    /// fill of 3 made meanwhile exactly once (before its connection closed, or
+    /// replayed after the resume), and its order's rest of 3 is still there to cancel.
+    async fn maker_resumes_elsewhere_with_nothing_lost(&mut self) {
+        let ((maker, maker_events), (taker, taker_events)) = (&mut self.maker, &mut self.taker);
+        taker
+            .new_order(OrderParams::limit_buy(1, 3, 100, 3))
+            .expect("send");
+        assert_eq!(next_fill(taker_events).await, 3);
+        let before = resumed(maker_events).await;
+        let filled_before: u64 = before
+            .iter()
+            .map(|f| match f {
+                Frame::Fill(fill) => fill.quantity,
+                _ => 0,
+            })
+            .sum();
+        if filled_before == 0 {
+            assert_eq!(next_fill(maker_events).await, 3);
+        } else {
+            assert_eq!(filled_before, 3, "{before:?}");
+        }
+        maker.cancel(1).expect("send");
+        match next_frame(maker_events, |f| {
+            matches!(f, Frame::Cancelled(_) | Frame::Fill(_))
         })
-        .sum();
-    if filled_before == 0 {
-        assert_eq!(next_fill(maker_events).await, 3);
-    } else {
-        assert_eq!(filled_before, 3, "{before:?}");
+        .await
+        {
+            Frame::Cancelled(cancelled) => assert_eq!(cancelled.client_order_id, 1),
+            fill => panic!("a fill delivered twice: {fill:?}"),
+        }
     }
-    maker.cancel(1).expect("send");
-    match next_frame(maker_events, |f| {
-        matches!(f, Frame::Cancelled(_) | Frame::Fill(_))
-    })
-    .await
-    {
-        Frame::Cancelled(cancelled) => assert_eq!(cancelled.client_order_id, 1),
-        fill => panic!("a fill delivered twice: {fill:?}"),
+
+    /// Closes the clients, then stops the gateways (NATS last, when dropped).
+    async fn stop(self) {
+        drop((self.maker, self.taker));
+        GatewayProcess::stop_all(self.gateways, false).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_gateway_is_killed_resumes_on_another_with_nothing_lost() {
-    let Across {
-        nats: _nats,
-        mut gateways,
-        balancer,
-        mut maker,
-        mut taker,
-        makers,
-    } = across().await;
+    let mut across = Across::start().await;
 
-    gateways[makers].kill();
-    maker_resumes_elsewhere_with_nothing_lost(&mut maker, &mut taker).await;
-    assert!(balancer.flows_moved() >= 1, "the maker's flow moved");
-    drop((maker, taker));
-    GatewayProcess::stop_all(gateways, false).await;
+    across.gateways[across.makers].kill();
+    across.maker_resumes_elsewhere_with_nothing_lost().await;
+    assert!(across.balancer.flows_moved() >= 1, "the maker's flow moved");
+    across.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_gateway_is_declared_gone_and_stops_when_it_wakes_up() {
-    let Across {
-        nats: _nats,
-        mut gateways,
-        balancer: _balancer,
-        mut maker,
-        mut taker,
-        makers,
-    } = across().await;
+    let mut across = Across::start().await;
+    let makers = across.makers;
 
     // The zombie: paused past its timeout, while its client resumes elsewhere.
-    gateways[makers].pause(true);
-    maker_resumes_elsewhere_with_nothing_lost(&mut maker, &mut taker).await;
+    across.gateways[makers].pause(true);
+    across.maker_resumes_elsewhere_with_nothing_lost().await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    gateways[makers].pause(false);
+    across.gateways[makers].pause(false);
     assert!(
-        gateways[makers].wait_exit(PATIENCE).await,
+        across.gateways[makers].wait_exit(PATIENCE).await,
         "the woken gateway stops"
     );
-    let log = gateways[makers].log_tail();
+    let log = across.gateways[makers].log_tail();
     assert!(log.contains("run (started at position"), "{log}");
 
     // What it appended on waking was fenced off by the gateway that carried on.
-    let fenced = loadtest::cluster::fenced_records(gateways[1 - makers].admin());
+    let fenced = loadtest::cluster::fenced_records(across.gateways[1 - makers].admin());
     assert!(fenced >= Some(1), "{fenced:?}");
-    drop((maker, taker));
-    GatewayProcess::stop_all(gateways, false).await;
+    across.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_gateway_sends_its_sessions_to_another() {
-    let Across {
-        nats: _nats,
-        mut gateways,
-        balancer,
-        mut maker,
-        mut taker,
-        makers,
-    } = across().await;
+    let mut across = Across::start().await;
+    let makers = across.makers;
 
     // SIGTERM: not ready, then `ShuttingDown` to its clients, which resume on the
     // other gateway by themselves.
-    let mut drained = gateways.remove(makers);
+    let mut drained = across.gateways.remove(makers);
     let drained = tokio::spawn(async move {
         drained.terminate().await;
         drained
     });
-    maker_resumes_elsewhere_with_nothing_lost(&mut maker, &mut taker).await;
-    gateways.insert(makers, drained.await.expect("drained"));
-    assert!(balancer.flows_moved() >= 1, "the maker's flow moved");
-    drop((maker, taker));
-    GatewayProcess::stop_all(gateways, false).await;
+    across.maker_resumes_elsewhere_with_nothing_lost().await;
+    across
+        .gateways
+        .insert(makers, drained.await.expect("drained"));
+    assert!(across.balancer.flows_moved() >= 1, "the maker's flow moved");
+    across.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
