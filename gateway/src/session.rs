@@ -567,7 +567,13 @@ impl Session {
         if attachment.waiting.is_empty() && room {
             return self.process_request(frame, now, out);
         }
-        if attachment.waiting.len() >= limit {
+        if matches!(attachment.waiting.back(), Some(WaitingRequest::Logout)) {
+            // The session ends at that `Logout`: nothing after it would be processed.
+            return;
+        }
+        // The limit counts requests: a `Logout` behind `limit` of them still waits
+        // (a client with at most that many unanswered cannot reach it).
+        if !matches!(frame, Frame::Logout(_)) && attachment.waiting.len() >= limit {
             return self.drop_connection(ReasonCode::SlowConsumer, now, out);
         }
         if let Some(request) = WaitingRequest::of(frame) {

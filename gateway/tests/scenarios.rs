@@ -828,6 +828,39 @@ fn a_logout_behind_waiting_requests_ends_the_session_after_they_are_answered() {
 }
 
 #[test]
+fn a_logout_behind_exactly_the_waiting_limit_is_taken_not_cut_as_a_slow_consumer() {
+    // PROTOCOL.md section 4: a client with at most max_waiting_requests unanswered
+    // requests cannot reach the limit; the Logout behind them is not a request.
+    let mut sim = Sim::new(SessionConfig {
+        ring: RingLimits {
+            max_messages: 3,
+            max_bytes: 1 << 20,
+        },
+        max_waiting_requests: 2,
+        ..SessionConfig::default()
+    });
+    let mut client = sim.login(1, NO_COD);
+    let conn = client.conn.expect("attached");
+    for id in 1..=3 {
+        client.new_order(id, Side::Buy, 90, 1);
+    }
+    client.to_gateway.push_back(proto::Logout {}.into());
+    client.to_gateway.push_back(proto::Logout {}.into());
+    sim.deliver_to_gateway(&mut client, usize::MAX);
+    assert_eq!(sim.is_closed(conn), None, "two requests and the logout wait");
+    for _ in 0..10 {
+        sim.settle(&mut client);
+        client.ack();
+    }
+    assert!(client.unanswered().is_empty(), "every request answered");
+    assert!(sim.registry.get(client.session_id).is_none(), "logged out");
+    assert!(matches!(
+        client.control.last(),
+        Some(Frame::Close(c)) if c.reason == ReasonCode::LoggedOut
+    ));
+}
+
+#[test]
 fn a_maker_that_never_acknowledges_its_fills_is_cut_as_a_slow_consumer_and_keeps_its_session() {
     // Fills of resting orders are not answers the session waited room for: when
     // they overflow the ring, the connection is closed and a resume takes the
