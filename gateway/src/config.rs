@@ -128,8 +128,10 @@ pub struct SequencerSettings {
     /// This gateway's name among the gateways sharing the stream: each needs its
     /// own. A gateway started again under the same name replaces its earlier run at
     /// once (that run's connections are gone); under a new name, the earlier run's
-    /// connections are declared gone after its `gateway_timeout_ms`.
-    pub gateway_name: String,
+    /// connections are declared gone after its `gateway_timeout_ms`. Unset: the
+    /// host's name and the `listen` port (`edge-1-4433`), which differs between
+    /// hosts and stays the same across restarts ([`Config::gateway_name`]).
+    pub gateway_name: Option<String>,
     /// How long the gateway may stay silent on the stream before the others
     /// declare its connections gone (their sessions detached, cancel-on-disconnect
     /// started) and fence off its later records. It appends a heartbeat every
@@ -161,7 +163,7 @@ impl Default for SequencerSettings {
             token_file: None,
             snapshot_every: 100_000,
             purge_after_snapshot: true,
-            gateway_name: "gateway".into(),
+            gateway_name: None,
             gateway_timeout_ms: 10_000,
             replicas: 1,
             drain_notice_ms: 500,
@@ -600,7 +602,7 @@ impl Config {
             if self.sequencer.timeout_ms == 0 {
                 return invalid("sequencer.timeout_ms must be positive");
             }
-            let name = &self.sequencer.gateway_name;
+            let name = self.gateway_name();
             if name.is_empty()
                 || name.len() > 64
                 || !name
@@ -646,6 +648,27 @@ impl Config {
             finished_orders_retained: self.session.finished_orders_retained,
             ..SessionConfig::default()
         }
+    }
+
+    /// This gateway's name on the stream: `sequencer.gateway_name`, else the host's
+    /// name (from the kernel, cut to the characters a name may have) and the
+    /// `listen` port, so that gateways on different hosts started with the same
+    /// settings do not end each other's runs.
+    pub fn gateway_name(&self) -> String {
+        if let Some(name) = &self.sequencer.gateway_name {
+            return name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .take(50)
+            .collect();
+        let host = if host.is_empty() { "gateway" } else { &host };
+        format!("{host}-{}", self.listen.port())
     }
 
     /// A fingerprint of the settings the session core applies the stream with
@@ -831,6 +854,25 @@ mod tests {
             assert!(refused.to_string().contains(named), "{refused}");
         }
         assert!(jetstream("sequencer.gateway_name=\"edge-2.venue\"").is_ok());
+    }
+
+    #[test]
+    fn the_default_gateway_name_is_the_host_and_port_and_valid() {
+        let config = Config::load(None, &["listen=\"127.0.0.1:4555\"".into()]).expect("valid");
+        let name = config.gateway_name();
+        assert!(name.ends_with("-4555"), "{name}");
+        assert!(
+            name.len() > "-4555".len(),
+            "{name}: the host's name comes first"
+        );
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        assert!(
+            name.starts_with(host.trim().split('.').next().unwrap_or("")),
+            "{name}"
+        );
+        let mut named = config;
+        named.sequencer.gateway_name = Some("edge-1".into());
+        assert_eq!(named.gateway_name(), "edge-1");
     }
 
     #[test]

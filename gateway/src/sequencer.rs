@@ -128,6 +128,10 @@ pub enum Record {
         /// The connection.
         conn: ConnectionId,
     },
+    /// The appending gateway run stops (a graceful stop, or a start it refused): it
+    /// ends now, its connections are gone, and the next run takes snapshots, without
+    /// waiting for `sequencer.gateway_timeout_ms` of silence.
+    Stopped,
 }
 
 /// A record as appended: by which gateway run, when, and who waits for its outcome.
@@ -137,9 +141,9 @@ pub struct Entry {
     /// that record itself): the core applies records of live runs only, so a run
     /// that ended (replaced, or paused or cut off for too long) changes nothing.
     pub from: u64,
-    /// The edge's clock when it appended the record, Unix milliseconds: when this
-    /// gateway last said something (for its heartbeats). The core's time comes from
-    /// the stream instead ([`Stored::time_ms`]).
+    /// The appending gateway's monotonic clock when it appended the record
+    /// ([`Timestamp::now`], Unix milliseconds): the core reads its time off it
+    /// ([`crate::members`]), and the gateway its own silence (for its heartbeats).
     pub time_ms: u64,
     /// A ticket the appending gateway waits on for the outcome (0: nobody waits).
     pub reply: u64,
@@ -185,39 +189,6 @@ pub enum Outcome {
     Done(bool),
     /// Not applied: the run of the gateway that appended it has ended.
     Fenced,
-}
-
-/// Where and when the stream stored a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stored {
-    /// Its position in the stream.
-    pub position: u64,
-    /// When NATS stored it, Unix milliseconds, by the NATS server's clock: the
-    /// same for every reader of the stream, whatever the clocks of the gateways.
-    pub time_ms: u64,
-}
-
-/// The core's clock: the latest time at which NATS stored a record the core applied,
-/// so that it never goes back, and no gateway's clock moves it.
-#[derive(Debug, Default)]
-pub struct LogClock(AtomicU64);
-
-impl LogClock {
-    /// A clock at `time_ms` (a restored snapshot's time).
-    pub fn starting_at(time_ms: u64) -> Self {
-        LogClock(AtomicU64::new(time_ms))
-    }
-
-    /// The core's time: the latest record time applied.
-    pub fn now(&self) -> Timestamp {
-        Timestamp::from_millis(self.0.load(Ordering::Acquire))
-    }
-
-    /// Advances to `time_ms` (if later) and returns the core's time.
-    pub fn advance(&self, time_ms: u64) -> Timestamp {
-        let previous = self.0.fetch_max(time_ms, Ordering::AcqRel);
-        Timestamp::from_millis(previous.max(time_ms))
-    }
 }
 
 /// Why the stream could not be used.
@@ -349,6 +320,17 @@ impl JetStreamLog {
             warn!(%error, "a record the core must see was not stored; trying again");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
+        }
+    }
+
+    /// Ends this gateway's run on the stream ([`Record::Stopped`]), waiting at most
+    /// `patience` for the stream to store it. Without it the other gateways
+    /// declare the run gone after `sequencer.gateway_timeout_ms`.
+    pub async fn end_run(&self, patience: Duration) {
+        let entry = self.entry(Record::Stopped, 0);
+        let stored = tokio::time::timeout(patience, self.append(&entry)).await;
+        if !matches!(stored, Ok(Ok(_))) {
+            warn!("the stream did not take this run's end in time: the other gateways will declare it gone after sequencer.gateway_timeout_ms");
         }
     }
 
@@ -566,12 +548,12 @@ impl JetStreamLog {
     }
 
     /// Reads the stream from the record after `after` (0: from the beginning), in
-    /// order, calling `apply` with each entry and where and when it was stored. A
+    /// order, calling `apply` with each entry and its stream position. A
     /// read that fails (NATS restarted and forgot the consumer, the connection
     /// dropped) goes on after the last record applied, retrying for as long as NATS
     /// is away. Returns only if records the core has not applied are gone from the
     /// stream: it cannot go on deterministically.
-    pub async fn follow(&self, after: u64, mut apply: impl FnMut(Entry, Stored)) -> LogError {
+    pub async fn follow(&self, after: u64, mut apply: impl FnMut(Entry, u64)) -> LogError {
         let started = Instant::now();
         let mut last_position = after;
         let mut backoff = FOLLOW_BACKOFF_MIN;
@@ -623,12 +605,8 @@ impl JetStreamLog {
                         break;
                     }
                 };
-                let (position, stored_ms) = match message.info() {
-                    Ok(info) => (
-                        info.stream_sequence,
-                        u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
-                            .unwrap_or(0),
-                    ),
+                let position = match message.info() {
+                    Ok(info) => info.stream_sequence,
                     Err(error) => {
                         warn!(%error, after = last_position, "a record without its position; reading on");
                         break;
@@ -646,13 +624,7 @@ impl JetStreamLog {
                 last_position = position;
                 backoff = FOLLOW_BACKOFF_MIN;
                 match Entry::decode(&message.payload) {
-                    Ok(entry) => apply(
-                        entry,
-                        Stored {
-                            position,
-                            time_ms: stored_ms,
-                        },
-                    ),
+                    Ok(entry) => apply(entry, position),
                     Err(error) => warn!(position, %error, "skipping an unreadable record"),
                 }
                 if position % 100_000 == 0 {
@@ -871,14 +843,6 @@ mod tests {
             Entry::decode(&vec![0; MAX_RECORD_LEN + 1]),
             Err(EntryError::TooLarge(_))
         ));
-    }
-
-    #[test]
-    fn the_log_clock_never_goes_back() {
-        let clock = LogClock::default();
-        assert_eq!(clock.advance(10).as_millis(), 10);
-        assert_eq!(clock.advance(5).as_millis(), 10);
-        assert_eq!(clock.advance(12).as_millis(), 12);
     }
 
     #[test]

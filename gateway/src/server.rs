@@ -47,7 +47,7 @@ use crate::dev::{SetupError, TlsIdentity};
 use crate::members::Members;
 use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
 use crate::registry::{lock, IdMap, Registry, SessionHandle};
-use crate::sequencer::{JetStreamLog, LogClock, LogError, Outcome, Record};
+use crate::sequencer::{JetStreamLog, LogError, Outcome, Record};
 use crate::session::{AckBound, ConnectionId, Transmit};
 use crate::snapshot::CoreImage;
 use crate::time::Timestamp;
@@ -207,10 +207,8 @@ pub(crate) struct Shared {
     /// Crash-safe mode: the stream every input of the core goes through. `None`:
     /// embedded mode, the core takes inputs as they come.
     log: Option<Arc<JetStreamLog>>,
-    /// Crash-safe mode: the core's time, from the records applied.
-    log_clock: LogClock,
-    /// Crash-safe mode: the gateway runs sharing the stream; records of runs that
-    /// ended are fenced off.
+    /// Crash-safe mode: the gateway runs sharing the stream (records of runs that
+    /// ended are fenced off) and the core's time, read off their records.
     members: Mutex<Members>,
     /// Crash-safe mode: how long this gateway may stay silent on the stream before
     /// the others declare it gone (`sequencer.gateway_timeout_ms`); it appends a
@@ -305,7 +303,7 @@ impl Gateway {
         }
         let settings = setup.config.core_fingerprint();
         let started = Record::Started {
-            gateway: setup.config.sequencer.gateway_name.clone(),
+            gateway: setup.config.gateway_name(),
             timeout_ms: setup.config.sequencer.gateway_timeout_ms,
             settings,
         };
@@ -315,7 +313,13 @@ impl Gateway {
         let gateway = Self::start_with(setup, Some(Arc::clone(&log)), image)?;
         let restored_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
         let shared = Arc::clone(&gateway.shared);
-        tokio::spawn(follow_log(shared, log, after, position, caught_up));
+        tokio::spawn(follow_log(
+            shared,
+            Arc::clone(&log),
+            after,
+            position,
+            caught_up,
+        ));
         tokio::select! {
             _ = replayed => {}
             why = gateway.failed() => return Err(StartError::Rebuild(why)),
@@ -328,6 +332,9 @@ impl Gateway {
             .other_settings(position, settings)
             .map(str::to_owned);
         if let Some(other) = differing {
+            // End the run now, so that it does not stand in the way of gateways
+            // started after it with the right settings.
+            log.end_run(CLOSE_DEADLINE * 2).await;
             let why = format!(
                 "session.*, engine.* or transport.idle_timeout_ms differ from those of gateway \
                  {other:?}, running on the same stream: every gateway of a stream applies it \
@@ -441,7 +448,7 @@ impl Gateway {
                 let mut book = image.engine;
                 book.reconfigure(&engine_config)
                     .map_err(|e| snapshot_error(&format!("engine.instruments: {e}")))?;
-                let restored = (image.position, image.time_ms, image.members);
+                let restored = (image.position, image.members);
                 (registry, book, Some(restored))
             }
         };
@@ -466,7 +473,7 @@ impl Gateway {
             }
         };
 
-        let (position, time_ms, members) = restored.unwrap_or_default();
+        let (position, members) = restored.unwrap_or_default();
         let shared = Arc::new(Shared {
             registry,
             engine: engine_link,
@@ -496,7 +503,6 @@ impl Gateway {
                 0
             },
             log,
-            log_clock: LogClock::starting_at(time_ms),
             members: Mutex::new(members),
             gateway_timeout: Duration::from_millis(config.sequencer.gateway_timeout_ms),
             drain_notice: Duration::from_millis(config.sequencer.drain_notice_ms),
@@ -627,6 +633,14 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + CLOSE_DEADLINE * 2;
         while !self.shared.conns.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(log) = &self.shared.log {
+            // The run ends now rather than after sequencer.gateway_timeout_ms of
+            // silence: its sessions still attached are detached (and resume
+            // elsewhere), and the next run takes snapshots.
+            if self.shared.failed.borrow().is_none() {
+                log.end_run(CLOSE_DEADLINE * 2).await;
+            }
         }
         self.endpoint
             .close(close_code(ReasonCode::ShuttingDown), b"ShuttingDown");
@@ -1185,14 +1199,19 @@ async fn write_loop(
         let transmit = lock(&session).poll_transmit(conn_id, &mut frames, WRITE_BATCH);
         let last = match transmit {
             Transmit::Finished(reason) => Some(reason),
-            Transmit::NotAttached if frames.is_empty() => match conn.closing() {
-                // Taken over, cut off, or a protocol error: say why, then close.
-                Some(reason) => {
-                    frames.push(Frame::from(proto::Close { reason }).to_bytes());
-                    Some(reason)
+            Transmit::NotAttached | Transmit::Ready if frames.is_empty() => {
+                match (conn.closing(), transmit) {
+                    // Taken over, cut off, a protocol error, or (crash-safe mode)
+                    // the gateway stopping with the session still attached, once
+                    // what it had is written: say why, then close.
+                    (Some(reason), _) => {
+                        frames.push(Frame::from(proto::Close { reason }).to_bytes());
+                        Some(reason)
+                    }
+                    (None, Transmit::NotAttached) => return,
+                    (None, _) => None,
                 }
-                None => return,
-            },
+            }
             Transmit::NotAttached | Transmit::Ready => None,
         };
         if frames.is_empty() {

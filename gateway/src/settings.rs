@@ -59,7 +59,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("sequencer.token_file", "file holding a NATS token, instead of a user"),
     ("sequencer.snapshot_every", "records between core snapshots (object store <stream>_snapshots); 0: none"),
     ("sequencer.purge_after_snapshot", "purge the records the replaced snapshot covered from the stream"),
-    ("sequencer.gateway_name", "this gateway's name among those sharing the stream; each its own"),
+    ("sequencer.gateway_name", "this gateway's name among those sharing the stream; each its own; unset: <host name>-<listen port>"),
     ("sequencer.gateway_timeout_ms", "silence after which the others declare this gateway's connections gone"),
     ("sequencer.replicas", "copies of the stream and snapshots JetStream keeps: 1, or 3 on a cluster"),
     ("sequencer.drain_notice_ms", "on SIGTERM, time not ready before connections are closed"),
@@ -133,6 +133,7 @@ mod tests {
         config.sequencer.user = Some("u".into());
         config.sequencer.password_file = Some(PathBuf::from("p"));
         config.sequencer.token_file = Some(PathBuf::from("t"));
+        config.sequencer.gateway_name = Some("g".into());
         let table = toml::Table::try_from(config).expect("serializes");
         let mut keys = BTreeSet::new();
         for (key, value) in &table {

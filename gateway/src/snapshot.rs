@@ -17,16 +17,14 @@ use crate::members::Members;
 use crate::registry::RegistryImage;
 
 /// Version of the snapshot encoding; a gateway refuses snapshots of another one.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+pub const SNAPSHOT_FORMAT: u32 = 3;
 
 /// The core after the record at `position` was applied.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CoreImage {
     /// The stream position of the last record applied.
     pub position: u64,
-    /// The core's time then (the latest record time applied), Unix milliseconds.
-    pub time_ms: u64,
-    /// The live gateway runs, for fencing.
+    /// The live gateway runs, for fencing, and the core's time.
     pub members: Members,
     /// Sessions, timers, token keys.
     pub registry: RegistryImage,
@@ -85,15 +83,9 @@ mod tests {
             lot_size: 1,
         };
         let mut members = Members::default();
-        members.started(
-            "edge-1",
-            40,
-            (3_000, 9),
-            crate::time::Timestamp::from_millis(5),
-        );
+        members.started("edge-1", 40, (3_000, 9), 1_700_000_000_000);
         CoreImage {
             position: 42,
-            time_ms: 1_700_000_000_000,
             members,
             registry: registry.image(),
             engine: OrderBookEngine::new(EngineConfig::with_instruments(vec![instrument]))
@@ -107,6 +99,7 @@ mod tests {
         let read = CoreImage::decode(&bytes).expect("decodes");
         assert_eq!(read.position, 42);
         assert_eq!(read.members.live().collect::<Vec<_>>(), [("edge-1", 40)]);
+        assert_eq!(read.members.now().as_millis(), 1_700_000_000_000);
         assert_eq!(read.encode(), bytes);
     }
 

@@ -847,7 +847,11 @@ fn a_logout_behind_exactly_the_waiting_limit_is_taken_not_cut_as_a_slow_consumer
     client.to_gateway.push_back(proto::Logout {}.into());
     client.to_gateway.push_back(proto::Logout {}.into());
     sim.deliver_to_gateway(&mut client, usize::MAX);
-    assert_eq!(sim.is_closed(conn), None, "two requests and the logout wait");
+    assert_eq!(
+        sim.is_closed(conn),
+        None,
+        "two requests and the logout wait"
+    );
     for _ in 0..10 {
         sim.settle(&mut client);
         client.ack();

@@ -58,7 +58,7 @@ async fn gateways_on_one_stream_hold_the_same_core_and_route_answers_to_the_sess
         let nats = &nats;
         move |config: &mut gateway::config::Config| {
             nats.serve(config, "TWO_EDGES");
-            config.sequencer.gateway_name = name.into();
+            config.sequencer.gateway_name = Some(name.into());
         }
     };
     let a = TestGateway::launch(2, &secret, named("a")).await;
@@ -340,13 +340,17 @@ async fn a_cluster_under_load_survives_a_killed_gateway_a_zombie_and_a_lost_nats
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_with_other_core_settings_refuses_to_join_a_stream() {
+async fn a_gateway_with_other_core_settings_refuses_to_join_a_stream_and_blocks_no_one() {
     let nats = NatsServer::start();
-    let running = TestGateway::launch(2, &[12u8; 32], |config| {
-        nats.serve(config, "MIXED");
-        config.sequencer.gateway_name = "a".into();
-    })
-    .await;
+    let named = |name: &'static str| {
+        let nats = &nats;
+        move |config: &mut gateway::config::Config| {
+            nats.serve(config, "MIXED");
+            config.sequencer.gateway_name = Some(name.into());
+        }
+    };
+    let running = TestGateway::launch(2, &[12u8; 32], named("a")).await;
+    let second = TestGateway::launch(2, &[12u8; 32], named("c")).await;
     // Its copy of the core would differ from the running gateway's.
     let url = format!("sequencer.nats_url={}", nats.url);
     let error = e2e::failed_start(&[
@@ -359,5 +363,10 @@ async fn a_gateway_with_other_core_settings_refuses_to_join_a_stream() {
         error.contains("differ from those of gateway \"a\""),
         "{error}"
     );
+    // The refused gateway ended its run: a gateway restarted with the right
+    // settings right after it is not refused because of it.
+    second.gateway.shutdown().await;
+    let second = TestGateway::launch(2, &[12u8; 32], named("c")).await;
+    second.gateway.shutdown().await;
     running.gateway.shutdown().await;
 }

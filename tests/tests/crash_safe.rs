@@ -587,6 +587,53 @@ async fn a_connection_lost_while_nats_stalls_still_detaches_its_session() {
     gateway.gateway.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_says_shutting_down_and_ends_its_run_at_once() {
+    let nats = NatsServer::start();
+    let named = |name: &'static str| {
+        let nats = &nats;
+        move |config: &mut gateway::config::Config| {
+            nats.serve(config, "GRACEFUL");
+            config.sequencer.gateway_name = Some(name.into());
+            // Far longer than the test waits: only the run's own end can detach
+            // its sessions in time.
+            config.sequencer.gateway_timeout_ms = 60_000;
+        }
+    };
+    let leaving = TestGateway::launch(1, &[13u8; 32], named("leaving")).await;
+    let staying = TestGateway::launch(1, &[13u8; 32], named("staying")).await;
+    let config = leaving.client_config(1, leaving.addr);
+    let login = config
+        .credentials
+        .signed_login(
+            &config.venue,
+            proto::CancelOnDisconnect::Off,
+            Duration::ZERO,
+        )
+        .expect("sign");
+    let mut raw = e2e::Raw::open(&config).await;
+    raw.send(&[login.into()]).await;
+    assert!(matches!(raw.recv().await, Some(Frame::LoginAccepted(_))));
+
+    let stopping = tokio::spawn(leaving.gateway.shutdown());
+    let frames = raw.recv_all().await;
+    assert_eq!(
+        frames.last(),
+        Some(&Frame::Close(proto::Close {
+            reason: ReasonCode::ShuttingDown
+        })),
+        "{frames:?}"
+    );
+    assert_eq!(
+        raw.close_code().await,
+        Some(u64::from(ReasonCode::ShuttingDown.to_wire()))
+    );
+    stopping.await.expect("stopped");
+    // Its run ended with it: the other gateway's core detached the session at once.
+    wait_for_one_detached_session(&staying).await;
+    staying.gateway.shutdown().await;
+}
+
 /// Waits until the gateway's core has exactly one session, detached.
 async fn wait_for_one_detached_session(gateway: &TestGateway) {
     let registry = gateway.gateway.registry();

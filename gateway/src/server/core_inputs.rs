@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{EngineLink, Shared};
 use crate::registry::{lock, SessionHandle};
-use crate::sequencer::{Entry, JetStreamLog, Outcome, Record, Stored};
+use crate::sequencer::{Entry, JetStreamLog, Outcome, Record};
 use crate::session::{Action, CodPolicy, ConnectionId};
 use crate::snapshot::CoreImage;
 use crate::time::Timestamp;
@@ -37,11 +37,16 @@ pub(super) async fn follow_log(
 ) {
     let mut caught_up = Some(caught_up);
     let mut snapshots = Snapshots::new(after, shared.snapshot_every);
+    // Set once this run's own `Stopped` record is applied: the gateway is stopping.
+    let mut stopped = false;
     let error = log
-        .follow(after, |entry, stored| {
-            let position = stored.position;
-            shared.apply(entry, stored, &log);
-            if position < start {
+        .follow(after, |entry, position| {
+            if stopped {
+                return;
+            }
+            stopped = entry.from == start && matches!(entry.record, Record::Stopped);
+            shared.apply(entry, position, &log);
+            if position < start || stopped {
                 return;
             }
             if let Some(caught_up) = caught_up.take() {
@@ -152,7 +157,6 @@ impl Shared {
         let engine = book.lock().unwrap_or_else(PoisonError::into_inner).clone();
         Some(CoreImage {
             position,
-            time_ms: self.log_clock.now().as_millis(),
             members: self
                 .members
                 .lock()
@@ -184,13 +188,12 @@ impl Shared {
         self.execute(actions, now);
     }
 
-    /// Crash-safe mode: applies one record of the stream to the core, at the time
-    /// the stream stored it, and hands the outcome to the gateway waiting for it.
-    /// Records of gateway runs that ended are not applied.
-    pub(super) fn apply(&self, entry: Entry, stored: Stored, log: &JetStreamLog) {
-        let position = stored.position;
+    /// Crash-safe mode: applies the record at `position` of the stream to the core,
+    /// at the core's time for it ([`crate::members`]), and hands the outcome to the
+    /// gateway waiting for it. Records of gateway runs that ended are not applied.
+    pub(super) fn apply(&self, entry: Entry, position: u64, log: &JetStreamLog) {
         self.applied_position.store(position, Ordering::Relaxed);
-        let Some(now) = self.admit_record(&entry, stored) else {
+        let Some(now) = self.admit_record(&entry, position) else {
             self.fenced_records.fetch_add(1, Ordering::Relaxed);
             debug!(
                 position,
@@ -208,7 +211,7 @@ impl Shared {
         };
         let outcome = match entry.record {
             // Taken by `admit_record`.
-            Record::Started { .. } => None,
+            Record::Started { .. } | Record::Stopped => None,
             Record::Login {
                 conn,
                 account,
@@ -279,19 +282,13 @@ impl Shared {
     }
 
     /// Crash-safe mode: whether a record's gateway run is live (`Started` begins
-    /// one); if it is, advances the core's time to when the record was stored and
-    /// returns it, after noting the run heard and ending the runs that one replaces
-    /// or that have been silent too long (their connections are gone).
-    fn admit_record(&self, entry: &Entry, stored: Stored) -> Option<Timestamp> {
-        let position = stored.position;
+    /// one); if it is, notes the run heard and returns the core's time for the
+    /// record, after ending the runs that it replaces, that said they stop, or that
+    /// have been silent too long (their connections are gone).
+    fn admit_record(&self, entry: &Entry, position: u64) -> Option<Timestamp> {
         let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
-        let starts = matches!(entry.record, Record::Started { .. });
-        if !starts && !members.is_live(entry.from) {
-            return None;
-        }
-        let now = self.log_clock.advance(stored.time_ms);
         let mut ended = Vec::new();
-        match &entry.record {
+        let now = match &entry.record {
             Record::Started {
                 gateway,
                 timeout_ms,
@@ -302,7 +299,9 @@ impl Shared {
                     run = position,
                     "a gateway run started on the stream"
                 );
-                ended.extend(members.started(gateway, position, (*timeout_ms, *settings), now));
+                let (now, replaced) =
+                    members.started(gateway, position, (*timeout_ms, *settings), entry.time_ms);
+                ended.extend(replaced);
                 if let Some(other) = members.other_settings(position, *settings) {
                     warn!(
                         gateway,
@@ -310,12 +309,14 @@ impl Shared {
                         "a gateway started on the stream with other core settings than a running one; it will refuse to serve"
                     );
                 }
+                now
             }
-            _ => {
-                members.heard(entry.from, now);
-            }
+            _ => members.heard(entry.from, entry.time_ms)?,
+        };
+        if matches!(entry.record, Record::Stopped) && members.stopped(entry.from) {
+            ended.push(entry.from);
         }
-        ended.extend(members.expire(now));
+        ended.extend(members.expire());
         drop(members);
         for run in ended {
             info!(

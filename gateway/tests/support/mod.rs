@@ -152,7 +152,6 @@ impl Sim {
     pub fn restore_from_snapshot(&mut self, clients: &mut [Client], restart: bool) {
         let image = |registry: &Registry, engine: &OrderBookEngine| CoreImage {
             position: 7,
-            time_ms: self.now.as_millis(),
             members: gateway::members::Members::default(),
             registry: registry.image(),
             engine: engine.clone(),
