@@ -359,28 +359,57 @@ impl JetStreamLog {
             .map_err(|error| settings_error(settings, "deleting the snapshots", &error))
     }
 
-    /// Stores a snapshot of the core after the record at `position` in place of
-    /// the one stored (unless that one is later: an ended gateway run's late
-    /// snapshot must not replace its successor's), then
-    /// (`sequencer.purge_after_snapshot`) purges the records the replaced snapshot
-    /// covered from the stream. The records between the two stay: a gateway that
-    /// is starting from the replaced snapshot still finds the records after it.
-    /// Says whether it stored the snapshot.
+    /// Stores a snapshot of the core after the record at `position` (unless a later
+    /// one is stored: an ended gateway run's late snapshot must not replace its
+    /// successor's), then (`sequencer.purge_after_snapshot`) purges the records the
+    /// snapshot it replaces covered from the stream. The records between the two
+    /// stay: a gateway that is starting from the replaced snapshot still finds the
+    /// records after it. Says whether it stored the snapshot.
     pub async fn save_snapshot(&self, position: u64, snapshot: &[u8]) -> Result<bool, LogError> {
+        match self.snapshot_to_replace(position).await? {
+            Some(replaced) => {
+                self.store_snapshot(replaced, position, snapshot).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The first step of [`Self::save_snapshot`]: the position of the snapshot a
+    /// new one at `position` replaces (0: none), or `None` if a stored one is not
+    /// older (or snapshots are off).
+    pub async fn snapshot_to_replace(&self, position: u64) -> Result<Option<u64>, LogError> {
         let Some(store) = &self.snapshots else {
-            return Ok(false);
+            return Ok(None);
+        };
+        let stored = self.stored_snapshots(store).await?;
+        let replaced = stored.last().map_or(0, |(stored, _)| *stored);
+        Ok((replaced < position).then_some(replaced))
+    }
+
+    /// The second step of [`Self::save_snapshot`]: stores the snapshot at
+    /// `position` under a name of its own, purges what the one at `replaced`
+    /// covered, and deletes the snapshots before that one. A taker paused between
+    /// the two steps may call it late, after its successor stored a later snapshot:
+    /// its own is stored beside that one and never read, since a start reads the
+    /// latest, and it deletes nothing the latest needs.
+    pub async fn store_snapshot(
+        &self,
+        replaced: u64,
+        position: u64,
+        snapshot: &[u8],
+    ) -> Result<(), LogError> {
+        let Some(store) = &self.snapshots else {
+            return Ok(());
         };
         let failed = |error: &dyn std::fmt::Display| self.error("storing a snapshot", error);
-        let mut replaced = 0;
-        if let Ok(stored) = store.info(SNAPSHOT_NAME).await {
-            replaced = snapshot_position(&stored.metadata).unwrap_or(0);
-            if replaced >= position {
-                return Ok(false);
-            }
-        }
         let metadata = object_store::ObjectMetadata {
-            name: SNAPSHOT_NAME.into(),
-            metadata: [(POSITION_KEY.to_owned(), position.to_string())].into(),
+            name: snapshot_name(position),
+            metadata: [
+                (POSITION_KEY.to_owned(), position.to_string()),
+                (STREAM_KEY.to_owned(), self.stream_id()),
+            ]
+            .into(),
             ..Default::default()
         };
         store
@@ -394,7 +423,43 @@ impl JetStreamLog {
                 .await
                 .map_err(|e| failed(&e))?;
         }
-        Ok(true)
+        for (older, name) in self.stored_snapshots(store).await? {
+            if older >= replaced {
+                break;
+            }
+            if let Err(error) = store.delete(&name).await {
+                warn!(%error, snapshot = older, "an old core snapshot was not deleted");
+            }
+        }
+        Ok(())
+    }
+
+    /// The snapshots in `store`: their positions and object names, earliest first.
+    async fn stored_snapshots(
+        &self,
+        store: &object_store::ObjectStore,
+    ) -> Result<Vec<(u64, String)>, LogError> {
+        let failed = |error: &dyn std::fmt::Display| self.error("listing the snapshots", error);
+        let mut listing = store.list().await.map_err(|e| failed(&e))?;
+        let mut stored = Vec::new();
+        while let Some(info) = listing.next().await {
+            let info = info.map_err(|e| failed(&e))?;
+            if let (false, Some(position)) = (info.deleted, snapshot_position(&info.metadata)) {
+                stored.push((position, info.name));
+            }
+        }
+        stored.sort_unstable();
+        Ok(stored)
+    }
+
+    /// What names this stream among any others of its name: when it was created. A
+    /// stream deleted and made again, or restored from another backup, has another.
+    fn stream_id(&self) -> String {
+        self.stream
+            .cached_info()
+            .created
+            .unix_timestamp_nanos()
+            .to_string()
     }
 
     /// The position of the stream's last record (0 when it has none).
@@ -406,22 +471,39 @@ impl JetStreamLog {
             .map_err(|error| self.error("reading the stream's state", &error))
     }
 
-    /// The snapshot stored, if any. A read that does not finish within three times
-    /// `sequencer.timeout_ms` (the snapshot was replaced meanwhile and its chunks
-    /// purged, say) is made again, three reads at most.
+    /// The latest snapshot stored, if any. A read that does not finish within three
+    /// times `sequencer.timeout_ms` (the snapshot was deleted meanwhile and its
+    /// chunks with it) is tried again with the latest then. A snapshot taken of
+    /// another stream of the same name (deleted and made again, or restored from
+    /// another backup) is refused: its core does not belong to these records.
     pub async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, LogError> {
         let Some(store) = &self.snapshots else {
             return Ok(None);
         };
         let failed = |error: &dyn std::fmt::Display| self.error("reading the snapshot", error);
         let read = || async {
-            let mut object = match store.get(SNAPSHOT_NAME).await {
+            let Some((_, name)) = self.stored_snapshots(store).await?.pop() else {
+                return Ok(None);
+            };
+            let mut object = match store.get(&name).await {
                 Ok(object) => object,
                 Err(error) if error.kind() == object_store::GetErrorKind::NotFound => {
                     return Ok(None)
                 }
                 Err(error) => return Err(failed(&error)),
             };
+            let taken_of = object.info().metadata.get(STREAM_KEY).cloned();
+            if taken_of
+                .as_ref()
+                .is_some_and(|taken_of| *taken_of != self.stream_id())
+            {
+                return Err(failed(&format!(
+                    "the snapshot {name} was taken of another stream of this name (the stream \
+                     was deleted and made again, or restored from another backup): delete \
+                     the object store {}_snapshots, or restore the stream it belongs to",
+                    self.stream.cached_info().config.name
+                )));
+            }
             let mut bytes = Vec::with_capacity(object.info().size);
             tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
                 .await
@@ -691,10 +773,16 @@ pub fn snapshot_bucket(settings: &SequencerSettings) -> String {
     format!("{}_snapshots", settings.stream)
 }
 
-/// The snapshot's name in its store (one object, replaced by each snapshot).
-const SNAPSHOT_NAME: &str = "core";
+/// A snapshot's name in its store: `core-` and its position, zero-padded.
+fn snapshot_name(position: u64) -> String {
+    format!("core-{position:020}")
+}
+
 /// The object metadata key holding the snapshot's stream position.
 const POSITION_KEY: &str = "position";
+/// The object metadata key naming the stream the snapshot was taken of (its
+/// creation time, nanoseconds since the epoch).
+const STREAM_KEY: &str = "stream";
 /// Reads of the snapshot at start before the gateway gives up.
 const SNAPSHOT_READ_ATTEMPTS: u32 = 3;
 

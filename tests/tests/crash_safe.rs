@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use e2e::{http, next_frame, retained, NatsServer, TestGateway};
-use gateway::sequencer::JetStreamLog;
+use gateway::sequencer::{JetStreamLog, Record};
 use gateway_client::{Client, ClientConfig, ClientError, Credentials, Event, OrderParams};
 use loadtest::crash::{CrashSafe, GatewayProcess};
 use proto::{Frame, ReasonCode};
@@ -632,6 +632,71 @@ async fn a_graceful_stop_says_shutting_down_and_ends_its_run_at_once() {
     // Its run ended with it: the other gateway's core detached the session at once.
     wait_for_one_detached_session(&staying).await;
     staying.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_taker_paused_before_its_put_cannot_replace_its_successors_snapshot() {
+    let nats = NatsServer::start();
+    let mut settings = gateway::config::Config::default();
+    nats.serve(&mut settings, "STALE_TAKER");
+    let log = JetStreamLog::connect(&settings.sequencer)
+        .await
+        .expect("connects");
+    append_ticks(&log, 12).await;
+    assert!(log.save_snapshot(5, b"at 5").await.expect("stored"));
+    // The snapshot taker reads what its snapshot at 8 replaces, then pauses.
+    let stale = log.snapshot_to_replace(8).await.expect("read");
+    assert_eq!(stale, Some(5));
+    // Its successor snapshots twice meanwhile, purging the records up to 10.
+    assert!(log.save_snapshot(10, b"at 10").await.expect("stored"));
+    assert!(log.save_snapshot(12, b"at 12").await.expect("stored"));
+    // The paused taker wakes up and stores its own: the successor's stays the one
+    // a restart reads.
+    log.store_snapshot(5, 8, b"at 8").await.expect("stored");
+    assert_eq!(
+        log.load_snapshot().await.expect("read").as_deref(),
+        Some(&b"at 12"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_stream_deleted_and_made_again_is_refused() {
+    let nats = NatsServer::start();
+    let mut settings = gateway::config::Config::default();
+    nats.serve(&mut settings, "REMADE");
+    let log = JetStreamLog::connect(&settings.sequencer)
+        .await
+        .expect("connects");
+    append_ticks(&log, 5).await;
+    assert!(log.save_snapshot(5, b"at 5").await.expect("stored"));
+    drop(log);
+    // The stream is deleted (its snapshots are not) and made again with more
+    // records than the snapshot covers: the snapshot's core is not theirs.
+    let client = async_nats::connect(nats.url.as_str())
+        .await
+        .expect("connects");
+    async_nats::jetstream::new(client)
+        .delete_stream("REMADE")
+        .await
+        .expect("deleted");
+    let log = JetStreamLog::connect(&settings.sequencer)
+        .await
+        .expect("connects");
+    append_ticks(&log, 8).await;
+    let refused = log.load_snapshot().await.expect_err("another stream's");
+    assert!(
+        refused.to_string().contains("taken of another stream"),
+        "{refused}"
+    );
+}
+
+/// Appends `records` ticks of no gateway run (the core fences them off).
+async fn append_ticks(log: &JetStreamLog, records: usize) {
+    for _ in 0..records {
+        log.append(&log.entry(Record::Tick, 0))
+            .await
+            .expect("stored");
+    }
 }
 
 /// Waits until the gateway's core has exactly one session, detached.
