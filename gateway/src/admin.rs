@@ -16,9 +16,18 @@
 //!   - `POST /admin/drain`: refuse new logins (`ShuttingDown`); sessions carry on.
 //!
 //! The `gateway admin ...` subcommand is a client for these.
+//!
+//! Anyone who can reach the port can connect, so the listener holds what a peer
+//! can take: `admin.max_connections` at once, `admin.max_connections_per_address`
+//! of them from one address, `admin.header_timeout_ms` to send a request's headers
+//! (and to start the next one on a kept-alive connection). And it answers only
+//! requests whose `Host` is an IP address, `localhost` or one of
+//! `admin.allowed_hosts`, so a web page cannot read it by DNS rebinding.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -26,9 +35,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::auth::address_key;
+use crate::config::AdminSettings;
 use crate::server::Shared;
 
 /// What the listener serves from.
@@ -72,7 +84,13 @@ pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     token: Option<String>,
+    settings: AdminSettings,
 ) {
+    let allowed_hosts = settings
+        .allowed_hosts
+        .iter()
+        .map(|host| host.to_ascii_lowercase())
+        .collect();
     let state = Arc::new(AdminState { shared, token });
     let admin = Router::new()
         .route("/admin/sessions", get(sessions))
@@ -91,11 +109,136 @@ pub(crate) async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .merge(admin)
-        .with_state(state);
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(error) = axum::serve(listener, service).await {
-        warn!(%error, "admin listener stopped");
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            Arc::new(allowed_hosts),
+            require_own_host,
+        ));
+    let limits = Arc::new(ConnectionLimits::new(&settings));
+    let header_timeout = Duration::from_millis(settings.header_timeout_ms);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors, most likely: wait for some to be freed.
+                warn!(%error, "admin listener: accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = ConnectionLimits::admit(&limits, peer.ip()) else {
+            debug!(%peer, "admin listener: connection limit reached, connection closed");
+            continue;
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            let mut app = app.clone();
+            tower_service::Service::call(&mut app, request.map(axum::body::Body::new))
+        });
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(error) = connection.await {
+                debug!(%peer, %error, "admin listener: connection ended");
+            }
+            drop(slot);
+        });
     }
+}
+
+/// The admin connections open, in all and per address.
+struct ConnectionLimits {
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    max: usize,
+    max_per_address: usize,
+}
+
+/// One admitted connection; its place is free again when it is dropped.
+struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    address: IpAddr,
+}
+
+impl ConnectionLimits {
+    fn new(settings: &AdminSettings) -> Self {
+        ConnectionLimits {
+            open: Mutex::new((0, HashMap::new())),
+            max: settings.max_connections,
+            max_per_address: settings.max_connections_per_address,
+        }
+    }
+
+    /// A slot for a connection from `peer`, unless a limit is reached.
+    fn admit(limits: &Arc<Self>, peer: IpAddr) -> Option<ConnectionSlot> {
+        let address = address_key(peer);
+        let mut open = limits.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, by_address) = &mut *open;
+        let from_address = by_address.entry(address).or_insert(0);
+        if *total >= limits.max || *from_address >= limits.max_per_address {
+            return None;
+        }
+        *total += 1;
+        *from_address += 1;
+        Some(ConnectionSlot {
+            limits: Arc::clone(limits),
+            address,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .limits
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (total, by_address) = &mut *open;
+        *total -= 1;
+        if let Some(count) = by_address.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Refuses a request whose `Host` names neither an IP address, `localhost`, nor one
+/// of `admin.allowed_hosts` (421): what a page that rebound its own name to this
+/// address would send. A request without `Host` (HTTP/1.0) comes from no browser.
+async fn require_own_host(
+    State(allowed): State<Arc<Vec<String>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(|value| value.to_str().unwrap_or("?"));
+    match host {
+        Some(host) if !host_is_allowed(host, &allowed) => error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "Host {host:?} is not this listener's: use its address, or add the name to \
+                 admin.allowed_hosts"
+            ),
+        ),
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether a `Host` header (`name`, `name:port`, `[v6]:port`) names this listener.
+fn host_is_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or("", |(name, _port)| name),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name.parse::<IpAddr>().is_ok() || name == "localhost" || allowed.contains(&name)
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
@@ -306,4 +449,49 @@ async fn drain(
     state.shared.start_draining();
     info!(%peer, "admin: draining (new logins refused)");
     Json(Draining { draining: true }).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_names_the_listener_by_address_localhost_or_an_allowed_name() {
+        let allowed = vec!["metrics.venue.example".to_string()];
+        for host in [
+            "127.0.0.1:9433",
+            "10.1.2.3",
+            "[::1]:9433",
+            "localhost:9433",
+            "LOCALHOST",
+            "Metrics.Venue.Example:9433",
+        ] {
+            assert!(host_is_allowed(host, &allowed), "{host}");
+        }
+        for host in ["attacker.example:9433", "127.0.0.1.nip.example", "", "[::1"] {
+            assert!(!host_is_allowed(host, &allowed), "{host}");
+        }
+    }
+
+    #[test]
+    fn connection_limits_hold_per_address_and_in_all_and_free_their_slots() {
+        let settings = AdminSettings {
+            max_connections: 3,
+            max_connections_per_address: 2,
+            ..AdminSettings::default()
+        };
+        let limits = Arc::new(ConnectionLimits::new(&settings));
+        let one: IpAddr = "192.0.2.1".parse().expect("address");
+        let two: IpAddr = "192.0.2.2".parse().expect("address");
+        let first = ConnectionLimits::admit(&limits, one).expect("room");
+        let _second = ConnectionLimits::admit(&limits, one).expect("room");
+        assert!(
+            ConnectionLimits::admit(&limits, one).is_none(),
+            "per address"
+        );
+        let _third = ConnectionLimits::admit(&limits, two).expect("room");
+        assert!(ConnectionLimits::admit(&limits, two).is_none(), "in all");
+        drop(first);
+        assert!(ConnectionLimits::admit(&limits, one).is_some(), "freed");
+    }
 }

@@ -182,6 +182,19 @@ pub struct AdminSettings {
     /// File holding the bearer token that `/admin/*` requires. Unset: one is
     /// generated in `dev_dir` (`admin-token`) or reused from there.
     pub token_file: Option<PathBuf>,
+    /// Host names the listener answers to besides IP addresses and `localhost`
+    /// (the `Host` header, port aside, case aside): a request naming any other host
+    /// is refused (421), so a web page cannot read `/metrics` or `/readyz` by
+    /// rebinding its own name to this address. Add the names monitoring uses.
+    pub allowed_hosts: Vec<String>,
+    /// Most connections open at once; more are closed as they come.
+    pub max_connections: usize,
+    /// Most connections open at once from one address (IPv6: one /64), so that
+    /// one peer cannot hold every connection.
+    pub max_connections_per_address: usize,
+    /// Time a connection has to send a request's headers, and to start its next
+    /// request: a connection slower than that, or idle that long, is closed.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for AdminSettings {
@@ -189,6 +202,10 @@ impl Default for AdminSettings {
         AdminSettings {
             listen: "127.0.0.1:9433".into(),
             token_file: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 64,
+            max_connections_per_address: 8,
+            header_timeout_ms: 5_000,
         }
     }
 }
@@ -546,6 +563,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |what: &str| Err(ConfigError::Invalid(what.to_string()));
         self.admin.listen_addr()?;
+        if self.admin.max_connections == 0
+            || !(1..=self.admin.max_connections).contains(&self.admin.max_connections_per_address)
+        {
+            return invalid(
+                "admin.max_connections must be positive, and admin.max_connections_per_address from 1 to it",
+            );
+        }
+        if self.admin.header_timeout_ms == 0 {
+            return invalid("admin.header_timeout_ms must be positive");
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key must be given together");
         }

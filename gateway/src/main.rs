@@ -80,6 +80,12 @@ enum Command {
         /// The listener's address, if not the configured `admin.listen`.
         #[arg(long)]
         address: Option<String>,
+        /// Send the bearer token to an address beyond this host although the admin
+        /// listener speaks plain HTTP (anyone on the path can read it). Without it
+        /// only a loopback address (or `localhost`) is accepted; reach a remote
+        /// gateway through an SSH tunnel instead.
+        #[arg(long)]
+        insecure_plain_http: bool,
     },
 }
 
@@ -325,7 +331,12 @@ async fn shutdown_signal() {
 }
 
 /// Sends one admin operation to a running gateway and prints its answer.
-fn admin(config: &Config, operation: &AdminOperation, address: Option<&str>) -> anyhow::Result<()> {
+fn admin(
+    config: &Config,
+    operation: &AdminOperation,
+    address: Option<&str>,
+    insecure_plain_http: bool,
+) -> anyhow::Result<()> {
     let address = match address {
         Some(address) => address.to_string(),
         None => config
@@ -334,6 +345,14 @@ fn admin(config: &Config, operation: &AdminOperation, address: Option<&str>) -> 
             .context("admin.listen is empty: the gateway has no admin listener")?
             .to_string(),
     };
+    if !insecure_plain_http && !stays_on_this_host(&address) {
+        anyhow::bail!(
+            "{address} is beyond this host, and the admin listener speaks plain HTTP: the \
+             bearer token would cross the network unencrypted. Run the command on the \
+             gateway's host, or through an SSH tunnel (ssh -L 9433:127.0.0.1:9433 host), \
+             or give --insecure-plain-http to send it anyway"
+        );
+    }
     let token_path = config.admin.token_path(&config.dev_dir);
     let token = dev::admin_token(&token_path, false)
         .with_context(|| format!("reading the admin token ({})", token_path.display()))?;
@@ -368,10 +387,27 @@ fn admin(config: &Config, operation: &AdminOperation, address: Option<&str>) -> 
     Ok(())
 }
 
+/// Whether an admin address (`ip:port`, `[ip]:port` or `localhost:port`) is on this
+/// host: a loopback address, the unspecified one (which reaches this host), or
+/// `localhost`.
+fn stays_on_this_host(address: &str) -> bool {
+    match address.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback() || addr.ip().is_unspecified(),
+        Err(_) => address
+            .rsplit_once(':')
+            .is_some_and(|(host, _port)| host.eq_ignore_ascii_case("localhost")),
+    }
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), &cli.overrides())?;
-    if let Some(Command::Admin { operation, address }) = &cli.command {
-        return admin(&config, operation, address.as_deref());
+    if let Some(Command::Admin {
+        operation,
+        address,
+        insecure_plain_http,
+    }) = &cli.command
+    {
+        return admin(&config, operation, address.as_deref(), *insecure_plain_http);
     }
     if cli.print_config {
         print!("{}", gateway::settings::commented_toml(&config));
@@ -412,6 +448,31 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("gateway: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_command_sends_its_token_only_to_this_host() {
+        for address in [
+            "127.0.0.1:9433",
+            "[::1]:9433",
+            "0.0.0.0:9433",
+            "localhost:9433",
+        ] {
+            assert!(stays_on_this_host(address), "{address}");
+        }
+        for address in [
+            "192.0.2.7:9433",
+            "[2001:db8::1]:9433",
+            "admin.venue:9433",
+            "x",
+        ] {
+            assert!(!stays_on_this_host(address), "{address}");
         }
     }
 }

@@ -525,6 +525,7 @@ impl Gateway {
                     listener,
                     Arc::clone(&shared),
                     admin_token,
+                    config.admin.clone(),
                 ));
                 if let Some(addr) = addr {
                     info!(listen = %addr, "admin listener up: /metrics, /healthz, /readyz, /admin");

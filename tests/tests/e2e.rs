@@ -1244,6 +1244,97 @@ async fn the_admin_api_needs_its_token_revokes_a_live_session_and_drains() {
     );
 }
 
+/// Sends `request` to the admin listener at `addr` from `from` and reads the answer
+/// until the listener closes the connection.
+async fn raw_http(from: &str, addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(from.parse().expect("address")).expect("bind");
+    let mut stream = socket.connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer));
+    read.await.expect("answered").expect("read");
+    answer
+}
+
+#[tokio::test]
+async fn one_peer_holding_half_sent_requests_cannot_take_the_admin_listener_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gateway = TestGateway::start(1, |config| {
+        config.admin.max_connections_per_address = 4;
+        config.admin.header_timeout_ms = 300;
+    });
+    let addr = gateway.gateway.admin_addr().expect("admin listener on");
+    // One peer (from a loopback address of its own) opens connections and sends
+    // half a request line on each.
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("address"))
+            .expect("bind");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHo").await;
+        held.push(stream);
+    }
+    // A health check from elsewhere is answered all the while.
+    let health = raw_http(
+        "127.0.0.1:0",
+        addr,
+        "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(health.await.starts_with("HTTP/1.1 200"));
+    // Beyond its share its connections are closed at once, the rest when the
+    // header timeout passes: none is left holding a descriptor.
+    for (nth, stream) in held.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "connection {nth} still open: {read:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_admin_listener_answers_only_hosts_that_name_it() {
+    let gateway = TestGateway::start(1, |config| {
+        config.admin.allowed_hosts = vec!["metrics.venue.example".into()];
+    });
+    let addr = gateway.gateway.admin_addr().expect("admin listener on");
+    let get = |host: String| {
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        async move { raw_http("127.0.0.1:0", addr, &request).await }
+    };
+    let port = addr.port();
+    // A page on another site that rebinds its name to this address is refused.
+    let rebound = get(format!("attacker.example:{port}")).await;
+    assert!(rebound.starts_with("HTTP/1.1 421"), "{rebound}");
+    assert!(rebound.contains("admin.allowed_hosts"), "{rebound}");
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "METRICS.venue.example".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        let answer = get(host.clone()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+}
+
+#[test]
+fn the_admin_command_line_refuses_to_send_its_token_in_the_clear_beyond_this_host() {
+    // Refused before anything is sent: no packet leaves for the address.
+    let output = std::process::Command::new(e2e::gateway_binary())
+        .args(["admin", "--address", "192.0.2.7:9433", "sessions"])
+        .output()
+        .expect("gateway admin runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--insecure-plain-http"), "{stderr}");
+}
+
 #[tokio::test]
 async fn the_admin_command_line_revokes_a_live_session() {
     let gateway = TestGateway::start(1, |_| {});
