@@ -59,6 +59,10 @@ pub struct ClientState {
     /// Where sequenced messages are encoded, many to one allocation.
     encoder: proto::FrameEncoder,
     snapshot: Option<(u64, u32, Vec<OrderState>)>,
+    /// A snapshot arrived whole since the last `Ack`: the next one confirms it,
+    /// even of a sequence already acknowledged (the gateway keeps a login snapshot
+    /// until it is confirmed).
+    snapshot_unconfirmed: bool,
 }
 
 impl ClientState {
@@ -104,10 +108,13 @@ impl ClientState {
         (seq, bytes)
     }
 
-    /// An `Ack` if anything was received since the last one.
+    /// An `Ack` if anything was received since the last one (a whole snapshot
+    /// counts).
     pub fn take_ack(&mut self) -> Option<Frame> {
-        (self.last_server_seq > self.last_acked).then(|| {
+        let due = self.last_server_seq > self.last_acked || self.snapshot_unconfirmed;
+        due.then(|| {
             self.last_acked = self.last_server_seq;
+            self.snapshot_unconfirmed = false;
             Frame::from(proto::Ack {
                 server_seq: self.last_server_seq,
             })
@@ -176,6 +183,7 @@ impl ClientState {
                     return Err(Violation::Unexpected("SnapshotEnd"));
                 }
                 self.last_server_seq = as_of;
+                self.snapshot_unconfirmed = true;
                 Received::Snapshot {
                     as_of_server_seq: as_of,
                     orders,
@@ -290,6 +298,26 @@ mod tests {
             Ok(Received::Message(ack_for(1, 1))),
             "the half snapshot is gone, not waiting for an end that never comes"
         );
+    }
+
+    #[test]
+    fn a_whole_login_snapshot_is_confirmed_by_an_ack_of_0() {
+        let mut state = ClientState::new();
+        let begin = proto::SnapshotBegin {
+            as_of_server_seq: 0,
+            order_count: 0,
+        };
+        assert_eq!(state.receive(begin.into()), Ok(Received::Nothing));
+        assert_eq!(state.take_ack(), None, "not before it is whole");
+        let end = proto::SnapshotEnd {
+            as_of_server_seq: 0,
+        };
+        assert!(matches!(
+            state.receive(end.into()),
+            Ok(Received::Snapshot { .. })
+        ));
+        assert_eq!(state.take_ack(), Some(proto::Ack { server_seq: 0 }.into()));
+        assert_eq!(state.take_ack(), None);
     }
 
     #[test]

@@ -444,12 +444,16 @@ impl Registry {
 
     /// Resumes the session a token names on `conn`; no signature check, no account
     /// load. Takeover and theft detection happen in the session.
+    ///
+    /// `account_orders` gives an account's orders now, if the engine can say at
+    /// once (see [`crate::session::Session::resume`]).
     pub fn resume(
         &self,
         conn: ConnectionId,
         request: &proto::Resume,
         sent_here: Option<u64>,
         now: Timestamp,
+        account_orders: impl FnOnce(u64) -> Option<Vec<engine::OrderView>>,
         out: &mut Vec<Action>,
     ) -> Result<SessionHandle, ReasonCode> {
         let claims = self
@@ -475,10 +479,13 @@ impl Registry {
                 },
                 request,
                 now,
-                |generation, expires_at| {
-                    self.mint(claims.session_id, claims.account_id, generation, expires_at)
-                        .ok()
-                },
+                (
+                    |generation, expires_at| {
+                        self.mint(claims.session_id, claims.account_id, generation, expires_at)
+                            .ok()
+                    },
+                    || account_orders(claims.account_id),
+                ),
                 out,
             )
         };

@@ -1688,7 +1688,7 @@ impl Shared {
     }
 
     /// The account's orders, from an inline engine; `None` from one on its thread.
-    fn orders_now(&self, account: u64) -> Option<Vec<engine::OrderView>> {
+    pub(super) fn orders_now(&self, account: u64) -> Option<Vec<engine::OrderView>> {
         match &self.engine {
             EngineLink::Inline(book) => Some(
                 book.lock()

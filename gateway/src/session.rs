@@ -268,6 +268,34 @@ pub struct ResumeClaim {
     pub sent_here: Option<u64>,
 }
 
+/// What a session holds of its login snapshot.
+///
+/// It is kept until the client shows it has it (any `Ack`, or a `Resume` that
+/// acknowledges server sequence 1 or later), so that a resume can send it again if
+/// the first connection dropped before it arrived; within half of the ring's byte
+/// limit, and counted against it, so that what a session holds stays bounded by its
+/// ring whatever the client does.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum LoginSnapshot {
+    /// The client has it.
+    Confirmed,
+    /// Not confirmed yet, kept to send again.
+    Kept(Vec<proto::OrderState>),
+    /// Not confirmed yet, and too large to keep: a resume that needs it gets the
+    /// account's orders as they are now, and the messages before as released.
+    TooLarge,
+}
+
+impl LoginSnapshot {
+    /// What it holds, in bytes.
+    fn retained_bytes(&self) -> usize {
+        match self {
+            LoginSnapshot::Kept(orders) => orders.len() * std::mem::size_of::<proto::OrderState>(),
+            LoginSnapshot::Confirmed | LoginSnapshot::TooLarge => 0,
+        }
+    }
+}
+
 /// One session: sequence numbers, retained output, order view, connection state.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Session {
@@ -304,10 +332,8 @@ pub struct Session {
     /// Mass cancels this session asked of the engine whose completion has not come
     /// back: an ended session stays routable until they are in its stream.
     pending_mass_cancels: u32,
-    /// The login snapshot, kept until the client shows it has it (acknowledges server
-    /// sequence 1 or later), so a resume can send it again if the first connection
-    /// dropped before it arrived.
-    login_snapshot: Option<Vec<proto::OrderState>>,
+    /// The login snapshot, until the client shows it has it.
+    login_snapshot: LoginSnapshot,
     /// When cancel-on-disconnect fires, while detached with it on.
     cod_deadline: Option<Timestamp>,
     /// Message rate allowance (a token bucket) and when it was last topped up.
@@ -349,7 +375,12 @@ impl Session {
         let snapshot: Vec<proto::OrderState> =
             account_orders.iter().map(convert::order_state).collect();
         queue_snapshot(&mut control, ring.last_seq(), &snapshot);
-        let login_snapshot = Some(snapshot);
+        let login_snapshot = LoginSnapshot::Kept(snapshot);
+        let login_snapshot = if login_snapshot.retained_bytes() <= config.ring.max_bytes / 2 {
+            login_snapshot
+        } else {
+            LoginSnapshot::TooLarge
+        };
         Session {
             id: grant.session_id,
             account: grant.account,
@@ -492,12 +523,13 @@ impl Session {
         self.highest_sent = self.highest_sent.max(self.ring.last_seq());
     }
 
-    /// The client has every server message up to `seq`.
-    fn acknowledge(&mut self, seq: u64) {
+    /// The client has every server message up to `seq`, and (`snapshot_too`) its
+    /// login snapshot: an `Ack` says so whatever its sequence, and any acknowledged
+    /// sequenced message followed the login snapshot in the stream.
+    fn acknowledge(&mut self, seq: u64, snapshot_too: bool) {
         self.ring.ack(seq);
-        if seq > 0 {
-            // Sequenced messages follow the login snapshot in the stream.
-            self.login_snapshot = None;
+        if snapshot_too || seq > 0 {
+            self.login_snapshot = LoginSnapshot::Confirmed;
         }
     }
 
@@ -531,7 +563,7 @@ impl Session {
                 if ack.server_seq > self.ack_limit() {
                     return self.drop_connection(ReasonCode::AckBeyondSent, now, out);
                 }
-                self.acknowledge(ack.server_seq);
+                self.acknowledge(ack.server_seq, true);
                 self.process_waiting(now, out);
             }
             Frame::NewOrder(_) | Frame::Cancel(_) | Frame::Replace(_) | Frame::Logout(_) => {
@@ -603,9 +635,9 @@ impl Session {
         }
         let reserved = self.requests_at_engine + 1;
         let limits = self.config.ring;
+        let retained_bytes = self.ring.retained_bytes() + self.login_snapshot.retained_bytes();
         self.ring.len() + reserved * RESERVED_MESSAGES_PER_REQUEST <= limits.max_messages / 2
-            && self.ring.retained_bytes() + reserved * RESERVED_BYTES_PER_REQUEST
-                <= limits.max_bytes / 2
+            && retained_bytes + reserved * RESERVED_BYTES_PER_REQUEST <= limits.max_bytes / 2
     }
 
     /// Processes waiting requests, oldest first, while the ring has room for their
@@ -881,7 +913,10 @@ impl Session {
     /// Resumes the session on `conn` for a client presenting a verified token of
     /// `claim.generation` (see [`ResumeClaim`]).
     ///
-    /// `mint` makes the rotated token for a generation and expiry. On success the
+    /// `mint` makes the rotated token for a generation and expiry; `account_orders`
+    /// gives the account's orders now, if the engine can say at once (needed only
+    /// when the login snapshot was too large to keep and the client may not have
+    /// it; without them the session's own orders are sent). On success the
     /// `ResumeAccepted` and, if needed, a snapshot are queued on `conn`, the replay
     /// cursor is set, and an older connection is closed as taken over.
     pub fn resume(
@@ -890,7 +925,10 @@ impl Session {
         claim: ResumeClaim,
         request: &proto::Resume,
         now: Timestamp,
-        mint: impl FnOnce(u32, Timestamp) -> Option<SessionToken>,
+        (mint, account_orders): (
+            impl FnOnce(u32, Timestamp) -> Option<SessionToken>,
+            impl FnOnce() -> Option<Vec<engine::OrderView>>,
+        ),
         out: &mut Vec<Action>,
     ) -> Result<Resumed, ResumeRefused> {
         let ResumeClaim {
@@ -936,30 +974,35 @@ impl Session {
         }
         self.last_conn = conn;
 
-        self.acknowledge(request.last_acked_server_seq);
+        self.acknowledge(request.last_acked_server_seq, false);
         let wanted = request.last_acked_server_seq + 1;
-        let oldest_available = self.ring.oldest_seq();
-        let mut snapshot = None;
-        let start = self.ring.replay_start(wanted);
-        let gap = matches!(start, ReplayStart::Released { .. });
-        let (replay_from, snapshot_follows) = match start {
-            ReplayStart::Released { .. } => {
-                // The snapshot supersedes everything retained: release it so it does
-                // not count against the window of the live traffic that follows.
-                self.ring.ack(self.ring.last_seq());
-                snapshot = Some(self.orders.snapshot());
-                (self.ring.next_seq(), true)
-            }
-            ReplayStart::Retained => match &self.login_snapshot {
-                // The client never showed it got its login snapshot: send it again,
-                // as of 0, before the replay from 1.
-                Some(login) => {
-                    snapshot = Some(login.clone());
-                    (wanted, true)
-                }
-                None => (wanted, false),
-            },
+        let mut oldest_available = self.ring.oldest_seq();
+        let login = match &self.login_snapshot {
+            LoginSnapshot::Confirmed => None,
+            LoginSnapshot::Kept(orders) => Some(Some(orders.clone())),
+            LoginSnapshot::TooLarge => Some(None),
         };
+        let (replay_from, snapshot, gap) = match (self.ring.replay_start(wanted), login) {
+            (ReplayStart::Retained, None) => (wanted, None, false),
+            // The client never showed it got its login snapshot: send it again, as
+            // of 0, before the replay from 1.
+            (ReplayStart::Retained, Some(Some(login))) => (wanted, Some(login), false),
+            // Not kept: the account's orders now stand for it and for the messages
+            // after it, which count as released.
+            (ReplayStart::Retained, Some(None)) => {
+                oldest_available = self.ring.next_seq();
+                self.login_snapshot = LoginSnapshot::Confirmed;
+                let orders = account_orders()
+                    .map(|orders| orders.iter().map(convert::order_state).collect())
+                    .unwrap_or_else(|| self.orders.snapshot());
+                (self.release_for_snapshot(), Some(orders), true)
+            }
+            (ReplayStart::Released { .. }, _) => {
+                let orders = self.orders.snapshot();
+                (self.release_for_snapshot(), Some(orders), true)
+            }
+        };
+        let snapshot_follows = snapshot.is_some();
         let mut control = VecDeque::new();
         control.push_back(
             Frame::from(proto::ResumeAccepted {
@@ -991,6 +1034,14 @@ impl Session {
             replayed: self.ring.next_seq() - replay_from,
             gap,
         })
+    }
+
+    /// Releases every retained message, which a snapshot about to be sent
+    /// supersedes, so that they do not count against the window of the live
+    /// traffic that follows; returns the sequence the stream goes on from.
+    fn release_for_snapshot(&mut self) -> u64 {
+        self.ring.ack(self.ring.last_seq());
+        self.ring.next_seq()
     }
 
     /// The connection `conn` is gone (closed, timed out, reset). Detaches the session

@@ -1263,6 +1263,95 @@ fn a_login_snapshot_cut_by_a_disconnect_is_sent_again_on_resume() {
 }
 
 #[test]
+fn any_ack_confirms_the_login_snapshot_so_it_is_not_kept_nor_sent_again() {
+    let mut sim = sim();
+    let mut maker = sim.login(1, NO_COD);
+    maker.new_order(7, Side::Sell, 100, 5);
+    sim.settle(&mut maker);
+    let mut client = sim.login(1, NO_COD);
+    assert!(client.snapshot.is_some());
+    // Nothing sequenced has come: the client acknowledges 0 after SnapshotEnd.
+    assert_eq!(client.last_server_seq, 0);
+    client.ack();
+    sim.settle(&mut client);
+    sim.drop_connection(&mut client);
+    sim.resume(&mut client).expect("resume");
+    sim.settle(&mut client);
+    let snapshots = client
+        .control
+        .iter()
+        .filter(|f| matches!(f, Frame::SnapshotBegin(_)))
+        .count();
+    assert_eq!(snapshots, 1, "the login snapshot is not sent again");
+}
+
+#[test]
+fn a_login_snapshot_never_confirmed_is_kept_only_within_the_ring_and_a_resume_gets_the_account_now()
+{
+    // DEPLOYMENT.md "Memory": a session holds at most its ring, whatever its client
+    // does; a large account's login snapshot does not fit half of it.
+    const ORDERS: u64 = 200;
+    let ring = RingLimits {
+        max_messages: 1_000,
+        max_bytes: 4_096,
+    };
+    let mut sim = Sim::new(SessionConfig {
+        ring,
+        ..SessionConfig::default()
+    });
+    let mut maker = sim.login(1, NO_COD);
+    for id in 1..=ORDERS {
+        maker.new_order(id, Side::Sell, 100 + i64::try_from(id).expect("small"), 1);
+        sim.settle(&mut maker);
+        maker.ack();
+    }
+    sim.settle(&mut maker);
+    let core_before = gateway::snapshot::CoreImage {
+        position: 1,
+        members: gateway::members::Members::default(),
+        registry: sim.registry.image(),
+        engine: sim.engine.clone(),
+    }
+    .encode()
+    .len();
+
+    // A client that logs in to the account and never acknowledges anything.
+    let mut idle = sim.login_unsent(1, None, NO_COD);
+    sim.transmit(&mut idle, 3);
+    sim.deliver_to_client(&mut idle, 3);
+    sim.drop_connection(&mut idle);
+    let core_after = gateway::snapshot::CoreImage {
+        position: 1,
+        members: gateway::members::Members::default(),
+        registry: sim.registry.image(),
+        engine: sim.engine.clone(),
+    }
+    .encode()
+    .len();
+    assert!(
+        core_after - core_before <= ring.max_bytes / 2,
+        "the idle session holds {} bytes",
+        core_after - core_before
+    );
+
+    // The maker cancels one of its orders meanwhile; the idle client resumes
+    // without its login snapshot and gets the account's orders as they are now.
+    maker.cancel(1);
+    sim.settle(&mut maker);
+    sim.resume(&mut idle).expect("resume");
+    sim.settle(&mut idle);
+    let accepted = idle.control.iter().find_map(|f| match f {
+        Frame::ResumeAccepted(r) => Some(*r),
+        _ => None,
+    });
+    assert!(accepted.is_some_and(|r| r.snapshot_follows));
+    let (_, orders) = idle.snapshot.clone().expect("a snapshot");
+    assert_eq!(orders.len(), usize::try_from(ORDERS).expect("small"));
+    let cancelled = orders.iter().find(|o| o.client_order_id == 1);
+    assert_eq!(cancelled.map(|o| o.status), Some(OrderStatus::Cancelled));
+}
+
+#[test]
 fn fills_of_an_ended_sessions_orders_go_to_any_live_session_of_the_account() {
     let mut sim = sim();
     let mut oldest = sim.login(1, NO_COD);
@@ -1424,17 +1513,27 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
     let on_run_7 = 7 << 32 | 1;
     let resumed = sim
         .registry
-        .resume(on_run_7, &resume, Some(0), sim.now, &mut out);
+        .resume(on_run_7, &resume, Some(0), sim.now, |_| None, &mut out);
     assert!(resumed.is_ok(), "{:?}", resumed.err());
 
     // Now it is on run 7: what run 7 says it sent bounds the next resume there.
     let again_on_run_7 = 7 << 32 | 2;
-    let refused = sim
-        .registry
-        .resume(again_on_run_7, &resume, Some(2), sim.now, &mut out);
+    let refused = sim.registry.resume(
+        again_on_run_7,
+        &resume,
+        Some(2),
+        sim.now,
+        |_| None,
+        &mut out,
+    );
     assert_eq!(refused.err(), Some(ReasonCode::AckBeyondSent));
-    let resumed = sim
-        .registry
-        .resume(again_on_run_7, &resume, Some(3), sim.now, &mut out);
+    let resumed = sim.registry.resume(
+        again_on_run_7,
+        &resume,
+        Some(3),
+        sim.now,
+        |_| None,
+        &mut out,
+    );
     assert!(resumed.is_ok(), "{:?}", resumed.err());
 }

@@ -389,9 +389,14 @@ impl Shared {
         now: Timestamp,
     ) -> Result<SessionHandle, ReasonCode> {
         let mut actions = Vec::new();
-        let result = self
-            .registry
-            .resume(conn_id, resume, sent_here, now, &mut actions);
+        let result = self.registry.resume(
+            conn_id,
+            resume,
+            sent_here,
+            now,
+            |account| self.orders_now(account),
+            &mut actions,
+        );
         self.execute(actions, now);
         result
     }

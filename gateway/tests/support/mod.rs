@@ -305,9 +305,15 @@ impl Sim {
             next_client_seq: client.next_client_seq,
         };
         let mut out = Vec::new();
-        let result = self
-            .registry
-            .resume(conn, &request, None, self.now, &mut out);
+        let engine = &self.engine;
+        let result = self.registry.resume(
+            conn,
+            &request,
+            None,
+            self.now,
+            |account| Some(engine.orders_of(account)),
+            &mut out,
+        );
         self.apply(out);
         let session = result?;
         self.writers.insert(client.session_id, session);
@@ -418,8 +424,13 @@ impl Client {
         self.to_gateway.push_back(frame);
     }
 
-    /// Queues a cumulative ack of everything received.
+    /// Queues a cumulative ack of everything received, unless a snapshot is still
+    /// arriving: an `Ack` also says the login snapshot arrived whole (PROTOCOL.md
+    /// section 4).
     pub fn ack(&mut self) {
+        if self.pending_snapshot.is_some() {
+            return;
+        }
         self.to_gateway.push_back(
             proto::Ack {
                 server_seq: self.last_server_seq,
@@ -449,6 +460,8 @@ impl Client {
         match frame {
             Frame::LoginAccepted(f) => self.token = Some(f.token),
             Frame::ResumeAccepted(f) => {
+                // A new connection: a snapshot the old one cut short is void.
+                self.pending_snapshot = None;
                 self.token = Some(f.token);
                 if !f.snapshot_follows {
                     assert_eq!(
