@@ -171,3 +171,39 @@ fn login_signing_message_is_context_then_venue_then_signed_fields() {
     assert_eq!(&message[11..20], b"XMPL-PROD");
     assert_eq!(&message[20..], &bytes[HEADER_LEN..HEADER_LEN + 37]);
 }
+
+/// The worked example of section 5.1: from a seed, its public key, the signed bytes
+/// of the section 3 `Login` example for venue `XMPL-PROD`, and their signature.
+#[test]
+fn the_worked_login_signature_example_signs_and_verifies() {
+    use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+    let login_section = sections()
+        .into_iter()
+        .find(|s| s.name == "Login")
+        .expect("Login");
+    let bytes = hex_bytes(fenced(login_section.text, "hex"));
+    let Some((Frame::Login(login), _)) = decode(&bytes).expect("valid") else {
+        panic!("not a Login");
+    };
+    let handshake = SPEC
+        .split("### 5.1 Login")
+        .nth(1)
+        .and_then(|rest| rest.split("### 5.2").next())
+        .expect("section 5.1");
+    let seed = hex_bytes(fenced(handshake, "seed"));
+    let key = Ed25519KeyPair::from_seed_unchecked(&seed).expect("a 32-byte seed");
+    let signed = login.signing_message("XMPL-PROD");
+    let signature = key.sign(&signed);
+    assert_eq!(
+        hex_bytes(fenced(handshake, "public-key")),
+        key.public_key().as_ref()
+    );
+    assert_eq!(hex_bytes(fenced(handshake, "signed")), signed);
+    assert_eq!(
+        hex_bytes(fenced(handshake, "signature")),
+        signature.as_ref()
+    );
+    UnparsedPublicKey::new(&ED25519, key.public_key().as_ref())
+        .verify(&signed, signature.as_ref())
+        .expect("verifies");
+}
