@@ -1,6 +1,7 @@
 //! The operators' HTTP listener (`admin.listen`, default `127.0.0.1:9433`).
 //!
-//! - `GET /metrics`: Prometheus/OpenMetrics text (see [`crate::metrics`]).
+//! - `GET /metrics`: Prometheus text 0.0.4, or OpenMetrics when `Accept` asks for it
+//!   (see [`crate::metrics`]).
 //! - `GET /healthz`: 200 while the process serves.
 //! - `GET /readyz`: 200 while logins are accepted; 503 while draining, and in
 //!   crash-safe mode until the core is rebuilt from its stream.
@@ -241,15 +242,24 @@ fn host_is_allowed(host: &str, allowed: &[String]) -> bool {
     name.parse::<IpAddr>().is_ok() || name == "localhost" || allowed.contains(&name)
 }
 
-async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.shared.metrics_text(),
-    )
-        .into_response()
+/// The metrics in the format the scraper asks for: OpenMetrics when its `Accept`
+/// names it (Prometheus does, first), else the Prometheus text format 0.0.4, which
+/// any older parser reads.
+async fn metrics(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"));
+    let text = state.shared.metrics_text();
+    if openmetrics {
+        let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+        ([(header::CONTENT_TYPE, kind)], text).into_response()
+    } else {
+        let kind = "text/plain; version=0.0.4; charset=utf-8";
+        let text = crate::metrics::prometheus_text(&text);
+        ([(header::CONTENT_TYPE, kind)], text).into_response()
+    }
 }
 
 async fn ready(State(state): State<Arc<AdminState>>) -> Response {
@@ -362,6 +372,12 @@ async fn kill_switch(
     let (Some(account), None) = (target.account, target.session) else {
         return error(StatusCode::BAD_REQUEST, "give ?account=A");
     };
+    if !state.shared.knows_account(account).await {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no account {account}: not in the accounts file, no sessions, no orders"),
+        );
+    }
     let sessions = match state.shared.kill_switch(account).await {
         Ok(sessions) => sessions,
         Err(message) => return error(StatusCode::SERVICE_UNAVAILABLE, message),

@@ -270,6 +270,11 @@ impl Authenticator {
         Ok(file.accounts.len())
     }
 
+    /// Whether the accounts file has `account` (with at least one API key).
+    pub fn has_account(&self, account: u64) -> bool {
+        self.keys.values().any(|key| key.account == account)
+    }
+
     /// Whether `source` may attempt a login now; refused with `RateLimited` after too
     /// many failures in the window.
     pub fn admit(&mut self, source: IpAddr, now: Timestamp) -> Result<(), LoginRefused> {

@@ -43,6 +43,7 @@ pub const fn cancel_reason_to_wire(reason: engine::CancelReason) -> proto::Cance
         engine::CancelReason::FillOrKill => proto::CancelReason::FillOrKill,
         engine::CancelReason::CancelOnDisconnect => proto::CancelReason::CancelOnDisconnect,
         engine::CancelReason::SessionEnded => proto::CancelReason::SessionEnded,
+        engine::CancelReason::KillSwitch => proto::CancelReason::KillSwitch,
     }
 }
 

@@ -394,6 +394,51 @@ fn outcome(refused: Option<ReasonCode>) -> OutcomeLabel {
     }
 }
 
+/// OpenMetrics text as the Prometheus text format 0.0.4 reads it: a counter's
+/// `# TYPE` and `# HELP` name its samples (`x_total`, not `x`), an info metric is a
+/// gauge named `x_info`, `# UNIT` and `# EOF` are left out. Without this a Prometheus
+/// text parser would read every counter as untyped.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let renamed: std::collections::HashMap<&str, (String, &str)> = openmetrics
+        .lines()
+        .filter_map(|line| {
+            let (name, kind) = line.strip_prefix("# TYPE ")?.split_once(' ')?;
+            match kind {
+                "counter" => Some((name, (format!("{name}_total"), "counter"))),
+                "info" => Some((name, (format!("{name}_info"), "gauge"))),
+                "gauge" | "histogram" | "summary" => None,
+                _ => Some((name, (name.to_owned(), "untyped"))),
+            }
+        })
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let comment = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match comment {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                match renamed.get(name) {
+                    Some((sample_name, kind)) if prefix == "# TYPE " => {
+                        text.push_str(&format!("# TYPE {sample_name} {kind}"));
+                    }
+                    Some((sample_name, _)) => {
+                        text.push_str(&format!("{prefix}{sample_name} {tail}"))
+                    }
+                    None => text.push_str(line),
+                }
+            }
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,5 +463,34 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_prometheus_text_types_every_sample_by_its_own_name() {
+        let metrics = Metrics::new();
+        metrics.login(None);
+        metrics.orders.inc();
+        let text = prometheus_text(&metrics.render(&Snapshot::default()));
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        let typed: std::collections::HashMap<&str, &str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE ")?.split_once(' '))
+            .collect();
+        assert_eq!(typed.get("gateway_orders_total"), Some(&"counter"));
+        assert_eq!(typed.get("process_cpu_seconds_total"), Some(&"counter"));
+        for sample in text.lines().filter(|line| !line.starts_with('#')) {
+            let name = sample.split(['{', ' ']).next().unwrap_or("");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|family| typed.get(family) == Some(&"histogram"));
+            assert!(
+                typed.contains_key(name) || family.is_some(),
+                "{name} is not typed in\n{text}"
+            );
+        }
     }
 }

@@ -1456,6 +1456,23 @@ impl Shared {
         }
     }
 
+    /// Whether `account` is one the gateway knows: in the accounts file, or with
+    /// sessions or orders in the core (an account just removed from the file may
+    /// still have both, and a kill switch must reach them).
+    pub(crate) async fn knows_account(&self, account: u64) -> bool {
+        let in_file = self
+            .auth
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_account(account);
+        in_file
+            || !self.registry.sessions_of(account).is_empty()
+            || self
+                .query_orders(account)
+                .await
+                .is_some_and(|orders| !orders.is_empty())
+    }
+
     /// Installs a new random token key for minting; tokens of older keys still
     /// verify until retired. Returns the new key's id.
     pub(crate) async fn rotate_token_key(&self) -> Result<u32, String> {

@@ -233,6 +233,8 @@ pub enum CancelReason {
     CancelOnDisconnect,
     /// The session ended (logout, expiry, revocation).
     SessionEnded,
+    /// An operator's kill switch cancelled every working order of the account.
+    KillSwitch,
 }
 
 /// Where an order stands.

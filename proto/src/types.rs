@@ -62,6 +62,8 @@ wire_enum! {
         CancelOnDisconnect = 4,
         /// The session ended (logout, expiry, revocation) with cancel-on-disconnect on.
         SessionEnded = 5,
+        /// The venue's kill switch cancelled every working order of the account.
+        KillSwitch = 6,
     }
 }
 

@@ -1298,6 +1298,33 @@ async fn one_peer_holding_half_sent_requests_cannot_take_the_admin_listener_down
 }
 
 #[tokio::test]
+async fn metrics_come_in_the_format_the_scraper_asks_for() {
+    let gateway = TestGateway::start(1, |_| {});
+    let addr = gateway.gateway.admin_addr().expect("admin listener on");
+    let scrape = |accept: &str| {
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        );
+        async move { raw_http("127.0.0.1:0", addr, &request).await }
+    };
+    let text = scrape("text/plain;version=0.0.4").await;
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n# TYPE gateway_orders_total counter\n"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"));
+    let open = scrape("application/openmetrics-text;version=1.0.0,text/plain;q=0.5").await;
+    assert!(open.contains("application/openmetrics-text"), "{open}");
+    assert!(open.contains("\n# TYPE gateway_orders counter\n"), "{open}");
+    assert!(open.trim_end().ends_with("# EOF"), "{open}");
+}
+
+#[tokio::test]
 async fn the_admin_listener_answers_only_hosts_that_name_it() {
     let gateway = TestGateway::start(1, |config| {
         config.admin.allowed_hosts = vec!["metrics.venue.example".into()];
@@ -1414,6 +1441,17 @@ async fn the_kill_switch_cancels_every_working_order_of_the_account_and_ends_its
     let (bystander, mut bystander_events, mut bystander_seen) = connect(&gateway, 2).await;
     assert_still_trades(&bystander, &mut bystander_events, &mut bystander_seen).await;
 
+    // An account the gateway does not know is an error, not a silent success.
+    let (status, body) = http(
+        &gateway,
+        "POST",
+        "/admin/kill-switch?account=99",
+        Some(e2e::ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no account 99"), "{body}");
+
     let session = client.session_id().expect("logged in");
     let (status, body) = http(
         &gateway,
@@ -1431,11 +1469,11 @@ async fn the_kill_switch_cancels_every_working_order_of_the_account_and_ends_its
     let cancelled = seen
         .messages
         .iter()
-        .filter(|f| matches!(f, Frame::Cancelled(c) if c.reason == CancelReason::SessionEnded))
+        .filter(|f| matches!(f, Frame::Cancelled(c) if c.reason == CancelReason::KillSwitch))
         .count();
     assert_eq!(
         cancelled, 3,
-        "the session's stream carried its cancels before Close"
+        "the session's stream carried its cancels, as the kill switch's, before Close"
     );
 
     // The account's next login sees no working order; the other account carries on.

@@ -344,7 +344,7 @@ impl Shared {
     pub(super) fn cancel_and_end_account(&self, account: u64, now: Timestamp) -> Vec<u64> {
         let cancel = engine::Request::MassCancel {
             scope: engine::MassCancelScope::Account(account),
-            reason: engine::CancelReason::SessionEnded,
+            reason: engine::CancelReason::KillSwitch,
         };
         self.execute(vec![Action::Engine(cancel)], now);
         self.end_sessions(&self.registry.sessions_of(account), now)
