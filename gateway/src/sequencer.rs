@@ -650,14 +650,17 @@ impl JetStreamLog {
                 }
             };
             // A connection that comes back ends this read at once; the next read
-            // starts after the last record applied. (The first connection leaves a
-            // permit too: the first read starts again once, harmlessly.) So does a
-            // read that stalled: quiet for a while with records after the last one
-            // applied on the stream (its consumer went with a NATS server of a
-            // cluster; the client library would notice only after 30 s).
+            // starts after the last record applied. So does a read that stalled:
+            // quiet for a whole check with records on the stream, at its start,
+            // after the last one applied (its consumer went with a NATS server of a
+            // cluster; the client library would notice only after 30 s). A record
+            // appended just before a check is not yet a stall.
             let mut stall_check = tokio::time::interval(READ_STALL);
             stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut read_since_check = true;
+            // The stream's last position at the previous check, if the read was
+            // behind it then.
+            let mut behind: Option<u64> = None;
             loop {
                 let message = tokio::select! {
                     message = messages.next() => message,
@@ -667,15 +670,18 @@ impl JetStreamLog {
                     }
                     _ = stall_check.tick() => {
                         if std::mem::take(&mut read_since_check) {
+                            behind = None;
                             continue;
                         }
-                        match self.last_position().await {
-                            Ok(last) if last > last_position => {
-                                warn!(after = last_position, last, "the read of the stream stalled; reading it again");
-                                break;
-                            }
-                            _ => continue,
+                        if behind.is_some_and(|last| last > last_position) {
+                            warn!(after = last_position, last = behind, "the read of the stream stalled; reading it again");
+                            break;
                         }
+                        behind = match self.last_position().await {
+                            Ok(last) if last > last_position => Some(last),
+                            _ => None,
+                        };
+                        continue;
                     }
                 };
                 read_since_check = true;
@@ -745,9 +751,10 @@ impl JetStreamLog {
     }
 }
 
-/// How long a read of the stream may bring nothing before the stream is asked
-/// whether it has records the read missed.
-const READ_STALL: Duration = Duration::from_millis(500);
+/// How often a read of the stream that brings nothing asks the stream whether it
+/// has records the read missed; one check later, with those still not read, the
+/// read stalled.
+const READ_STALL: Duration = Duration::from_millis(250);
 
 /// First wait before reading the stream again after a failed read; it doubles up to
 /// [`FOLLOW_BACKOFF_MAX`].
@@ -879,13 +886,17 @@ async fn jetstream_context(
         .max_reconnects(None)
         .event_callback({
             let last_error = Arc::clone(&last_error);
+            // The first connection is no reconnection: nothing to read again.
+            let connected_before = Arc::new(std::sync::atomic::AtomicBool::new(false));
             move |event| {
                 let reconnected = reconnected.clone();
                 let last_error = Arc::clone(&last_error);
+                let connected_before = Arc::clone(&connected_before);
                 async move {
                     let error = match &event {
                         async_nats::Event::Connected => {
-                            if let Some(reconnected) = reconnected {
+                            let again = connected_before.swap(true, Ordering::Relaxed);
+                            if let (true, Some(reconnected)) = (again, reconnected) {
                                 reconnected.notify_one();
                             }
                             return;

@@ -551,6 +551,39 @@ async fn a_resume_that_acknowledges_messages_never_sent_is_refused() {
 }
 
 #[test]
+fn a_healthy_crash_safe_gateway_logs_no_warning() {
+    let nats = NatsServer::start();
+    let dir = std::env::temp_dir().join(format!("gateway-healthy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let url = format!("sequencer.nats_url={:?}", nats.url);
+    // A heartbeat every 2.5 s: a record that lands just before the read's stall
+    // check must not look like a stall.
+    let mut gateway = std::process::Command::new(e2e::gateway_binary())
+        .current_dir(&dir)
+        .args(["--listen", "127.0.0.1:0", "--set", "admin.listen=\"\""])
+        .args(["--set", "sequencer.mode=jetstream", "--set", &url])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the gateway starts");
+    std::thread::sleep(Duration::from_secs(6));
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &gateway.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    let output = gateway.wait_with_output().expect("the gateway stops");
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("core rebuilt from the stream"), "{log}");
+    assert!(!log.contains("NATS is back"), "it never went away:\n{log}");
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
+#[test]
 fn a_gateway_without_its_nats_server_says_so_and_exits() {
     let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
