@@ -22,6 +22,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
+use tracing::info;
 
 use crate::auth::{AccountEntry, AccountsError, AccountsFile, ApiKeyEntry};
 use crate::token::{KeyError, TokenKeyRing};
@@ -205,17 +206,34 @@ struct DevKeysFile {
 }
 
 /// The demo accounts in `dir` (`accounts.toml`), generated there with their client
-/// keys (`client-keys.toml`) first if missing.
+/// keys (`client-keys.toml`) first if missing. With fewer than `count` there, the
+/// missing ones are added (those there keep their keys, so their clients keep
+/// working); with more, all are kept.
 pub fn demo_accounts(dir: &Path, count: u32) -> Result<AccountsFile, SetupError> {
     let accounts_path = dir.join("accounts.toml");
-    if accounts_path.exists() {
+    let keys_path = dir.join("client-keys.toml");
+    let (mut accounts, mut keys) = if accounts_path.exists() {
         let text = fs::read_to_string(&accounts_path).map_err(io_error(&accounts_path))?;
-        return Ok(AccountsFile::parse(&text)?);
-    }
+        let accounts = AccountsFile::parse(&text)?;
+        if accounts.accounts.len() >= usize::try_from(count).unwrap_or(usize::MAX) {
+            return Ok(accounts);
+        }
+        let text = fs::read_to_string(&keys_path).map_err(io_error(&keys_path))?;
+        let keys: DevKeysFile = toml::from_str(&text)
+            .map_err(|e| SetupError::Tls(format!("{}: {e}", keys_path.display())))?;
+        info!(
+            from = accounts.accounts.len(),
+            to = count,
+            "adding demo accounts (demo_accounts)"
+        );
+        (accounts, keys)
+    } else {
+        (AccountsFile::default(), DevKeysFile::default())
+    };
     let random = SystemRandom::new();
-    let mut accounts = AccountsFile::default();
-    let mut keys = DevKeysFile::default();
-    for index in 1..=u64::from(count) {
+    let first = accounts.accounts.iter().map(|a| a.id).max().unwrap_or(0) + 1;
+    let missing = u64::from(count).saturating_sub(accounts.accounts.len() as u64);
+    for index in first..first + missing {
         let mut seed = [0u8; 32];
         random
             .fill(&mut seed)
@@ -240,7 +258,7 @@ pub fn demo_accounts(dir: &Path, count: u32) -> Result<AccountsFile, SetupError>
     let client_keys = toml::to_string_pretty(&keys).map_err(|e| SetupError::Tls(e.to_string()))?;
     let header = "# Development API keys of the demo accounts. Anyone holding this file can trade on them.\n";
     write(
-        &dir.join("client-keys.toml"),
+        &keys_path,
         format!("{header}{client_keys}").as_bytes(),
         true,
     )?;
@@ -266,6 +284,17 @@ mod tests {
             toml::from_str(&fs::read_to_string(dir.join("client-keys.toml")).expect("written"))
                 .expect("parse");
         assert_eq!(keys.keys.len(), 3);
+        // Asking for more adds them; those there keep their keys.
+        let more = demo_accounts(&dir, 5).expect("extend");
+        assert_eq!(more.accounts.len(), 5);
+        assert_eq!(more.accounts[..3], accounts.accounts[..]);
+        assert_eq!(more.accounts[4].id, 5);
+        let more_keys: DevKeysFile =
+            toml::from_str(&fs::read_to_string(dir.join("client-keys.toml")).expect("written"))
+                .expect("parse");
+        assert_eq!(more_keys.keys.len(), 5);
+        assert_eq!(more_keys.keys[..3], keys.keys[..]);
+        assert_eq!(demo_accounts(&dir, 2).expect("fewer"), more, "all are kept");
         let pem_certs = pem_identity(&dir.join("cert.pem"), &dir.join("cert.pem"));
         assert!(
             matches!(pem_certs, Err(SetupError::Tls(_))),

@@ -5,10 +5,11 @@
 //! connection) turns everything that changes the *core* (sessions, their
 //! exactly-once state, rings, tokens, timers, the book) into a [`Record`] and
 //! appends it to the stream. One task reads the stream back, in order, and applies
-//! each record to the core at the time NATS stored it. The core never reads a
-//! clock, a random generator or the edge's state, so a gateway started again rebuilds
-//! every session, its unacknowledged messages and the book by applying the stream
-//! from the beginning, and its clients resume with their tokens.
+//! each record to the core at the time the record carries ([`crate::members`]). The
+//! core never reads a clock, a random generator or the edge's state, so a gateway
+//! started again rebuilds every session, its unacknowledged messages and the book
+//! by applying the stream from the beginning, and its clients resume with their
+//! tokens.
 //!
 //! Several gateways can share one stream: each applies all of it, so each holds the
 //! same core (every session, the book) and serves its own connections from it; a

@@ -360,7 +360,7 @@ fn summary(report: &Report) {
             .map(|(kind, count)| format!("{kind} {count}"))
             .collect();
         println!(
-            "cluster of {} gateways, {} NATS servers: faults {}; {} sessions resumed on another gateway, {} after a gateway fault ({} p50, max {}{}); {} records of ended gateway runs fenced off",
+            "cluster of {} gateways, {} NATS servers: faults {}; {} sessions resumed on another gateway, {} of them after their gateway failed (all faults: {} p50, max {}{}); {} records of ended gateway runs fenced off",
             cluster.gateways,
             cluster.nats_servers,
             kills.join(", "),
@@ -371,7 +371,7 @@ fn summary(report: &Report) {
             cluster
                 .failover_ms_by_fault
                 .iter()
-                .map(|(fault, f)| format!("; after a {fault} fault {} p50, max {}", time(f.p50 * 1e3), time(f.max * 1e3)))
+                .map(|(fault, f)| format!("; {fault}: {} p50, max {}", time(f.p50 * 1e3), time(f.max * 1e3)))
                 .collect::<String>(),
             cluster.fenced_stale_records
         );

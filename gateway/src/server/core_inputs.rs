@@ -1,8 +1,8 @@
 //! The core's side of the server: what an input does to sessions, the book and the
 //! timers. In embedded mode the connection tasks, the timer and the admin calls run
 //! these as inputs arrive; in crash-safe mode only the task following the stream
-//! does, record by record, at the time NATS stored each, so a gateway started
-//! again on the stream does exactly the same.
+//! does, record by record, at the core's time for each ([`crate::members`]), so a
+//! gateway started again on the stream does exactly the same.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
