@@ -537,8 +537,13 @@ impl Config {
                     path: path.to_path_buf(),
                     error,
                 })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
+                // Read as settings first, so that a wrong key or value is reported
+                // with its file, line and column; the overrides go on the table.
+                let in_file = |e: toml::de::Error| {
+                    ConfigError::Invalid(format!("--config {}: {e}", path.display()))
+                };
+                toml::from_str::<Config>(&text).map_err(in_file)?;
+                text.parse::<toml::Table>().map_err(in_file)?
             }
             None => toml::Table::new(),
         };
@@ -881,6 +886,27 @@ mod tests {
             assert!(refused.to_string().contains(named), "{refused}");
         }
         assert!(jetstream("sequencer.gateway_name=\"edge-2.venue\"").is_ok());
+    }
+
+    #[test]
+    fn a_config_file_error_names_the_file_the_line_and_the_key() {
+        let path = std::env::temp_dir().join(format!("config-typo-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:4433\"\n\n[session]\nreplay_windw = 5\n",
+        )
+        .expect("write");
+        let error = Config::load(Some(&path), &[]).expect_err("a typo");
+        let _ = std::fs::remove_file(&path);
+        let error = error.to_string();
+        for named in [
+            &path.display().to_string(),
+            "line 4",
+            "replay_windw",
+            "replay_window",
+        ] {
+            assert!(error.contains(named), "{named} missing in {error}");
+        }
     }
 
     #[test]

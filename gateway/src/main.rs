@@ -21,7 +21,8 @@ use gateway::server::{Gateway, Setup};
 #[command(version, about, long_about = None)]
 struct Cli {
     /// TOML configuration file; every key in it can also be given with --set.
-    #[arg(short, long, env = "GATEWAY_CONFIG")]
+    /// Before or after a subcommand (`gateway admin --config F sessions`).
+    #[arg(short, long, env = "GATEWAY_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// UDP address to listen on (key `listen`).
     #[arg(long, env = "GATEWAY_LISTEN")]
@@ -49,7 +50,7 @@ struct Cli {
     log: Option<String>,
     /// Any setting as `key=value`, e.g. `--set session.replay_window=4096`;
     /// repeatable. Also read, `;`-separated, from GATEWAY_SET.
-    #[arg(short, long = "set", value_name = "KEY=VALUE")]
+    #[arg(short, long = "set", value_name = "KEY=VALUE", global = true)]
     set: Vec<String>,
     /// Print the effective configuration as TOML, every setting described and unset
     /// ones commented out, and exit.
@@ -455,6 +456,25 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_and_set_go_before_or_after_the_admin_subcommand() {
+        for args in [
+            &[
+                "gateway", "--config", "g.toml", "--set", "a=1", "admin", "sessions",
+            ][..],
+            &[
+                "gateway", "admin", "--config", "g.toml", "--set", "a=1", "sessions",
+            ][..],
+            &[
+                "gateway", "admin", "sessions", "--config", "g.toml", "--set", "a=1",
+            ][..],
+        ] {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("g.toml")));
+            assert_eq!(cli.set, ["a=1"]);
+        }
+    }
 
     #[test]
     fn the_admin_command_sends_its_token_only_to_this_host() {
