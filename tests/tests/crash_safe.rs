@@ -558,7 +558,7 @@ fn a_healthy_crash_safe_gateway_logs_no_warning() {
     let url = format!("sequencer.nats_url={:?}", nats.url);
     // A heartbeat every 2.5 s: a record that lands just before the read's stall
     // check must not look like a stall.
-    let mut gateway = std::process::Command::new(e2e::gateway_binary())
+    let gateway = std::process::Command::new(e2e::gateway_binary())
         .current_dir(&dir)
         .args(["--listen", "127.0.0.1:0", "--set", "admin.listen=\"\""])
         .args(["--set", "sequencer.mode=jetstream", "--set", &url])
