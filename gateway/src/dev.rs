@@ -109,7 +109,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {
     }
 }
 
-fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), SetupError> {
+pub(crate) fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), SetupError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io_error(parent))?;
     }
@@ -200,9 +200,9 @@ pub struct DevKey {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct DevKeysFile {
+pub(crate) struct DevKeysFile {
     #[serde(rename = "key", default)]
-    keys: Vec<DevKey>,
+    pub(crate) keys: Vec<DevKey>,
 }
 
 /// The demo accounts in `dir` (`accounts.toml`), generated there with their client

@@ -15,12 +15,15 @@
 //! - [`convert`]: wire types ↔ engine types.
 //! - [`time`]: the injected clock's instant type.
 //! - [`sequencer`]: crash-safe mode, the core's inputs on a NATS JetStream stream.
+//! - [`keys`]: production credentials (`gateway keys ...`); [`dev`]: the
+//!   development files.
 
 pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod dev;
+pub mod keys;
 pub mod members;
 pub mod metrics;
 pub mod orders;

@@ -88,6 +88,83 @@ enum Command {
         #[arg(long)]
         insecure_plain_http: bool,
     },
+    /// Make production credentials, each secret in a new file only its owner may
+    /// read (0600; an existing file is never overwritten), and print what goes where.
+    Keys {
+        /// What to make.
+        #[command(subcommand)]
+        what: KeysCommand,
+    },
+}
+
+/// What `gateway keys` makes.
+#[derive(Debug, clap::Subcommand)]
+enum KeysCommand {
+    /// A firm's API key pair: the private key to `--out` (hand it to the firm),
+    /// the accounts file entry to standard output (add it to `accounts_file`).
+    NewAccount {
+        /// The account id.
+        #[arg(long)]
+        account: u64,
+        /// The API key id, unique in the accounts file (default: account × 1000 + 1).
+        #[arg(long)]
+        key_id: Option<u64>,
+        /// Where the private key goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The session token HMAC key (`token_key_file`): the same file on every
+    /// gateway of a venue.
+    TokenKey {
+        /// Where it goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The admin listener's bearer token (`admin.token_file`).
+    AdminToken {
+        /// Where it goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Makes the credentials `what` asks for and says where each goes.
+fn keys(what: &KeysCommand) -> anyhow::Result<()> {
+    match what {
+        KeysCommand::NewAccount {
+            account,
+            key_id,
+            out,
+        } => {
+            let key_id = key_id.unwrap_or(account.saturating_mul(1_000).saturating_add(1));
+            let entry = gateway::keys::new_api_key(*account, key_id, out)?;
+            print!("{}", entry.to_toml());
+            eprintln!(
+                "API key {key_id} of account {account}: private key in {} (hand it to the firm, \
+                 privately; its client loads it with Credentials::load_dev_keys). Add the \
+                 entry above to the accounts file, then reload: gateway admin reload-accounts \
+                 (or SIGHUP).",
+                out.display()
+            );
+        }
+        KeysCommand::TokenKey { out } => {
+            gateway::keys::new_secret(out)?;
+            eprintln!(
+                "token key in {}: set token_key_file to it, the same file on every gateway of \
+                 the venue (crash-safe mode needs it to rebuild sessions); keep it private.",
+                out.display()
+            );
+        }
+        KeysCommand::AdminToken { out } => {
+            gateway::keys::new_secret(out)?;
+            eprintln!(
+                "admin token in {}: set admin.token_file to it; gateway admin reads it from \
+                 there too.",
+                out.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What `gateway admin` can do.
@@ -401,6 +478,9 @@ fn stays_on_this_host(address: &str) -> bool {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    if let Some(Command::Keys { what }) = &cli.command {
+        return keys(what);
+    }
     let config = Config::load(cli.config.as_deref(), &cli.overrides())?;
     if let Some(Command::Admin {
         operation,

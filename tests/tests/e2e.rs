@@ -1496,3 +1496,90 @@ async fn the_kill_switch_cancels_every_working_order_of_the_account_and_ends_its
         .new_order(OrderParams::limit_buy(1, 2, 100, 1))
         .expect("the other account still trades");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_made_by_the_key_commands_log_in_and_trade() {
+    let dir = std::env::temp_dir().join(format!("gateway-keys-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let run = |args: &[&str]| {
+        std::process::Command::new(e2e::gateway_binary())
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .expect("gateway runs")
+    };
+    let account = run(&[
+        "keys",
+        "new-account",
+        "--account",
+        "7",
+        "--out",
+        "firm.toml",
+    ]);
+    assert!(account.status.success(), "{account:?}");
+    std::fs::write(dir.join("accounts.toml"), &account.stdout).expect("accounts file");
+    for (what, file) in [
+        ("token-key", "token-key.hex"),
+        ("admin-token", "admin-token"),
+    ] {
+        assert!(run(&["keys", what, "--out", file]).status.success());
+        let again = run(&["keys", what, "--out", file]);
+        assert!(!again.status.success(), "{what} overwritten");
+    }
+    #[cfg(unix)]
+    for file in ["firm.toml", "token-key.hex", "admin-token"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(file))
+            .expect("made")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .expect("a free port")
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut gateway = std::process::Command::new(e2e::gateway_binary())
+        .current_dir(&dir)
+        .args(["--listen", &addr.to_string(), "--set", "admin.listen=\"\""])
+        .args(["--set", "accounts_file=\"accounts.toml\""])
+        .args(["--set", "token_key_file=\"token-key.hex\""])
+        .args(["--set", "admin.token_file=\"admin-token\""])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the gateway starts");
+    let mut keys = gateway_client::Credentials::load_dev_keys(&dir.join("firm.toml"))
+        .expect("the firm's key file loads");
+    let (account, credentials) = keys.pop().expect("one key");
+    assert_eq!(account, 7);
+    let cert = dir.join(".gateway-dev/cert.der");
+    let connected = async {
+        loop {
+            if let Ok(cert) = std::fs::read(&cert) {
+                let config =
+                    gateway_client::ClientConfig::new(addr, cert.into(), credentials.clone());
+                if let Ok(connected) = Client::connect(config).await {
+                    return connected;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (client, mut events) = tokio::time::timeout(Duration::from_secs(20), connected)
+        .await
+        .expect("logged in with the generated key");
+    client
+        .new_order(OrderParams::limit_buy(1, 1, 100, 1))
+        .expect("send");
+    let acked = e2e::next_frame(&mut events, Duration::from_secs(10), |f| {
+        matches!(f, Frame::OrderAck(_))
+    })
+    .await;
+    assert!(matches!(acked, Frame::OrderAck(_)));
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
