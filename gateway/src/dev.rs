@@ -185,7 +185,55 @@ pub fn pem_identity(cert: &Path, key: &Path) -> Result<TlsIdentity, SetupError> 
         };
         SetupError::Tls(format!("tls.key {}: {why}", key.display()))
     })?;
+    check_usable(cert, &certs)?;
     Ok((certs, key))
+}
+
+/// Refuses a certificate every client would refuse whatever it trusts: one that is a
+/// CA's (`basicConstraints CA:TRUE`, what a bare `openssl req -x509` makes), or one
+/// expired or not yet valid. It is checked as a client that pins it checks it.
+fn check_usable(path: &Path, certs: &[CertificateDer<'static>]) -> Result<(), SetupError> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::CertificateError;
+    let refused = |why: &str| SetupError::Tls(format!("tls.cert {}: {why}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    if roots.add(certs[0].clone()).is_err() {
+        // Not usable as its own anchor (a CA-issued chain): the clients take the CA.
+        return Ok(());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .map_err(|e| refused(&e.to_string()))?;
+    let name =
+        rustls_pki_types::ServerName::try_from("localhost").map_err(|e| refused(&e.to_string()))?;
+    let now = rustls_pki_types::UnixTime::now();
+    let Err(rustls::Error::InvalidCertificate(error)) =
+        verifier.verify_server_cert(&certs[0], &certs[1..], &name, &[], now)
+    else {
+        return Ok(());
+    };
+    match error {
+        CertificateError::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            Err(refused(
+                "it is a CA certificate (basicConstraints CA:TRUE), which clients refuse as a \
+                 server's (CaUsedAsEndEntity). Make a server certificate: openssl req -x509 \
+                 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -out \
+                 cert.pem -days 365 -subj /CN=gateway.example -addext \
+                 \"subjectAltName=DNS:gateway.example\" -addext \"basicConstraints=critical,CA:FALSE\" \
+                 -addext \"keyUsage=digitalSignature\" -addext \"extendedKeyUsage=serverAuth\", or \
+                 have your CA issue one",
+            ))
+        }
+        CertificateError::Expired
+        | CertificateError::ExpiredContext { .. }
+        | CertificateError::NotValidYet
+        | CertificateError::NotValidYetContext { .. } => Err(refused(&format!(
+            "it is not valid now ({error}): clients refuse it"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// One development API key, as written to `client-keys.toml`.
@@ -269,6 +317,54 @@ pub fn demo_accounts(dir: &Path, count: u32) -> Result<AccountsFile, SetupError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a self-signed certificate made from `params` and its key; their paths.
+    fn certificate_files(
+        dir: &Path,
+        name: &str,
+        params: rcgen::CertificateParams,
+    ) -> (PathBuf, PathBuf) {
+        fs::create_dir_all(dir).expect("dir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("certificate");
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        fs::write(&cert_path, cert.pem()).expect("write");
+        fs::write(&key_path, key.serialize_pem()).expect("write");
+        (cert_path, key_path)
+    }
+
+    #[test]
+    fn a_certificate_clients_would_refuse_is_refused_at_start_saying_how_to_make_one() {
+        let dir = std::env::temp_dir().join(format!("gateway-cert-test-{}", std::process::id()));
+        let params =
+            || rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let (cert, key) = certificate_files(&dir, "server", params());
+        assert!(
+            pem_identity(&cert, &key).is_ok(),
+            "a server certificate is taken"
+        );
+
+        let mut ca = params();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let (cert, key) = certificate_files(&dir, "ca", ca);
+        let refused = pem_identity(&cert, &key).expect_err("a CA certificate");
+        let refused = refused.to_string();
+        assert!(
+            refused.contains("CA certificate") && refused.contains("openssl req"),
+            "{refused}"
+        );
+
+        let mut expired = params();
+        expired.not_before = rcgen::date_time_ymd(2001, 1, 1);
+        expired.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        let (cert, key) = certificate_files(&dir, "expired", expired);
+        let refused = pem_identity(&cert, &key).expect_err("expired").to_string();
+        assert!(refused.contains("not valid now"), "{refused}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn generated_files_are_reused_on_the_next_start() {

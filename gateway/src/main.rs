@@ -329,10 +329,20 @@ fn prepare(config: Config, dev: bool) -> anyhow::Result<Setup> {
         _ => None,
     };
 
+    // What is generated for a setting left unset says so when it cannot be made.
+    let generated = |what: &str, settings: &str| {
+        format!(
+            "{settings} unset, so {what} is generated in dev_dir ({}); set {settings} (the \
+             production configuration in DEPLOYMENT.md sets them all), or a dev_dir this \
+             user may write",
+            config.dev_dir.display()
+        )
+    };
     let tls = match given_tls {
         Some(identity) => identity,
         None => {
-            let identity = dev::dev_certificate(&config.dev_dir)?;
+            let identity = dev::dev_certificate(&config.dev_dir)
+                .with_context(|| generated("a development certificate", "tls.cert and tls.key"))?;
             tracing::info!(cert = %config.dev_dir.join("cert.pem").display(), "using the development certificate");
             identity
         }
@@ -340,7 +350,8 @@ fn prepare(config: Config, dev: bool) -> anyhow::Result<Setup> {
     let (accounts, accounts_path) = match given_accounts {
         Some(given) => given,
         None => {
-            let accounts = dev::demo_accounts(&config.dev_dir, config.demo_accounts)?;
+            let accounts = dev::demo_accounts(&config.dev_dir, config.demo_accounts)
+                .with_context(|| generated("demo accounts", "accounts_file"))?;
             tracing::info!(
                 accounts = accounts.accounts.len(),
                 client_keys = %config.dev_dir.join("client-keys.toml").display(),
@@ -351,11 +362,15 @@ fn prepare(config: Config, dev: bool) -> anyhow::Result<Setup> {
     };
     let token_keys = match given_token_keys {
         Some(keys) => keys,
-        None => dev::dev_token_key(&config.dev_dir)?,
+        None => dev::dev_token_key(&config.dev_dir)
+            .with_context(|| generated("a token key", "token_key_file"))?,
     };
     let admin_token = match given_admin_token {
         Some(token) => Some(token),
-        None if admin_on => Some(dev::admin_token(&admin_token_path, true)?),
+        None if admin_on => Some(
+            dev::admin_token(&admin_token_path, true)
+                .with_context(|| generated("an admin token", "admin.token_file"))?,
+        ),
         None => None,
     };
     if admin_on {

@@ -1498,7 +1498,7 @@ async fn the_kill_switch_cancels_every_working_order_of_the_account_and_ends_its
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credentials_made_by_the_key_commands_log_in_and_trade() {
+async fn a_production_config_made_with_the_key_commands_writes_no_file_and_trades() {
     let dir = std::env::temp_dir().join(format!("gateway-keys-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -1537,33 +1537,53 @@ async fn credentials_made_by_the_key_commands_log_in_and_trade() {
         assert_eq!(mode & 0o777, 0o600, "{file}");
     }
 
+    // The venue's certificate (a real one comes from its CA; see README).
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).expect("cert");
+    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).expect("key");
+
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|socket| socket.local_addr())
         .expect("a free port")
         .port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    // DEPLOYMENT.md "A production configuration", on loopback; dev_dir cannot be
+    // written (not even by root), so any file the gateway would generate fails.
+    let config = DEPLOYMENT
+        .split("```toml\n# /etc/session-gateway/gateway.toml")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("DEPLOYMENT.md shows the production configuration")
+        .replace("/etc/session-gateway/", &format!("{}/", dir.display()))
+        .replace("0.0.0.0:4433", &addr.to_string());
+    std::fs::write(dir.join("gateway.toml"), config).expect("config");
     let mut gateway = std::process::Command::new(e2e::gateway_binary())
         .current_dir(&dir)
-        .args(["--listen", &addr.to_string(), "--set", "admin.listen=\"\""])
-        .args(["--set", "accounts_file=\"accounts.toml\""])
-        .args(["--set", "token_key_file=\"token-key.hex\""])
-        .args(["--set", "admin.token_file=\"admin-token\""])
-        .stderr(std::process::Stdio::null())
+        .args([
+            "--config",
+            "gateway.toml",
+            "--set",
+            "dev_dir=\"/dev/null/gateway-dev\"",
+        ])
+        .args(["--set", "admin.listen=\"127.0.0.1:0\""])
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("the gateway starts");
     let mut keys = gateway_client::Credentials::load_dev_keys(&dir.join("firm.toml"))
         .expect("the firm's key file loads");
     let (account, credentials) = keys.pop().expect("one key");
     assert_eq!(account, 7);
-    let cert = dir.join(".gateway-dev/cert.der");
     let connected = async {
         loop {
-            if let Ok(cert) = std::fs::read(&cert) {
-                let config =
-                    gateway_client::ClientConfig::new(addr, cert.into(), credentials.clone());
-                if let Ok(connected) = Client::connect(config).await {
-                    return connected;
-                }
+            let mut config = gateway_client::ClientConfig::new(
+                addr,
+                certified.cert.der().clone(),
+                credentials.clone(),
+            );
+            config.venue = "XMPL-PROD".into();
+            if let Ok(connected) = Client::connect(config).await {
+                return connected;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -1580,6 +1600,10 @@ async fn credentials_made_by_the_key_commands_log_in_and_trade() {
     .await;
     assert!(matches!(acked, Frame::OrderAck(_)));
     let _ = gateway.kill();
-    let _ = gateway.wait();
+    let output = gateway.wait_with_output().expect("stopped");
     let _ = std::fs::remove_dir_all(&dir);
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!log.contains("development"), "{log}");
 }
+
+const DEPLOYMENT: &str = include_str!("../../DEPLOYMENT.md");
