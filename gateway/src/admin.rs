@@ -14,6 +14,8 @@
 //!   - `POST /admin/rotate-key`: mint tokens with a new key (older keys still verify);
 //!   - `POST /admin/retire-key?id=N`: stop accepting tokens of key N;
 //!   - `POST /admin/reload-accounts`: read the accounts file again;
+//!   - `POST /admin/reload-tls`: read the certificate and key again (new connections
+//!     get them; open ones carry on);
 //!   - `POST /admin/drain`: refuse new logins (`ShuttingDown`); sessions carry on.
 //!
 //! The `gateway admin ...` subcommand is a client for these.
@@ -100,6 +102,7 @@ pub(crate) async fn serve(
         .route("/admin/rotate-key", post(rotate_key))
         .route("/admin/retire-key", post(retire_key))
         .route("/admin/reload-accounts", post(reload_accounts))
+        .route("/admin/reload-tls", post(reload_tls))
         .route("/admin/drain", post(drain))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -447,6 +450,25 @@ async fn reload_accounts(
         Ok(accounts) => {
             info!(%peer, accounts, "admin: accounts reloaded");
             Json(Reloaded { accounts }).into_response()
+        }
+        Err(message) => error(StatusCode::CONFLICT, message),
+    }
+}
+
+/// A reload of the certificate done.
+#[derive(Debug, Serialize)]
+struct TlsReloaded {
+    reloaded: bool,
+}
+
+async fn reload_tls(
+    State(state): State<Arc<AdminState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    match state.shared.reload_tls() {
+        Ok(()) => {
+            info!(%peer, "admin: certificate reloaded");
+            Json(TlsReloaded { reloaded: true }).into_response()
         }
         Err(message) => error(StatusCode::CONFLICT, message),
     }

@@ -196,6 +196,9 @@ enum AdminOperation {
     },
     /// Read the accounts file again (as SIGHUP does).
     ReloadAccounts,
+    /// Read the certificate and key again (as SIGHUP does): new connections get
+    /// them, open ones and their sessions carry on.
+    ReloadTls,
     /// Refuse new logins from now on; sessions carry on. `/readyz` turns 503.
     Drain,
 }
@@ -219,6 +222,7 @@ impl AdminOperation {
             AdminOperation::RotateKey => ("POST", "/admin/rotate-key".into()),
             AdminOperation::RetireKey { id } => ("POST", format!("/admin/retire-key?id={id}")),
             AdminOperation::ReloadAccounts => ("POST", "/admin/reload-accounts".into()),
+            AdminOperation::ReloadTls => ("POST", "/admin/reload-tls".into()),
             AdminOperation::Drain => ("POST", "/admin/drain".into()),
         }
     }
@@ -386,8 +390,9 @@ fn prepare(config: Config, dev: bool) -> anyhow::Result<Setup> {
     })
 }
 
-/// Reads the accounts file again on every SIGHUP.
-async fn reload_on_hangup(gateway: Arc<Gateway>) {
+/// Reads the accounts file again on every SIGHUP, and the certificate and key if
+/// they come from files.
+async fn reload_on_hangup(gateway: Arc<Gateway>, tls_from_files: bool) {
     #[cfg(unix)]
     {
         let kind = tokio::signal::unix::SignalKind::hangup();
@@ -398,6 +403,14 @@ async fn reload_on_hangup(gateway: Arc<Gateway>) {
             match gateway.reload_accounts() {
                 Ok(accounts) => tracing::info!(accounts, "SIGHUP: accounts reloaded"),
                 Err(error) => tracing::warn!(%error, "SIGHUP: accounts not reloaded"),
+            }
+            if tls_from_files {
+                match gateway.reload_tls() {
+                    Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                    Err(error) => {
+                        tracing::warn!(%error, "SIGHUP: certificate not reloaded; the old one serves")
+                    }
+                }
             }
         }
     }
@@ -514,13 +527,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&config)?;
+    let tls_from_files = config.tls.cert.is_some();
     let setup = prepare(config, cli.dev)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let gateway = Arc::new(Gateway::launch(setup).await?);
-        let reloads = tokio::spawn(reload_on_hangup(Arc::clone(&gateway)));
+        let reloads = tokio::spawn(reload_on_hangup(Arc::clone(&gateway), tls_from_files));
         let failed = tokio::select! {
             () = shutdown_signal() => None,
             why = gateway.failed() => Some(why),

@@ -165,6 +165,15 @@ impl Conn {
     }
 }
 
+/// What a reload of the certificate needs: its files (`tls.cert`, `tls.key`), the
+/// settings the QUIC server configuration is made with, and the endpoint taking it.
+struct TlsReload {
+    cert: PathBuf,
+    key: PathBuf,
+    config: Config,
+    endpoint: quinn::Endpoint,
+}
+
 /// How requests reach the matching engine.
 enum EngineLink {
     /// On its own thread behind a bounded queue; events come back through the
@@ -204,6 +213,8 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     /// Where the accounts are read again from on a reload.
     accounts_path: Option<PathBuf>,
+    /// Where the certificate and key are read again from on a reload.
+    tls_reload: Option<TlsReload>,
     /// Crash-safe mode: the stream every input of the core goes through. `None`:
     /// embedded mode, the core takes inputs as they come.
     log: Option<Arc<JetStreamLog>>,
@@ -497,6 +508,15 @@ impl Gateway {
             latency_samples: IdMap::default(),
             draining: AtomicBool::new(false),
             accounts_path,
+            tls_reload: match (&config.tls.cert, &config.tls.key) {
+                (Some(cert), Some(key)) => Some(TlsReload {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    config: config.clone(),
+                    endpoint: endpoint.clone(),
+                }),
+                _ => None,
+            },
             snapshot_every: if log.is_some() {
                 config.sequencer.snapshot_every
             } else {
@@ -568,6 +588,11 @@ impl Gateway {
     /// there are now.
     pub fn reload_accounts(&self) -> Result<usize, String> {
         self.shared.reload_accounts()
+    }
+
+    /// Reads the certificate and key again (SIGHUP, `gateway admin reload-tls`).
+    pub fn reload_tls(&self) -> Result<(), String> {
+        self.shared.reload_tls()
     }
 
     /// Number of open connections.
@@ -1514,6 +1539,25 @@ impl Shared {
             },
             None => Ok(self.registry.with_keys(|keys| keys.retire(key_id))),
         }
+    }
+
+    /// Reads `tls.cert` and `tls.key` again, checks them as at start, and serves new
+    /// connections with them; open connections and their sessions carry on (they
+    /// keep the certificate they were made with). TLS session tickets issued before
+    /// are forgotten: each client's next connection makes a full handshake.
+    pub(crate) fn reload_tls(&self) -> Result<(), String> {
+        let Some(reload) = &self.tls_reload else {
+            return Err(
+                "tls.cert and tls.key are unset: the development certificate is not reloaded"
+                    .into(),
+            );
+        };
+        let identity =
+            crate::dev::pem_identity(&reload.cert, &reload.key).map_err(|e| e.to_string())?;
+        let server = server_config(&reload.config, identity).map_err(|e| e.to_string())?;
+        reload.endpoint.set_server_config(Some(server));
+        info!(cert = %reload.cert.display(), "certificate reloaded");
+        Ok(())
     }
 
     /// Reads the accounts file again; on any error the old accounts stay.

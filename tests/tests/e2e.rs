@@ -1599,6 +1599,43 @@ async fn a_production_config_made_with_the_key_commands_writes_no_file_and_trade
     })
     .await;
     assert!(matches!(acked, Frame::OrderAck(_)));
+
+    // A certificate rotation: new files, SIGHUP. The session carries on; new
+    // connections get the new certificate.
+    let next =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    std::fs::write(dir.join("cert.pem"), next.cert.pem()).expect("cert");
+    std::fs::write(dir.join("key.pem"), next.signing_key.serialize_pem()).expect("key");
+    let hangup = std::process::Command::new("kill")
+        .args(["-HUP", &gateway.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(hangup.success());
+    let rotated = async {
+        loop {
+            let mut config = gateway_client::ClientConfig::new(
+                addr,
+                next.cert.der().clone(),
+                credentials.clone(),
+            );
+            config.venue = "XMPL-PROD".into();
+            if Client::connect(config).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), rotated)
+        .await
+        .expect("the new certificate serves after SIGHUP");
+    client
+        .new_order(OrderParams::limit_buy(1, 2, 100, 1))
+        .expect("send");
+    let again = e2e::next_frame(&mut events, Duration::from_secs(10), |f| {
+        matches!(f, Frame::OrderAck(_))
+    })
+    .await;
+    assert!(matches!(again, Frame::OrderAck(a) if a.client_order_id == 2));
     let _ = gateway.kill();
     let output = gateway.wait_with_output().expect("stopped");
     let _ = std::fs::remove_dir_all(&dir);
@@ -1607,3 +1644,54 @@ async fn a_production_config_made_with_the_key_commands_writes_no_file_and_trade
 }
 
 const DEPLOYMENT: &str = include_str!("../../DEPLOYMENT.md");
+
+#[tokio::test]
+async fn a_certificate_reload_serves_new_connections_and_keeps_open_sessions() {
+    let dir = std::env::temp_dir().join(format!("gateway-reload-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    // The gateway starts with the test certificate; the files hold the next one.
+    let next =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    std::fs::write(&cert_path, next.cert.pem()).expect("cert");
+    std::fs::write(&key_path, next.signing_key.serialize_pem()).expect("key");
+    let gateway = TestGateway::start(2, |config| {
+        config.tls.cert = Some(cert_path.clone());
+        config.tls.key = Some(key_path.clone());
+    });
+    let (client, mut events, mut seen) = connect(&gateway, 1).await;
+
+    let (status, body) = http(
+        &gateway,
+        "POST",
+        "/admin/reload-tls",
+        Some(e2e::ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "{\"reloaded\":true}"));
+    // The open session carries on, on its connection.
+    assert_still_trades(&client, &mut events, &mut seen).await;
+    assert_eq!((seen.resumes, seen.ended), (0, None), "not cut");
+    // New connections get the new certificate: a client pinning the old one is
+    // refused, one pinning the new one logs in.
+    let old = Client::connect(gateway.client_config(2, gateway.addr)).await;
+    assert!(old.is_err(), "the old certificate still served");
+    let mut config = gateway.client_config(2, gateway.addr);
+    config.trusted_certs = vec![next.cert.der().clone()];
+    Client::connect(config)
+        .await
+        .expect("the new certificate serves");
+
+    // A broken file leaves the serving certificate in place, with the reason.
+    std::fs::write(&cert_path, "not a certificate").expect("write");
+    let (status, body) = http(
+        &gateway,
+        "POST",
+        "/admin/reload-tls",
+        Some(e2e::ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("tls.cert"), "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
