@@ -41,10 +41,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // Log in both (each gets a session and a resumable token).
-    let (seller, mut seller_events) =
-        Client::connect(ClientConfig::new(addr, cert.clone().into(), seller_key)).await?;
+    let (seller, mut seller_events) = Client::connect(ClientConfig::development(
+        addr,
+        cert.clone().into(),
+        seller_key,
+    ))
+    .await?;
     let (buyer, mut buyer_events) =
-        Client::connect(ClientConfig::new(addr, cert.into(), buyer_key)).await?;
+        Client::connect(ClientConfig::development(addr, cert.into(), buyer_key)).await?;
     println!(
         "logged in: account {seller_account} (session {:?}) and account {buyer_account} (session {:?})",
         seller.session_id(),

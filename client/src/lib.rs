@@ -49,6 +49,20 @@ pub enum ClientError {
     /// The gateway refused the login or resume, or ended the session.
     #[error("refused by the gateway: {0:?}")]
     Refused(ReasonCode),
+    /// The gateway refused the login's signature (`BadSignature`): the API key is not
+    /// the one the gateway holds for its id, or the login was signed for another
+    /// venue id than the gateway's (the two look the same to the gateway).
+    #[error(
+        "refused by the gateway: BadSignature: the login signed with API key {api_key_id} for \
+         venue {venue:?} did not verify; check first that {venue:?} is the gateway's venue id \
+         (its auth.venue; case matters), then the key"
+    )]
+    BadSignature {
+        /// The API key id the login named.
+        api_key_id: u64,
+        /// The venue id it was signed for (`ClientConfig::venue`).
+        venue: String,
+    },
     /// The connection could not be made or broke during the handshake.
     #[error("connection: {0}")]
     Connection(String),
@@ -209,18 +223,23 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// Settings with sensible defaults for a gateway at `server` using `cert`.
+    /// Settings for the gateway of venue `venue` (its venue id, which the venue
+    /// gives with the API key) at `server`, whose certificate names `server_name` and
+    /// is `cert` (pinned: the only one trusted; or push the CA's to
+    /// [`Self::trusted_certs`] instead), with sensible defaults for the rest.
     pub fn new(
         server: SocketAddr,
+        server_name: &str,
+        venue: &str,
         cert: CertificateDer<'static>,
         credentials: Credentials,
     ) -> Self {
         ClientConfig {
             server,
-            server_name: "localhost".into(),
+            server_name: server_name.into(),
             trusted_certs: vec![cert],
             credentials,
-            venue: proto::DEFAULT_VENUE.to_string(),
+            venue: venue.into(),
             cancel_on_disconnect: CancelOnDisconnect::Off,
             cod_grace: Duration::ZERO,
             idle_timeout: Duration::from_secs(5),
@@ -232,6 +251,28 @@ impl ClientConfig {
             reconnect_backoff: Duration::from_millis(10),
             max_unprocessed: 10_000,
             event_capacity: 65_536,
+        }
+    }
+
+    /// [`Self::new`] for a development gateway: its certificate names `localhost`
+    /// and its venue id is `dev` ([`proto::DEFAULT_VENUE`]). A production gateway
+    /// refuses such a login (`BadSignature`).
+    pub fn development(
+        server: SocketAddr,
+        cert: CertificateDer<'static>,
+        credentials: Credentials,
+    ) -> Self {
+        Self::new(server, "localhost", proto::DEFAULT_VENUE, cert, credentials)
+    }
+
+    /// What a refusal of this client's login means, with what it signed.
+    fn login_refused(&self, reason: ReasonCode) -> ClientError {
+        match reason {
+            ReasonCode::BadSignature => ClientError::BadSignature {
+                api_key_id: self.credentials.api_key_id,
+                venue: self.venue.clone(),
+            },
+            reason => ClientError::Refused(reason),
         }
     }
 }
@@ -708,7 +749,7 @@ async fn drive(
         if taken_over && !contesting {
             contesting = true;
         } else if let Some(reason) = outcome.filter(|reason| ends_session(*reason)) {
-            finish(&shared, &events, established.take(), reason).await;
+            finish(&config, &shared, &events, established.take(), reason).await;
             return;
         } else {
             contesting = false;
@@ -717,7 +758,7 @@ async fn drive(
             // The login never completed: the gateway's reason if it gave one (for
             // example `RateLimited`, or `ShuttingDown` from a draining gateway).
             let _ = waiting.send(Err(match outcome {
-                Some(reason) => ClientError::Refused(reason),
+                Some(reason) => config.login_refused(reason),
                 None => ClientError::Connection("connection lost during login".into()),
             }));
             return;
@@ -734,7 +775,7 @@ async fn drive(
                 resuming = Some(outcome);
             }
             None => {
-                finish(&shared, &events, None, ReasonCode::InternalError).await;
+                finish(&config, &shared, &events, None, ReasonCode::InternalError).await;
                 return;
             }
         }
@@ -742,6 +783,7 @@ async fn drive(
 }
 
 async fn finish(
+    config: &ClientConfig,
     shared: &Mutex<Shared>,
     events: &mpsc::Sender<Event>,
     established: Option<oneshot::Sender<Result<(), ClientError>>>,
@@ -750,7 +792,7 @@ async fn finish(
     shared.lock().unwrap_or_else(PoisonError::into_inner).ended = true;
     match established {
         Some(waiting) => {
-            let _ = waiting.send(Err(ClientError::Refused(reason)));
+            let _ = waiting.send(Err(config.login_refused(reason)));
         }
         None => {
             let _ = events.send(Event::Ended(reason)).await;

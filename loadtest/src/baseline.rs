@@ -111,7 +111,7 @@ fn client_config(
     // The echo server checks no credentials; the client settings need some.
     let credentials = gateway_client::Credentials::from_seed(0, &[1u8; 32])
         .map_err(|e| RunError::Setup(e.to_string()))?;
-    let mut config = gateway_client::ClientConfig::new(server, cert, credentials);
+    let mut config = gateway_client::ClientConfig::development(server, cert, credentials);
     config.idle_timeout = Duration::from_secs(30);
     Ok(config)
 }

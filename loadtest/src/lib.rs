@@ -719,7 +719,7 @@ fn lock(shared: &Shared) -> parking_lot::MutexGuard<'_, Tally> {
 }
 
 fn client_config(target: &Target, credentials: Credentials, addr: SocketAddr) -> ClientConfig {
-    let mut config = ClientConfig::new(addr, target.cert.clone(), credentials);
+    let mut config = ClientConfig::development(addr, target.cert.clone(), credentials);
     config.idle_timeout = Duration::from_millis(1_000);
     config.keep_alive = Duration::from_millis(200);
     if let Some(rtt) = target.initial_rtt {

@@ -117,7 +117,7 @@ impl TestGateway {
     pub fn client_config(&self, account: u64, addr: SocketAddr) -> ClientConfig {
         let credentials =
             Credentials::from_seed(1_000 + account, &seed(account)).expect("credentials");
-        let mut config = ClientConfig::new(addr, self.cert.clone(), credentials);
+        let mut config = ClientConfig::development(addr, self.cert.clone(), credentials);
         config.idle_timeout = Duration::from_millis(1_000);
         config.keep_alive = Duration::from_millis(200);
         config

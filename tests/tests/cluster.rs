@@ -143,7 +143,8 @@ async fn two_gateway_processes(nats: &NatsServer) -> (Vec<GatewayProcess>, Balan
 fn through(gateways: &[GatewayProcess], balancer: &Balancer, index: usize) -> ClientConfig {
     let remote = gateways[0].remote().expect("dev files");
     let (_, credentials) = &remote.keys[index];
-    let mut config = ClientConfig::new(balancer.addr, remote.cert.clone(), credentials.clone());
+    let mut config =
+        ClientConfig::development(balancer.addr, remote.cert.clone(), credentials.clone());
     config.idle_timeout = Duration::from_millis(1_000);
     config.keep_alive = Duration::from_millis(200);
     config

@@ -95,7 +95,8 @@ async fn connect(
 ) -> (Client, tokio::sync::mpsc::Receiver<Event>) {
     let remote = gateway.remote().expect("dev files");
     let (_, credentials): &(u64, Credentials) = &remote.keys[index];
-    let mut config = ClientConfig::new(remote.addr, remote.cert.clone(), credentials.clone());
+    let mut config =
+        ClientConfig::development(remote.addr, remote.cert.clone(), credentials.clone());
     config.idle_timeout = Duration::from_secs(60);
     config.keep_alive = Duration::from_millis(200);
     Client::connect(config).await.expect("login")

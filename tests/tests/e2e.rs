@@ -1576,12 +1576,13 @@ async fn a_production_config_made_with_the_key_commands_writes_no_file_and_trade
     assert_eq!(account, 7);
     let connected = async {
         loop {
-            let mut config = gateway_client::ClientConfig::new(
+            let config = gateway_client::ClientConfig::new(
                 addr,
+                "localhost",
+                "XMPL-PROD",
                 certified.cert.der().clone(),
                 credentials.clone(),
             );
-            config.venue = "XMPL-PROD".into();
             if let Ok(connected) = Client::connect(config).await {
                 return connected;
             }
@@ -1613,12 +1614,13 @@ async fn a_production_config_made_with_the_key_commands_writes_no_file_and_trade
     assert!(hangup.success());
     let rotated = async {
         loop {
-            let mut config = gateway_client::ClientConfig::new(
+            let config = gateway_client::ClientConfig::new(
                 addr,
+                "localhost",
+                "XMPL-PROD",
                 next.cert.der().clone(),
                 credentials.clone(),
             );
-            config.venue = "XMPL-PROD".into();
             if Client::connect(config).await.is_ok() {
                 return;
             }
@@ -1694,4 +1696,21 @@ async fn a_certificate_reload_serves_new_connections_and_keeps_open_sessions() {
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("tls.cert"), "{body}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_login_signed_for_another_venue_says_which_venue_and_key_it_signed_for() {
+    let gateway = TestGateway::start(1, |_| {});
+    let mut config = gateway.client_config(1, gateway.addr);
+    config.venue = "XMPL-PROD".into();
+    let refused = Client::connect(config).await.err().expect("refused");
+    assert!(
+        matches!(&refused, gateway_client::ClientError::BadSignature { api_key_id: 1001, venue } if venue == "XMPL-PROD"),
+        "{refused:?}"
+    );
+    let said = refused.to_string();
+    assert!(
+        said.contains("\"XMPL-PROD\"") && said.contains("auth.venue"),
+        "{said}"
+    );
 }
