@@ -71,6 +71,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Event::Message(Frame::Fill(fill)) => return Ok(fill),
                 Event::Message(frame) => println!("buyer got {frame:?}"),
                 Event::Snapshot { orders, .. } => println!("buyer's open orders: {}", orders.len()),
+                Event::Reconnecting {
+                    attempt,
+                    attempts,
+                    error,
+                } => {
+                    println!("reconnecting: attempt {attempt} of {attempts} failed: {error}")
+                }
                 Event::Resumed { lost } => println!("connection lost ({lost:?}) and resumed"),
                 Event::Ended(reason) => return Err(format!("session ended: {reason:?}")),
             }

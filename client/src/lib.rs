@@ -39,7 +39,7 @@ use ring::signature::Ed25519KeyPair;
 use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::state::{ClientState, Received};
 
@@ -208,7 +208,8 @@ pub struct ClientConfig {
     /// acknowledges on its answers, within 2 ms, or at once for a packet out of
     /// order). 1 keeps QUIC's own rule, every other packet.
     pub ack_eliciting_threshold: u32,
-    /// Reconnect attempts after a loss before giving up.
+    /// Reconnect attempts after a loss before giving up (the session then ends with
+    /// `Ended(InternalError)`; [`Self::give_up_after`] says how long that takes).
     pub reconnect_attempts: u32,
     /// Delay after a failed reconnect attempt; doubles up to one second. The first
     /// attempt is immediate.
@@ -265,6 +266,20 @@ impl ClientConfig {
         Self::new(server, "localhost", proto::DEFAULT_VENUE, cert, credentials)
     }
 
+    /// The longest a client keeps trying to reconnect after a loss before it gives
+    /// up: each attempt waits at most `idle_timeout` for the gateway's handshake,
+    /// then `reconnect_backoff`, doubling up to a second. About two minutes with the
+    /// defaults (20 attempts of 5 s).
+    pub fn give_up_after(&self) -> Duration {
+        let mut backoff = self.reconnect_backoff;
+        let mut total = Duration::ZERO;
+        for _ in 0..self.reconnect_attempts {
+            total += self.idle_timeout + backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+        total
+    }
+
     /// What a refusal of this client's login means, with what it signed.
     fn login_refused(&self, reason: ReasonCode) -> ClientError {
         match reason {
@@ -289,6 +304,17 @@ pub enum Event {
         as_of_server_seq: u64,
         /// The orders.
         orders: Vec<OrderState>,
+    },
+    /// The connection was lost and an attempt to reconnect failed; the client tries
+    /// again, `attempts` times in all ([`ClientConfig::give_up_after`]). Progress to
+    /// show while the gateway is away.
+    Reconnecting {
+        /// This attempt, from 1.
+        attempt: u32,
+        /// Attempts in all before the session ends.
+        attempts: u32,
+        /// Why this one failed.
+        error: String,
     },
     /// The connection was lost and the session resumed on a new one.
     Resumed {
@@ -769,7 +795,7 @@ async fn drive(
             .state
             .resume_frame();
         let Some(resume) = resume else { return };
-        match reconnect(&config, &endpoint, &resume).await {
+        match reconnect(&config, &endpoint, &resume, &events).await {
             Some(next) => {
                 link = next;
                 resuming = Some(outcome);
@@ -807,6 +833,7 @@ async fn reconnect(
     config: &ClientConfig,
     endpoint: &quinn::Endpoint,
     resume: &Frame,
+    events: &mpsc::Sender<Event>,
 ) -> Option<Link> {
     let mut backoff = config.reconnect_backoff;
     for attempt in 1..=config.reconnect_attempts {
@@ -817,7 +844,16 @@ async fn reconnect(
         }
         match open_sending(endpoint.clone(), config, resume).await {
             Ok(link) => return Some(link),
-            Err(error) => debug!(attempt, %error, "reconnect failed"),
+            Err(error) => {
+                let attempts = config.reconnect_attempts;
+                warn!(attempt, attempts, %error, "reconnecting to the gateway failed; trying again");
+                let error = error.to_string();
+                let _ = events.try_send(Event::Reconnecting {
+                    attempt,
+                    attempts,
+                    error,
+                });
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -971,5 +1007,26 @@ fn closed_reason(connection: &quinn::Connection) -> Option<ReasonCode> {
                 .and_then(ReasonCode::from_wire)
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gives_up_reconnecting_after_its_attempts_and_their_backoff() {
+        let credentials = Credentials::from_seed(1, &[7; 32]).expect("credentials");
+        let mut config = ClientConfig::development(
+            "127.0.0.1:4433".parse().expect("address"),
+            CertificateDer::from(vec![0u8; 4]),
+            credentials,
+        );
+        // 20 attempts of 5 s, then 10 ms doubling to 1 s: 1,270 ms over seven
+        // attempts, 13 s over the other thirteen.
+        assert_eq!(config.give_up_after(), Duration::from_millis(114_270));
+        config.reconnect_attempts = 2;
+        config.idle_timeout = Duration::from_millis(500);
+        assert_eq!(config.give_up_after(), Duration::from_millis(1_030));
     }
 }

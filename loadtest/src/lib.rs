@@ -56,8 +56,8 @@ pub enum RunError {
     /// The gateway, accounts or sockets could not be set up.
     #[error("setup: {0}")]
     Setup(String),
-    /// A client could not log in.
-    #[error("client: {0}")]
+    /// A client could not log in (the error's own text follows, once).
+    #[error("a client could not log in")]
     Client(#[from] ClientError),
 }
 
@@ -695,6 +695,9 @@ struct Tally {
     blackhole: Histogram<u64>,
     /// Gateway kill to each session's resume.
     restart_resume: Histogram<u64>,
+    /// The latest failed reconnect attempt of a session still reconnecting, for the
+    /// progress line: the session, the attempt, of how many, and why it failed.
+    reconnecting: Option<(usize, u32, u32, String)>,
     counts: Counts,
 }
 
@@ -834,6 +837,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         resume: histogram(),
         blackhole: histogram(),
         restart_resume: histogram(),
+        reconnecting: None,
         counts: Counts::default(),
         logging_out: false,
     }));
@@ -930,8 +934,14 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let tally = lock(&shared);
                 bar.set_position(started.elapsed().as_secs().min(bar.length().unwrap_or(0)));
+                let reconnecting = match &tally.reconnecting {
+                    Some((session, attempt, attempts, error)) => format!(
+                        "; session {session} reconnecting, attempt {attempt} of {attempts} failed: {error}"
+                    ),
+                    None => String::new(),
+                };
                 bar.set_message(format!(
-                    "sent {} acks {} fills {} resumes {} violations {}",
+                    "sent {} acks {} fills {} resumes {} violations {}{reconnecting}",
                     tally.counts.orders_sent + tally.counts.cancels_sent,
                     tally.counts.acks,
                     tally.counts.fills,
@@ -1419,7 +1429,15 @@ async fn receive_events(
                     as_of_server_seq,
                     orders,
                 } => tally.verifier.snapshot(index, as_of_server_seq, &orders),
+                Event::Reconnecting {
+                    attempt,
+                    attempts,
+                    error,
+                } => tally.reconnecting = Some((index, attempt, attempts, error)),
                 Event::Resumed { lost } => {
+                    if tally.reconnecting.as_ref().is_some_and(|r| r.0 == index) {
+                        tally.reconnecting = None;
+                    }
                     tally.counts.resumes += 1;
                     if let Some(reason) = lost {
                         *tally
@@ -2084,7 +2102,7 @@ async fn taker_burst(
                 ))
             }
             Ok(Some(Event::Resumed { lost })) => lost_connections.push(lost),
-            Ok(Some(Event::Snapshot { .. })) => {}
+            Ok(Some(Event::Snapshot { .. } | Event::Reconnecting { .. })) => {}
             Ok(Some(Event::Ended(reason))) => {
                 return Err(format!("the taker's session ended: {reason:?}"))
             }

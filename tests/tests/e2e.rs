@@ -30,6 +30,7 @@ impl Seen {
                 orders,
             } => self.snapshots.push((as_of_server_seq, orders)),
             Event::Resumed { .. } => self.resumes += 1,
+            Event::Reconnecting { .. } => {}
             Event::Ended(reason) => self.ended = Some(reason),
         }
     }
