@@ -115,6 +115,15 @@ pub struct SequencerSettings {
     pub password_file: Option<PathBuf>,
     /// File holding a NATS token to connect with, instead of a user.
     pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that the NATS servers' certificates are checked
+    /// against; set, the connection must use TLS. Unset: TLS only if the server
+    /// asks, checked against the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients (`verify:
+    /// true`), with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
     /// Records applied between two snapshots of the core, stored in the object
     /// store `<stream>_snapshots`: a gateway starting again restores the latest and
     /// applies only the records after it. 0: no snapshots (every start applies the
@@ -161,6 +170,9 @@ impl Default for SequencerSettings {
             user: None,
             password_file: None,
             token_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             snapshot_every: 100_000,
             purge_after_snapshot: true,
             gateway_name: None,
@@ -650,6 +662,15 @@ impl Config {
             }
             if !(1..=5).contains(&self.sequencer.replicas) {
                 return invalid("sequencer.replicas must be 1 to 5");
+            }
+            if self.sequencer.user.is_some() && self.sequencer.token_file.is_some() {
+                return invalid(
+                    "sequencer.user (with password_file) and token_file are two ways to \
+                     authenticate to NATS: give one",
+                );
+            }
+            if self.sequencer.tls_cert_file.is_some() != self.sequencer.tls_key_file.is_some() {
+                return invalid("sequencer.tls_cert_file and tls_key_file must be given together");
             }
             if self.sequencer.user.is_some() != self.sequencer.password_file.is_some() {
                 return invalid("sequencer.user and sequencer.password_file go together");

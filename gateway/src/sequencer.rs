@@ -880,6 +880,27 @@ async fn jetstream_context(
     if let Some(path) = &settings.token_file {
         options = options.token(secret(path)?);
     }
+    let readable = |setting: &str, path: &std::path::Path| {
+        std::fs::metadata(path).map(drop).map_err(|error| {
+            let error = format!("{}: {error}", path.display());
+            settings_error(
+                settings,
+                "reading the NATS TLS files",
+                &format!("{setting} {error}"),
+            )
+        })
+    };
+    if let Some(path) = &settings.tls_ca_file {
+        readable("sequencer.tls_ca_file", path)?;
+        options = options
+            .add_root_certificates(path.clone())
+            .require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&settings.tls_cert_file, &settings.tls_key_file) {
+        readable("sequencer.tls_cert_file", cert)?;
+        readable("sequencer.tls_key_file", key)?;
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
     let client = options
         .connection_timeout(timeout)
         .request_timeout(Some(timeout))

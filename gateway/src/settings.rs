@@ -61,6 +61,9 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("sequencer.user", "NATS user to connect as (with password_file); unset: none"),
     ("sequencer.password_file", "file holding that user's password"),
     ("sequencer.token_file", "file holding a NATS token, instead of a user"),
+    ("sequencer.tls_ca_file", "CA certificate (PEM) NATS servers are checked against; set: TLS required"),
+    ("sequencer.tls_cert_file", "client certificate (PEM) for NATS servers that verify clients"),
+    ("sequencer.tls_key_file", "its private key (PEM)"),
     ("sequencer.snapshot_every", "records between core snapshots (object store <stream>_snapshots); 0: none"),
     ("sequencer.purge_after_snapshot", "purge the records the replaced snapshot covered from the stream"),
     ("sequencer.gateway_name", "this gateway's name among those sharing the stream; each its own; unset: <host name>-<listen port>"),
@@ -137,6 +140,9 @@ mod tests {
         config.sequencer.user = Some("u".into());
         config.sequencer.password_file = Some(PathBuf::from("p"));
         config.sequencer.token_file = Some(PathBuf::from("t"));
+        config.sequencer.tls_ca_file = Some(PathBuf::from("ca"));
+        config.sequencer.tls_cert_file = Some(PathBuf::from("c"));
+        config.sequencer.tls_key_file = Some(PathBuf::from("k"));
         config.sequencer.gateway_name = Some("g".into());
         let table = toml::Table::try_from(config).expect("serializes");
         let mut keys = BTreeSet::new();

@@ -384,6 +384,6 @@ pub fn fenced_records(admin: std::net::SocketAddr) -> Option<u64> {
         .read_to_string()
         .ok()?;
     text.lines()
-        .find(|line| line.contains("fenced_records_total"))
+        .find(|line| line.starts_with("gateway_fenced_records_total"))
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }

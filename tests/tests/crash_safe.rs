@@ -773,6 +773,91 @@ async fn a_login_the_core_answers_too_late_leaves_no_session_attached_to_nothing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_connects_to_nats_over_tls_as_its_user_and_refuses_an_unknown_certificate() {
+    let dir = std::env::temp_dir().join(format!("gateway-nats-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("certificate");
+    let (cert, key, password) = (dir.join("nats.pem"), dir.join("nats.key"), dir.join("pass"));
+    std::fs::write(&cert, certified.cert.pem()).expect("cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
+    std::fs::write(&password, "s3cret\n").expect("password file");
+    // DEPLOYMENT.md's NATS configuration, with the test's files and password (the
+    // address, port and store directory come from the test's command line).
+    let documented = include_str!("../../DEPLOYMENT.md")
+        .split("# /etc/nats/nats-server.conf\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("DEPLOYMENT.md shows the NATS configuration")
+        .replace("/etc/nats/server.pem", &cert.display().to_string())
+        .replace("/etc/nats/server.key", &key.display().to_string())
+        .replace("$2a$11$REPLACE.WITH.A.BCRYPT.HASH", "s3cret")
+        .replace("GATEWAY_IN", "TLS")
+        .replace("store_dir: /var/lib/nats", "");
+    let conf = dir.join("nats-server.conf");
+    std::fs::write(&conf, documented).expect("nats configuration");
+    let conf_arg = conf.display().to_string();
+    let nats = NatsServer::start_with(&["-c", &conf_arg]);
+    let over_tls = |config: &mut gateway::config::Config| {
+        nats.serve(config, "TLS");
+        config.sequencer.snapshot_every = 3;
+        config.sequencer.user = Some("gateway".into());
+        config.sequencer.password_file = Some(password.clone());
+        config.sequencer.tls_ca_file = Some(cert.clone());
+    };
+    let gateway = TestGateway::launch(2, &[14u8; 32], over_tls).await;
+    let (maker, mut maker_events) = Client::connect(gateway.client_config(1, gateway.addr))
+        .await
+        .expect("login over a stream on TLS");
+    maker
+        .new_order(OrderParams::limit_sell(1, 1, 100, 1))
+        .expect("send");
+    next_frame(&mut maker_events, PATIENCE, |f| {
+        matches!(f, Frame::OrderAck(_))
+    })
+    .await;
+    // The user's permissions cover the snapshots too.
+    let snapshotted = async {
+        while snapshot_position(&gateway.gateway) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, snapshotted)
+        .await
+        .expect("a snapshot stored");
+    assert_eq!(
+        metric(
+            &gateway.gateway,
+            "gateway_sequencer_snapshot_failures_total"
+        ),
+        0
+    );
+    gateway.gateway.shutdown().await;
+
+    // A server certificate the gateway was not told to trust is refused.
+    let other =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+    let other_path = dir.join("other.pem");
+    std::fs::write(&other_path, other.cert.pem()).expect("cert");
+    let stderr = e2e::failed_start(&[
+        &format!("sequencer.nats_url={:?}", nats.url),
+        "sequencer.user=\"gateway\"",
+        &format!(
+            "sequencer.password_file={:?}",
+            password.display().to_string()
+        ),
+        &format!(
+            "sequencer.tls_ca_file={:?}",
+            other_path.display().to_string()
+        ),
+    ]);
+    assert!(stderr.contains("sequencer.nats_url"), "{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_connects_to_nats_as_its_user_and_is_refused_with_a_wrong_password() {
     let nats = NatsServer::start_with(&["--user", "gateway", "--pass", "s3cret"]);
     let dir = std::env::temp_dir().join(format!("gateway-nats-user-{}", std::process::id()));
