@@ -1,12 +1,16 @@
 //! `loadtest --html PATH`: the run as one self-contained page. Two charts drawn with
 //! `plotters` into inline SVG (the latency percentile curve, gateway against the bare
-//! QUIC echo when measured; latency over the run with the forced disconnects marked)
-//! and the counters, with no script and no external file.
+//! QUIC echo when measured; latency over the run with the forced disconnects and
+//! faults as a density strip along its foot) and the counters, with no script and no
+//! external file.
 
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::{ChaosEvent, CurvePoint, Report, TimelinePoint};
+
+/// Time bins of the timeline's disconnect strip.
+const STRIP_BINS: u32 = 150;
 
 /// Chart size in pixels.
 const WIDTH: u32 = 900;
@@ -39,6 +43,23 @@ pub fn page(report: &Report) -> String {
         .unwrap_or_else(|error| format!("<p>chart failed: {}</p>", escape(&error)));
     let timeline = timeline_chart(&report.timeline, &report.chaos_events)
         .unwrap_or_else(|error| format!("<p>chart failed: {}</p>", escape(&error)));
+    let chaos_note = if report.chaos_events.is_empty() {
+        String::new()
+    } else {
+        let by_kind = chaos_by_kind(&report.chaos_events)
+            .iter()
+            .map(|(kind, count)| format!("{count} {kind}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "<p class=note>The run broke connections on purpose ({by_kind}). A request \
+             caught in one waits for its resume, so the latencies include the outages: a \
+             blackholed connection is noticed only when the client's idle timeout \
+             expires, which sets the tail. The bare QUIC echo had no disconnects: its \
+             curve is there for scale, not as a comparison, and no latency ratio is \
+             given.</p>"
+        )
+    };
     let rows = counters(report)
         .into_iter()
         .map(|(name, value)| {
@@ -67,8 +88,8 @@ pub fn page(report: &Report) -> String {
          <title>loadtest: {sessions} sessions against {target}</title>\
          <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}\
          th{{text-align:left;padding-right:2em;font-weight:normal;color:#555}}\
-         .ok{{color:#2a7}}.bad{{color:#c22;font-weight:bold}}</style></head><body>\
-         <h1>loadtest: {sessions} sessions against {target}</h1>{verdict}\
+         .ok{{color:#2a7}}.bad{{color:#c22;font-weight:bold}}.note{{color:#555}}</style></head><body>\
+         <h1>loadtest: {sessions} sessions against {target}</h1>{verdict}{chaos_note}\
          <h2>Order → answer latency, percentiles</h2>{curve}\
          <h2>Latency over the run</h2>{timeline}\
          <h2>Counters</h2><table>{rows}</table></body></html>\n",
@@ -117,8 +138,48 @@ fn counters(report: &Report) -> Vec<(String, String)> {
             .iter()
             .map(|(reason, count)| (format!("rejects: {reason}"), count.to_string())),
     );
+    rows.extend([("forced disconnects".into(), report.disconnects.to_string())]);
+    rows.extend(
+        chaos_by_kind(&report.chaos_events)
+            .into_iter()
+            .map(|(kind, count)| (format!("disconnects and faults: {kind}"), count.to_string())),
+    );
+    if report.resumes > 0 {
+        rows.push((
+            "resume after a clean or abrupt drop p50 / p99 (ms)".into(),
+            format!(
+                "{:.2} / {:.2}",
+                report.resume_us.p50 / 1e3,
+                report.resume_us.p99 / 1e3
+            ),
+        ));
+    }
+    if report.disconnects_by_mode.blackhole > 0 {
+        rows.push((
+            "blackhole recovery p50 (ms; includes the idle timeout)".into(),
+            format!("{:.0}", report.blackhole_recovery_ms),
+        ));
+    }
+    if report.gateway_restarts > 0 {
+        rows.push((
+            "gateway kill → session resumed p50 / p99 (ms)".into(),
+            format!(
+                "{:.0} / {:.0}",
+                report.restart_resume_us.p50 / 1e3,
+                report.restart_resume_us.p99 / 1e3
+            ),
+        ));
+    }
+    if let Some(replay) = &report.replay {
+        rows.push((
+            format!(
+                "replay of {} missed messages: first / last (ms)",
+                replay.messages
+            ),
+            format!("{:.1} / {:.1}", replay.first_message_ms, replay.complete_ms),
+        ));
+    }
     rows.extend([
-        ("forced disconnects".into(), report.disconnects.to_string()),
         ("resumes".into(), report.resumes.to_string()),
         (
             "messages replayed".into(),
@@ -152,6 +213,18 @@ fn counters(report: &Report) -> Vec<(String, String)> {
     rows
 }
 
+/// The disconnects and faults by kind, in a fixed order of first appearance.
+fn chaos_by_kind(chaos: &[ChaosEvent]) -> Vec<(&'static str, usize)> {
+    let mut kinds: Vec<(&'static str, usize)> = Vec::new();
+    for event in chaos {
+        match kinds.iter_mut().find(|(kind, _)| *kind == event.mode) {
+            Some((_, count)) => *count += 1,
+            None => kinds.push((event.mode, 1)),
+        }
+    }
+    kinds
+}
+
 /// Where a quantile sits on the chart's x axis: the number of nines, so the tail
 /// gets room (0.9 → 1, 0.99 → 2, ...).
 fn nines(quantile: f64) -> f64 {
@@ -167,6 +240,7 @@ fn percentile_chart(gateway: &[CurvePoint], echo: &[CurvePoint]) -> Result<Strin
         let top = gateway.iter().chain(echo).map(|p| p.us).fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
             .margin(12)
+            .margin_right(36)
             .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..5.0, (1.0..top * 1.5).log_scale())
@@ -214,6 +288,7 @@ fn timeline_chart(timeline: &[TimelinePoint], chaos: &[ChaosEvent]) -> Result<St
         let top = timeline.iter().map(|p| p.p99_us).fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
             .margin(12)
+            .margin_right(36)
             .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..end, (1.0..top * 1.5).log_scale())
@@ -225,15 +300,42 @@ fn timeline_chart(timeline: &[TimelinePoint], chaos: &[ChaosEvent]) -> Result<St
             .y_label_formatter(&micros)
             .draw()
             .map_err(|e| e.to_string())?;
-        let marks = RGBColor(200, 40, 40).mix(0.35);
         if !chaos.is_empty() {
+            // A strip along the foot, darker where more disconnects and faults fell:
+            // one mark per event would be a wall at a short interval.
+            let bin = end / f64::from(STRIP_BINS);
+            let mut counts = vec![0usize; STRIP_BINS as usize];
+            for event in chaos {
+                let at = (0..STRIP_BINS)
+                    .find(|k| f64::from(k + 1) * bin > event.t_s)
+                    .unwrap_or(STRIP_BINS - 1);
+                counts[usize::try_from(at).unwrap_or(0)] += 1;
+            }
+            let most = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
+            let strip_top = (top * 1.5).powf(0.06);
             chart
-                .draw_series(chaos.iter().map(|event| {
-                    PathElement::new([(event.t_s, 1.0), (event.t_s, top * 1.5)], marks)
-                }))
+                .draw_series(
+                    counts
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(nth, n)| {
+                            let from = nth as f64 * bin;
+                            let shade = RGBColor(200, 40, 40).mix(0.15 + 0.85 * (*n as f64 / most));
+                            Rectangle::new([(from, 1.0), (from + bin, strip_top)], shade.filled())
+                        }),
+                )
                 .map_err(|e| e.to_string())?
-                .label(format!("forced disconnects and faults ({})", chaos.len()))
-                .legend(move |(x, y)| PathElement::new([(x + 10, y - 6), (x + 10, y + 6)], marks));
+                .label(format!(
+                    "forced disconnects and faults: {} (darker: more at once)",
+                    chaos.len()
+                ))
+                .legend(|(x, y)| {
+                    Rectangle::new(
+                        [(x, y - 5), (x + 20, y + 5)],
+                        RGBColor(200, 40, 40).filled(),
+                    )
+                });
         }
         for (pick, colour, label) in [
             (

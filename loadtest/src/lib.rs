@@ -443,16 +443,17 @@ pub struct FloodReport {
     pub p99_ratio: f64,
 }
 
-/// Gateway ÷ bare QUIC.
+/// Gateway ÷ bare QUIC. The latency ratios are `None` for a run with forced
+/// disconnects or faults: the echo has none, so they would compare unlike things.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Ratios {
     /// Order-to-ack p50 ÷ echo p50.
-    pub ack_p50: f64,
+    pub ack_p50: Option<f64>,
     /// Order-to-ack p90 ÷ echo p90: the body of the tail, below the few-ms stalls of
     /// a shared machine that decide a short run's p99.
-    pub ack_p90: f64,
+    pub ack_p90: Option<f64>,
     /// Order-to-ack p99 ÷ echo p99.
-    pub ack_p99: f64,
+    pub ack_p99: Option<f64>,
     /// Order throughput ÷ echo throughput.
     pub throughput: f64,
     /// Resume p50 ÷ (handshake p50 + echo p50).
@@ -1244,10 +1245,12 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             Some(cycles) => (cycles.login_us.p50 / 1e3, cycles.resume_us.p50 / 1e3),
             None => (report.login_ms, report.resume_ms),
         };
+        let latency =
+            |gateway: f64, echo: f64| report.chaos_events.is_empty().then(|| ratio(gateway, echo));
         report.ratios = Some(Ratios {
-            ack_p50: ratio(report.ack_latency_us.p50, baseline.echo_rtt_us.p50),
-            ack_p90: ratio(report.ack_latency_us.p90, baseline.echo_rtt_us.p90),
-            ack_p99: ratio(report.ack_latency_us.p99, baseline.echo_rtt_us.p99),
+            ack_p50: latency(report.ack_latency_us.p50, baseline.echo_rtt_us.p50),
+            ack_p90: latency(report.ack_latency_us.p90, baseline.echo_rtt_us.p90),
+            ack_p99: latency(report.ack_latency_us.p99, baseline.echo_rtt_us.p99),
             throughput: ratio(
                 report.throughput_orders_per_s,
                 baseline.echo_throughput_per_s,

@@ -437,11 +437,18 @@ fn summary(report: &Report) {
         } else {
             String::new()
         };
+        let latency = match (ratios.ack_p50, ratios.ack_p90, ratios.ack_p99) {
+            (Some(p50), Some(p90), Some(p99)) => {
+                format!("ack p50 {p50:.2}×  p90 {p90:.2}×  p99 {p99:.2}×  ")
+            }
+            _ => format!(
+                "ack latency not compared (the run had {} forced disconnects and faults, \
+                 the echo none)  ",
+                report.chaos_events.len()
+            ),
+        };
         println!(
-            "ratios: ack p50 {:.2}×  p90 {:.2}×  p99 {:.2}×  throughput {:.0}%{resumes}",
-            ratios.ack_p50,
-            ratios.ack_p90,
-            ratios.ack_p99,
+            "ratios: {latency}throughput {:.0}%{resumes}",
             ratios.throughput * 100.0,
         );
     }
