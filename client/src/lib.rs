@@ -13,7 +13,9 @@
 //! let cert = std::fs::read(".gateway-dev/cert.der").expect("dev certificate");
 //! let keys = Credentials::load_dev_keys(".gateway-dev/client-keys.toml".as_ref())?;
 //! let (_account, credentials) = keys.into_iter().next().expect("a demo account");
-//! let config = ClientConfig::new("127.0.0.1:4433".parse().unwrap(), cert.into(), credentials);
+//! let addr = "127.0.0.1:4433".parse().unwrap();
+//! // A development gateway; production: ClientConfig::new(addr, name, venue, cert, keys).
+//! let config = ClientConfig::development(addr, cert.into(), credentials);
 //! let (client, mut events) = Client::connect(config).await?;
 //! client.new_order(OrderParams::limit_buy(1, 42, 100, 10))?;
 //! while let Some(event) = events.recv().await {

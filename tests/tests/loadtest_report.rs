@@ -26,7 +26,7 @@ async fn the_html_report_draws_both_charts_with_the_disconnects_and_needs_nothin
         "gateway order → answer",
         "bare QUIC echo",
         &format!(
-            "forced disconnects and faults ({})",
+            "forced disconnects and faults: {} (darker: more at once)",
             report.chaos_events.len()
         ),
         "No violations",
