@@ -744,8 +744,9 @@ fn a_burst_larger_than_the_ring_waits_for_acks_and_every_answer_arrives() {
     }
 }
 
-#[test]
-fn requests_past_the_waiting_limit_cut_the_connection_and_are_sent_again_after_resume() {
+/// A session whose ring has room for the answers of one request at a time and that
+/// lets two wait, with three orders sent (not yet delivered).
+fn three_orders_behind_a_waiting_limit_of_two() -> (Sim, Client, gateway::session::ConnectionId) {
     let mut sim = Sim::new(SessionConfig {
         ring: RingLimits {
             max_messages: 3,
@@ -759,6 +760,12 @@ fn requests_past_the_waiting_limit_cut_the_connection_and_are_sent_again_after_r
     for id in 1..=3 {
         client.new_order(id, Side::Buy, 90, 1);
     }
+    (sim, client, conn)
+}
+
+#[test]
+fn requests_past_the_waiting_limit_cut_the_connection_and_are_sent_again_after_resume() {
+    let (mut sim, mut client, conn) = three_orders_behind_a_waiting_limit_of_two();
     sim.deliver_to_gateway(&mut client, usize::MAX);
     sim.transmit(&mut client, usize::MAX);
     sim.deliver_to_client(&mut client, usize::MAX);
@@ -831,19 +838,7 @@ fn a_logout_behind_waiting_requests_ends_the_session_after_they_are_answered() {
 fn a_logout_behind_exactly_the_waiting_limit_is_taken_not_cut_as_a_slow_consumer() {
     // PROTOCOL.md section 4: a client with at most max_waiting_requests unanswered
     // requests cannot reach the limit; the Logout behind them is not a request.
-    let mut sim = Sim::new(SessionConfig {
-        ring: RingLimits {
-            max_messages: 3,
-            max_bytes: 1 << 20,
-        },
-        max_waiting_requests: 2,
-        ..SessionConfig::default()
-    });
-    let mut client = sim.login(1, NO_COD);
-    let conn = client.conn.expect("attached");
-    for id in 1..=3 {
-        client.new_order(id, Side::Buy, 90, 1);
-    }
+    let (mut sim, mut client, conn) = three_orders_behind_a_waiting_limit_of_two();
     client.to_gateway.push_back(proto::Logout {}.into());
     client.to_gateway.push_back(proto::Logout {}.into());
     sim.deliver_to_gateway(&mut client, usize::MAX);
@@ -1306,28 +1301,14 @@ fn a_login_snapshot_never_confirmed_is_kept_only_within_the_ring_and_a_resume_ge
         maker.ack();
     }
     sim.settle(&mut maker);
-    let core_before = gateway::snapshot::CoreImage {
-        position: 1,
-        members: gateway::members::Members::default(),
-        registry: sim.registry.image(),
-        engine: sim.engine.clone(),
-    }
-    .encode()
-    .len();
+    let core_before = sim.core_snapshot_len();
 
     // A client that logs in to the account and never acknowledges anything.
     let mut idle = sim.login_unsent(1, None, NO_COD);
     sim.transmit(&mut idle, 3);
     sim.deliver_to_client(&mut idle, 3);
     sim.drop_connection(&mut idle);
-    let core_after = gateway::snapshot::CoreImage {
-        position: 1,
-        members: gateway::members::Members::default(),
-        registry: sim.registry.image(),
-        engine: sim.engine.clone(),
-    }
-    .encode()
-    .len();
+    let core_after = sim.core_snapshot_len();
     assert!(
         core_after - core_before <= ring.max_bytes / 2,
         "the idle session holds {} bytes",

@@ -181,6 +181,26 @@ impl Raw {
         Self::from_link(gateway_client::open(config).await.expect("connect"))
     }
 
+    /// Opens a connection and logs in with `config`'s credentials and this
+    /// cancel-on-disconnect policy; the gateway's `LoginAccepted` (its snapshot
+    /// follows, unread). Panics if the login is refused.
+    pub async fn log_in(
+        config: &ClientConfig,
+        cod: proto::CancelOnDisconnect,
+        grace: Duration,
+    ) -> (Raw, proto::LoginAccepted) {
+        let login = config
+            .credentials
+            .signed_login(&config.venue, cod, grace)
+            .expect("sign");
+        let mut raw = Raw::open(config).await;
+        raw.send(&[login.into()]).await;
+        let Some(Frame::LoginAccepted(accepted)) = raw.recv().await else {
+            panic!("login refused");
+        };
+        (raw, accepted)
+    }
+
     /// Wraps an opened link.
     pub fn from_link(link: Link) -> Raw {
         Raw {

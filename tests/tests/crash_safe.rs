@@ -520,19 +520,8 @@ async fn a_resume_that_acknowledges_messages_never_sent_is_refused() {
     let nats = NatsServer::start();
     let gateway = TestGateway::launch(1, &[7u8; 32], |c| nats.serve(c, "ACKS")).await;
     let config = gateway.client_config(1, gateway.addr);
-    let login = config
-        .credentials
-        .signed_login(
-            &config.venue,
-            proto::CancelOnDisconnect::Off,
-            Duration::ZERO,
-        )
-        .expect("sign");
-    let mut raw = e2e::Raw::open(&config).await;
-    raw.send(&[login.into()]).await;
-    let Some(Frame::LoginAccepted(accepted)) = raw.recv().await else {
-        panic!("login refused");
-    };
+    let off = proto::CancelOnDisconnect::Off;
+    let (raw, accepted) = e2e::Raw::log_in(&config, off, Duration::ZERO).await;
     raw.close();
 
     let mut raw = e2e::Raw::open(&config).await;
@@ -637,17 +626,8 @@ async fn a_graceful_stop_says_shutting_down_and_ends_its_run_at_once() {
     let leaving = TestGateway::launch(1, &[13u8; 32], named("leaving")).await;
     let staying = TestGateway::launch(1, &[13u8; 32], named("staying")).await;
     let config = leaving.client_config(1, leaving.addr);
-    let login = config
-        .credentials
-        .signed_login(
-            &config.venue,
-            proto::CancelOnDisconnect::Off,
-            Duration::ZERO,
-        )
-        .expect("sign");
-    let mut raw = e2e::Raw::open(&config).await;
-    raw.send(&[login.into()]).await;
-    assert!(matches!(raw.recv().await, Some(Frame::LoginAccepted(_))));
+    let off = proto::CancelOnDisconnect::Off;
+    let (mut raw, _) = e2e::Raw::log_in(&config, off, Duration::ZERO).await;
 
     let stopping = tokio::spawn(leaving.gateway.shutdown());
     let frames = raw.recv_all().await;

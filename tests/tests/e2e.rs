@@ -143,15 +143,7 @@ async fn raw_login(
     grace_ms: u64,
 ) -> (Raw, proto::SessionToken, Vec<proto::OrderState>) {
     let config = gateway.client_config(account, gateway.addr);
-    let login = config
-        .credentials
-        .signed_login(&config.venue, cod, Duration::from_millis(grace_ms))
-        .expect("sign");
-    let mut raw = Raw::open(&config).await;
-    raw.send(&[login.into()]).await;
-    let Some(Frame::LoginAccepted(accepted)) = raw.recv().await else {
-        panic!("login refused");
-    };
+    let (mut raw, accepted) = Raw::log_in(&config, cod, Duration::from_millis(grace_ms)).await;
     let orders = read_snapshot(&mut raw).await;
     (raw, accepted.token, orders)
 }

@@ -145,18 +145,17 @@ impl Sim {
             .expect("session is live")
     }
 
+    /// The size of a core snapshot now: what the core holds, encoded.
+    pub fn core_snapshot_len(&self) -> usize {
+        core_image(&self.registry, &self.engine).encode().len()
+    }
+
     /// Replaces the core (registry and engine) with the one its snapshot restores,
     /// checking that the restored core snapshots to the same bytes. With `restart`,
     /// the gateway restarted as well: every connection is gone, and the writers
     /// with them.
     pub fn restore_from_snapshot(&mut self, clients: &mut [Client], restart: bool) {
-        let image = |registry: &Registry, engine: &OrderBookEngine| CoreImage {
-            position: 7,
-            members: gateway::members::Members::default(),
-            registry: registry.image(),
-            engine: engine.clone(),
-        };
-        let bytes = image(&self.registry, &self.engine).encode();
+        let bytes = core_image(&self.registry, &self.engine).encode();
         let restored = CoreImage::decode(&bytes).expect("a snapshot decodes");
         let registry = Registry::from_image(
             restored.registry,
@@ -165,7 +164,7 @@ impl Sim {
         )
         .expect("a snapshot restores");
         assert!(
-            image(&registry, &restored.engine).encode() == bytes,
+            core_image(&registry, &restored.engine).encode() == bytes,
             "the restored core snapshots to other bytes"
         );
         self.registry = registry;
@@ -499,6 +498,16 @@ impl Client {
     /// Ids of the client messages whose outcome has not arrived yet.
     pub fn unanswered(&self) -> HashSet<u64> {
         self.outbox.keys().copied().collect()
+    }
+}
+
+/// A core snapshot of `registry` and `engine`.
+fn core_image(registry: &Registry, engine: &OrderBookEngine) -> CoreImage {
+    CoreImage {
+        position: 7,
+        members: gateway::members::Members::default(),
+        registry: registry.image(),
+        engine: engine.clone(),
     }
 }
 
