@@ -270,7 +270,7 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
     );
     registry.register_with_unit(
         "ring",
-        "Bytes of unacknowledged messages retained for replay, all sessions",
+        "Bytes of unacknowledged messages retained for replay, and of login snapshots kept until confirmed, all sessions",
         Unit::Bytes,
         gauge(snapshot.ring_bytes),
     );

@@ -110,7 +110,7 @@ pub struct Census {
     pub detached: u64,
     /// Unacknowledged messages retained, all sessions.
     pub ring_messages: u64,
-    /// Bytes of those.
+    /// Bytes of those, with the login snapshots kept until confirmed.
     pub ring_bytes: u64,
 }
 
@@ -670,7 +670,7 @@ impl Registry {
                 census.detached += 1;
             }
             census.ring_messages += session.ring().len() as u64;
-            census.ring_bytes += session.ring().retained_bytes() as u64;
+            census.ring_bytes += session.retained_bytes() as u64;
         }
         census
     }

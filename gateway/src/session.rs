@@ -476,6 +476,12 @@ impl Session {
         &self.ring
     }
 
+    /// Bytes the session holds to send again: its ring, and its login snapshot while
+    /// the client has not confirmed it.
+    pub fn retained_bytes(&self) -> usize {
+        self.ring.retained_bytes() + self.login_snapshot.retained_bytes()
+    }
+
     /// Generation of the newest token minted for this session.
     pub fn token_generation(&self) -> u32 {
         self.token_issued
@@ -635,7 +641,7 @@ impl Session {
         }
         let reserved = self.requests_at_engine + 1;
         let limits = self.config.ring;
-        let retained_bytes = self.ring.retained_bytes() + self.login_snapshot.retained_bytes();
+        let retained_bytes = self.retained_bytes();
         self.ring.len() + reserved * RESERVED_MESSAGES_PER_REQUEST <= limits.max_messages / 2
             && retained_bytes + reserved * RESERVED_BYTES_PER_REQUEST <= limits.max_bytes / 2
     }

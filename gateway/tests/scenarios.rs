@@ -1265,10 +1265,15 @@ fn any_ack_confirms_the_login_snapshot_so_it_is_not_kept_nor_sent_again() {
     sim.settle(&mut maker);
     let mut client = sim.login(1, NO_COD);
     assert!(client.snapshot.is_some());
+    assert!(
+        lock(&sim.session(&client)).retained_bytes() > 0,
+        "kept until confirmed"
+    );
     // Nothing sequenced has come: the client acknowledges 0 after SnapshotEnd.
     assert_eq!(client.last_server_seq, 0);
     client.ack();
     sim.settle(&mut client);
+    assert_eq!(lock(&sim.session(&client)).retained_bytes(), 0, "released");
     sim.drop_connection(&mut client);
     sim.resume(&mut client).expect("resume");
     sim.settle(&mut client);
@@ -1314,6 +1319,7 @@ fn a_login_snapshot_never_confirmed_is_kept_only_within_the_ring_and_a_resume_ge
         "the idle session holds {} bytes",
         core_after - core_before
     );
+    assert!(lock(&sim.session(&idle)).retained_bytes() <= ring.max_bytes / 2);
 
     // The maker cancels one of its orders meanwhile; the idle client resumes
     // without its login snapshot and gets the account's orders as they are now.
