@@ -72,24 +72,57 @@ pub fn token_key_file(path: &Path) -> Result<TokenKeyRing, SetupError> {
 pub fn dev_token_key(dir: &Path) -> Result<TokenKeyRing, SetupError> {
     let path = dir.join("token-key.hex");
     if !path.exists() {
-        let mut secret = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut secret)
-            .map_err(|_| SetupError::Tls("system random generator failed".into()))?;
-        write(&path, hex::encode(secret).as_bytes(), true)?;
+        write_secret(&path)?;
     }
     token_key_file(&path)
+}
+
+/// Writes 32 fresh random bytes, in hex, to `path`, readable by its owner only: a
+/// token key or an admin token.
+pub(crate) fn write_secret(path: &Path) -> Result<(), SetupError> {
+    let secret: [u8; 32] = random()?;
+    write(path, format!("{}\n", hex::encode(secret)).as_bytes(), true)
+}
+
+/// A new Ed25519 API key for `account` under `key_id`: the accounts file entry
+/// with its public half, and the private half as a client key file holds it.
+pub(crate) fn new_key_pair(
+    account: u64,
+    key_id: u64,
+) -> Result<(AccountEntry, DevKey), SetupError> {
+    let seed: [u8; 32] = random()?;
+    let pair =
+        Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|e| SetupError::Tls(e.to_string()))?;
+    let entry = AccountEntry {
+        id: account,
+        max_sessions: None,
+        keys: vec![ApiKeyEntry {
+            id: key_id,
+            public_key: hex::encode(pair.public_key().as_ref()),
+        }],
+    };
+    let key = DevKey {
+        account,
+        key_id,
+        seed: hex::encode(seed),
+    };
+    Ok((entry, key))
+}
+
+/// `N` bytes from the system's random generator.
+fn random<const N: usize>() -> Result<[u8; N], SetupError> {
+    let mut bytes = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| SetupError::Tls("system random generator failed".into()))?;
+    Ok(bytes)
 }
 
 /// The admin bearer token in `path`, generated there (random, private) if the file
 /// does not exist and `generate` allows it.
 pub fn admin_token(path: &Path, generate: bool) -> Result<String, SetupError> {
     if !path.exists() && generate {
-        let mut secret = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut secret)
-            .map_err(|_| SetupError::Tls("system random generator failed".into()))?;
-        write(path, hex::encode(secret).as_bytes(), true)?;
+        write_secret(path)?;
     }
     let token = fs::read_to_string(path).map_err(io_error(path))?;
     let token = token.trim();
@@ -278,30 +311,12 @@ pub fn demo_accounts(dir: &Path, count: u32) -> Result<AccountsFile, SetupError>
     } else {
         (AccountsFile::default(), DevKeysFile::default())
     };
-    let random = SystemRandom::new();
     let first = accounts.accounts.iter().map(|a| a.id).max().unwrap_or(0) + 1;
     let missing = u64::from(count).saturating_sub(accounts.accounts.len() as u64);
     for index in first..first + missing {
-        let mut seed = [0u8; 32];
-        random
-            .fill(&mut seed)
-            .map_err(|_| SetupError::Tls("system random generator failed".into()))?;
-        let pair = Ed25519KeyPair::from_seed_unchecked(&seed)
-            .map_err(|e| SetupError::Tls(e.to_string()))?;
-        let key_id = 1_000 + index;
-        accounts.accounts.push(AccountEntry {
-            id: index,
-            max_sessions: None,
-            keys: vec![ApiKeyEntry {
-                id: key_id,
-                public_key: hex::encode(pair.public_key().as_ref()),
-            }],
-        });
-        keys.keys.push(DevKey {
-            account: index,
-            key_id,
-            seed: hex::encode(seed),
-        });
+        let (entry, key) = new_key_pair(index, 1_000 + index)?;
+        accounts.accounts.push(entry);
+        keys.keys.push(key);
     }
     let client_keys = toml::to_string_pretty(&keys).map_err(|e| SetupError::Tls(e.to_string()))?;
     let header = "# Development API keys of the demo accounts. Anyone holding this file can trade on them.\n";

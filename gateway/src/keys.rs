@@ -9,11 +9,8 @@
 
 use std::path::Path;
 
-use ring::rand::{SecureRandom, SystemRandom};
-use ring::signature::{Ed25519KeyPair, KeyPair};
-
-use crate::auth::{AccountEntry, AccountsFile, ApiKeyEntry};
-use crate::dev::{write, DevKey, DevKeysFile, SetupError};
+use crate::auth::AccountsFile;
+use crate::dev::{new_key_pair, write, write_secret, DevKeysFile, SetupError};
 
 /// A new API key pair for `account` under `key_id`: its private key written to
 /// `private_path`, and the accounts file entry that lets it log in.
@@ -23,16 +20,8 @@ pub fn new_api_key(
     private_path: &Path,
 ) -> Result<AccountsFile, SetupError> {
     refuse_existing(private_path)?;
-    let seed: [u8; 32] = random()?;
-    let pair = Ed25519KeyPair::from_seed_unchecked(&seed)
-        .map_err(|e| SetupError::Invalid(e.to_string()))?;
-    let private = DevKeysFile {
-        keys: vec![DevKey {
-            account,
-            key_id,
-            seed: hex::encode(seed),
-        }],
-    };
+    let (entry, key) = new_key_pair(account, key_id)?;
+    let private = DevKeysFile { keys: vec![key] };
     let text = toml::to_string_pretty(&private).map_err(|e| SetupError::Invalid(e.to_string()))?;
     let header = format!(
         "# API key {key_id} of account {account}: the firm's private key. Anyone holding this \
@@ -40,14 +29,7 @@ pub fn new_api_key(
     );
     write(private_path, format!("{header}{text}").as_bytes(), true)?;
     Ok(AccountsFile {
-        accounts: vec![AccountEntry {
-            id: account,
-            max_sessions: None,
-            keys: vec![ApiKeyEntry {
-                id: key_id,
-                public_key: hex::encode(pair.public_key().as_ref()),
-            }],
-        }],
+        accounts: vec![entry],
     })
 }
 
@@ -55,8 +37,7 @@ pub fn new_api_key(
 /// key (`token_key_file`) or the admin bearer token (`admin.token_file`).
 pub fn new_secret(path: &Path) -> Result<(), SetupError> {
     refuse_existing(path)?;
-    let secret: [u8; 32] = random()?;
-    write(path, format!("{}\n", hex::encode(secret)).as_bytes(), true)
+    write_secret(path)
 }
 
 fn refuse_existing(path: &Path) -> Result<(), SetupError> {
@@ -69,17 +50,10 @@ fn refuse_existing(path: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
-fn random<const N: usize>() -> Result<[u8; N], SetupError> {
-    let mut bytes = [0u8; N];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| SetupError::Invalid("the system random generator failed".into()))?;
-    Ok(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
 
     fn dir(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("gateway-keys-{name}-{}", std::process::id()));
