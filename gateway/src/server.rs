@@ -1223,22 +1223,18 @@ async fn write_loop(
         }
         frames.clear();
         let transmit = lock(&session).poll_transmit(conn_id, &mut frames, WRITE_BATCH);
-        let last = match transmit {
-            Transmit::Finished(reason) => Some(reason),
-            Transmit::NotAttached | Transmit::Ready if frames.is_empty() => {
-                match (conn.closing(), transmit) {
-                    // Taken over, cut off, a protocol error, or (crash-safe mode)
-                    // the gateway stopping with the session still attached, once
-                    // what it had is written: say why, then close.
-                    (Some(reason), _) => {
-                        frames.push(Frame::from(proto::Close { reason }).to_bytes());
-                        Some(reason)
-                    }
-                    (None, Transmit::NotAttached) => return,
-                    (None, _) => None,
-                }
+        // Taken over, cut off, a protocol error, or (crash-safe mode) the gateway
+        // stopping with the session still attached: once what it had is written,
+        // say why, then close.
+        let closing_now = conn.closing().filter(|_| frames.is_empty());
+        let last = match (transmit, closing_now) {
+            (Transmit::Finished(reason), _) => Some(reason),
+            (_, Some(reason)) => {
+                frames.push(Frame::from(proto::Close { reason }).to_bytes());
+                Some(reason)
             }
-            Transmit::NotAttached | Transmit::Ready => None,
+            (Transmit::NotAttached, None) if frames.is_empty() => return,
+            _ => None,
         };
         if frames.is_empty() {
             tokio::select! {
