@@ -983,30 +983,27 @@ impl Session {
         self.acknowledge(request.last_acked_server_seq, false);
         let wanted = request.last_acked_server_seq + 1;
         let mut oldest_available = self.ring.oldest_seq();
-        let login = match &self.login_snapshot {
-            LoginSnapshot::Confirmed => None,
-            LoginSnapshot::Kept(orders) => Some(Some(orders.clone())),
-            LoginSnapshot::TooLarge => Some(None),
-        };
-        let (replay_from, snapshot, gap) = match (self.ring.replay_start(wanted), login) {
-            (ReplayStart::Retained, None) => (wanted, None, false),
-            // The client never showed it got its login snapshot: send it again, as
-            // of 0, before the replay from 1.
-            (ReplayStart::Retained, Some(Some(login))) => (wanted, Some(login), false),
-            // Not kept: the account's orders now stand for it and for the messages
-            // after it, which count as released.
-            (ReplayStart::Retained, Some(None)) => {
-                oldest_available = self.ring.next_seq();
-                self.login_snapshot = LoginSnapshot::Confirmed;
-                let orders = account_orders()
-                    .map(|orders| orders.iter().map(convert::order_state).collect())
-                    .unwrap_or_else(|| self.orders.snapshot());
-                (self.release_for_snapshot(), Some(orders), true)
-            }
-            (ReplayStart::Released { .. }, _) => {
+        let (replay_from, snapshot, gap) = match self.ring.replay_start(wanted) {
+            ReplayStart::Released { .. } => {
                 let orders = self.orders.snapshot();
                 (self.release_for_snapshot(), Some(orders), true)
             }
+            ReplayStart::Retained => match &self.login_snapshot {
+                LoginSnapshot::Confirmed => (wanted, None, false),
+                // The client never showed it got its login snapshot: send it again,
+                // as of 0, before the replay from 1.
+                LoginSnapshot::Kept(login) => (wanted, Some(login.clone()), false),
+                // Not kept: the account's orders now stand for it and for the
+                // messages after it, which count as released.
+                LoginSnapshot::TooLarge => {
+                    oldest_available = self.ring.next_seq();
+                    self.login_snapshot = LoginSnapshot::Confirmed;
+                    let orders = account_orders()
+                        .map(|orders| orders.iter().map(convert::order_state).collect())
+                        .unwrap_or_else(|| self.orders.snapshot());
+                    (self.release_for_snapshot(), Some(orders), true)
+                }
+            },
         };
         let snapshot_follows = snapshot.is_some();
         let mut control = VecDeque::new();
