@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The Python client against the Rust client on one release gateway, in one run:
+# the gateway pinned to core 0, each client in turn on core 1. Order round trip
+# p50/p99 and orders/s, closed loop and a window of 64 (python/bench/roundtrip.py,
+# client/examples/roundtrip.rs). Needs the package installed in target/python
+# (./scripts/test.sh does it) or PYTHON pointing at one that has it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+python="${PYTHON:-$target/python/bin/python}"
+orders="${ORDERS:-5000}"
+cargo build --release -q -p gateway -p gateway-client --example roundtrip
+dir=$(mktemp -d)
+trap 'kill "$gateway" 2>/dev/null; rm -rf "$dir"' EXIT
+port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+(cd "$dir" && exec taskset -c 0 "$target/release/gateway" --listen "127.0.0.1:$port" --set 'admin.listen=""' 2>gateway.log) &
+gateway=$!
+for _ in $(seq 100); do [ -f "$dir/.gateway-dev/client-keys.toml" ] && grep -q "gateway listening" "$dir/gateway.log" 2>/dev/null && break; sleep 0.1; done
+cd "$dir"
+for round in 1 2; do
+    taskset -c 1 "$target/release/examples/roundtrip" "127.0.0.1:$port" "$orders"
+    taskset -c 1 "$python" "$OLDPWD/python/bench/roundtrip.py" --gateway "127.0.0.1:$port" --orders "$orders"
+done
