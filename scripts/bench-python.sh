@@ -9,13 +9,15 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 python="${PYTHON:-$target/python/bin/python}"
 orders="${ORDERS:-5000}"
-cargo build --release -q -p gateway -p gateway-client --example roundtrip
+cargo build --release -q -p gateway
+cargo build --release -q -p gateway-client --example roundtrip
 dir=$(mktemp -d)
 trap 'kill "$gateway" 2>/dev/null; rm -rf "$dir"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 (cd "$dir" && exec taskset -c 0 "$target/release/gateway" --listen "127.0.0.1:$port" --set 'admin.listen=""' 2>gateway.log) &
 gateway=$!
-for _ in $(seq 100); do [ -f "$dir/.gateway-dev/client-keys.toml" ] && grep -q "gateway listening" "$dir/gateway.log" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 600); do grep -qs "gateway listening" "$dir/gateway.log" && break; sleep 0.1; done
+grep -qs "gateway listening" "$dir/gateway.log" || { echo "the gateway did not start:"; cat "$dir/gateway.log"; exit 1; }
 cd "$dir"
 for round in 1 2; do
     taskset -c 1 "$target/release/examples/roundtrip" "127.0.0.1:$port" "$orders"

@@ -7,8 +7,8 @@
 //! meant to be called directly.
 //!
 //! Events cross over in two steps so that none can be lost to a cancelled await:
-//! [`NativeClient::wait_events`] is the only awaitable, and it moves what arrived
-//! into the client's inbox before it completes; [`NativeClient::take_events`] hands
+//! `NativeClient::wait_events` is the only awaitable, and it moves what arrived
+//! into the client's inbox before it completes; `NativeClient::take_events` hands
 //! the inbox to Python synchronously.
 
 mod events;
