@@ -37,6 +37,9 @@ async fn run(
                 let sent = sent_at.remove(&ack.client_order_id).ok_or("unknown ack")?;
                 samples.push(sent.elapsed());
             }
+            Some(Event::Message(Frame::Reject(reject))) => {
+                return Err(format!("order rejected: {:?}", reject.reason).into())
+            }
             Some(Event::Ended(reason)) => return Err(format!("ended: {reason:?}").into()),
             Some(_) => {}
             None => return Err("events ended".into()),

@@ -34,11 +34,13 @@ async def run(client: sg.Client, orders: int, window: int, first_id: int) -> Dic
         event = await events.__anext__()
         if isinstance(event, sg.Accepted):
             samples.append(time.perf_counter() - sent_at.pop(event.client_order_id))
+        elif isinstance(event, sg.Rejected):
+            raise SystemExit(f"order rejected: {event.reason!r}")
     elapsed = time.perf_counter() - started
     return {
-        "p50_us": percentile(samples, 0.50) * 1e6,
-        "p99_us": percentile(samples, 0.99) * 1e6,
-        "orders_per_s": orders / elapsed,
+        "p50_us": round(percentile(samples, 0.50) * 1e6, 1),
+        "p99_us": round(percentile(samples, 0.99) * 1e6, 1),
+        "orders_per_s": round(orders / elapsed),
     }
 
 
