@@ -387,6 +387,19 @@ struct Shared {
     ended: bool,
 }
 
+impl Shared {
+    /// Numbers a sequenced message and sends it on the live connection, if any.
+    fn send_sequenced(&mut self, make: impl FnOnce(u64) -> Frame) -> u64 {
+        let (seq, bytes) = self.state.sequence(make);
+        if let Some(out) = &self.out {
+            // A closed queue means the connection just died; the message stays in the
+            // unprocessed set and is re-sent after the resume.
+            let _ = out.send(bytes);
+        }
+        seq
+    }
+}
+
 /// A connected client. Dropping it ends the connection without logging out.
 pub struct Client {
     shared: Arc<Mutex<Shared>>,
@@ -469,19 +482,19 @@ impl Client {
 
     fn send_sequenced(&self, make: impl FnOnce(u64) -> Frame) -> Result<u64, ClientError> {
         let mut shared = self.lock();
+        self.admit(&shared, 1)?;
+        Ok(shared.send_sequenced(make))
+    }
+
+    /// Whether `count` more sequenced messages may be sent now.
+    fn admit(&self, shared: &Shared, count: usize) -> Result<(), ClientError> {
         if shared.ended {
             return Err(ClientError::Ended);
         }
-        if shared.state.unprocessed() >= self.config.max_unprocessed {
+        if shared.state.unprocessed() + count > self.config.max_unprocessed {
             return Err(ClientError::Backpressure);
         }
-        let (seq, bytes) = shared.state.sequence(make);
-        if let Some(out) = &shared.out {
-            // A closed queue means the connection just died; the message stays in the
-            // unprocessed set and is re-sent after the resume.
-            let _ = out.send(bytes);
-        }
-        Ok(seq)
+        Ok(())
     }
 
     /// Sends an order; returns its client sequence number.
@@ -510,6 +523,43 @@ impl Client {
             }
             .into()
         })
+    }
+
+    /// Cancels every order that may still be working: one `Cancel` per entry of
+    /// [`Client::open_orders`], sent at once and in order. Returns their client
+    /// sequence numbers (none when nothing is open).
+    ///
+    /// Protocol version 1 has no single mass-cancel request, so this is the
+    /// client's own: each order gets its own answer, `Cancelled`, or `Reject` with
+    /// `UnknownOrder` if it finished first. Orders are cancelled by client order id
+    /// and the gateway processes a session's requests in order, so an order sent
+    /// before the call is covered even if its `OrderAck` has not come back. Either
+    /// every cancel is sent or, with [`ClientError::Backpressure`], none.
+    pub fn mass_cancel(&self) -> Result<Vec<u64>, ClientError> {
+        let mut shared = self.lock();
+        let ids = shared.state.open_orders();
+        self.admit(&shared, ids.len())?;
+        let cancel = |client_order_id| {
+            move |client_seq| {
+                proto::Cancel {
+                    client_seq,
+                    client_order_id,
+                }
+                .into()
+            }
+        };
+        Ok(ids
+            .into_iter()
+            .map(|client_order_id| shared.send_sequenced(cancel(client_order_id)))
+            .collect())
+    }
+
+    /// The client order ids of the orders that may still be working, in order:
+    /// those this session sent and has not seen finish (fill, cancel) or refused,
+    /// and the working orders of the latest snapshot (orders of the account's ended
+    /// sessions included, whose news this session receives).
+    pub fn open_orders(&self) -> Vec<u64> {
+        self.lock().state.open_orders()
     }
 
     /// Changes a working order's price and total quantity.

@@ -1,10 +1,10 @@
 //! The client side of a session, with no IO: sequence numbers, the token, the
 //! messages the gateway has not yet processed, and the checks on what arrives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
-use proto::{Frame, OrderState, ReasonCode, SessionToken};
+use proto::{Frame, OrderState, OrderStatus, ReasonCode, SessionToken};
 
 /// A protocol violation by the gateway, seen by the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,6 +56,11 @@ pub struct ClientState {
     last_acked: u64,
     /// Sent client messages not yet known to be processed, by client sequence.
     unprocessed: BTreeMap<u64, Bytes>,
+    /// The orders that may be working, by client order id: sent and not known to
+    /// be finished or refused, or known working from the gateway. The value is the
+    /// client sequence of the `NewOrder` that opened the entry (0 when the gateway
+    /// told of the order), so a refusal closes only the entry its own request opened.
+    open_orders: HashMap<u64, u64>,
     /// Where sequenced messages are encoded, many to one allocation.
     encoder: proto::FrameEncoder,
     snapshot: Option<(u64, u32, Vec<OrderState>)>,
@@ -89,6 +94,16 @@ impl ClientState {
         self.unprocessed.len()
     }
 
+    /// The client order ids of every order that may still be working, in order:
+    /// the session's orders sent and not known to be finished (filled, cancelled)
+    /// or refused, and the working orders of the latest snapshot (which include
+    /// orders of the account's ended sessions handed to this one).
+    pub fn open_orders(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.open_orders.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// The `Resume` frame for a reconnect.
     pub fn resume_frame(&self) -> Option<Frame> {
         Some(Frame::from(proto::Resume {
@@ -103,7 +118,11 @@ impl ClientState {
     pub fn sequence(&mut self, make: impl FnOnce(u64) -> Frame) -> (u64, Bytes) {
         let seq = self.next_client_seq;
         self.next_client_seq += 1;
-        let bytes = self.encoder.encode(&make(seq));
+        let frame = make(seq);
+        if let Frame::NewOrder(order) = frame {
+            self.open_orders.entry(order.client_order_id).or_insert(seq);
+        }
+        let bytes = self.encoder.encode(&frame);
         self.unprocessed.insert(seq, bytes.clone());
         (seq, bytes)
     }
@@ -144,6 +163,7 @@ impl ClientState {
             if let Some(answered) = frame.answered_client_seq() {
                 self.unprocessed.remove(&answered);
             }
+            self.track_open_order(&frame);
             return Ok(Received::Message(frame));
         }
         Ok(match frame {
@@ -184,6 +204,7 @@ impl ClientState {
                 }
                 self.last_server_seq = as_of;
                 self.snapshot_unconfirmed = true;
+                self.open_orders_from_snapshot(&orders);
                 Received::Snapshot {
                     as_of_server_seq: as_of,
                     orders,
@@ -195,6 +216,59 @@ impl ClientState {
             Frame::Duplicate(_) => Received::Nothing,
             other => return Err(Violation::Unexpected(other.name())),
         })
+    }
+
+    /// Keeps the open orders up to date with a sequenced message.
+    fn track_open_order(&mut self, frame: &Frame) {
+        match frame {
+            Frame::OrderAck(ack) => {
+                self.open_orders.insert(ack.client_order_id, 0);
+            }
+            Frame::Replaced(replaced) => {
+                self.open_orders.insert(replaced.client_order_id, 0);
+            }
+            Frame::Fill(fill) if fill.leaves_quantity == 0 => {
+                self.open_orders.remove(&fill.client_order_id);
+            }
+            Frame::Cancelled(cancelled) => {
+                self.open_orders.remove(&cancelled.client_order_id);
+            }
+            Frame::Reject(reject) => {
+                let id = reject.client_order_id;
+                // A refused `NewOrder` that opened the entry, or a cancel or replace
+                // of an order no longer working. (A refused `NewOrder` that reused
+                // the id of a working order leaves that order open.)
+                let refused_order = self.open_orders.get(&id) == Some(&reject.client_seq);
+                if refused_order || reject.reason == ReasonCode::UnknownOrder {
+                    self.open_orders.remove(&id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// After a snapshot the open orders are its working ones, and the orders sent
+    /// but not yet answered (their answers follow the snapshot).
+    fn open_orders_from_snapshot(&mut self, orders: &[OrderState]) {
+        let working = orders
+            .iter()
+            .filter(|order| {
+                matches!(
+                    order.status,
+                    OrderStatus::New | OrderStatus::PartiallyFilled
+                )
+            })
+            .map(|order| (order.client_order_id, 0));
+        let unanswered =
+            self.unprocessed
+                .iter()
+                .filter_map(|(&seq, bytes)| match proto::decode(bytes) {
+                    Ok(Some((Frame::NewOrder(order), _))) => Some((order.client_order_id, seq)),
+                    _ => None,
+                });
+        // An id both working and in an unanswered `NewOrder` stays open when the
+        // gateway refuses that order as a duplicate: the working entry goes last.
+        self.open_orders = unanswered.chain(working).collect();
     }
 
     fn established(&mut self, last_processed: u64) -> Received {
@@ -329,5 +403,161 @@ mod tests {
         assert_eq!(state.take_ack(), None);
         state.connection_lost();
         assert_eq!(state.take_ack(), Some(proto::Ack { server_seq: 1 }.into()));
+    }
+
+    fn new_order(client_order_id: u64) -> impl FnOnce(u64) -> Frame {
+        move |client_seq| {
+            proto::NewOrder {
+                client_seq,
+                client_order_id,
+                instrument_id: 1,
+                side: proto::Side::Buy,
+                order_type: proto::OrderType::Limit,
+                time_in_force: proto::TimeInForce::Gtc,
+                price: 100,
+                quantity: 10,
+            }
+            .into()
+        }
+    }
+
+    fn reject(server_seq: u64, client_seq: u64, id: u64, reason: ReasonCode) -> Frame {
+        proto::Reject {
+            server_seq,
+            client_seq,
+            client_order_id: id,
+            reason,
+        }
+        .into()
+    }
+
+    fn order_ack(server_seq: u64, client_seq: u64, id: u64) -> Frame {
+        proto::OrderAck {
+            server_seq,
+            client_seq,
+            client_order_id: id,
+            order_id: id,
+            instrument_id: 1,
+            side: proto::Side::Buy,
+            price: 100,
+            quantity: 10,
+        }
+        .into()
+    }
+
+    #[test]
+    fn orders_stay_open_until_filled_cancelled_or_refused() {
+        let mut state = ClientState::new();
+        for id in [10, 11, 12, 13] {
+            state.sequence(new_order(id));
+        }
+        assert_eq!(state.open_orders(), vec![10, 11, 12, 13], "open once sent");
+        let fill = |server_seq, id, leaves_quantity| {
+            Frame::from(proto::Fill {
+                server_seq,
+                client_order_id: id,
+                order_id: id,
+                trade_id: server_seq,
+                instrument_id: 1,
+                side: proto::Side::Buy,
+                price: 100,
+                quantity: 5,
+                leaves_quantity,
+            })
+        };
+        let frames = [
+            order_ack(1, 1, 10),
+            fill(2, 10, 5),
+            order_ack(3, 2, 11),
+            fill(4, 11, 0),
+            reject(5, 3, 12, ReasonCode::PriceOffTick),
+            order_ack(6, 4, 13),
+            proto::Cancelled {
+                server_seq: 7,
+                client_seq: 0,
+                client_order_id: 13,
+                order_id: 13,
+                cancelled_quantity: 10,
+                reason: proto::CancelReason::CancelOnDisconnect,
+            }
+            .into(),
+        ];
+        for frame in frames {
+            state.receive(frame).expect("in order");
+        }
+        assert_eq!(state.open_orders(), vec![10], "partly filled is still open");
+        state.sequence(cancel);
+        state
+            .receive(reject(8, 5, 10, ReasonCode::UnknownOrder))
+            .expect("in order");
+        assert_eq!(
+            state.open_orders(),
+            Vec::<u64>::new(),
+            "unknown: not working"
+        );
+    }
+
+    #[test]
+    fn a_refused_reuse_of_a_working_id_leaves_the_working_order_open() {
+        let mut state = ClientState::new();
+        state.sequence(new_order(7));
+        state.receive(order_ack(1, 1, 7)).expect("in order");
+        state.sequence(new_order(7));
+        state
+            .receive(reject(2, 2, 7, ReasonCode::DuplicateClientOrderId))
+            .expect("in order");
+        assert_eq!(state.open_orders(), vec![7]);
+        // An id only another session's working order holds is not this one's.
+        state.sequence(new_order(8));
+        state
+            .receive(reject(3, 3, 8, ReasonCode::DuplicateClientOrderId))
+            .expect("in order");
+        assert_eq!(state.open_orders(), vec![7]);
+    }
+
+    #[test]
+    fn a_snapshot_replaces_open_orders_keeping_unanswered_new_orders() {
+        let mut state = ClientState::new();
+        state.sequence(new_order(1));
+        state.sequence(new_order(2));
+        let order = |client_order_id, status| proto::OrderState {
+            client_order_id,
+            order_id: client_order_id,
+            instrument_id: 1,
+            side: proto::Side::Sell,
+            price: 100,
+            quantity: 10,
+            filled_quantity: 0,
+            leaves_quantity: 10,
+            status,
+        };
+        let snapshot = [
+            order(1, OrderStatus::Filled),
+            order(5, OrderStatus::PartiallyFilled),
+            order(6, OrderStatus::Cancelled),
+            order(9, OrderStatus::New),
+        ];
+        // The gateway processed the first `NewOrder` (its answer is in the snapshot).
+        let resumed = proto::ResumeAccepted {
+            token: SessionToken([1; 80]),
+            last_processed_client_seq: 1,
+            replay_from: 4,
+            oldest_available: 4,
+            snapshot_follows: true,
+        };
+        state.receive(resumed.into()).expect("established");
+        let begin = proto::SnapshotBegin {
+            as_of_server_seq: 3,
+            order_count: 4,
+        };
+        state.receive(begin.into()).expect("begin");
+        for order in snapshot {
+            state.receive(order.into()).expect("order");
+        }
+        let end = proto::SnapshotEnd {
+            as_of_server_seq: 3,
+        };
+        state.receive(end.into()).expect("end");
+        assert_eq!(state.open_orders(), vec![2, 5, 9]);
     }
 }

@@ -192,6 +192,26 @@ class Client:
         The answer is `Cancelled` or `Rejected`."""
         return self._native.cancel(client_order_id)
 
+    def mass_cancel(self) -> List[int]:
+        """Cancels every order that may still be working (`open_orders()`): one
+        cancel each, sent at once; returns their client sequence numbers, in order
+        (empty when nothing is open). Each gets its own answer: `Cancelled`, or
+        `Rejected` with `Reason.UNKNOWN_ORDER` if the order finished first.
+
+        Protocol version 1 has no single mass-cancel request, so the client sends
+        the cancels itself. The gateway processes a session's requests in order, so
+        an order sent before the call is covered even before its `Accepted` comes
+        back. Raises `BackpressureError`, sending nothing, when the cancels would
+        take the client past `max_unprocessed`."""
+        return self._native.mass_cancel()
+
+    def open_orders(self) -> List[int]:
+        """The client order ids of every order that may still be working, in
+        order: those this session sent and has not seen fill completely, cancelled
+        or refused, and the working orders of the latest `Snapshot` (which include
+        orders of the account's ended sessions, whose news this session gets)."""
+        return self._native.open_orders()
+
     def replace(self, client_order_id: int, price: int, quantity: int) -> int:
         """Changes a working order's price and total quantity (filled quantity
         included); returns the request's client sequence number. The answer is

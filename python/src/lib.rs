@@ -262,6 +262,17 @@ impl NativeClient {
         self.client.cancel(client_order_id).map_err(client_error)
     }
 
+    /// Cancels every order that may still be working, one `Cancel` each; returns
+    /// their client sequence numbers.
+    fn mass_cancel(&self) -> PyResult<Vec<u64>> {
+        self.client.mass_cancel().map_err(client_error)
+    }
+
+    /// The client order ids of the orders that may still be working, in order.
+    fn open_orders(&self) -> Vec<u64> {
+        self.client.open_orders()
+    }
+
     /// Changes a working order's price and total quantity; returns the client sequence.
     fn replace(&self, client_order_id: u64, price: i64, quantity: u64) -> PyResult<u64> {
         self.client

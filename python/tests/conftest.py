@@ -43,7 +43,7 @@ def gateway_binary() -> Path:
     binary = Path(explicit) if explicit else target / "debug" / "gateway"
     if not binary.exists():
         pytest.fail(f"{binary} is missing: build it with `cargo build -p gateway` (scripts/test.sh does)")
-    return binary
+    return binary.resolve()  # the gateway runs in a directory of its own
 
 
 class Gateway:

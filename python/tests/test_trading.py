@@ -4,7 +4,7 @@ answer; the event and enum types; the end of a session."""
 from __future__ import annotations
 
 import asyncio
-from typing import List, Type, TypeVar
+from typing import Dict, List, Type, TypeVar, Union
 
 import session_gateway as sg
 from session_gateway import _native
@@ -78,6 +78,37 @@ async def test_two_sessions_trade_and_each_side_gets_its_fill_once(gateway: Gate
         pass
     else:
         raise AssertionError("a request after the end was taken")
+
+
+async def test_mass_cancel_cancels_every_open_order_once_even_before_its_accepted(
+    gateway: Gateway,
+) -> None:
+    async with await gateway.connect(0) as seller, await gateway.connect(1) as buyer:
+        for client_order_id in range(1, 6):
+            seller.new_order(1, client_order_id, sg.Side.SELL, price=200, quantity=10)
+        buyer.new_order(1, 50, sg.Side.BUY, price=200, quantity=10)
+        fill = await next_of(buyer, sg.Fill)
+        assert fill.leaves_quantity == 0  # sell order 1 is done
+        seller.new_order(1, 6, sg.Side.SELL, price=200, quantity=10)  # in flight
+        sequences = seller.mass_cancel()
+        assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+
+        answers: Dict[int, Union[sg.Cancelled, sg.Rejected]] = {}
+
+        async def answer_all() -> None:
+            while len(answers) < len(sequences):
+                event = await seller.next_event()
+                if isinstance(event, (sg.Cancelled, sg.Rejected)) and event.client_seq in sequences:
+                    assert event.client_seq not in answers, f"answered twice: {event!r}"
+                    answers[event.client_seq] = event
+
+        await asyncio.wait_for(answer_all(), 10)
+        cancelled = {a.client_order_id for a in answers.values() if isinstance(a, sg.Cancelled)}
+        refused = [a for a in answers.values() if isinstance(a, sg.Rejected)]
+        assert cancelled == {2, 3, 4, 5, 6}
+        assert all(r.client_order_id == 1 and r.reason is sg.Reason.UNKNOWN_ORDER for r in refused)
+        assert seller.open_orders() == [] and seller.mass_cancel() == []
+        assert seller.unprocessed == 0
 
 
 async def test_logout_ends_the_events_with_ended(gateway: Gateway) -> None:
