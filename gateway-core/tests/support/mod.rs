@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway::registry::{lock, Registry, RegistryLimits, SessionHandle};
-use gateway::session::{Action, CodPolicy, ConnectionId, SessionConfig, Transmit};
-use gateway::snapshot::CoreImage;
-use gateway::time::Timestamp;
-use gateway::token::TokenKeyRing;
+use gateway_core::registry::{lock, Registry, RegistryLimits, SessionHandle};
+use gateway_core::session::{Action, CodPolicy, ConnectionId, SessionConfig, Transmit};
+use gateway_core::snapshot::CoreImage;
+use gateway_core::time::Timestamp;
+use gateway_core::token::TokenKeyRing;
 use matching_stub::{self as engine, EngineConfig, Instrument, MatchingEngine, OrderBookEngine};
 use proto::{CancelOnDisconnect, Frame, OrderState, ReasonCode, SessionToken};
 
@@ -505,7 +505,7 @@ impl Client {
 fn core_image(registry: &Registry, engine: &OrderBookEngine) -> CoreImage {
     CoreImage {
         position: 7,
-        members: gateway::members::Members::default(),
+        members: gateway_core::members::Members::default(),
         registry: registry.image(),
         engine: engine.clone(),
     }

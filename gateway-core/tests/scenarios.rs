@@ -4,10 +4,10 @@ mod support;
 
 use std::time::Duration;
 
-use gateway::registry::{lock, RegistryLimits};
-use gateway::ring::RingLimits;
-use gateway::session::SessionConfig;
-use gateway::token::TokenKeyRing;
+use gateway_core::registry::{lock, RegistryLimits};
+use gateway_core::ring::RingLimits;
+use gateway_core::session::SessionConfig;
+use gateway_core::token::TokenKeyRing;
 use proto::{CancelReason, Frame, OrderStatus, ReasonCode, Side};
 use support::*;
 
@@ -20,7 +20,7 @@ fn try_login(
     sim: &mut Sim,
     account: u64,
     account_limit: Option<usize>,
-    cod: gateway::session::CodPolicy,
+    cod: gateway_core::session::CodPolicy,
 ) -> Result<u64, ReasonCode> {
     let conn = sim.new_conn();
     sim.registry
@@ -440,7 +440,7 @@ fn reusing_the_current_token_takes_the_session_over() {
     lock(&sim.session(&client)).handle_frame(old_conn, &stale.into(), sim.now, &mut out);
     assert_eq!(
         out,
-        [gateway::session::Action::CloseConnection {
+        [gateway_core::session::Action::CloseConnection {
             conn: old_conn,
             reason: ReasonCode::TakenOver
         }]
@@ -746,7 +746,8 @@ fn a_burst_larger_than_the_ring_waits_for_acks_and_every_answer_arrives() {
 
 /// A session whose ring has room for the answers of one request at a time and that
 /// lets two wait, with three orders sent (not yet delivered).
-fn three_orders_behind_a_waiting_limit_of_two() -> (Sim, Client, gateway::session::ConnectionId) {
+fn three_orders_behind_a_waiting_limit_of_two() -> (Sim, Client, gateway_core::session::ConnectionId)
+{
     let mut sim = Sim::new(SessionConfig {
         ring: RingLimits {
             max_messages: 3,
@@ -1417,7 +1418,7 @@ fn an_ack_of_a_message_not_yet_sent_closes_the_connection() {
 #[test]
 fn a_grace_period_is_ignored_when_cancel_on_disconnect_is_off() {
     let mut sim = sim();
-    let off = gateway::session::CodPolicy {
+    let off = gateway_core::session::CodPolicy {
         mode: proto::CancelOnDisconnect::Off,
         grace: Duration::from_millis(60_001),
     };
@@ -1477,7 +1478,7 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
     // by what the resuming connection's gateway run says it sent if the session was
     // last on that run when the core applies the resume.
     let mut sim = Sim::new(SessionConfig {
-        ack_bound: gateway::session::AckBound::Assigned,
+        ack_bound: gateway_core::session::AckBound::Assigned,
         ..SessionConfig::default()
     });
     let mut client = sim.login(1, NO_COD);

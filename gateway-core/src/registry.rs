@@ -144,7 +144,7 @@ struct Endings {
 /// accounts from its own configuration): hashed with FxHash, several times cheaper per
 /// lookup than the default SipHash, whose flooding resistance keys the peer cannot
 /// choose do not need. Every order looks such maps up several times.
-pub(crate) type IdMap<K, V> = DashMap<K, V, rustc_hash::FxBuildHasher>;
+pub type IdMap<K, V> = DashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// The gateway's sessions.
 #[derive(Debug)]

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use gateway::registry::{Registry, RegistryLimits};
-use gateway::session::{CodPolicy, SessionConfig};
-use gateway::time::Timestamp;
-use gateway::token::TokenKeyRing;
+use gateway_core::registry::{Registry, RegistryLimits};
+use gateway_core::session::{CodPolicy, SessionConfig};
+use gateway_core::time::Timestamp;
+use gateway_core::token::TokenKeyRing;
 use proto::CancelOnDisconnect;
 
 #[global_allocator]
@@ -52,7 +52,7 @@ fn an_idle_detached_session_costs_well_under_a_kilobyte() {
     let per_session = (after - before) / SESSIONS;
     println!(
         "idle detached session: {per_session} heap bytes (Session struct {} bytes); 100,000 sessions ≈ {} MiB",
-        std::mem::size_of::<gateway::session::Session>(),
+        std::mem::size_of::<gateway_core::session::Session>(),
         (per_session * 100_000) >> 20
     );
     assert_eq!(registry.len(), SESSIONS);

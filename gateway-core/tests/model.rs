@@ -10,9 +10,9 @@
 
 mod support;
 
-use gateway::convert::event_to_wire;
-use gateway::ring::RingLimits;
-use gateway::session::SessionConfig;
+use gateway_core::convert::event_to_wire;
+use gateway_core::ring::RingLimits;
+use gateway_core::session::SessionConfig;
 use proptest::prelude::*;
 use proto::Side;
 use support::*;

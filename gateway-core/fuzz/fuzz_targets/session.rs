@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway::ring::RingLimits;
-use gateway::session::{Action, CodPolicy, LoginGrant, Session, SessionConfig};
-use gateway::time::Timestamp;
+use gateway_core::ring::RingLimits;
+use gateway_core::session::{Action, CodPolicy, LoginGrant, Session, SessionConfig};
+use gateway_core::time::Timestamp;
 use libfuzzer_sys::fuzz_target;
 use matching_stub as engine;
 use proto::{CancelOnDisconnect, SessionToken};

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use gateway::ring::{OutboundRing, RingLimits};
-use gateway::session::{CodPolicy, LoginGrant, Session, SessionConfig};
-use gateway::time::Timestamp;
-use gateway::token::TokenKeyRing;
+use gateway_core::ring::{OutboundRing, RingLimits};
+use gateway_core::session::{CodPolicy, LoginGrant, Session, SessionConfig};
+use gateway_core::time::Timestamp;
+use gateway_core::token::TokenKeyRing;
 use proto::{CancelOnDisconnect, Frame, NewOrder, OrderType, Side, TimeInForce};
 
 const NOW: Timestamp = Timestamp::from_millis(1_700_000_000_000);
@@ -92,8 +92,9 @@ fn inbound_order(c: &mut Criterion) {
                         quantity: 1,
                     });
                     session.handle_frame(1, &order, NOW, &mut actions);
-                    let Some(gateway::session::Action::Engine(matching_stub::Request::New(new))) =
-                        actions.pop()
+                    let Some(gateway_core::session::Action::Engine(matching_stub::Request::New(
+                        new,
+                    ))) = actions.pop()
                     else {
                         panic!("order was not forwarded");
                     };

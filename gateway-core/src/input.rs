@@ -1,0 +1,196 @@
+//! The core's inputs: every change to the core is a [`Record`], appended by a
+//! gateway run as an [`Entry`] (who, when, who waits), and applied in the order of
+//! the log; applying one gives an [`Outcome`] to the gateway that waits for it.
+//!
+//! In crash-safe mode the entries travel on a NATS JetStream stream (the gateway's
+//! `sequencer`); every gateway on it applies all of them, so each holds the same
+//! core.
+
+use bytes::Bytes;
+use proto::ReasonCode;
+use serde::{Deserialize, Serialize};
+
+use crate::registry::SessionHandle;
+use crate::session::ConnectionId;
+
+/// Largest record the core accepts from the stream (NATS's default largest message):
+/// a frame is far smaller, an operator's revoke of many sessions is not.
+pub const MAX_RECORD_LEN: usize = 1 << 20;
+
+/// One input of the session core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// A gateway run started: the earlier run of the same name, if any, has ended
+    /// and its connections are gone. The record's stream position names the run
+    /// and prefixes the ids of the connections it accepts.
+    Started {
+        /// The gateway's name (`sequencer.gateway_name`).
+        gateway: String,
+        /// How long the run may stay silent before it is declared gone
+        /// (`sequencer.gateway_timeout_ms`).
+        timeout_ms: u64,
+        /// The fingerprint of its core settings (`Config::core_fingerprint`).
+        settings: u64,
+    },
+    /// A client on `conn` authenticated as `account` (whose own session limit is
+    /// `max_sessions`); `login` is its encoded `Login` frame.
+    Login {
+        /// The connection.
+        conn: ConnectionId,
+        /// The authenticated account.
+        account: u64,
+        /// The account's own session limit, if it has one.
+        max_sessions: Option<u64>,
+        /// The encoded `Login` frame.
+        login: Vec<u8>,
+    },
+    /// A client on `conn` asked to resume; `resume` is its encoded `Resume` frame.
+    Resume {
+        /// The connection.
+        conn: ConnectionId,
+        /// The encoded `Resume` frame.
+        resume: Vec<u8>,
+        /// The highest server sequence the appending gateway run sent the session,
+        /// if the session was last on that run as far as the run knew: the most its
+        /// client can acknowledge if the core finds the same.
+        sent_here: Option<u64>,
+    },
+    /// A frame of session `session`'s client on `conn` after the handshake.
+    Frame {
+        /// The session the connection is attached to.
+        session: u64,
+        /// The connection.
+        conn: ConnectionId,
+        /// The encoded frame.
+        frame: Vec<u8>,
+    },
+    /// The connection `conn` of session `session` is gone.
+    ConnectionLost {
+        /// The session.
+        session: u64,
+        /// The connection.
+        conn: ConnectionId,
+    },
+    /// Time passed: fire due cancel-on-disconnect and expiry timers.
+    Tick,
+    /// An operator ended these sessions.
+    Revoke {
+        /// The sessions.
+        sessions: Vec<u64>,
+    },
+    /// An operator cancelled every working order of an account and ended its
+    /// sessions.
+    KillSwitch {
+        /// The account.
+        account: u64,
+    },
+    /// An operator installed a new token key for minting.
+    RotateKey {
+        /// The new key's id.
+        key_id: u32,
+        /// Its secret (the stream is as secret as the key file).
+        secret: Vec<u8>,
+    },
+    /// An operator retired a token key.
+    RetireKey {
+        /// The key's id.
+        key_id: u32,
+    },
+    /// The edge gave up on the login or resume of `conn` (no answer from the core in
+    /// time) and closed it: a session the core attached to it anyway is detached,
+    /// so that it expires and its cancel-on-disconnect runs rather than staying
+    /// attached to nothing.
+    Abandoned {
+        /// The connection.
+        conn: ConnectionId,
+    },
+    /// The appending gateway run stops (a graceful stop, or a start it refused): it
+    /// ends now, its connections are gone, and the next run takes snapshots, without
+    /// waiting for `sequencer.gateway_timeout_ms` of silence.
+    Stopped,
+}
+
+/// A record as appended: by which gateway run, when, and who waits for its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The stream position of the appending gateway run's `Started` record (0 for
+    /// that record itself): the core applies records of live runs only, so a run
+    /// that ended (replaced, or paused or cut off for too long) changes nothing.
+    pub from: u64,
+    /// The appending gateway's monotonic clock when it appended the record
+    /// ([`crate::time::Timestamp::now`], Unix milliseconds): the core reads its time off it
+    /// ([`crate::members`]), and the gateway its own silence (for its heartbeats).
+    pub time_ms: u64,
+    /// A ticket the appending gateway waits on for the outcome (0: nobody waits).
+    pub reply: u64,
+    /// The record.
+    pub record: Record,
+}
+
+/// Why an entry could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// Larger than [`MAX_RECORD_LEN`].
+    #[error("entry of {0} bytes is larger than the limit")]
+    TooLarge(usize),
+    /// Not an entry.
+    #[error("undecodable entry: {0}")]
+    Undecodable(#[from] postcard::Error),
+}
+
+impl Entry {
+    /// The entry's bytes on the stream.
+    pub fn encode(&self) -> Bytes {
+        // Serializing these plain types into a vector cannot fail.
+        Bytes::from(postcard::to_stdvec(self).unwrap_or_default())
+    }
+
+    /// Reads an entry, refusing oversized or malformed bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Entry, EntryError> {
+        if bytes.len() > MAX_RECORD_LEN {
+            return Err(EntryError::TooLarge(bytes.len()));
+        }
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}
+
+/// What applying a record gave, for the gateway waiting on its ticket.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A login's or resume's session, or why it was refused.
+    Session(Result<SessionHandle, ReasonCode>),
+    /// The sessions an operation ended.
+    Ended(Vec<u64>),
+    /// Whether a key operation took effect.
+    Done(bool),
+    /// Not applied: the run of the gateway that appended it has ended.
+    Fenced,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_bad_bytes_are_refused() {
+        let entry = Entry {
+            from: 7,
+            time_ms: 1_700_000_000_000,
+            reply: 7 << 32 | 3,
+            record: Record::Frame {
+                session: 9,
+                conn: 4,
+                frame: vec![1, 2, 3],
+            },
+        };
+        assert_eq!(Entry::decode(&entry.encode()).expect("decodes"), entry);
+        assert!(matches!(
+            Entry::decode(&[0xff; 8]),
+            Err(EntryError::Undecodable(_))
+        ));
+        assert!(matches!(
+            Entry::decode(&vec![0; MAX_RECORD_LEN + 1]),
+            Err(EntryError::TooLarge(_))
+        ));
+    }
+}

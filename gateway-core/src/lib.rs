@@ -1,0 +1,34 @@
+//! The session gateway's core: every session's state machine and the data
+//! structures behind it, with no IO.
+//!
+//! Nothing here opens a socket, spawns a task or reads the network: the gateway's
+//! edge (`gateway`: QUIC, the log follower, the admin listener, metrics) feeds it
+//! frames, engine events and timer ticks with the time as an argument
+//! ([`time::Timestamp`]), and carries out the [`session::Action`]s it hands back.
+//! So every scenario is tested deterministically, and crash-safe mode rebuilds the
+//! same core by applying the same inputs again.
+//!
+//! # Layout
+//!
+//! - [`input`]: the core's input type ([`input::Record`]) as the log carries it.
+//! - [`session`]: one session's state machine (exactly-once inbound, acks, resume,
+//!   takeover, cancel-on-disconnect, expiry) and the writer's transmit path.
+//! - [`registry`]: all sessions in a concurrent map, with limits and event routing.
+//! - [`ring`]: the per-session outbound ring of encoded messages, for replay.
+//! - [`orders`]: the per-session order view behind snapshots.
+//! - [`token`]: session tokens (HMAC-SHA256 with a rotating key ring).
+//! - [`members`]: crash-safe mode's gateway runs on one stream and the core's time.
+//! - [`snapshot`]: the whole core as one encodable image.
+//! - [`convert`]: wire types ↔ engine types.
+//! - [`time`]: the injected clock's instant type.
+
+pub mod convert;
+pub mod input;
+pub mod members;
+pub mod orders;
+pub mod registry;
+pub mod ring;
+pub mod session;
+pub mod snapshot;
+pub mod time;
+pub mod token;
