@@ -52,14 +52,14 @@ impl Field for Vec<proto::OrderState> {
     fn object<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let orders = self
             .iter()
-            .map(|order| Bound::new(py, OrderState::from(*order)))
+            .map(|order| Bound::new(py, OrderState(*order)))
             .collect::<PyResult<Vec<_>>>()?;
         orders.into_bound_py_any(py)
     }
     fn repr(&self) -> String {
         let orders: Vec<String> = self
             .iter()
-            .map(|order| OrderState::from(*order).__repr__())
+            .map(|order| OrderState(*order).__repr__())
             .collect();
         format!("[{}]", orders.join(", "))
     }
@@ -111,8 +111,24 @@ impl Field for ReasonCode {
     }
 }
 
-/// Declares an event class: its fields (read-only attributes), `==` and `repr`.
+/// Declares an event class with its fields as read-only attributes, `==` and
+/// `repr`: over a protocol frame, `Name(proto::Frame) { field, ... }` holds the
+/// frame itself and shows the fields listed; otherwise `Name { field: Type, ... }`.
 macro_rules! event_class {
+    ($(#[$meta:meta])* $name:ident($frame:ty) { $( $field:ident, )* }) => {
+        $(#[$meta])*
+        #[pyclass(frozen, eq, module = "session_gateway")]
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub(crate) struct $name($frame);
+
+        impl $name {
+            fn fields(&self) -> &$frame {
+                &self.0
+            }
+        }
+
+        event_class!(@methods $name $( $field )*);
+    };
     ($(#[$meta:meta])* $name:ident { $( $(#[$field_meta:meta])* $field:ident: $ty:ty, )* }) => {
         $(#[$meta])*
         #[pyclass(frozen, eq, module = "session_gateway")]
@@ -121,17 +137,27 @@ macro_rules! event_class {
             $( $(#[$field_meta])* $field: $ty, )*
         }
 
+        impl $name {
+            fn fields(&self) -> &Self {
+                self
+            }
+        }
+
+        event_class!(@methods $name $( $field )*);
+    };
+    (@methods $name:ident $( $field:ident )*) => {
         #[pymethods]
         impl $name {
             $(
                 #[getter]
                 fn $field<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-                    self.$field.object(py)
+                    self.fields().$field.object(py)
                 }
             )*
 
             fn __repr__(&self) -> String {
-                let fields: Vec<String> = vec![$( format!("{}={}", stringify!($field), self.$field.repr()), )*];
+                let fields: Vec<String> =
+                    vec![$( format!("{}={}", stringify!($field), self.fields().$field.repr()), )*];
                 format!("{}({})", stringify!($name), fields.join(", "))
             }
         }
@@ -140,80 +166,80 @@ macro_rules! event_class {
 
 event_class! {
     /// The engine accepted a new order (`OrderAck`).
-    Accepted {
-        server_seq: u64,
-        client_seq: u64,
-        client_order_id: u64,
-        order_id: u64,
-        instrument_id: u32,
-        side: Side,
-        price: i64,
-        quantity: u64,
+    Accepted(proto::OrderAck) {
+        server_seq,
+        client_seq,
+        client_order_id,
+        order_id,
+        instrument_id,
+        side,
+        price,
+        quantity,
     }
 }
 
 event_class! {
     /// A new order, cancel or replace was refused (`Reject`).
-    Rejected {
-        server_seq: u64,
-        client_seq: u64,
-        client_order_id: u64,
-        reason: ReasonCode,
+    Rejected(proto::Reject) {
+        server_seq,
+        client_seq,
+        client_order_id,
+        reason,
     }
 }
 
 event_class! {
     /// (Part of) an order traded.
-    Fill {
-        server_seq: u64,
-        client_order_id: u64,
-        order_id: u64,
-        trade_id: u64,
-        instrument_id: u32,
-        side: Side,
-        price: i64,
-        quantity: u64,
-        leaves_quantity: u64,
+    Fill(proto::Fill) {
+        server_seq,
+        client_order_id,
+        order_id,
+        trade_id,
+        instrument_id,
+        side,
+        price,
+        quantity,
+        leaves_quantity,
     }
 }
 
 event_class! {
     /// An order stopped working without filling completely.
-    Cancelled {
-        server_seq: u64,
-        client_seq: u64,
-        client_order_id: u64,
-        order_id: u64,
-        cancelled_quantity: u64,
-        reason: CancelReason,
+    Cancelled(proto::Cancelled) {
+        server_seq,
+        client_seq,
+        client_order_id,
+        order_id,
+        cancelled_quantity,
+        reason,
     }
 }
 
 event_class! {
     /// A replace was applied.
-    Replaced {
-        server_seq: u64,
-        client_seq: u64,
-        client_order_id: u64,
-        order_id: u64,
-        price: i64,
-        quantity: u64,
-        leaves_quantity: u64,
+    Replaced(proto::Replaced) {
+        server_seq,
+        client_seq,
+        client_order_id,
+        order_id,
+        price,
+        quantity,
+        leaves_quantity,
     }
 }
 
 event_class! {
     /// One order's authoritative state, inside a snapshot.
-    OrderState {
-        client_order_id: u64,
-        order_id: u64,
-        instrument_id: u32,
-        side: Side,
-        price: i64,
-        quantity: u64,
-        filled_quantity: u64,
-        leaves_quantity: u64,
-        status: OrderStatus,
+    OrderState(proto::OrderState) {
+        client_order_id,
+        order_id,
+        instrument_id,
+        side,
+        price,
+        quantity,
+        filled_quantity,
+        leaves_quantity,
+        status,
     }
 }
 
@@ -249,74 +275,14 @@ event_class! {
     }
 }
 
-impl From<proto::OrderState> for OrderState {
-    fn from(order: proto::OrderState) -> Self {
-        OrderState {
-            client_order_id: order.client_order_id,
-            order_id: order.order_id,
-            instrument_id: order.instrument_id,
-            side: order.side,
-            price: order.price,
-            quantity: order.quantity,
-            filled_quantity: order.filled_quantity,
-            leaves_quantity: order.leaves_quantity,
-            status: order.status,
-        }
-    }
-}
-
 /// The Python object for an event.
 pub(crate) fn object(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
     match event {
-        Event::Message(Frame::OrderAck(ack)) => Accepted {
-            server_seq: ack.server_seq,
-            client_seq: ack.client_seq,
-            client_order_id: ack.client_order_id,
-            order_id: ack.order_id,
-            instrument_id: ack.instrument_id,
-            side: ack.side,
-            price: ack.price,
-            quantity: ack.quantity,
-        }
-        .into_bound_py_any(py),
-        Event::Message(Frame::Reject(reject)) => Rejected {
-            server_seq: reject.server_seq,
-            client_seq: reject.client_seq,
-            client_order_id: reject.client_order_id,
-            reason: reject.reason,
-        }
-        .into_bound_py_any(py),
-        Event::Message(Frame::Fill(fill)) => Fill {
-            server_seq: fill.server_seq,
-            client_order_id: fill.client_order_id,
-            order_id: fill.order_id,
-            trade_id: fill.trade_id,
-            instrument_id: fill.instrument_id,
-            side: fill.side,
-            price: fill.price,
-            quantity: fill.quantity,
-            leaves_quantity: fill.leaves_quantity,
-        }
-        .into_bound_py_any(py),
-        Event::Message(Frame::Cancelled(cancelled)) => Cancelled {
-            server_seq: cancelled.server_seq,
-            client_seq: cancelled.client_seq,
-            client_order_id: cancelled.client_order_id,
-            order_id: cancelled.order_id,
-            cancelled_quantity: cancelled.cancelled_quantity,
-            reason: cancelled.reason,
-        }
-        .into_bound_py_any(py),
-        Event::Message(Frame::Replaced(replaced)) => Replaced {
-            server_seq: replaced.server_seq,
-            client_seq: replaced.client_seq,
-            client_order_id: replaced.client_order_id,
-            order_id: replaced.order_id,
-            price: replaced.price,
-            quantity: replaced.quantity,
-            leaves_quantity: replaced.leaves_quantity,
-        }
-        .into_bound_py_any(py),
+        Event::Message(Frame::OrderAck(ack)) => Accepted(ack).into_bound_py_any(py),
+        Event::Message(Frame::Reject(reject)) => Rejected(reject).into_bound_py_any(py),
+        Event::Message(Frame::Fill(fill)) => Fill(fill).into_bound_py_any(py),
+        Event::Message(Frame::Cancelled(cancelled)) => Cancelled(cancelled).into_bound_py_any(py),
+        Event::Message(Frame::Replaced(replaced)) => Replaced(replaced).into_bound_py_any(py),
         Event::Message(other) => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
             "the client delivered a {} as a sequenced message",
             other.name()
