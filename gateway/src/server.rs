@@ -1,4 +1,6 @@
-//! The QUIC server: thin glue between quinn and the sans-IO session core.
+//! The QUIC server: thin glue between quinn and the sans-IO session core. The
+//! endpoint's settings are in the `quic` submodule, one connection's tasks in
+//! `connection`, what an input does to the core in `core_inputs`.
 //!
 //! Per connection: one task reads the first frame (`Login` or `Resume`), then loops
 //! decoding frames into the session; one writer task drains the session's transmit
@@ -27,17 +29,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use matching_stub::{
     self as engine, EngineConfig, EngineThread, Instrument, OrderBookEngine, SubmitError,
 };
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use proto::{Frame, ReasonCode};
-use quinn::crypto::rustls::QuicServerConfig;
-use quinn::VarInt;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn, Instrument as _};
 
 use crate::auth::{address_key, AccountsFile, Authenticator};
@@ -48,23 +45,25 @@ use crate::members::Members;
 use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
 use crate::registry::{lock, IdMap, Registry, SessionHandle};
 use crate::sequencer::{JetStreamLog, LogError, Outcome, Record};
-use crate::session::{AckBound, ConnectionId, Transmit};
+use crate::session::{AckBound, ConnectionId};
 use crate::snapshot::CoreImage;
 use crate::time::Timestamp;
 use crate::token::TokenKeyRing;
 
+mod connection;
 mod core_inputs;
-use core_inputs::follow_log;
+mod quic;
 
-/// Most frames the writer takes from a session per wake-up.
-const WRITE_BATCH: usize = 64;
+use connection::{serve_connection, Conn};
+use core_inputs::follow_log;
+pub use quic::{ack_frequency, bind_udp, close_code, quic_crypto, ACK_DELAY};
+use quic::{lasting_endpoint_config, server_config};
+
 /// Once a connection is to be closed, how long what is left to send may take before
 /// the QUIC connection is closed anyway.
 pub const CLOSE_DEADLINE: Duration = Duration::from_millis(500);
 /// How often timers are checked.
 const TIMER_TICK: Duration = Duration::from_millis(50);
-/// Bytes read from the stream at a time.
-const READ_CHUNK: usize = 16 * 1024;
 
 /// Most new orders waiting for their answer to be timed (see [`LATENCY_SAMPLE_EVERY`]).
 const MAX_LATENCY_SAMPLES: usize = 4_096;
@@ -121,48 +120,6 @@ pub struct Setup {
     pub accounts_path: Option<PathBuf>,
     /// The bearer token admin operations require; `None` refuses them all.
     pub admin_token: Option<String>,
-}
-
-/// A connection as the server tracks it.
-struct Conn {
-    connection: quinn::Connection,
-    wake: Notify,
-    /// Where closes are counted, by reason.
-    closes: Family<ReasonLabel, Counter>,
-    /// Set once, when the gateway decides to close: the writer sends what is left
-    /// and `Close` within [`CLOSE_DEADLINE`], then closes.
-    closing: watch::Sender<Option<ReasonCode>>,
-}
-
-impl Conn {
-    fn new(connection: quinn::Connection, closes: Family<ReasonLabel, Counter>) -> Self {
-        Conn {
-            connection,
-            wake: Notify::new(),
-            closes,
-            closing: watch::Sender::new(None),
-        }
-    }
-
-    fn close(&self, reason: ReasonCode) {
-        let first = self.closing.send_if_modified(|closing| {
-            let first = closing.is_none();
-            closing.get_or_insert(reason);
-            first
-        });
-        if first {
-            self.closes
-                .get_or_create(&ReasonLabel {
-                    reason: reason.name(),
-                })
-                .inc();
-        }
-        self.wake.notify_one();
-    }
-
-    fn closing(&self) -> Option<ReasonCode> {
-        *self.closing.borrow()
-    }
 }
 
 /// What a reload of the certificate needs: its files (`tls.cert`, `tls.key`), the
@@ -678,27 +635,6 @@ impl Gateway {
     }
 }
 
-/// QUIC endpoint settings whose keys outlive the process (derived from the token
-/// key): a restarted gateway recognises its predecessor's connection ids and answers
-/// their packets with stateless resets the clients accept, so they know at once that
-/// their connection is gone and resume, instead of waiting for their idle timeout.
-fn lasting_endpoint_config(token_keys: &TokenKeyRing) -> quinn::EndpointConfig {
-    let reset_key = token_keys.derive_key(b"quic stateless reset");
-    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
-    let cid_key = ring::hmac::sign(&token_keys.derive_key(b"quic connection ids"), b"");
-    let mut cid_key_bytes = [0u8; 8];
-    cid_key_bytes.copy_from_slice(&cid_key.as_ref()[..8]);
-    let cid_key = u64::from_le_bytes(cid_key_bytes);
-    config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
-    // After a restart every client needs one: 500 a second at most, not quinn's 50.
-    // The hashed ids keep stray packets from drawing them; each is smaller than the
-    // packet it answers.
-    config.min_reset_interval(Duration::from_millis(2));
-    config
-}
-
 /// The operators' TCP listener, bound now so that a taken port fails the start.
 fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     let bind_error = |error| StartError::Bind {
@@ -709,148 +645,6 @@ fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
     listener.set_nonblocking(true).map_err(bind_error)?;
     tokio::net::TcpListener::from_std(listener).map_err(bind_error)
-}
-
-/// A UDP socket bound to `addr` with send and receive buffers of about `buffer_bytes`.
-pub fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
-    }
-    // The kernel caps these (net.core.rmem_max, wmem_max); a smaller buffer than
-    // asked is not an error, but worth telling: bursts then drop packets.
-    let _ = socket.set_recv_buffer_size(buffer_bytes);
-    let _ = socket.set_send_buffer_size(buffer_bytes);
-    let granted = (socket.recv_buffer_size(), socket.send_buffer_size());
-    if let (Ok(receive), Ok(send)) = granted {
-        // Linux reports twice what it grants (the doubling covers its bookkeeping).
-        if receive.min(send) / 2 < buffer_bytes {
-            warn!(
-                asked = buffer_bytes,
-                receive, send,
-                "UDP socket buffers smaller than transport.socket_buffer_bytes; raise net.core.rmem_max and wmem_max (see DEPLOYMENT.md)"
-            );
-        } else {
-            info!(receive, send, "UDP socket buffers");
-        }
-    }
-    socket.bind(&addr.into())?;
-    let socket: std::net::UdpSocket = socket.into();
-    // Batching in the kernel: one send call for several packets (GSO), one receive
-    // for several (GRO). Without them every packet costs a system call.
-    if let Ok(state) = quinn::udp::UdpSocketState::new((&socket).into()) {
-        info!(
-            gso_segments = state.max_gso_segments(),
-            gro_segments = state.gro_segments(),
-            "UDP offloads (1 means none)"
-        );
-    }
-    Ok(socket)
-}
-
-/// QUIC application error code for a reason.
-pub fn close_code(reason: ReasonCode) -> VarInt {
-    VarInt::from_u32(u32::from(reason.to_wire()))
-}
-
-/// The gateway's TLS settings for QUIC: TLS 1.3 only, ring provider, ALPN `sgw/1`,
-/// AES-128-GCM preferred (the cheapest suite on CPUs with AES instructions), and
-/// stateful session resumption with 0-RTT from a cache of `resumption_cache` tickets
-/// (0: neither). Shared with the load tester's bare-QUIC baseline so that both pay
-/// the same handshake.
-///
-/// The gateway acts on 0-RTT data at once, so a `Resume` is answered (with the
-/// replay) in the server's first flight, one round trip after the client started.
-/// 0-RTT data can be captured and replayed; here that gains nothing:
-/// - tickets are single use (taken from the cache), so a replayed flight gets a full
-///   handshake and its early data is discarded unread;
-/// - resumption always adds a fresh key exchange (rustls offers only PSK-DHE), so
-///   whoever sent the flight without the client's ephemeral key cannot read answers;
-/// - the first frames are idempotent anyway: a `Login` carries a single-use nonce, a
-///   `Resume` only re-attaches a session and re-sends what it had not acknowledged.
-pub fn quic_crypto(
-    (certs, key): TlsIdentity,
-    resumption_cache: usize,
-) -> Result<QuicServerConfig, StartError> {
-    let tls_error = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
-    let ring = rustls::crypto::ring::default_provider();
-    let mut cipher_suites = ring.cipher_suites.clone();
-    cipher_suites
-        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    let provider = rustls::crypto::CryptoProvider {
-        cipher_suites,
-        ..ring
-    };
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_error(&e))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| tls_error(&e))?;
-    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
-    tls.ignore_client_order = true;
-    if resumption_cache == 0 {
-        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        tls.send_tls13_tickets = 0;
-        tls.max_early_data_size = 0;
-    } else {
-        tls.session_storage = rustls::server::ServerSessionMemoryCache::new(resumption_cache);
-        // quinn takes all or nothing: stream flow control limits 0-RTT data instead.
-        tls.max_early_data_size = u32::MAX;
-    }
-    QuicServerConfig::try_from(tls).map_err(|e| tls_error(&e))
-}
-
-fn server_config(
-    config: &Config,
-    identity: TlsIdentity,
-) -> Result<quinn::ServerConfig, StartError> {
-    let tls_error = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
-    let crypto = quic_crypto(identity, config.tls.resumption_cache)?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    let idle =
-        quinn::IdleTimeout::try_from(Duration::from_millis(config.transport.idle_timeout_ms))
-            .map_err(|e| tls_error(&e))?;
-    transport
-        .max_idle_timeout(Some(idle))
-        .keep_alive_interval(
-            (config.transport.keep_alive_ms > 0)
-                .then(|| Duration::from_millis(config.transport.keep_alive_ms)),
-        )
-        // One session stream, plus room for a client's extra stream to be opened and
-        // refused with `UnexpectedFrame` rather than left waiting for credit.
-        .max_concurrent_bidi_streams(VarInt::from_u32(2))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .initial_rtt(Duration::from_millis(config.transport.initial_rtt_ms))
-        .ack_frequency_config(ack_frequency(config.transport.ack_eliciting_threshold));
-    server.transport_config(Arc::new(transport));
-    Ok(server)
-}
-
-/// Longest a peer asked to acknowledge less often may hold an acknowledgement back.
-pub const ACK_DELAY: Duration = Duration::from_millis(2);
-
-/// What a QUIC endpoint asks of its peer through the acknowledgement-frequency
-/// extension: an acknowledgement after more than `threshold` packets carrying data,
-/// or [`ACK_DELAY`] after the first, and at once for a packet out of order (a loss
-/// is then noticed as soon as without the extension: the draft's default of waiting
-/// for a second one cost 2 ms at the p90 over a path losing 2%). `None` (threshold 1)
-/// leaves QUIC's own rule. Orders and their answers flow both ways at once, so the
-/// acknowledgements then ride on them instead of taking packets (a system call and a
-/// wake-up each) of their own.
-pub fn ack_frequency(threshold: u32) -> Option<quinn::AckFrequencyConfig> {
-    (threshold > 1).then(|| {
-        let mut ack = quinn::AckFrequencyConfig::default();
-        ack.ack_eliciting_threshold(VarInt::from_u32(threshold))
-            .max_ack_delay(Some(ACK_DELAY))
-            .reordering_threshold(VarInt::from_u32(1));
-        ack
-    })
 }
 
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
@@ -936,376 +730,6 @@ async fn timer_loop(shared: Arc<Shared>) {
                 shared.execute(actions, now);
             }
         }
-    }
-}
-
-/// Reads frames from `recv` into `buf` until one is whole; `Ok(None)` at end of stream.
-async fn read_frame(
-    recv: &mut quinn::RecvStream,
-    buf: &mut BytesMut,
-) -> Result<Option<Frame>, ReasonCode> {
-    loop {
-        match proto::decode_buf(buf) {
-            Ok(Some(frame)) => return Ok(Some(frame)),
-            Ok(None) => {}
-            Err(error) => {
-                debug!(%error, "undecodable frame");
-                return Err(error.reason());
-            }
-        }
-        match recv.read_chunk(READ_CHUNK, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) | Err(_) => return Ok(None),
-        }
-    }
-}
-
-async fn serve_connection(
-    shared: Arc<Shared>,
-    conn_id: ConnectionId,
-    connection: quinn::Connection,
-    slot: HandshakeSlot,
-) {
-    let conn = Arc::new(Conn::new(
-        connection.clone(),
-        shared.metrics.connections_closed.clone(),
-    ));
-    shared.conns.insert(conn_id, Arc::clone(&conn));
-    let source = connection.remote_address().ip();
-
-    // `Login` or `Resume` must arrive within the handshake timeout; if the stream is
-    // open by then, `Close` says why the connection ends.
-    let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
-    let (mut send, mut recv) = match tokio::time::timeout_at(deadline, connection.accept_bi()).await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(_)) => return shared.forget(conn_id),
-        Err(_) => {
-            refuse(&connection, None, ReasonCode::HandshakeTimeout).await;
-            return shared.forget(conn_id);
-        }
-    };
-    // Room for a couple of frames; it grows only if a read brings more.
-    let mut buf = BytesMut::with_capacity(2 * proto::MAX_FRAME_LEN);
-    let first = match tokio::time::timeout_at(deadline, read_frame(&mut recv, &mut buf)).await {
-        Ok(first) => first,
-        Err(_) => {
-            let close = Frame::from(proto::Close {
-                reason: ReasonCode::HandshakeTimeout,
-            });
-            refuse(
-                &connection,
-                Some((&mut send, close)),
-                ReasonCode::HandshakeTimeout,
-            )
-            .await;
-            return shared.forget(conn_id);
-        }
-    };
-
-    let session = match first {
-        Ok(Some(Frame::Login(login))) => {
-            let result = shared.login(conn_id, source, &login).await;
-            match &result {
-                Ok(session) => {
-                    info!(session = lock(session).id(), %source, api_key = login.api_key_id, "login");
-                }
-                Err(answer) => {
-                    info!(%source, api_key = login.api_key_id, reason = answer_reason(answer).name(), "login refused");
-                }
-            }
-            shared
-                .metrics
-                .login(result.as_ref().err().map(answer_reason));
-            result
-        }
-        Ok(Some(Frame::Resume(resume))) => {
-            let result = shared.resume(conn_id, source, &resume).await;
-            if let Err(answer) = &result {
-                info!(%source, reason = answer_reason(answer).name(), last_acked = resume.last_acked_server_seq, "resume refused");
-            }
-            shared
-                .metrics
-                .resume(result.as_ref().err().map(answer_reason));
-            result
-        }
-        Ok(Some(_)) => Err(Frame::Close(proto::Close {
-            reason: ReasonCode::UnexpectedFrame,
-        })),
-        Ok(None) => return shared.forget(conn_id),
-        Err(reason) => Err(Frame::Close(proto::Close { reason })),
-    };
-    drop(slot);
-    let session = match session {
-        Ok(session) => session,
-        Err(answer) => {
-            let reason = answer_reason(&answer);
-            debug!(?reason, "handshake refused");
-            refuse(&connection, Some((&mut send, answer)), reason).await;
-            return shared.forget(conn_id);
-        }
-    };
-
-    tokio::spawn(refuse_extra_streams(connection.clone()));
-    let writer = tokio::spawn(write_loop(
-        Arc::clone(&session),
-        conn_id,
-        Arc::clone(&conn),
-        send,
-    ));
-    read_loop(&shared, &session, conn_id, &conn, recv, buf).await;
-    let session_id = lock(&session).id();
-    match conn.closing() {
-        Some(reason) => {
-            info!(session = session_id, %source, reason = reason.name(), "disconnected by the gateway")
-        }
-        None => info!(session = session_id, %source, "disconnected"),
-    }
-    match &shared.log {
-        Some(log) => {
-            let record = Record::ConnectionLost {
-                session: session_id,
-                conn: conn_id,
-            };
-            // Without it the core would keep the session attached to nothing,
-            // neither expiring it nor running its cancel-on-disconnect.
-            log.append_until_stored(record).await;
-        }
-        None => {
-            shared
-                .registry
-                .connection_lost(&session, conn_id, Timestamp::now());
-        }
-    }
-    conn.wake.notify_one();
-    let _ = writer.await;
-    shared.forget(conn_id);
-}
-
-/// The reason a handshake answer (`LoginRejected`, `ResumeRejected`, `Close`) gives.
-fn answer_reason(answer: &Frame) -> ReasonCode {
-    match answer {
-        Frame::LoginRejected(r) => r.reason,
-        Frame::ResumeRejected(r) => r.reason,
-        Frame::Close(r) => r.reason,
-        _ => ReasonCode::InternalError,
-    }
-}
-
-/// Refuses every stream a client opens beyond the session stream (section 1).
-async fn refuse_extra_streams(connection: quinn::Connection) {
-    let code = close_code(ReasonCode::UnexpectedFrame);
-    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
-        let _ = send.reset(code);
-        let _ = recv.stop(code);
-    }
-}
-
-/// Sends `answer` (if any), then closes the connection with `reason`.
-async fn refuse(
-    connection: &quinn::Connection,
-    answer: Option<(&mut quinn::SendStream, Frame)>,
-    reason: ReasonCode,
-) {
-    if let Some((send, frame)) = answer {
-        let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
-            send.write_all(&frame.to_bytes()).await.ok()?;
-            send.finish().ok()?;
-            send.stopped().await.ok()
-        })
-        .await;
-    }
-    connection.close(close_code(reason), format!("{reason:?}").as_bytes());
-}
-
-async fn read_loop(
-    shared: &Shared,
-    session: &SessionHandle,
-    conn_id: ConnectionId,
-    conn: &Conn,
-    mut recv: quinn::RecvStream,
-    mut buf: BytesMut,
-) {
-    if let Some(log) = &shared.log {
-        return read_loop_logged(shared, log, session, conn_id, conn, recv, buf).await;
-    }
-    let session_id = lock(session).id();
-    loop {
-        let frame = match read_frame(&mut recv, &mut buf).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return,
-            Err(reason) => return conn.close(reason),
-        };
-        shared.count_request(session_id, &frame);
-        shared.take_frame(session, conn_id, &frame, Timestamp::now());
-        if conn.closing().is_some() {
-            return;
-        }
-    }
-}
-
-/// Most of a connection's records on their way to the stream; beyond, reading waits.
-const MAX_RECORDS_IN_FLIGHT: usize = 1_024;
-
-/// Crash-safe mode's read loop: every frame goes to the stream (acks checked first
-/// against what this gateway sent), in the order read; the core applies it when it
-/// reads it back. A record the stream did not store closes the connection: the
-/// client resumes and sends again what the core never saw.
-async fn read_loop_logged(
-    shared: &Shared,
-    log: &JetStreamLog,
-    session: &SessionHandle,
-    conn_id: ConnectionId,
-    conn: &Conn,
-    mut recv: quinn::RecvStream,
-    mut buf: BytesMut,
-) {
-    use futures_util::stream::{FuturesUnordered, StreamExt};
-    let session_id = lock(session).id();
-    let mut in_flight = FuturesUnordered::new();
-    loop {
-        let frame = tokio::select! {
-            biased;
-            Some(stored) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(error) = stored {
-                    warn!(session = session_id, %error, "a record was not stored; closing the connection");
-                    return conn.close(ReasonCode::InternalError);
-                }
-                continue;
-            }
-            read = read_frame(&mut recv, &mut buf), if in_flight.len() < MAX_RECORDS_IN_FLIGHT => read,
-        };
-        let frame = match frame {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            Err(reason) => return conn.close(reason),
-        };
-        if let Frame::Ack(ack) = &frame {
-            if lock(session).ack_beyond_sent(ack.server_seq, log.run()) {
-                return conn.close(ReasonCode::AckBeyondSent);
-            }
-        }
-        shared.count_request(session_id, &frame);
-        let record = Record::Frame {
-            session: session_id,
-            conn: conn_id,
-            frame: frame.to_bytes().into(),
-        };
-        let entry = log.entry(record, 0);
-        match log.send(&entry).await {
-            Ok(stored) => in_flight.push(log.stored(stored)),
-            Err(error) => {
-                warn!(session = session_id, %error, "cannot append to the stream; closing the connection");
-                return conn.close(ReasonCode::InternalError);
-            }
-        }
-        if conn.closing().is_some() {
-            return;
-        }
-    }
-    // The stream ended: what was read still goes in before the connection is lost.
-    while in_flight.next().await.is_some() {}
-}
-
-async fn write_loop(
-    session: SessionHandle,
-    conn_id: ConnectionId,
-    conn: Arc<Conn>,
-    mut send: quinn::SendStream,
-) {
-    let mut frames: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
-    let mut closing = conn.closing.subscribe();
-    // Set when the gateway decides to close: everything left must go by then.
-    let mut deadline = None;
-    loop {
-        if deadline.is_none() && conn.closing().is_some() {
-            deadline = Some(tokio::time::Instant::now() + CLOSE_DEADLINE);
-        }
-        frames.clear();
-        let transmit = lock(&session).poll_transmit(conn_id, &mut frames, WRITE_BATCH);
-        // Taken over, cut off, a protocol error, or (crash-safe mode) the gateway
-        // stopping with the session still attached: once what it had is written,
-        // say why, then close.
-        let closing_now = conn.closing().filter(|_| frames.is_empty());
-        let last = match (transmit, closing_now) {
-            (Transmit::Finished(reason), _) => Some(reason),
-            (_, Some(reason)) => {
-                frames.push(Frame::from(proto::Close { reason }).to_bytes());
-                Some(reason)
-            }
-            (Transmit::NotAttached, None) if frames.is_empty() => return,
-            _ => None,
-        };
-        if frames.is_empty() {
-            tokio::select! {
-                () = conn.wake.notified() => {}
-                _ = conn.connection.closed() => return,
-                _ = closing.wait_for(Option::is_some), if deadline.is_none() => {}
-                () = sleep_until(deadline) => return close_now(&conn, None),
-            }
-            // Let the tasks already ready (other connections' frames, whose fills
-            // may be for this session too) run first: their answers then leave in
-            // this write's packets instead of packets of their own. Under load
-            // that cut the CPU per order by a sixth; when idle it costs one pass
-            // of an empty run queue.
-            tokio::task::yield_now().await;
-            continue;
-        }
-        let written = write_within(&mut send, &mut frames, &mut closing, &mut deadline).await;
-        match (written, last) {
-            (Ok(()), None) => {}
-            (Ok(()), Some(reason)) => {
-                // Give the peer until the deadline to take the last frames.
-                let _ = send.finish();
-                let until =
-                    deadline.unwrap_or_else(|| tokio::time::Instant::now() + CLOSE_DEADLINE);
-                let _ = tokio::time::timeout_at(until, send.stopped()).await;
-                return close_now(&conn, Some(reason));
-            }
-            (Err(()), _) => return close_now(&conn, None),
-        }
-    }
-}
-
-/// Writes `frames`, giving up at the close deadline once there is one (a close
-/// requested during the write sets it).
-async fn write_within(
-    send: &mut quinn::SendStream,
-    frames: &mut [Bytes],
-    closing: &mut watch::Receiver<Option<ReasonCode>>,
-    deadline: &mut Option<tokio::time::Instant>,
-) -> Result<(), ()> {
-    let write = send.write_all_chunks(frames);
-    tokio::pin!(write);
-    if deadline.is_none() {
-        tokio::select! {
-            written = &mut write => return written.map_err(drop),
-            _ = closing.wait_for(Option::is_some) => {
-                *deadline = Some(tokio::time::Instant::now() + CLOSE_DEADLINE);
-            }
-        }
-    }
-    let until = deadline.unwrap_or_else(tokio::time::Instant::now);
-    match tokio::time::timeout_at(until, write).await {
-        Ok(written) => written.map_err(drop),
-        Err(_) => Err(()),
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Closes the QUIC connection with `reason`, else the reason the gateway closes it
-/// for; with neither (the stream failed) it is already going.
-fn close_now(conn: &Conn, reason: Option<ReasonCode>) {
-    if let Some(reason) = reason.or_else(|| conn.closing()) {
-        conn.connection
-            .close(close_code(reason), format!("{reason:?}").as_bytes());
     }
 }
 

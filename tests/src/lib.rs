@@ -223,6 +223,11 @@ impl Raw {
 
     /// The next frame, or `None` when the stream ends or nothing comes for 5 s.
     pub async fn recv(&mut self) -> Option<Frame> {
+        self.recv_within(Duration::from_secs(5)).await
+    }
+
+    /// The next frame, or `None` when the stream ends or nothing comes in `patience`.
+    pub async fn recv_within(&mut self, patience: Duration) -> Option<Frame> {
         let read = async {
             loop {
                 if let Some(frame) =
@@ -236,10 +241,7 @@ impl Raw {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), read)
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(patience, read).await.ok().flatten()
     }
 
     /// Frames until the stream ends (or 5 s of silence).

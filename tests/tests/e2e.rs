@@ -551,7 +551,9 @@ async fn a_thousand_sessions_log_in_concurrently() {
                 .signed_login(&config.venue, CancelOnDisconnect::Off, Duration::ZERO)
                 .expect("sign");
             raw.send(&[login.into()]).await;
-            match raw.recv().await {
+            // A thousand signature checks at once take a while on a busy machine:
+            // this asserts that every login is answered, not how fast.
+            match raw.recv_within(Duration::from_secs(60)).await {
                 Some(Frame::LoginAccepted(accepted)) => (accepted.session_id, raw),
                 other => panic!("login {index}: {other:?}"),
             }
