@@ -19,9 +19,11 @@
 //! - [`token`]: session tokens (HMAC-SHA256 with a rotating key ring).
 //! - [`members`]: crash-safe mode's gateway runs on one stream and the core's time.
 //! - [`snapshot`]: the whole core as one encodable image.
+//! - [`connection`]: connection ids and the gateway run in them.
 //! - [`convert`]: wire types ↔ engine types.
 //! - [`time`]: the injected clock's instant type.
 
+pub mod connection;
 pub mod convert;
 pub mod input;
 pub mod members;

@@ -22,14 +22,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::ConnectionId;
 use crate::time::Timestamp;
-
-/// The gateway run that accepted a connection: the high half of its id (the
-/// position of the run's `Started` record; 0 in embedded mode).
-pub fn run_of(conn: ConnectionId) -> u64 {
-    conn >> 32
-}
 
 /// One live gateway run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,11 +324,5 @@ mod tests {
             members.heard(2, later + 200).map(Timestamp::as_millis),
             Some(T0 + 700)
         );
-    }
-
-    #[test]
-    fn the_run_of_a_connection_is_the_high_half_of_its_id() {
-        assert_eq!(run_of(7 << 32 | 3), 7);
-        assert_eq!(run_of(3), 0);
     }
 }

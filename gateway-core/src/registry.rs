@@ -703,7 +703,7 @@ impl Registry {
         self.detach_where(now, |session| {
             session
                 .attached_to()
-                .is_some_and(|conn| crate::members::run_of(conn) == run)
+                .is_some_and(|conn| crate::connection::run_of(conn) == run)
         });
     }
 

@@ -23,14 +23,12 @@ use bytes::Bytes;
 use matching_stub as engine;
 use proto::{CancelOnDisconnect, Frame, ReasonCode, SessionToken};
 
+use crate::connection::run_of;
+pub use crate::connection::ConnectionId;
 use crate::convert;
-use crate::members::run_of;
 use crate::orders::OrderTracker;
 use crate::ring::{OutboundRing, ReplayStart, RingLimits};
 use crate::time::Timestamp;
-
-/// Identifies a connection to the IO layer; assigned by it, never reused.
-pub type ConnectionId = u64;
 
 /// Settings shared by all sessions of a gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
