@@ -44,11 +44,47 @@ use tracing::{debug, info, warn};
 
 use crate::auth::address_key;
 use crate::config::AdminSettings;
-use crate::server::Shared;
+use crate::registry::SessionInfo;
+
+/// A future an [`Operations`] method returns: boxed, since admin calls are rare.
+pub(crate) type Pending<'a, T> = futures_util::future::BoxFuture<'a, T>;
+
+/// What the listener asks of the gateway (the server implements it): its state for
+/// `/metrics` and `/readyz`, and the operator's calls under `/admin`. Each call that
+/// changes the core returns an error message when the core could not be reached (in
+/// crash-safe mode, the stream).
+pub(crate) trait Operations: Send + Sync + 'static {
+    /// The metrics in OpenMetrics text.
+    fn metrics_text(&self) -> String;
+    /// Whether `/admin/drain` was called.
+    fn is_draining(&self) -> bool;
+    /// Whether the gateway takes logins (not while rebuilding its core).
+    fn is_accepting(&self) -> bool;
+    /// Refuses new logins from now on.
+    fn start_draining(&self);
+    /// Every session, for `/admin/sessions`.
+    fn sessions_info(&self) -> Vec<SessionInfo>;
+    /// The live sessions of an account.
+    fn sessions_of(&self, account: u64) -> Vec<u64>;
+    /// Ends these sessions; returns those that were live.
+    fn revoke_sessions<'a>(&'a self, ids: &'a [u64]) -> Pending<'a, Result<Vec<u64>, String>>;
+    /// Whether the account is configured or has sessions or orders.
+    fn knows_account(&self, account: u64) -> Pending<'_, bool>;
+    /// Cancels every working order of the account and ends its sessions.
+    fn kill_switch(&self, account: u64) -> Pending<'_, Result<Vec<u64>, String>>;
+    /// Installs a new token key for minting; returns its id.
+    fn rotate_token_key(&self) -> Pending<'_, Result<u32, String>>;
+    /// Retires a token key; false when unknown or the one minting.
+    fn retire_token_key(&self, key_id: u32) -> Pending<'_, Result<bool, String>>;
+    /// Reads the accounts file again; returns how many accounts it has.
+    fn reload_accounts(&self) -> Result<usize, String>;
+    /// Reads the certificate and key again.
+    fn reload_tls(&self) -> Result<(), String>;
+}
 
 /// What the listener serves from.
 struct AdminState {
-    shared: Arc<Shared>,
+    shared: Arc<dyn Operations>,
     /// The bearer token `/admin/*` requires; `None` refuses every admin call.
     token: Option<String>,
 }
@@ -85,7 +121,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 /// Serves the listener on `listener` until the task is aborted.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<dyn Operations>,
     token: Option<String>,
     settings: AdminSettings,
 ) {
@@ -329,7 +365,7 @@ async fn sessions(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
     info!(%peer, "admin: list sessions");
-    Json(state.shared.registry.sessions_info()).into_response()
+    Json(state.shared.sessions_info()).into_response()
 }
 
 /// Sessions an operation ended.
@@ -350,7 +386,7 @@ async fn revoke(
             Err(message) => return error(StatusCode::SERVICE_UNAVAILABLE, message),
         },
         (None, Some(account)) => {
-            let ids = state.shared.registry.sessions_of(account);
+            let ids = state.shared.sessions_of(account);
             match state.shared.revoke_sessions(&ids).await {
                 Ok(ended) => ended,
                 Err(message) => return error(StatusCode::SERVICE_UNAVAILABLE, message),

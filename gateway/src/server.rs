@@ -37,13 +37,14 @@ use proto::{Frame, ReasonCode};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn, Instrument as _};
 
+use crate::admin::{Operations, Pending};
 use crate::auth::{address_key, AccountsFile, Authenticator};
 use crate::config::{Config, EngineMode, SequencerMode};
 use crate::convert;
 use crate::dev::{SetupError, TlsIdentity};
 use crate::members::Members;
 use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
-use crate::registry::{lock, IdMap, Registry, SessionHandle};
+use crate::registry::{lock, IdMap, Registry, SessionHandle, SessionInfo};
 use crate::sequencer::{JetStreamLog, LogError, Outcome, Record};
 use crate::session::{AckBound, ConnectionId};
 use crate::snapshot::CoreImage;
@@ -500,7 +501,7 @@ impl Gateway {
                 let addr = listener.local_addr().ok();
                 tasks.spawn(crate::admin::serve(
                     listener,
-                    Arc::clone(&shared),
+                    Arc::clone(&shared) as Arc<dyn Operations>,
                     admin_token,
                     config.admin.clone(),
                 ));
@@ -730,6 +731,49 @@ async fn timer_loop(shared: Arc<Shared>) {
                 shared.execute(actions, now);
             }
         }
+    }
+}
+
+/// The admin listener's calls, answered by the gateway's own operations.
+impl Operations for Shared {
+    fn metrics_text(&self) -> String {
+        Shared::metrics_text(self)
+    }
+    fn is_draining(&self) -> bool {
+        Shared::is_draining(self)
+    }
+    fn is_accepting(&self) -> bool {
+        Shared::is_accepting(self)
+    }
+    fn start_draining(&self) {
+        Shared::start_draining(self);
+    }
+    fn sessions_info(&self) -> Vec<SessionInfo> {
+        self.registry.sessions_info()
+    }
+    fn sessions_of(&self, account: u64) -> Vec<u64> {
+        self.registry.sessions_of(account)
+    }
+    fn revoke_sessions<'a>(&'a self, ids: &'a [u64]) -> Pending<'a, Result<Vec<u64>, String>> {
+        Box::pin(Shared::revoke_sessions(self, ids))
+    }
+    fn knows_account(&self, account: u64) -> Pending<'_, bool> {
+        Box::pin(Shared::knows_account(self, account))
+    }
+    fn kill_switch(&self, account: u64) -> Pending<'_, Result<Vec<u64>, String>> {
+        Box::pin(Shared::kill_switch(self, account))
+    }
+    fn rotate_token_key(&self) -> Pending<'_, Result<u32, String>> {
+        Box::pin(Shared::rotate_token_key(self))
+    }
+    fn retire_token_key(&self, key_id: u32) -> Pending<'_, Result<bool, String>> {
+        Box::pin(Shared::retire_token_key(self, key_id))
+    }
+    fn reload_accounts(&self) -> Result<usize, String> {
+        Shared::reload_accounts(self)
+    }
+    fn reload_tls(&self) -> Result<(), String> {
+        Shared::reload_tls(self)
     }
 }
 

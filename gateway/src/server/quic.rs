@@ -176,3 +176,14 @@ pub fn ack_frequency(threshold: u32) -> Option<quinn::AckFrequencyConfig> {
         ack
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threshold_of_one_leaves_quic_its_own_acknowledgement_rule() {
+        assert!(ack_frequency(1).is_none());
+        assert!(ack_frequency(8).is_some());
+    }
+}
