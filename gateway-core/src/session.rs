@@ -30,6 +30,11 @@ use crate::orders::OrderTracker;
 use crate::ring::{OutboundRing, ReplayStart, RingLimits};
 use crate::time::Timestamp;
 
+mod requests;
+mod resume;
+
+use requests::WaitingRequest;
+
 /// Settings shared by all sessions of a gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -149,14 +154,6 @@ pub struct Resumed {
 #[error("resume refused: {0:?}")]
 pub struct ResumeRefused(pub ReasonCode);
 
-/// Messages reserved in the ring for the answers of each request the session
-/// processes: an `OrderAck`, a `Fill` and a `Cancelled` for an IOC remainder.
-const RESERVED_MESSAGES_PER_REQUEST: usize = 3;
-
-/// Bytes reserved per request: three frames the size of a `Fill`, the largest answer.
-const RESERVED_BYTES_PER_REQUEST: usize =
-    RESERVED_MESSAGES_PER_REQUEST * (proto::HEADER_LEN + proto::Fill::BODY_LEN);
-
 /// The connection a session is attached to, and what it still has to send.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Attachment {
@@ -172,49 +169,6 @@ struct Attachment {
     /// belong to the connection: if it goes, they were never processed, and the
     /// client sends them again after its resume.
     waiting: VecDeque<WaitingRequest>,
-}
-
-/// A request kept until there is room for its answers: the client frames that can
-/// wait, stored at their own size rather than the largest frame's.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-enum WaitingRequest {
-    New(proto::NewOrder),
-    Cancel(proto::Cancel),
-    Replace(proto::Replace),
-    Logout,
-}
-
-impl WaitingRequest {
-    /// The request of a frame that may wait.
-    fn of(frame: &Frame) -> Option<Self> {
-        match *frame {
-            Frame::NewOrder(order) => Some(WaitingRequest::New(order)),
-            Frame::Cancel(cancel) => Some(WaitingRequest::Cancel(cancel)),
-            Frame::Replace(replace) => Some(WaitingRequest::Replace(replace)),
-            Frame::Logout(_) => Some(WaitingRequest::Logout),
-            _ => None,
-        }
-    }
-
-    /// Its client sequence (none for `Logout`).
-    fn client_seq(&self) -> Option<u64> {
-        match self {
-            WaitingRequest::New(order) => Some(order.client_seq),
-            WaitingRequest::Cancel(cancel) => Some(cancel.client_seq),
-            WaitingRequest::Replace(replace) => Some(replace.client_seq),
-            WaitingRequest::Logout => None,
-        }
-    }
-
-    /// The frame again.
-    fn frame(self) -> Frame {
-        match self {
-            WaitingRequest::New(order) => order.into(),
-            WaitingRequest::Cancel(cancel) => cancel.into(),
-            WaitingRequest::Replace(replace) => replace.into(),
-            WaitingRequest::Logout => proto::Logout {}.into(),
-        }
-    }
 }
 
 impl Attachment {
@@ -544,201 +498,6 @@ impl Session {
         }
     }
 
-    /// Handles a frame that arrived from the client on `conn` after the handshake.
-    pub fn handle_frame(
-        &mut self,
-        conn: ConnectionId,
-        frame: &Frame,
-        now: Timestamp,
-        out: &mut Vec<Action>,
-    ) {
-        if self.attached_to() != Some(conn) {
-            if self.farewell_to() == Some(conn) {
-                // Saying goodbye on this connection already; nothing more is taken.
-                return;
-            }
-            // A connection that lost the session (taken over, or already closed).
-            let reason = self.closed_reason().unwrap_or(ReasonCode::TakenOver);
-            out.push(Action::CloseConnection { conn, reason });
-            return;
-        }
-        match frame {
-            Frame::Ack(ack) => {
-                if ack.server_seq > self.ack_limit() {
-                    return self.drop_connection(ReasonCode::AckBeyondSent, now, out);
-                }
-                self.acknowledge(ack.server_seq, true);
-                self.process_waiting(now, out);
-            }
-            Frame::NewOrder(_) | Frame::Cancel(_) | Frame::Replace(_) | Frame::Logout(_) => {
-                self.take_request(frame, now, out);
-            }
-            _ => self.drop_connection(ReasonCode::UnexpectedFrame, now, out),
-        }
-    }
-
-    /// Applies the exactly-once rule to a request (or `Logout`) as it arrives, then
-    /// processes it, or queues it behind others waiting for room for their answers.
-    fn take_request(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
-        let room = self.has_room_for(matches!(frame, Frame::Logout(_)));
-        let last_processed = self.last_processed_client_seq;
-        let limit = self.config.max_waiting_requests;
-        let Link::Attached(attachment) = &mut self.link else {
-            return;
-        };
-        if let Some(seq) = frame.client_seq() {
-            let last_taken = attachment
-                .waiting
-                .iter()
-                .rev()
-                .find_map(WaitingRequest::client_seq)
-                .unwrap_or(last_processed);
-            if seq <= last_taken {
-                return self.answer_duplicate(seq, now, out);
-            }
-            if seq > last_taken + 1 {
-                return self.drop_connection(ReasonCode::ClientSeqGap, now, out);
-            }
-        }
-        if attachment.waiting.is_empty() && room {
-            return self.process_request(frame, now, out);
-        }
-        if matches!(attachment.waiting.back(), Some(WaitingRequest::Logout)) {
-            // The session ends at that `Logout`: nothing after it would be processed.
-            return;
-        }
-        // The limit counts requests: a `Logout` behind `limit` of them still waits
-        // (a client with at most that many unanswered cannot reach it).
-        if !matches!(frame, Frame::Logout(_)) && attachment.waiting.len() >= limit {
-            return self.drop_connection(ReasonCode::SlowConsumer, now, out);
-        }
-        if let Some(request) = WaitingRequest::of(frame) {
-            attachment.waiting.push_back(request);
-        }
-    }
-
-    /// Whether the next in line can be processed now: a request when the ring has
-    /// room for its answers, a `Logout` once the answers to the requests before it
-    /// are in the stream it says goodbye with.
-    fn has_room_for(&self, logout: bool) -> bool {
-        if logout {
-            self.requests_at_engine == 0
-        } else {
-            self.has_room_for_answers()
-        }
-    }
-
-    /// Whether the ring can take the answers of one more request: the unacknowledged
-    /// messages plus the room reserved for requests at the engine stay within half
-    /// of each ring limit. The other half is headroom for what the session does not
-    /// ask for (fills of its resting orders, unsolicited cancels). A session with
-    /// nothing outstanding may always process one request, whatever its limits.
-    fn has_room_for_answers(&self) -> bool {
-        if self.ring.is_empty() && self.requests_at_engine == 0 {
-            return true;
-        }
-        let reserved = self.requests_at_engine + 1;
-        let limits = self.config.ring;
-        let retained_bytes = self.retained_bytes();
-        self.ring.len() + reserved * RESERVED_MESSAGES_PER_REQUEST <= limits.max_messages / 2
-            && retained_bytes + reserved * RESERVED_BYTES_PER_REQUEST <= limits.max_bytes / 2
-    }
-
-    /// Processes waiting requests, oldest first, while the ring has room for their
-    /// answers (a `Logout` waits for the answers before it instead).
-    fn process_waiting(&mut self, now: Timestamp, out: &mut Vec<Action>) {
-        loop {
-            let Link::Attached(attachment) = &self.link else {
-                return;
-            };
-            match attachment.waiting.front() {
-                Some(next) if self.has_room_for(matches!(next, WaitingRequest::Logout)) => {}
-                _ => return,
-            }
-            let Link::Attached(attachment) = &mut self.link else {
-                return;
-            };
-            let Some(next) = attachment.waiting.pop_front() else {
-                return;
-            };
-            self.process_request(&next.frame(), now, out);
-        }
-    }
-
-    /// Executes a request (already checked to be the next in sequence) or a `Logout`.
-    fn process_request(&mut self, frame: &Frame, now: Timestamp, out: &mut Vec<Action>) {
-        let Some(seq) = frame.client_seq() else {
-            return self.end(ReasonCode::LoggedOut, out);
-        };
-        self.last_processed_client_seq = seq;
-        let refusal = if !self.take_rate_allowance(now) {
-            Some(ReasonCode::RateExceeded)
-        } else if matches!(frame, Frame::NewOrder(_))
-            && self.orders.working_count() + self.pending_new_orders.len()
-                >= self.config.max_open_orders
-        {
-            Some(ReasonCode::TooManyOpenOrders)
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            let reject = Frame::from(proto::Reject {
-                server_seq: self.ring.next_seq(),
-                client_seq: seq,
-                client_order_id: client_order_id_of(frame),
-                reason,
-            });
-            return self.append(&reject, now, out);
-        }
-        if matches!(frame, Frame::NewOrder(_)) {
-            self.pending_new_orders.push_back(seq);
-        }
-        if let Some(request) = convert::request_to_engine(frame, self.owner()) {
-            self.requests_at_engine += 1;
-            out.push(Action::Engine(request));
-        }
-    }
-
-    /// Takes one message from the rate allowance, topping it up for the time passed.
-    fn take_rate_allowance(&mut self, now: Timestamp) -> bool {
-        let rate = u64::from(self.config.max_messages_per_second);
-        let elapsed = now
-            .as_millis()
-            .saturating_sub(self.rate_checked_at.as_millis());
-        let earned = elapsed.saturating_mul(rate) / 1_000;
-        if earned > 0 {
-            let topped = u64::from(self.rate_allowance)
-                .saturating_add(earned)
-                .min(rate);
-            self.rate_allowance = u32::try_from(topped).unwrap_or(u32::MAX);
-            self.rate_checked_at = now;
-        }
-        if self.rate_allowance == 0 {
-            return false;
-        }
-        self.rate_allowance -= 1;
-        true
-    }
-
-    fn answer_duplicate(&mut self, seq: u64, now: Timestamp, out: &mut Vec<Action>) {
-        let last = self.last_processed_client_seq;
-        let limit = self.config.max_queued_duplicates;
-        let Link::Attached(attachment) = &mut self.link else {
-            return;
-        };
-        if attachment.queued_duplicates >= limit {
-            return self.drop_connection(ReasonCode::SlowConsumer, now, out);
-        }
-        attachment.queued_duplicates += 1;
-        attachment.control.push_back(
-            Frame::from(proto::Duplicate {
-                client_seq: seq,
-                last_processed_client_seq: last,
-            })
-            .to_bytes(),
-        );
-    }
-
     /// Puts an engine event about this session's orders into its outbound stream.
     ///
     /// Returns the connection whose writer has new frames to send, if attached.
@@ -914,137 +673,6 @@ impl Session {
         }
     }
 
-    /// Resumes the session on `conn` for a client presenting a verified token of
-    /// `claim.generation` (see [`ResumeClaim`]).
-    ///
-    /// `mint` makes the rotated token for a generation and expiry; `account_orders`
-    /// gives the account's orders now, if the engine can say at once (needed only
-    /// when the login snapshot was too large to keep and the client may not have
-    /// it; without them the session's own orders are sent). On success the
-    /// `ResumeAccepted` and, if needed, a snapshot are queued on `conn`, the replay
-    /// cursor is set, and an older connection is closed as taken over.
-    pub fn resume(
-        &mut self,
-        conn: ConnectionId,
-        claim: ResumeClaim,
-        request: &proto::Resume,
-        now: Timestamp,
-        (mint, account_orders): (
-            impl FnOnce(u32, Timestamp) -> Option<SessionToken>,
-            impl FnOnce() -> Option<Vec<engine::OrderView>>,
-        ),
-        out: &mut Vec<Action>,
-    ) -> Result<Resumed, ResumeRefused> {
-        let ResumeClaim {
-            generation,
-            sent_here,
-        } = claim;
-        if let Some(reason) = self.closed_reason() {
-            return Err(ResumeRefused(match reason {
-                ReasonCode::Revoked | ReasonCode::TokenSuperseded => reason,
-                _ => ReasonCode::SessionNotFound,
-            }));
-        }
-        if generation > self.token_issued {
-            return Err(ResumeRefused(ReasonCode::TokenForged));
-        }
-        if generation != self.token_issued && generation != self.token_used {
-            // Only two tokens are good: the newest minted, and the one presented in
-            // the latest resume (whose answer, carrying the newest, may have been
-            // lost). Anything else means two parties hold tokens of this session:
-            // one of them stole it. End the session.
-            self.end(ReasonCode::TokenSuperseded, out);
-            return Err(ResumeRefused(ReasonCode::TokenSuperseded));
-        }
-        let ack_limit = match sent_here {
-            Some(sent) if run_of(self.last_conn) == run_of(conn) => sent.min(self.ring.last_seq()),
-            _ => self.ack_limit(),
-        };
-        if request.last_acked_server_seq > ack_limit {
-            return Err(ResumeRefused(ReasonCode::AckBeyondSent));
-        }
-        let next_generation = self
-            .token_issued
-            .checked_add(1)
-            .ok_or(ResumeRefused(ReasonCode::TokenExpired))?;
-        let token = mint(next_generation, now.plus(self.config.token_ttl))
-            .ok_or(ResumeRefused(ReasonCode::InternalError))?;
-        self.token_issued = next_generation;
-        self.token_used = generation;
-        if run_of(self.last_conn) != run_of(conn) {
-            // Moving to another gateway run: the one it leaves may have sent
-            // everything assigned so far, and the client may acknowledge it here.
-            self.sent_by_predecessor();
-        }
-        self.last_conn = conn;
-
-        self.acknowledge(request.last_acked_server_seq, false);
-        let wanted = request.last_acked_server_seq + 1;
-        let mut oldest_available = self.ring.oldest_seq();
-        let (replay_from, snapshot, gap) = match self.ring.replay_start(wanted) {
-            ReplayStart::Released { .. } => {
-                let orders = self.orders.snapshot();
-                (self.release_for_snapshot(), Some(orders), true)
-            }
-            ReplayStart::Retained => match &self.login_snapshot {
-                LoginSnapshot::Confirmed => (wanted, None, false),
-                // The client never showed it got its login snapshot: send it again,
-                // as of 0, before the replay from 1.
-                LoginSnapshot::Kept(login) => (wanted, Some(login.clone()), false),
-                // Not kept: the account's orders now stand for it and for the
-                // messages after it, which count as released.
-                LoginSnapshot::TooLarge => {
-                    oldest_available = self.ring.next_seq();
-                    self.login_snapshot = LoginSnapshot::Confirmed;
-                    let orders = account_orders()
-                        .map(|orders| orders.iter().map(convert::order_state).collect())
-                        .unwrap_or_else(|| self.orders.snapshot());
-                    (self.release_for_snapshot(), Some(orders), true)
-                }
-            },
-        };
-        let snapshot_follows = snapshot.is_some();
-        let mut control = VecDeque::new();
-        control.push_back(
-            Frame::from(proto::ResumeAccepted {
-                token,
-                last_processed_client_seq: self.last_processed_client_seq,
-                replay_from,
-                oldest_available,
-                snapshot_follows,
-            })
-            .to_bytes(),
-        );
-        if let Some(orders) = snapshot {
-            queue_snapshot(&mut control, replay_from - 1, &orders);
-        }
-        let previous = std::mem::replace(
-            &mut self.link,
-            Link::Attached(Attachment::new(conn, replay_from, control)),
-        );
-        if let Link::Attached(old) = previous {
-            if old.conn != conn {
-                out.push(Action::CloseConnection {
-                    conn: old.conn,
-                    reason: ReasonCode::TakenOver,
-                });
-            }
-        }
-        self.cod_deadline = None;
-        Ok(Resumed {
-            replayed: self.ring.next_seq() - replay_from,
-            gap,
-        })
-    }
-
-    /// Releases every retained message, which a snapshot about to be sent
-    /// supersedes, so that they do not count against the window of the live
-    /// traffic that follows; returns the sequence the stream goes on from.
-    fn release_for_snapshot(&mut self) -> u64 {
-        self.ring.ack(self.ring.last_seq());
-        self.ring.next_seq()
-    }
-
     /// The connection `conn` is gone (closed, timed out, reset). Detaches the session
     /// if it was attached to it and starts the cancel-on-disconnect and expiry clocks.
     pub fn connection_lost(&mut self, conn: ConnectionId, now: Timestamp) {
@@ -1150,16 +778,6 @@ fn answers_request(event: &engine::Event) -> bool {
         engine::Event::Fill(_)
         | engine::Event::MassCancelDone { .. }
         | engine::Event::OrderStates { .. } => false,
-    }
-}
-
-/// The client order id a sequenced client message is about.
-fn client_order_id_of(frame: &Frame) -> u64 {
-    match frame {
-        Frame::NewOrder(order) => order.client_order_id,
-        Frame::Cancel(cancel) => cancel.client_order_id,
-        Frame::Replace(replace) => replace.client_order_id,
-        _ => 0,
     }
 }
 
