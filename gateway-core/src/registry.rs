@@ -37,7 +37,11 @@ use crate::token::{KeyError, TokenClaims, TokenError, TokenKeyRing};
 use proto::CancelOnDisconnect;
 
 mod image;
+mod routing;
+mod timers;
+
 pub use image::{RegistryImage, RestoreError};
+use timers::Timers;
 
 /// A shared, lockable session.
 pub type SessionHandle = Arc<Mutex<Session>>;
@@ -170,43 +174,6 @@ pub struct Registry {
     timers: Mutex<Timers>,
     /// When every session was last checked for due timers, as a backstop.
     last_full_sweep: Mutex<Option<Timestamp>>,
-}
-
-/// How often [`Registry::handle_timeouts`] also checks every session, in case a timer
-/// was armed by a path that did not schedule it.
-const FULL_SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-/// Sessions' next deadlines, soonest first, at most one live entry per session (a
-/// replaced later entry stays in the heap as stale until it comes up).
-#[derive(Debug, Default)]
-struct Timers {
-    heap: BinaryHeap<Reverse<(Timestamp, u64)>>,
-    pending: HashMap<u64, Timestamp>,
-}
-
-impl Timers {
-    /// Makes sure the session is looked at by `at`.
-    fn schedule(&mut self, session_id: u64, at: Timestamp) {
-        if self.pending.get(&session_id).is_some_and(|&due| due <= at) {
-            return;
-        }
-        self.pending.insert(session_id, at);
-        self.heap.push(Reverse((at, session_id)));
-    }
-
-    /// Takes the sessions due by `now` into `due`.
-    fn take_due(&mut self, now: Timestamp, due: &mut Vec<u64>) {
-        while let Some(&Reverse((at, session_id))) = self.heap.peek() {
-            if at > now {
-                return;
-            }
-            self.heap.pop();
-            if self.pending.get(&session_id) == Some(&at) {
-                self.pending.remove(&session_id);
-                due.push(session_id);
-            }
-        }
-    }
 }
 
 impl Registry {
@@ -499,119 +466,6 @@ impl Registry {
         Ok(session)
     }
 
-    /// Routes an engine event into the streams it belongs in, and pushes the
-    /// connections whose writers have new frames onto `wake`.
-    ///
-    /// An answer goes to the session that asked. When that is not the order's owner
-    /// (another session of the account cancelled or replaced it), the owner gets the
-    /// change as an unsolicited message. Events about orders of an ended session go
-    /// to a live session of the account, or wait for its next login; answers to an
-    /// ended session's requests are not handed on.
-    pub fn route(
-        &self,
-        event: &engine::Event,
-        now: Timestamp,
-        out: &mut Vec<Action>,
-        wake: &mut Vec<ConnectionId>,
-    ) {
-        let Some(owner) = event.owner() else {
-            return;
-        };
-        match event.requester() {
-            Some(requester) if requester.session != owner.session => {
-                if let Some(Some(conn)) = self.deliver(requester.session, event, now, out) {
-                    wake.push(conn);
-                }
-                // If the owner has ended, the requester (a live session of the
-                // account) already has the news: nothing to hand on.
-                if let Some(Some(conn)) = self.deliver(owner.session, &notice(event), now, out) {
-                    wake.push(conn);
-                }
-            }
-            _ => {
-                let delivered = match self.deliver(owner.session, event, now, out) {
-                    Some(delivered) => delivered,
-                    None => self.rehome(owner.account, event, now, out),
-                };
-                wake.extend(delivered);
-            }
-        }
-    }
-
-    /// Puts an event into a session's stream if it takes events; `None` if it does
-    /// not (ended or gone), else the connection to wake, if any.
-    fn deliver(
-        &self,
-        session_id: u64,
-        event: &engine::Event,
-        now: Timestamp,
-        out: &mut Vec<Action>,
-    ) -> Option<Option<ConnectionId>> {
-        let session = self.get(session_id)?;
-        let start = out.len();
-        let mut guard = lock(&session);
-        if !guard.takes_events() {
-            return None;
-        }
-        let wake = guard.on_engine_event(event, now, out);
-        drop(guard);
-        self.settle(session_id, &out[start..]);
-        Some(wake)
-    }
-
-    /// An event about an order whose session has ended: to the account's newest
-    /// session if it is live, else queued for the account's next login. Answers to
-    /// the ended session's own requests are not handed on (no other session asked);
-    /// a cancel it had asked for goes on as an unsolicited one.
-    fn rehome(
-        &self,
-        account: u64,
-        event: &engine::Event,
-        now: Timestamp,
-        out: &mut Vec<Action>,
-    ) -> Option<ConnectionId> {
-        let event = match event {
-            engine::Event::Fill(_) | engine::Event::Cancelled { .. } => notice(event),
-            _ => return None,
-        };
-        let mut unclaimed = self
-            .unclaimed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let members: Vec<u64> = self
-            .per_account
-            .get(&account)
-            .map(|sessions| sessions.iter().rev().copied().collect())
-            .unwrap_or_default();
-        for heir in members {
-            let Some(session) = self.get(heir) else {
-                continue;
-            };
-            let start = out.len();
-            let mut guard = lock(&session);
-            if guard.closed_reason().is_none() {
-                let wake = guard.on_engine_event(&event, now, out);
-                drop(guard);
-                drop(unclaimed);
-                self.events_rehomed.fetch_add(1, Ordering::Relaxed);
-                self.settle(heir, &out[start..]);
-                return wake;
-            }
-        }
-        let limit = self.limits.unclaimed_events_per_account;
-        if limit == 0 {
-            self.unclaimed_dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        let queue = unclaimed.entry(account).or_default();
-        if queue.len() >= limit {
-            queue.pop_front();
-            self.unclaimed_dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        queue.push_back(event);
-        None
-    }
-
     /// Ends a session on an operator's request. Returns whether it existed.
     pub fn revoke(&self, session_id: u64, out: &mut Vec<Action>) -> bool {
         let Some(session) = self.get(session_id) else {
@@ -696,124 +550,6 @@ impl Registry {
         ids
     }
 
-    /// A gateway run ended (crash-safe mode: replaced by a restart, or silent too
-    /// long): every connection it accepted is gone. Sessions attached to one are
-    /// detached, starting their cancel-on-disconnect and expiry clocks.
-    pub fn run_ended(&self, run: u64, now: Timestamp) {
-        self.detach_where(now, |session| {
-            session
-                .attached_to()
-                .is_some_and(|conn| crate::connection::run_of(conn) == run)
-        });
-    }
-
-    /// Detaches the session attached to `conn`, if any (a connection the IO layer
-    /// knows no session of; rare, so every session is looked at).
-    pub fn connection_abandoned(&self, conn: ConnectionId, now: Timestamp) {
-        self.detach_where(now, |session| session.attached_to() == Some(conn));
-    }
-
-    /// Detaches, in session order (a core rebuilt from a log does the same), every
-    /// attached session for which `gone`, shown each session under its lock, says
-    /// its connection is gone.
-    fn detach_where(&self, now: Timestamp, mut gone: impl FnMut(&mut Session) -> bool) {
-        for session_id in self.session_ids() {
-            let Some(session) = self.get(session_id) else {
-                continue;
-            };
-            let attached = {
-                let mut guard = lock(&session);
-                let gone = gone(&mut guard);
-                guard.attached_to().filter(|_| gone)
-            };
-            if let Some(conn) = attached {
-                self.connection_lost(&session, conn, now);
-            }
-        }
-    }
-
-    /// Whether [`Self::handle_timeouts`] has anything to do at `now`: a timer is
-    /// due, or the once-a-second check of every session.
-    pub fn timers_due(&self, now: Timestamp) -> bool {
-        let next = self
-            .timers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .heap
-            .peek()
-            .map(|Reverse((at, _))| *at);
-        if next.is_some_and(|at| at <= now) {
-            return true;
-        }
-        !self.is_empty()
-            && self
-                .last_full_sweep
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_none_or(|at| now >= at.plus(FULL_SWEEP_EVERY))
-    }
-
-    /// Tells the session its connection `conn` is gone (it detaches if that was its
-    /// connection) and schedules the timers that arms.
-    pub fn connection_lost(&self, session: &SessionHandle, conn: ConnectionId, now: Timestamp) {
-        let mut guard = lock(session);
-        guard.connection_lost(conn, now);
-        if let Some(at) = guard.next_timeout() {
-            self.schedule(guard.id(), at);
-        }
-    }
-
-    fn schedule(&self, session_id: u64, at: Timestamp) {
-        self.timers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .schedule(session_id, at);
-    }
-
-    /// Fires due cancel-on-disconnect and expiry timers: those scheduled, and, once
-    /// a second, any other session's.
-    pub fn handle_timeouts(&self, now: Timestamp, out: &mut Vec<Action>) {
-        let mut due = Vec::new();
-        self.timers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take_due(now, &mut due);
-        let sweep = {
-            let mut last = self
-                .last_full_sweep
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let sweep = last.is_none_or(|at| now >= at.plus(FULL_SWEEP_EVERY));
-            if sweep {
-                *last = Some(now);
-            }
-            sweep
-        };
-        if sweep {
-            due.extend(self.sessions.iter().map(|entry| *entry.key()));
-        }
-        // In session order, not the map's: a core rebuilt from a log must do the
-        // same things in the same order.
-        due.sort_unstable();
-        due.dedup();
-        for session_id in due {
-            let Some(session) = self.get(session_id) else {
-                continue;
-            };
-            let start = out.len();
-            {
-                let mut guard = lock(&session);
-                if guard.next_timeout().is_some_and(|at| at <= now) {
-                    guard.handle_timeout(now, out);
-                }
-                if let Some(at) = guard.next_timeout() {
-                    self.schedule(session_id, at);
-                }
-            }
-            self.settle(session_id, &out[start..]);
-        }
-    }
-
     /// Removes an ended session and remembers why.
     pub fn remove(&self, session_id: u64, reason: ReasonCode) {
         let Some((_, session)) = self.sessions.remove(&session_id) else {
@@ -865,35 +601,5 @@ impl Registry {
             Some(reason @ (ReasonCode::Revoked | ReasonCode::TokenSuperseded)) => *reason,
             _ => ReasonCode::SessionNotFound,
         }
-    }
-}
-
-/// What the owner of an order is told when another session of its account cancelled
-/// or replaced it: the same change, unsolicited (`client_seq` 0).
-fn notice(event: &engine::Event) -> engine::Event {
-    match *event {
-        engine::Event::Cancelled {
-            owner,
-            order_id,
-            client_order_id,
-            cancelled_quantity,
-            reason,
-            ..
-        } => engine::Event::Cancelled {
-            owner,
-            requester: owner,
-            tag: None,
-            order_id,
-            client_order_id,
-            cancelled_quantity,
-            reason,
-        },
-        engine::Event::Replaced { owner, order, .. } => engine::Event::Replaced {
-            owner,
-            requester: owner,
-            tag: 0,
-            order,
-        },
-        ref other => other.clone(),
     }
 }
