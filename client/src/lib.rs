@@ -25,21 +25,30 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! # Layout
+//!
+//! - [`state`]: the session as the client sees it, with no IO (sequences, the
+//!   token, what to re-send, the orders that may be working).
+//! - `credentials`: [`Credentials`], the API key that signs logins.
+//! - `link`: one QUIC connection with its session stream ([`open`], [`Link`]).
+//! - this module: [`Client`], which drives the connection, reconnects and resumes.
 
+mod credentials;
+mod link;
 pub mod state;
 
+pub use credentials::Credentials;
+use link::fresh_socket;
+pub use link::{client_endpoint, endpoint_with, open, open_on, open_sending, quic_config, Link};
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use proto::{CancelOnDisconnect, Frame, OrderState, OrderType, ReasonCode, Side, TimeInForce};
-use quinn::crypto::rustls::QuicClientConfig;
-use ring::rand::{SecureRandom, SystemRandom};
-use ring::signature::Ed25519KeyPair;
 use rustls_pki_types::CertificateDer;
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -80,102 +89,6 @@ pub enum ClientError {
     /// Keys or certificates could not be loaded.
     #[error("configuration: {0}")]
     Config(String),
-}
-
-/// An API key: its id and the Ed25519 key pair.
-#[derive(Clone)]
-pub struct Credentials {
-    api_key_id: u64,
-    key: Arc<Ed25519KeyPair>,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("api_key_id", &self.api_key_id)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Deserialize)]
-struct DevKeysFile {
-    #[serde(rename = "key", default)]
-    keys: Vec<DevKey>,
-}
-
-#[derive(Deserialize)]
-struct DevKey {
-    account: u64,
-    key_id: u64,
-    seed: String,
-}
-
-impl Credentials {
-    /// The API key id.
-    pub fn api_key_id(&self) -> u64 {
-        self.api_key_id
-    }
-
-    /// Credentials from an Ed25519 seed.
-    pub fn from_seed(api_key_id: u64, seed: &[u8; 32]) -> Result<Self, ClientError> {
-        let key = Ed25519KeyPair::from_seed_unchecked(seed)
-            .map_err(|e| ClientError::Config(e.to_string()))?;
-        Ok(Credentials {
-            api_key_id,
-            key: Arc::new(key),
-        })
-    }
-
-    /// The demo accounts' credentials from a development gateway's `client-keys.toml`,
-    /// as `(account, credentials)`.
-    pub fn load_dev_keys(path: &Path) -> Result<Vec<(u64, Credentials)>, ClientError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
-        let file: DevKeysFile = toml::from_str(&text)
-            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
-        file.keys
-            .iter()
-            .map(|key| {
-                let mut seed = [0u8; 32];
-                hex_decode(&key.seed, &mut seed)
-                    .ok_or_else(|| ClientError::Config(format!("key {}: bad seed", key.key_id)))?;
-                Ok((key.account, Credentials::from_seed(key.key_id, &seed)?))
-            })
-            .collect()
-    }
-
-    /// A signed `Login` for the gateway of `venue` (its venue id, which the venue
-    /// publishes; [`proto::DEFAULT_VENUE`] for a development gateway) with a fresh
-    /// nonce and the current time.
-    pub fn signed_login(
-        &self,
-        venue: &str,
-        cancel_on_disconnect: CancelOnDisconnect,
-        cod_grace: Duration,
-    ) -> Result<proto::Login, ClientError> {
-        let mut nonce = [0u8; 16];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| ClientError::Config("system random generator failed".into()))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO);
-        let mut login = proto::Login {
-            api_key_id: self.api_key_id,
-            timestamp_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
-            nonce: proto::Nonce(nonce),
-            cancel_on_disconnect,
-            cod_grace_ms: u32::try_from(cod_grace.as_millis()).unwrap_or(u32::MAX),
-            signature: proto::Signature([0; 64]),
-        };
-        let signature = self.key.sign(&login.signing_message(venue));
-        login.signature.0.copy_from_slice(signature.as_ref());
-        Ok(login)
-    }
-}
-
-fn hex_decode(text: &str, out: &mut [u8]) -> Option<()> {
-    proto::wire::from_hex_into(text, out).ok()
 }
 
 /// Client settings.
@@ -286,7 +199,7 @@ impl ClientConfig {
     fn login_refused(&self, reason: ReasonCode) -> ClientError {
         match reason {
             ReasonCode::BadSignature => ClientError::BadSignature {
-                api_key_id: self.credentials.api_key_id,
+                api_key_id: self.credentials.api_key_id(),
                 venue: self.venue.clone(),
             },
             reason => ClientError::Refused(reason),
@@ -595,187 +508,6 @@ impl Client {
             connection.close(0u32.into(), b"reconnecting");
         }
     }
-}
-
-/// One QUIC connection to the gateway with its session stream open, and nothing
-/// sent yet: for tools and tests that speak the protocol frame by frame.
-pub struct Link {
-    /// The endpoint; it must live as long as the connection.
-    pub endpoint: quinn::Endpoint,
-    /// The connection.
-    pub connection: quinn::Connection,
-    /// The session stream, client to gateway.
-    pub send: quinn::SendStream,
-    /// The session stream, gateway to client.
-    pub recv: quinn::RecvStream,
-    /// Whether the first frame went as 0-RTT data and the gateway took it.
-    pub early_data_accepted: bool,
-}
-
-/// Opens a connection (its own UDP socket) and the session stream.
-pub async fn open(config: &ClientConfig) -> Result<Link, ClientError> {
-    open_on(client_endpoint(config)?, config).await
-}
-
-/// A client endpoint (one UDP socket) set up to reach the gateway in `config`; many
-/// connections can share it.
-pub fn client_endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
-    endpoint_with(config, quic_config(config)?)
-}
-
-/// The QUIC and TLS settings for `config`. Connections made with clones of one of
-/// these share its TLS session cache, so reconnects resume the TLS session instead of
-/// repeating the certificate exchange, and may send their first frame as 0-RTT data
-/// (see [`open_sending`]).
-pub fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
-    let error = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in &config.trusted_certs {
-        roots.add(cert.clone()).map_err(|e| error(&e))?;
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|e| error(&e))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
-    tls.enable_early_data = true;
-    let mut quic = quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(tls).map_err(|e| error(&e))?,
-    ));
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(config.idle_timeout).map_err(|e| error(&e))?,
-        ))
-        .keep_alive_interval(Some(config.keep_alive))
-        .initial_rtt(config.initial_rtt)
-        .ack_frequency_config((config.ack_eliciting_threshold > 1).then(|| {
-            let mut ack = quinn::AckFrequencyConfig::default();
-            ack.ack_eliciting_threshold(quinn::VarInt::from_u32(config.ack_eliciting_threshold))
-                .max_ack_delay(Some(Duration::from_millis(2)))
-                .reordering_threshold(quinn::VarInt::from_u32(1));
-            ack
-        }));
-    quic.transport_config(Arc::new(transport));
-    Ok(quic)
-}
-
-/// A new client endpoint (UDP socket) using `quic`.
-pub fn endpoint_with(
-    config: &ClientConfig,
-    quic: quinn::ClientConfig,
-) -> Result<quinn::Endpoint, ClientError> {
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| ClientError::Connection("no async runtime".into()))?;
-    let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        fresh_socket(config).map_err(|e| ClientError::Connection(e.to_string()))?,
-        runtime,
-    )
-    .map_err(|e| ClientError::Connection(e.to_string()))?;
-    endpoint.set_default_client_config(quic);
-    Ok(endpoint)
-}
-
-/// A UDP socket on an ephemeral port, of the gateway address's family.
-fn fresh_socket(config: &ClientConfig) -> std::io::Result<std::net::UdpSocket> {
-    let bind: SocketAddr = if config.server.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    std::net::UdpSocket::bind(bind)
-}
-
-/// Opens a connection and the session stream on an existing endpoint.
-pub async fn open_on(
-    endpoint: quinn::Endpoint,
-    config: &ClientConfig,
-) -> Result<Link, ClientError> {
-    let error = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
-    let connection = endpoint
-        .connect(config.server, &config.server_name)
-        .map_err(|e| error(&e))?
-        .await
-        .map_err(|e| error(&e))?;
-    open_stream(endpoint, connection).await
-}
-
-/// Opens the session stream on an established connection.
-async fn open_stream(
-    endpoint: quinn::Endpoint,
-    connection: quinn::Connection,
-) -> Result<Link, ClientError> {
-    let (send, recv) = connection
-        .open_bi()
-        .await
-        .map_err(|e| ClientError::Connection(e.to_string()))?;
-    Ok(Link {
-        endpoint,
-        connection,
-        send,
-        recv,
-        early_data_accepted: false,
-    })
-}
-
-/// Opens a connection and the session stream, and sends `first` (the `Login` or
-/// `Resume`).
-///
-/// When the endpoint holds a TLS session ticket from an earlier connection to the
-/// gateway, `first` travels as 0-RTT data in the handshake's first flight and the
-/// gateway answers in its own, so a resume takes one round trip instead of two (see
-/// `PROTOCOL.md` for why that is replay-safe). If the gateway declines the early
-/// data, `first` is sent again once the handshake is done.
-pub async fn open_sending(
-    endpoint: quinn::Endpoint,
-    config: &ClientConfig,
-    first: &Frame,
-) -> Result<Link, ClientError> {
-    let error = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
-    let bytes = first.to_bytes();
-    let connecting = endpoint
-        .connect(config.server, &config.server_name)
-        .map_err(|e| error(&e))?;
-    let connection = match connecting.into_0rtt() {
-        Ok((connection, accepted)) => {
-            let early = async {
-                let (mut send, recv) = connection.open_bi().await.ok()?;
-                send.write_all(&bytes).await.ok()?;
-                Some((send, recv))
-            }
-            .await;
-            match (accepted.await, early) {
-                (true, Some((send, recv))) => {
-                    return Ok(Link {
-                        endpoint,
-                        connection,
-                        send,
-                        recv,
-                        early_data_accepted: true,
-                    })
-                }
-                (true, None) => {
-                    return Err(ClientError::Connection(
-                        "the session stream failed in 0-RTT".into(),
-                    ))
-                }
-                // Declined (or the handshake failed): start over on 1-RTT keys.
-                (false, _) => {
-                    debug!("the gateway declined 0-RTT data");
-                    connection
-                }
-            }
-        }
-        Err(connecting) => connecting.await.map_err(|e| error(&e))?,
-    };
-    let mut link = open_stream(endpoint, connection).await?;
-    link.send.write_all(&bytes).await.map_err(|e| error(&e))?;
-    Ok(link)
 }
 
 /// Most queued frames sent in one stream write.
