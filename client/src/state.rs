@@ -1,10 +1,11 @@
 //! The client side of a session, with no IO: sequence numbers, the token, the
 //! messages the gateway has not yet processed, and the checks on what arrives.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use proto::{Frame, OrderState, OrderStatus, ReasonCode, SessionToken};
+use rustc_hash::FxHashMap;
 
 /// A protocol violation by the gateway, seen by the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,7 +61,8 @@ pub struct ClientState {
     /// be finished or refused, or known working from the gateway. The value is the
     /// client sequence of the `NewOrder` that opened the entry (0 when the gateway
     /// told of the order), so a refusal closes only the entry its own request opened.
-    open_orders: HashMap<u64, u64>,
+    /// FxHash: the keys are this client's own ids, and it runs once or twice an order.
+    open_orders: FxHashMap<u64, u64>,
     /// Where sequenced messages are encoded, many to one allocation.
     encoder: proto::FrameEncoder,
     snapshot: Option<(u64, u32, Vec<OrderState>)>,
@@ -222,7 +224,9 @@ impl ClientState {
     fn track_open_order(&mut self, frame: &Frame) {
         match frame {
             Frame::OrderAck(ack) => {
-                self.open_orders.insert(ack.client_order_id, 0);
+                // Already open since it was sent (its answer can no longer be a
+                // refusal); inserted for an order this client did not send.
+                self.open_orders.entry(ack.client_order_id).or_insert(0);
             }
             Frame::Replaced(replaced) => {
                 self.open_orders.insert(replaced.client_order_id, 0);
