@@ -239,11 +239,16 @@ impl ClientState {
             }
             Frame::Reject(reject) => {
                 let id = reject.client_order_id;
+                let Some(&opener) = self.open_orders.get(&id) else {
+                    return;
+                };
                 // A refused `NewOrder` that opened the entry, or a cancel or replace
-                // of an order no longer working. (A refused `NewOrder` that reused
-                // the id of a working order leaves that order open.)
-                let refused_order = self.open_orders.get(&id) == Some(&reject.client_seq);
-                if refused_order || reject.reason == ReasonCode::UnknownOrder {
+                // of an order no longer working (unless a `NewOrder` sent after it
+                // reused the id). A refused `NewOrder` that reused the id of a
+                // working order leaves that order open.
+                let refused_order = opener == reject.client_seq;
+                let gone = reject.reason == ReasonCode::UnknownOrder && opener < reject.client_seq;
+                if refused_order || gone {
                     self.open_orders.remove(&id);
                 }
             }
@@ -516,6 +521,31 @@ mod tests {
         state
             .receive(reject(3, 3, 8, ReasonCode::DuplicateClientOrderId))
             .expect("in order");
+        assert_eq!(state.open_orders(), vec![7]);
+    }
+
+    #[test]
+    fn an_id_reused_right_after_a_refused_cancel_stays_open() {
+        let mut state = ClientState::new();
+        let cancel_of = |client_order_id| {
+            move |client_seq| {
+                Frame::from(proto::Cancel {
+                    client_seq,
+                    client_order_id,
+                })
+            }
+        };
+        state.sequence(cancel_of(7));
+        state.sequence(new_order(7));
+        state
+            .receive(reject(1, 1, 7, ReasonCode::UnknownOrder))
+            .expect("in order");
+        assert_eq!(
+            state.open_orders(),
+            vec![7],
+            "the new order is still in flight"
+        );
+        state.receive(order_ack(2, 2, 7)).expect("in order");
         assert_eq!(state.open_orders(), vec![7]);
     }
 
