@@ -118,7 +118,7 @@ pub struct Entry {
     /// that ended (replaced, or paused or cut off for too long) changes nothing.
     pub from: u64,
     /// The appending gateway's monotonic clock when it appended the record
-    /// ([`crate::time::Timestamp::now`], Unix milliseconds): the core reads its time off it
+    /// (`gateway::clock::now`, Unix milliseconds): the core reads its time off it
     /// ([`crate::members`]), and the gateway its own silence (for its heartbeats).
     pub time_ms: u64,
     /// A ticket the appending gateway waits on for the outcome (0: nobody waits).

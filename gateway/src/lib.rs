@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod keys;

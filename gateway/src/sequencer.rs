@@ -30,6 +30,7 @@ use futures_util::StreamExt;
 use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
+use crate::clock;
 use crate::config::SequencerSettings;
 use crate::time::Timestamp;
 pub use gateway_core::input::{Entry, EntryError, Outcome, Record, MAX_RECORD_LEN};
@@ -438,7 +439,7 @@ impl JetStreamLog {
     pub fn entry(&self, record: Record, reply: u64) -> Entry {
         Entry {
             from: self.start.load(Ordering::Acquire),
-            time_ms: Timestamp::now().as_millis(),
+            time_ms: clock::now().as_millis(),
             reply,
             record,
         }

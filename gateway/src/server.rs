@@ -40,6 +40,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use crate::admin::{Operations, Pending};
 use crate::auth::{address_key, AccountsFile, Authenticator};
+use crate::clock;
 use crate::config::{Config, EngineMode, SequencerMode};
 use crate::convert;
 use crate::dev::{SetupError, TlsIdentity};
@@ -434,7 +435,7 @@ impl Gateway {
                     config.engine.queue_capacity,
                     move |events: &mut Vec<engine::Event>| {
                         if let Some(shared) = sink_target.get() {
-                            let now = Timestamp::now();
+                            let now = clock::now();
                             let actions = shared.route_events(events, now);
                             shared.execute(actions, now);
                         }
@@ -612,7 +613,7 @@ impl Gateway {
             self.shared
                 .registry
                 .end_all(ReasonCode::ShuttingDown, &mut actions);
-            self.shared.execute(actions, Timestamp::now());
+            self.shared.execute(actions, clock::now());
         }
         for conn in self.shared.conns.iter() {
             conn.close(ReasonCode::ShuttingDown);
@@ -715,7 +716,7 @@ async fn timer_loop(shared: Arc<Shared>) {
                 .retain(|_, arrived| arrived.elapsed() < LATENCY_SAMPLE_TTL);
             swept = Instant::now();
         }
-        let now = Timestamp::now();
+        let now = clock::now();
         match &shared.log {
             Some(log) => {
                 // A tick fires due timers; with nothing else to append, it also

@@ -18,11 +18,11 @@ use tracing::{debug, info, warn};
 
 use super::quic::close_code;
 use super::{HandshakeSlot, Shared, CLOSE_DEADLINE};
+use crate::clock;
 use crate::metrics::ReasonLabel;
 use crate::registry::{lock, SessionHandle};
 use crate::sequencer::{JetStreamLog, Record};
 use crate::session::{ConnectionId, Transmit};
-use crate::time::Timestamp;
 
 /// Most frames the writer takes from a session per wake-up.
 const WRITE_BATCH: usize = 64;
@@ -207,7 +207,7 @@ pub(super) async fn serve_connection(
         None => {
             shared
                 .registry
-                .connection_lost(&session, conn_id, Timestamp::now());
+                .connection_lost(&session, conn_id, clock::now());
         }
     }
     conn.wake.notify_one();
@@ -270,7 +270,7 @@ async fn read_loop(
             Err(reason) => return conn.close(reason),
         };
         shared.count_request(session_id, &frame);
-        shared.take_frame(session, conn_id, &frame, Timestamp::now());
+        shared.take_frame(session, conn_id, &frame, clock::now());
         if conn.closing().is_some() {
             return;
         }

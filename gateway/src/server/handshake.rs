@@ -46,7 +46,7 @@ impl Shared {
         source: IpAddr,
         login: &proto::Login,
     ) -> Result<SessionHandle, Frame> {
-        let now = Timestamp::now();
+        let now = clock::now();
         let rejected = |reason, retry_after_ms| {
             Frame::from(proto::LoginRejected {
                 reason,
@@ -60,7 +60,7 @@ impl Shared {
             let mut auth = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
             // The login's timestamp is the client's wall clock: compare with ours.
             auth.admit(source, now)
-                .and_then(|()| auth.verify(login, Timestamp::wall_now()))
+                .and_then(|()| auth.verify(login, clock::wall_now()))
                 .inspect_err(|refused| {
                     // Only failed authentication counts; a skewed clock, a reused
                     // nonce or a limit is not an attack on a key.
@@ -126,7 +126,7 @@ impl Shared {
     ) -> Result<SessionHandle, Frame> {
         // Never refused for its address's failed logins: a resume of a live session
         // is what keeps a firm's orders safe, and its neighbours' too.
-        let now = Timestamp::now();
+        let now = clock::now();
         let rejected = |reason| Frame::from(proto::ResumeRejected { reason });
         let result = match &self.log {
             // What this gateway sent is known here, not in the core: the record

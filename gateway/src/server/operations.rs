@@ -93,7 +93,7 @@ impl Shared {
                 };
                 ended_outcome(log.call(record, log.ticket()).await)
             }
-            None => Ok(self.end_sessions(ids, Timestamp::now())),
+            None => Ok(self.end_sessions(ids, clock::now())),
         }
     }
 
@@ -107,7 +107,7 @@ impl Shared {
                 let record = Record::KillSwitch { account };
                 ended_outcome(log.call(record, log.ticket()).await)
             }
-            None => Ok(self.cancel_and_end_account(account, Timestamp::now())),
+            None => Ok(self.cancel_and_end_account(account, clock::now())),
         }
     }
 
