@@ -18,10 +18,10 @@ const NOW: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 fn tokens(c: &mut Criterion) {
     let keys = TokenKeyRing::new(1, &[7u8; 32]).expect("key");
     let expires = NOW.plus(Duration::from_secs(3600));
-    let token = keys.mint(42, 7, 3, expires).expect("mint");
+    let token = keys.mint(42, 7, 3, expires, &[9; 16]);
     let mut group = c.benchmark_group("token");
     group.bench_function("mint", |b| {
-        b.iter(|| keys.mint(black_box(42), 7, 3, expires))
+        b.iter(|| keys.mint(black_box(42), 7, 3, expires, &[9; 16]))
     });
     group.bench_function("verify", |b| {
         b.iter(|| keys.verify(black_box(&token.0), NOW))
@@ -57,8 +57,7 @@ fn inbound_order(c: &mut Criterion) {
     };
     let token = TokenKeyRing::new(1, &[7u8; 32])
         .expect("key")
-        .mint(1, 1, 0, NOW)
-        .expect("mint");
+        .mint(1, 1, 0, NOW, &[9; 16]);
     let mut group = c.benchmark_group("session");
     group.throughput(Throughput::Elements(1_000));
     // 1,000 NewOrders decoded-as-frames through the exactly-once check and turned

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::registry::SessionHandle;
 use crate::session::ConnectionId;
+use crate::token::TokenEntropy;
 
 /// Largest record the core accepts from the stream (NATS's default largest message):
 /// a frame is far smaller, an operator's revoke of many sessions is not.
@@ -43,6 +44,8 @@ pub enum Record {
         max_sessions: Option<u64>,
         /// The encoded `Login` frame.
         login: Vec<u8>,
+        /// The random part of the session's first token, drawn by the edge.
+        entropy: TokenEntropy,
     },
     /// A client on `conn` asked to resume; `resume` is its encoded `Resume` frame.
     Resume {
@@ -54,6 +57,8 @@ pub enum Record {
         /// if the session was last on that run as far as the run knew: the most its
         /// client can acknowledge if the core finds the same.
         sent_here: Option<u64>,
+        /// The random part of the rotated token, drawn by the edge.
+        entropy: TokenEntropy,
     },
     /// A frame of session `session`'s client on `conn` after the handshake.
     Frame {

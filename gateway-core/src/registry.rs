@@ -33,7 +33,7 @@ use crate::session::{
     Action, CodPolicy, ConnectionId, LoginGrant, ResumeClaim, Session, SessionConfig,
 };
 use crate::time::Timestamp;
-use crate::token::{KeyError, TokenClaims, TokenError, TokenKeyRing};
+use crate::token::{TokenClaims, TokenEntropy, TokenError, TokenKeyRing};
 use proto::CancelOnDisconnect;
 
 mod image;
@@ -278,11 +278,12 @@ impl Registry {
         account: u64,
         generation: u32,
         expires_at: Timestamp,
-    ) -> Result<SessionToken, KeyError> {
+        random: &TokenEntropy,
+    ) -> SessionToken {
         self.keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .mint(session_id, account, generation, expires_at)
+            .mint(session_id, account, generation, expires_at, random)
     }
 
     /// Creates a session for an authenticated client on `conn`.
@@ -294,7 +295,8 @@ impl Registry {
     /// session of the account is attached is the login refused. Events of the
     /// account's ended sessions that were waiting follow the snapshot in the new
     /// session's stream, and later ones come to it while it is the account's newest
-    /// live session.
+    /// live session. `(now, entropy)`: the input's time, and the random part of the
+    /// token it mints (drawn by the edge, carried by the input).
     #[allow(clippy::too_many_arguments)]
     pub fn login(
         &self,
@@ -304,7 +306,7 @@ impl Registry {
         conn: ConnectionId,
         account_orders: &[engine::OrderView],
         idle_timeout: Duration,
-        now: Timestamp,
+        (now, entropy): (Timestamp, &TokenEntropy),
         out: &mut Vec<Action>,
     ) -> Result<NewSession, ReasonCode> {
         if cod.mode == CancelOnDisconnect::CancelAll && cod.grace > self.config.max_cod_grace {
@@ -322,13 +324,8 @@ impl Registry {
             self.session_count.fetch_sub(1, Ordering::AcqRel);
             return Err(ReasonCode::TooManyAccountSessions);
         }
-        let token = match self.mint(session_id, account, 0, now.plus(self.config.token_ttl)) {
-            Ok(token) => token,
-            Err(_) => {
-                self.release_slot(account, session_id);
-                return Err(ReasonCode::InternalError);
-            }
-        };
+        let expires_at = now.plus(self.config.token_ttl);
+        let token = self.mint(session_id, account, 0, expires_at, entropy);
         let grant = LoginGrant {
             session_id,
             account,
@@ -413,13 +410,14 @@ impl Registry {
     /// load. Takeover and theft detection happen in the session.
     ///
     /// `account_orders` gives an account's orders now, if the engine can say at
-    /// once (see [`crate::session::Session::resume`]).
+    /// once (see [`crate::session::Session::resume`]); `(now, entropy)` as for
+    /// [`Registry::login`].
     pub fn resume(
         &self,
         conn: ConnectionId,
         request: &proto::Resume,
         sent_here: Option<u64>,
-        now: Timestamp,
+        (now, entropy): (Timestamp, &TokenEntropy),
         account_orders: impl FnOnce(u64) -> Option<Vec<engine::OrderView>>,
         out: &mut Vec<Action>,
     ) -> Result<SessionHandle, ReasonCode> {
@@ -448,8 +446,8 @@ impl Registry {
                 now,
                 (
                     |generation, expires_at| {
-                        self.mint(claims.session_id, claims.account_id, generation, expires_at)
-                            .ok()
+                        let (session, account) = (claims.session_id, claims.account_id);
+                        self.mint(session, account, generation, expires_at, entropy)
                     },
                     || account_orders(claims.account_id),
                 ),

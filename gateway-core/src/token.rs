@@ -12,15 +12,16 @@
 //! | 32 | `random` | 16 |
 //! | 48 | `tag` = HMAC-SHA256(key `key_id`, bytes 0..48) | 32 |
 //!
-//! Entropy: 128 bits from the operating system CSPRNG (`ring::rand::SystemRandom`)
-//! in every token, so two tokens never collide and none can be guessed from another;
+//! Entropy: 128 bits in every token, drawn by the gateway's edge from the operating
+//! system CSPRNG for each login and resume and handed in with that input (the core
+//! reads no random generator, so a core rebuilt from its inputs mints the same
+//! tokens), so two tokens never collide and none can be guessed from another;
 //! forging one needs the 256-bit HMAC key. Tags are checked with `ring::hmac::verify`,
 //! which compares in constant time. Generation rules (which of a session's tokens
 //! are still good) belong to the session, not to this module.
 
 use proto::SessionToken;
 use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::time::Timestamp;
 
@@ -28,6 +29,8 @@ use crate::time::Timestamp;
 const SIGNED_LEN: usize = 48;
 /// Bytes of fresh randomness in each token.
 pub const RANDOM_LEN: usize = 16;
+/// The fresh random part of a token, drawn by the edge for the input that mints it.
+pub type TokenEntropy = [u8; RANDOM_LEN];
 /// Smallest accepted HMAC key.
 pub const MIN_KEY_LEN: usize = 32;
 /// Keys kept besides the current one, so tokens minted before a rotation stay valid.
@@ -71,9 +74,6 @@ pub enum KeyError {
     /// A key with this id is already in the ring.
     #[error("key id {0} is already in use")]
     DuplicateKeyId(u32),
-    /// The operating system's random generator failed.
-    #[error("system random generator failed")]
-    Random,
     /// A key ring without a key (a damaged snapshot).
     #[error("the key ring has no key")]
     Empty,
@@ -124,7 +124,6 @@ impl std::fmt::Debug for KeyRingImage {
 pub struct TokenKeyRing {
     current: TokenKey,
     previous: Vec<TokenKey>,
-    random: SystemRandom,
 }
 
 impl std::fmt::Debug for TokenKeyRing {
@@ -145,17 +144,7 @@ impl TokenKeyRing {
         Ok(TokenKeyRing {
             current: token_key(key_id, secret)?,
             previous: Vec::new(),
-            random: SystemRandom::new(),
         })
-    }
-
-    /// A ring with a fresh random 256-bit key (tokens die with the process).
-    pub fn generate(key_id: u32) -> Result<Self, KeyError> {
-        let mut secret = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut secret)
-            .map_err(|_| KeyError::Random)?;
-        Self::new(key_id, &secret)
     }
 
     /// The ring's keys, for a core snapshot.
@@ -175,7 +164,6 @@ impl TokenKeyRing {
         Ok(TokenKeyRing {
             current,
             previous: keys.collect::<Result<_, _>>()?,
-            random: SystemRandom::new(),
         })
     }
 
@@ -218,26 +206,25 @@ impl TokenKeyRing {
             .find(|k| k.id == key_id)
     }
 
-    /// Mints a token under the current key.
+    /// Mints a token under the current key, with `random` as its random part.
     pub fn mint(
         &self,
         session_id: u64,
         account_id: u64,
         generation: u32,
         expires_at: Timestamp,
-    ) -> Result<SessionToken, KeyError> {
+        random: &TokenEntropy,
+    ) -> SessionToken {
         let mut bytes = [0u8; SessionToken::LEN];
         bytes[0..4].copy_from_slice(&self.current.id.to_le_bytes());
         bytes[4..12].copy_from_slice(&session_id.to_le_bytes());
         bytes[12..20].copy_from_slice(&account_id.to_le_bytes());
         bytes[20..24].copy_from_slice(&generation.to_le_bytes());
         bytes[24..32].copy_from_slice(&expires_at.as_millis().to_le_bytes());
-        self.random
-            .fill(&mut bytes[32..SIGNED_LEN])
-            .map_err(|_| KeyError::Random)?;
+        bytes[32..SIGNED_LEN].copy_from_slice(random);
         let tag = hmac::sign(&self.current.key, &bytes[..SIGNED_LEN]);
         bytes[SIGNED_LEN..].copy_from_slice(tag.as_ref());
-        Ok(SessionToken(bytes))
+        SessionToken(bytes)
     }
 
     /// Verifies a presented token: length, key, tag (constant time), then expiry.
@@ -303,7 +290,7 @@ mod tests {
     #[test]
     fn a_minted_token_verifies_to_its_claims() {
         let ring = ring();
-        let token = ring.mint(42, 9, 3, LATER).expect("mint");
+        let token = ring.mint(42, 9, 3, LATER, &[5; RANDOM_LEN]);
         let claims = ring.verify(&token.0, NOW).expect("valid");
         assert_eq!(
             claims,
@@ -318,18 +305,21 @@ mod tests {
     }
 
     #[test]
-    fn tokens_for_the_same_claims_differ_in_their_random_part() {
+    fn tokens_for_the_same_claims_differ_in_their_random_part_alone() {
         let ring = ring();
-        let a = ring.mint(42, 9, 0, LATER).expect("mint");
-        let b = ring.mint(42, 9, 0, LATER).expect("mint");
-        assert_ne!(a.0[32..48], b.0[32..48]);
+        let a = ring.mint(42, 9, 0, LATER, &[5; RANDOM_LEN]);
+        let b = ring.mint(42, 9, 0, LATER, &[6; RANDOM_LEN]);
+        assert_eq!(a.0[32..48], [5; RANDOM_LEN]);
         assert_ne!(a, b);
+        assert_eq!(ring.verify(&a.0, NOW), ring.verify(&b.0, NOW));
+        // The same input mints the same token: a core rebuilt from it agrees.
+        assert_eq!(ring.mint(42, 9, 0, LATER, &[5; RANDOM_LEN]), a);
     }
 
     #[test]
     fn rejects_every_single_bit_flip_as_forged_or_unknown_key() {
         let ring = ring();
-        let token = ring.mint(42, 9, 0, LATER).expect("mint");
+        let token = ring.mint(42, 9, 0, LATER, &[5; RANDOM_LEN]);
         for bit in 0..SessionToken::LEN * 8 {
             let mut tampered = token.0;
             tampered[bit / 8] ^= 1 << (bit % 8);
@@ -345,13 +335,13 @@ mod tests {
     #[test]
     fn rejects_a_token_from_another_gateway_key() {
         let other = TokenKeyRing::new(1, &[8u8; 32]).expect("valid key");
-        let token = other.mint(42, 9, 0, LATER).expect("mint");
+        let token = other.mint(42, 9, 0, LATER, &[5; RANDOM_LEN]);
         assert_eq!(ring().verify(&token.0, NOW), Err(TokenError::BadTag));
     }
 
     #[test]
     fn rejects_wrong_lengths_as_malformed() {
-        let token = ring().mint(42, 9, 0, LATER).expect("mint");
+        let token = ring().mint(42, 9, 0, LATER, &[5; RANDOM_LEN]);
         assert_eq!(
             ring().verify(&token.0[..79], NOW),
             Err(TokenError::Malformed)
@@ -363,7 +353,7 @@ mod tests {
     #[test]
     fn rejects_expired_tokens_at_and_after_expiry() {
         let ring = ring();
-        let token = ring.mint(42, 9, 0, NOW).expect("mint");
+        let token = ring.mint(42, 9, 0, NOW, &[5; RANDOM_LEN]);
         assert_eq!(ring.verify(&token.0, NOW), Err(TokenError::Expired));
         assert_eq!(ring.verify(&token.0, LATER), Err(TokenError::Expired));
     }
@@ -371,9 +361,9 @@ mod tests {
     #[test]
     fn rotation_keeps_old_tokens_valid_until_their_key_is_retired() {
         let mut ring = ring();
-        let old = ring.mint(1, 1, 0, LATER).expect("mint");
+        let old = ring.mint(1, 1, 0, LATER, &[5; RANDOM_LEN]);
         ring.rotate(2, &[9u8; 32]).expect("rotate");
-        let new = ring.mint(1, 1, 0, LATER).expect("mint");
+        let new = ring.mint(1, 1, 0, LATER, &[5; RANDOM_LEN]);
         assert_eq!(ring.verify(&old.0, NOW).map(|c| c.key_id), Ok(1));
         assert_eq!(ring.verify(&new.0, NOW).map(|c| c.key_id), Ok(2));
         assert!(ring.retire(1));
@@ -397,7 +387,7 @@ mod tests {
     #[test]
     fn debug_output_shows_no_secret_and_tokens_are_redacted() {
         let ring = ring();
-        let token = ring.mint(1, 1, 0, LATER).expect("mint");
+        let token = ring.mint(1, 1, 0, LATER, &[5; RANDOM_LEN]);
         assert_eq!(format!("{token:?}"), "SessionToken(<redacted>)");
         assert!(!format!("{ring:?}").contains("07"));
     }

@@ -42,7 +42,7 @@ fn an_idle_detached_session_costs_well_under_a_kilobyte() {
                 conn,
                 &[],
                 Duration::from_secs(10),
-                now,
+                (now, &[7; 16]),
                 &mut Vec::new(),
             )
             .expect("login");

@@ -23,6 +23,7 @@ fn try_login(
     cod: gateway_core::session::CodPolicy,
 ) -> Result<u64, ReasonCode> {
     let conn = sim.new_conn();
+    let entropy = sim.entropy();
     sim.registry
         .login(
             account,
@@ -31,7 +32,7 @@ fn try_login(
             conn,
             &[],
             IDLE_TIMEOUT,
-            sim.now,
+            (sim.now, &entropy),
             &mut Vec::new(),
         )
         .map(|new| new.session_id)
@@ -336,10 +337,13 @@ fn forged_tampered_and_foreign_tokens_are_rejected() {
     );
     let session_id = client.session_id;
     let mint_with = |key_id, secret: [u8; 32]| {
-        TokenKeyRing::new(key_id, &secret)
-            .expect("key")
-            .mint(session_id, 1, 0, START.plus(Duration::from_secs(60)))
-            .expect("mint")
+        TokenKeyRing::new(key_id, &secret).expect("key").mint(
+            session_id,
+            1,
+            0,
+            START.plus(Duration::from_secs(60)),
+            &[3; 16],
+        )
     };
     let foreign = mint_with(9, [1u8; 32]);
     assert_eq!(
@@ -1499,9 +1503,14 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
     // and believed the session was last on run 7, which sent it nothing; the core
     // knows it was last on run 0, which may have sent all three.
     let on_run_7 = 7 << 32 | 1;
-    let resumed = sim
-        .registry
-        .resume(on_run_7, &resume, Some(0), sim.now, |_| None, &mut out);
+    let resumed = sim.registry.resume(
+        on_run_7,
+        &resume,
+        Some(0),
+        (sim.now, &[1; 16]),
+        |_| None,
+        &mut out,
+    );
     assert!(resumed.is_ok(), "{:?}", resumed.err());
 
     // Now it is on run 7: what run 7 says it sent bounds the next resume there.
@@ -1510,7 +1519,7 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
         again_on_run_7,
         &resume,
         Some(2),
-        sim.now,
+        (sim.now, &[2; 16]),
         |_| None,
         &mut out,
     );
@@ -1519,7 +1528,7 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
         again_on_run_7,
         &resume,
         Some(3),
-        sim.now,
+        (sim.now, &[3; 16]),
         |_| None,
         &mut out,
     );

@@ -109,6 +109,13 @@ pub(crate) fn new_key_pair(
     Ok((entry, key))
 }
 
+/// A token key ring with a fresh random 256-bit key, id 1: tokens die with the
+/// process (tests and the load tester's in-process gateway).
+pub fn fresh_token_keys() -> Result<TokenKeyRing, SetupError> {
+    let secret: [u8; 32] = random()?;
+    TokenKeyRing::new(1, &secret).map_err(|error| SetupError::Invalid(error.to_string()))
+}
+
 /// `N` bytes from the system's random generator.
 fn random<const N: usize>() -> Result<[u8; N], SetupError> {
     let mut bytes = [0u8; N];
@@ -427,8 +434,7 @@ mod tests {
         let later = crate::time::Timestamp::from_millis(1_000_000);
         let token = dev_token_key(&dir)
             .expect("generate")
-            .mint(7, 1, 0, later)
-            .expect("mint");
+            .mint(7, 1, 0, later, &[1; 16]);
         let restarted = dev_token_key(&dir).expect("reuse");
         assert_eq!(restarted.verify(&token.0, now).map(|c| c.session_id), Ok(7));
         fs::write(dir.join("token-key.hex"), "zz").expect("write");

@@ -286,7 +286,7 @@ fn start_gateway(options: &Options) -> Result<Target, RunError> {
         config,
         tls: (certs, key),
         accounts: file,
-        token_keys: gateway::token::TokenKeyRing::generate(1).map_err(|e| setup(&e))?,
+        token_keys: gateway::dev::fresh_token_keys().map_err(|e| setup(&e))?,
         accounts_path: None,
         admin_token: None,
     })

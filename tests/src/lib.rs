@@ -45,7 +45,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 impl TestGateway {
     /// Starts a gateway with accounts `1..=accounts` and settings changed by `adjust`.
     pub fn start(accounts: u64, adjust: impl FnOnce(&mut Config)) -> TestGateway {
-        let token_keys = TokenKeyRing::generate(1).expect("token key");
+        let token_keys = gateway::dev::fresh_token_keys().expect("token key");
         let identity = gateway::dev::self_signed().expect("certificate");
         let (setup, cert) = test_setup(accounts, token_keys, &identity, adjust);
         let gateway = Gateway::start(setup).expect("gateway starts");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_core::ring::RingLimits;
-use gateway_core::session::{Action, CodPolicy, LoginGrant, Session, SessionConfig};
+use gateway_core::session::{Action, CodPolicy, LoginGrant, ResumeClaim, Session, SessionConfig};
 use gateway_core::time::Timestamp;
 use libfuzzer_sys::fuzz_target;
 use matching_stub as engine;
@@ -17,13 +17,18 @@ use proto::{CancelOnDisconnect, SessionToken};
 const MAX_MESSAGES: usize = 8;
 
 fn byte(data: &mut &[u8]) -> u8 {
-    let Some((&first, rest)) = data.split_first() else { return 0 };
+    let Some((&first, rest)) = data.split_first() else {
+        return 0;
+    };
     *data = rest;
     first
 }
 
 fn owner() -> engine::Owner {
-    engine::Owner { account: 1, session: 1 }
+    engine::Owner {
+        account: 1,
+        session: 1,
+    }
 }
 
 fn view(id: u8, leaves: u64) -> engine::OrderView {
@@ -43,7 +48,11 @@ fn view(id: u8, leaves: u64) -> engine::OrderView {
 
 fn event(kind: u8, id: u8) -> engine::Event {
     match kind % 4 {
-        0 => engine::Event::Accepted { owner: owner(), tag: u64::from(id), order: view(id, 10) },
+        0 => engine::Event::Accepted {
+            owner: owner(),
+            tag: u64::from(id),
+            order: view(id, 10),
+        },
         1 => engine::Event::Fill(engine::Fill {
             owner: owner(),
             order_id: u64::from(id),
@@ -57,6 +66,7 @@ fn event(kind: u8, id: u8) -> engine::Event {
         }),
         2 => engine::Event::Cancelled {
             owner: owner(),
+            requester: owner(),
             tag: None,
             order_id: u64::from(id),
             client_order_id: u64::from(id % 8),
@@ -75,7 +85,10 @@ fn event(kind: u8, id: u8) -> engine::Event {
 fuzz_target!(|input: &[u8]| {
     let mut data = input;
     let config = Arc::new(SessionConfig {
-        ring: RingLimits { max_messages: MAX_MESSAGES, max_bytes: 400 },
+        ring: RingLimits {
+            max_messages: MAX_MESSAGES,
+            max_bytes: 400,
+        },
         max_messages_per_second: 20,
         max_open_orders: 4,
         max_queued_duplicates: 4,
@@ -84,11 +97,22 @@ fuzz_target!(|input: &[u8]| {
     let grant = LoginGrant {
         session_id: 1,
         account: 1,
-        cod: CodPolicy { mode: CancelOnDisconnect::CancelAll, grace: Duration::from_millis(500) },
+        cod: CodPolicy {
+            mode: CancelOnDisconnect::CancelAll,
+            grace: Duration::from_millis(500),
+        },
     };
     let mut now = Timestamp::from_millis(1_000_000);
     let mut conn = 1;
-    let mut session = Session::login(grant, conn, SessionToken([0; 80]), &[], Duration::from_secs(5), Arc::clone(&config), now);
+    let mut session = Session::login(
+        grant,
+        conn,
+        SessionToken([0; 80]),
+        &[],
+        Duration::from_secs(5),
+        Arc::clone(&config),
+        now,
+    );
     let mut actions = Vec::new();
     let mut sent = Vec::new();
     while !data.is_empty() {
@@ -110,7 +134,12 @@ fuzz_target!(|input: &[u8]| {
                     last_acked_server_seq: u64::from(byte(&mut data)),
                     next_client_seq: u64::from(byte(&mut data)),
                 };
-                let _ = session.resume(conn, generation, &resume, now, |_, _| Some(SessionToken([1; 80])), &mut actions);
+                let claim = ResumeClaim {
+                    generation,
+                    sent_here: None,
+                };
+                let mint_and_orders = (|_, _| SessionToken([1; 80]), || None);
+                let _ = session.resume(conn, claim, &resume, now, mint_and_orders, &mut actions);
             }
             3 => {
                 now = now.plus(Duration::from_millis(u64::from(byte(&mut data)) * 50));
@@ -126,7 +155,10 @@ fuzz_target!(|input: &[u8]| {
                 session.poll_transmit(conn, &mut sent, usize::from(byte(&mut data)));
                 for bytes in &sent {
                     let decoded = proto::decode(bytes);
-                    assert!(matches!(decoded, Ok(Some((_, used))) if used == bytes.len()), "sent an invalid frame");
+                    assert!(
+                        matches!(decoded, Ok(Some((_, used))) if used == bytes.len()),
+                        "sent an invalid frame"
+                    );
                 }
             }
         }

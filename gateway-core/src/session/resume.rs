@@ -20,7 +20,7 @@ impl Session {
         request: &proto::Resume,
         now: Timestamp,
         (mint, account_orders): (
-            impl FnOnce(u32, Timestamp) -> Option<SessionToken>,
+            impl FnOnce(u32, Timestamp) -> SessionToken,
             impl FnOnce() -> Option<Vec<engine::OrderView>>,
         ),
         out: &mut Vec<Action>,
@@ -57,8 +57,7 @@ impl Session {
             .token_issued
             .checked_add(1)
             .ok_or(ResumeRefused(ReasonCode::TokenExpired))?;
-        let token = mint(next_generation, now.plus(self.config.token_ttl))
-            .ok_or(ResumeRefused(ReasonCode::InternalError))?;
+        let token = mint(next_generation, now.plus(self.config.token_ttl));
         self.token_issued = next_generation;
         self.token_used = generation;
         if run_of(self.last_conn) != run_of(conn) {

@@ -12,7 +12,7 @@ use gateway_core::registry::{lock, Registry, RegistryLimits, SessionHandle};
 use gateway_core::session::{Action, CodPolicy, ConnectionId, SessionConfig, Transmit};
 use gateway_core::snapshot::CoreImage;
 use gateway_core::time::Timestamp;
-use gateway_core::token::TokenKeyRing;
+use gateway_core::token::{TokenEntropy, TokenKeyRing, RANDOM_LEN};
 use matching_stub::{self as engine, EngineConfig, Instrument, MatchingEngine, OrderBookEngine};
 use proto::{CancelOnDisconnect, Frame, OrderState, ReasonCode, SessionToken};
 
@@ -39,6 +39,9 @@ pub struct Sim {
     /// Every session ever attached, as a connection's writer holds it: an ended
     /// session leaves the registry but still says goodbye on its connection.
     pub writers: HashMap<u64, SessionHandle>,
+    /// Tokens minted so far: each mint's random part is drawn from this count, as
+    /// the edge would draw it from the system's generator.
+    minted: u64,
 }
 
 impl Sim {
@@ -63,7 +66,16 @@ impl Sim {
             closed: Vec::new(),
             routed: Vec::new(),
             writers: HashMap::new(),
+            minted: 0,
         }
+    }
+
+    /// The random part of the next token to be minted: distinct for every mint.
+    pub fn entropy(&mut self) -> TokenEntropy {
+        self.minted += 1;
+        let mut entropy = [0; RANDOM_LEN];
+        entropy[..8].copy_from_slice(&self.minted.to_le_bytes());
+        entropy
     }
 
     pub fn new_conn(&mut self) -> ConnectionId {
@@ -120,6 +132,7 @@ impl Sim {
     ) -> Client {
         let conn = self.new_conn();
         let orders = self.engine.orders_of(account);
+        let entropy = self.entropy();
         let mut out = Vec::new();
         let new = self
             .registry
@@ -130,7 +143,7 @@ impl Sim {
                 conn,
                 &orders,
                 IDLE_TIMEOUT,
-                self.now,
+                (self.now, &entropy),
                 &mut out,
             )
             .expect("login accepted");
@@ -303,13 +316,14 @@ impl Sim {
             last_acked_server_seq: client.last_server_seq,
             next_client_seq: client.next_client_seq,
         };
+        let entropy = self.entropy();
         let mut out = Vec::new();
         let engine = &self.engine;
         let result = self.registry.resume(
             conn,
             &request,
             None,
-            self.now,
+            (self.now, &entropy),
             |account| Some(engine.orders_of(account)),
             &mut out,
         );

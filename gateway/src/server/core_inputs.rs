@@ -20,6 +20,7 @@ use crate::sequencer::{Entry, JetStreamLog, Outcome, Record};
 use crate::session::{Action, CodPolicy, ConnectionId};
 use crate::snapshot::CoreImage;
 use crate::time::Timestamp;
+use crate::token::TokenEntropy;
 
 /// Crash-safe mode: applies the stream to the core, in order, from the record after
 /// `after` (the restored snapshot's, or 0) for as long as the gateway runs; says when
@@ -217,12 +218,14 @@ impl Shared {
                 account,
                 max_sessions,
                 login,
+                entropy,
             } => {
                 let created = match decoded(&login) {
                     Some(Frame::Login(login)) => {
                         let orders = self.orders_now(account).unwrap_or_default();
                         let max_sessions = max_sessions.and_then(|m| usize::try_from(m).ok());
-                        self.open_session(conn, account, max_sessions, &login, &orders, now)
+                        let input = (now, &entropy);
+                        self.open_session(conn, account, max_sessions, &login, &orders, input)
                     }
                     _ => Err(ReasonCode::InternalError),
                 };
@@ -232,8 +235,11 @@ impl Shared {
                 conn,
                 resume,
                 sent_here,
+                entropy,
             } => Some(Outcome::Session(match decoded(&resume) {
-                Some(Frame::Resume(resume)) => self.resume_session(conn, &resume, sent_here, now),
+                Some(Frame::Resume(resume)) => {
+                    self.resume_session(conn, &resume, sent_here, (now, &entropy))
+                }
                 _ => Err(ReasonCode::InternalError),
             })),
             Record::Frame {
@@ -350,7 +356,8 @@ impl Shared {
         self.end_sessions(&self.registry.sessions_of(account), now)
     }
 
-    /// Core: opens a session for an authenticated login, unless a limit refuses it.
+    /// Core: opens a session for an authenticated login, unless a limit refuses it;
+    /// `(now, entropy)`: the input's time and its token's random part.
     pub(super) fn open_session(
         &self,
         conn_id: ConnectionId,
@@ -358,7 +365,7 @@ impl Shared {
         max_sessions: Option<usize>,
         login: &proto::Login,
         orders: &[engine::OrderView],
-        now: Timestamp,
+        (now, entropy): (Timestamp, &TokenEntropy),
     ) -> Result<SessionHandle, ReasonCode> {
         let cod = CodPolicy {
             mode: login.cancel_on_disconnect,
@@ -372,7 +379,7 @@ impl Shared {
             conn_id,
             orders,
             self.idle_timeout,
-            now,
+            (now, entropy),
             &mut actions,
         );
         self.execute(actions, now);
@@ -386,14 +393,14 @@ impl Shared {
         conn_id: ConnectionId,
         resume: &proto::Resume,
         sent_here: Option<u64>,
-        now: Timestamp,
+        (now, entropy): (Timestamp, &TokenEntropy),
     ) -> Result<SessionHandle, ReasonCode> {
         let mut actions = Vec::new();
         let result = self.registry.resume(
             conn_id,
             resume,
             sent_here,
-            now,
+            (now, entropy),
             |account| self.orders_now(account),
             &mut actions,
         );

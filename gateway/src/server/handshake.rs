@@ -2,7 +2,10 @@
 //! failure limits) and opened in the core, or a `Resume` of the session its token
 //! names; in crash-safe mode both go through the stream and wait for their outcome.
 
+use ring::rand::{SecureRandom, SystemRandom};
+
 use super::*;
+use crate::token::TokenEntropy;
 
 /// A login's or resume's outcome from the core. Without one (the stream or the
 /// core did not answer in time) the connection is refused, and the core is told
@@ -95,12 +98,14 @@ impl Shared {
         if self.conns.len() + self.resume_reserved_connections > self.max_connections {
             return Err(ReasonCode::TooManySessions);
         }
+        let entropy = token_entropy()?;
         if let Some(log) = &self.log {
             let record = Record::Login {
                 conn: conn_id,
                 account: grant.account,
                 max_sessions: grant.max_sessions.map(|m| m as u64),
                 login: Frame::from(*login).to_bytes().into(),
+                entropy,
             };
             return handshake_outcome(log, log.call(record, conn_id).await, conn_id);
         }
@@ -114,7 +119,7 @@ impl Shared {
             grant.max_sessions,
             login,
             &orders,
-            now,
+            (now, &entropy),
         )
     }
 
@@ -128,6 +133,7 @@ impl Shared {
         // is what keeps a firm's orders safe, and its neighbours' too.
         let now = clock::now();
         let rejected = |reason| Frame::from(proto::ResumeRejected { reason });
+        let entropy = token_entropy().map_err(rejected)?;
         let result = match &self.log {
             // What this gateway sent is known here, not in the core: the record
             // says it, and the core checks the resume's ack against it if the
@@ -138,10 +144,11 @@ impl Shared {
                     conn: conn_id,
                     resume: Frame::from(*resume).to_bytes().into(),
                     sent_here: self.sent_here(resume, log.run()),
+                    entropy,
                 };
                 handshake_outcome(log, log.call(record, conn_id).await, conn_id)
             }
-            None => self.resume_session(conn_id, resume, None, now),
+            None => self.resume_session(conn_id, resume, None, (now, &entropy)),
         };
         match result {
             Ok(session) => {
@@ -170,4 +177,14 @@ impl Shared {
             .session_of_token(&resume.token.0)
             .and_then(|session| lock(&session).sent_by_run(here))
     }
+}
+
+/// The random part of a token the input about to be made will mint, from the
+/// operating system's generator: the edge draws it, the core only uses it.
+fn token_entropy() -> Result<TokenEntropy, ReasonCode> {
+    let mut entropy = [0; crate::token::RANDOM_LEN];
+    SystemRandom::new()
+        .fill(&mut entropy)
+        .map_err(|_| ReasonCode::InternalError)?;
+    Ok(entropy)
 }
