@@ -80,46 +80,57 @@ fn op_or_restore() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Applies one op to the simulated gateway and its two clients.
+fn apply(
+    sim: &mut Sim,
+    clients: &mut [Client; 2],
+    next_order_id: &mut [u64; 2],
+    op: &Op,
+) -> Result<(), TestCaseError> {
+    match *op {
+        Op::Order {
+            client,
+            buy,
+            price,
+            quantity,
+        } => {
+            let side = if buy { Side::Buy } else { Side::Sell };
+            clients[client].new_order(next_order_id[client], side, price, quantity);
+            next_order_id[client] += 1;
+        }
+        Op::Cancel { client, back } => {
+            let target = next_order_id[client].saturating_sub(back).max(1);
+            clients[client].cancel(target);
+        }
+        Op::DeliverToGateway { client, n } => sim.deliver_to_gateway(&mut clients[client], n),
+        Op::Transmit { client, max } => {
+            sim.transmit(&mut clients[client], max);
+        }
+        Op::DeliverToClient { client, n } => sim.deliver_to_client(&mut clients[client], n),
+        Op::Ack { client } => clients[client].ack(),
+        Op::DropConnection { client } => sim.drop_connection(&mut clients[client]),
+        // With the connection still up this is a takeover of a half-open one.
+        Op::Resume { client } => sim
+            .resume(&mut clients[client])
+            .map_err(|reason| TestCaseError::fail(format!("resume refused: {reason:?}")))?,
+        Op::Restore { restart } => sim.restore_from_snapshot(clients, restart),
+    }
+    // A connection the gateway closed is dead for the client too.
+    for client in clients.iter_mut() {
+        if client.conn.is_some_and(|c| sim.is_closed(c).is_some()) {
+            sim.drop_connection(client);
+        }
+    }
+    Ok(())
+}
+
 fn run(ops: &[Op], config: SessionConfig) -> Result<(), TestCaseError> {
     let mut sim = Sim::new(config);
     let mut clients = [sim.login(1, NO_COD), sim.login(2, NO_COD)];
     let mut next_order_id = [1u64, 1u64];
 
     for op in ops {
-        match *op {
-            Op::Order {
-                client,
-                buy,
-                price,
-                quantity,
-            } => {
-                let side = if buy { Side::Buy } else { Side::Sell };
-                clients[client].new_order(next_order_id[client], side, price, quantity);
-                next_order_id[client] += 1;
-            }
-            Op::Cancel { client, back } => {
-                let target = next_order_id[client].saturating_sub(back).max(1);
-                clients[client].cancel(target);
-            }
-            Op::DeliverToGateway { client, n } => sim.deliver_to_gateway(&mut clients[client], n),
-            Op::Transmit { client, max } => {
-                sim.transmit(&mut clients[client], max);
-            }
-            Op::DeliverToClient { client, n } => sim.deliver_to_client(&mut clients[client], n),
-            Op::Ack { client } => clients[client].ack(),
-            Op::DropConnection { client } => sim.drop_connection(&mut clients[client]),
-            // With the connection still up this is a takeover of a half-open one.
-            Op::Resume { client } => sim
-                .resume(&mut clients[client])
-                .map_err(|reason| TestCaseError::fail(format!("resume refused: {reason:?}")))?,
-            Op::Restore { restart } => sim.restore_from_snapshot(&mut clients, restart),
-        }
-        // A connection the gateway closed is dead for the client too.
-        for client in &mut clients {
-            if client.conn.is_some_and(|c| sim.is_closed(c).is_some()) {
-                sim.drop_connection(client);
-            }
-        }
+        apply(&mut sim, &mut clients, &mut next_order_id, op)?;
         for client in &clients {
             for seq in 1..client.next_client_seq {
                 prop_assert!(
@@ -194,8 +205,42 @@ fn run(ops: &[Op], config: SessionConfig) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The core after `ops`, as its snapshot encodes it, and what each client received
+/// (handshake answers, tokens included, and sequenced messages).
+fn outcome(
+    ops: &[Op],
+    config: SessionConfig,
+) -> Result<(Vec<u8>, Vec<Vec<proto::Frame>>), TestCaseError> {
+    let mut sim = Sim::new(config);
+    let mut clients = [sim.login(1, NO_COD), sim.login(2, NO_COD)];
+    let mut next_order_id = [1u64, 1u64];
+    for op in ops {
+        apply(&mut sim, &mut clients, &mut next_order_id, op)?;
+    }
+    let streams = clients
+        .iter()
+        .map(|client| [client.control.clone(), client.received.clone()].concat())
+        .collect();
+    Ok((sim.core_bytes(), streams))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The core is deterministic: two cores fed the same inputs (time and token
+    /// entropy included) end byte-identical and tell their clients the same, which is
+    /// what lets every gateway on a stream hold the same core.
+    #[test]
+    fn two_cores_fed_the_same_inputs_end_byte_identical(ops in proptest::collection::vec(op_or_restore(), 1..120)) {
+        let config = SessionConfig {
+            ring: RingLimits { max_messages: 6, max_bytes: 1 << 20 },
+            ..SessionConfig::default()
+        };
+        let first = outcome(&ops, config.clone())?;
+        let second = outcome(&ops, config)?;
+        prop_assert!(first.0 == second.0, "the cores differ");
+        prop_assert_eq!(first.1, second.1);
+    }
 
     #[test]
     fn both_directions_are_exactly_once_across_any_disconnects(ops in proptest::collection::vec(op(), 1..120)) {

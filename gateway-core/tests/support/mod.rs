@@ -163,6 +163,11 @@ impl Sim {
         core_image(&self.registry, &self.engine).encode().len()
     }
 
+    /// The whole core (registry and engine) as its snapshot encodes it.
+    pub fn core_bytes(&self) -> Vec<u8> {
+        core_image(&self.registry, &self.engine).encode().to_vec()
+    }
+
     /// Replaces the core (registry and engine) with the one its snapshot restores,
     /// checking that the restored core snapshots to the same bytes. With `restart`,
     /// the gateway restarted as well: every connection is gone, and the writers
