@@ -313,6 +313,17 @@ impl Shared {
     }
 }
 
+/// The `Cancel` of an order, numbered when it is sent.
+fn cancel_of(client_order_id: u64) -> impl FnOnce(u64) -> Frame {
+    move |client_seq| {
+        proto::Cancel {
+            client_seq,
+            client_order_id,
+        }
+        .into()
+    }
+}
+
 /// A connected client. Dropping it ends the connection without logging out.
 pub struct Client {
     shared: Arc<Mutex<Shared>>,
@@ -429,13 +440,7 @@ impl Client {
 
     /// Cancels a working order; returns the request's client sequence number.
     pub fn cancel(&self, client_order_id: u64) -> Result<u64, ClientError> {
-        self.send_sequenced(|client_seq| {
-            proto::Cancel {
-                client_seq,
-                client_order_id,
-            }
-            .into()
-        })
+        self.send_sequenced(cancel_of(client_order_id))
     }
 
     /// Cancels every order that may still be working: one `Cancel` per entry of
@@ -452,18 +457,9 @@ impl Client {
         let mut shared = self.lock();
         let ids = shared.state.open_orders();
         self.admit(&shared, ids.len())?;
-        let cancel = |client_order_id| {
-            move |client_seq| {
-                proto::Cancel {
-                    client_seq,
-                    client_order_id,
-                }
-                .into()
-            }
-        };
         Ok(ids
             .into_iter()
-            .map(|client_order_id| shared.send_sequenced(cancel(client_order_id)))
+            .map(|client_order_id| shared.send_sequenced(cancel_of(client_order_id)))
             .collect())
     }
 
