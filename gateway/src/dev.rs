@@ -117,7 +117,7 @@ pub fn fresh_token_keys() -> Result<TokenKeyRing, SetupError> {
 }
 
 /// `N` bytes from the system's random generator.
-fn random<const N: usize>() -> Result<[u8; N], SetupError> {
+pub(crate) fn random<const N: usize>() -> Result<[u8; N], SetupError> {
     let mut bytes = [0u8; N];
     SystemRandom::new()
         .fill(&mut bytes)

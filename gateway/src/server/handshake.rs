@@ -2,8 +2,6 @@
 //! failure limits) and opened in the core, or a `Resume` of the session its token
 //! names; in crash-safe mode both go through the stream and wait for their outcome.
 
-use ring::rand::{SecureRandom, SystemRandom};
-
 use super::*;
 use crate::token::TokenEntropy;
 
@@ -182,9 +180,5 @@ impl Shared {
 /// The random part of a token the input about to be made will mint, from the
 /// operating system's generator: the edge draws it, the core only uses it.
 fn token_entropy() -> Result<TokenEntropy, ReasonCode> {
-    let mut entropy = [0; crate::token::RANDOM_LEN];
-    SystemRandom::new()
-        .fill(&mut entropy)
-        .map_err(|_| ReasonCode::InternalError)?;
-    Ok(entropy)
+    crate::dev::random().map_err(|_| ReasonCode::InternalError)
 }
