@@ -2,11 +2,13 @@
 //! gateway run as an [`Entry`] (who, when, who waits), and applied in the order of
 //! the log; applying one gives an [`Outcome`] to the gateway that waits for it.
 //!
-//! In crash-safe mode the entries travel on a NATS JetStream stream (the gateway's
-//! `sequencer`); every gateway on it applies all of them, so each holds the same
-//! core.
+//! [`crate::machine::Core::apply`] applies them. In embedded mode the log is in the
+//! gateway's memory and applies each entry as it is appended; in crash-safe mode the
+//! entries travel on a NATS JetStream stream (the gateway's `sequencer`), and every
+//! gateway on it applies all of them, so each holds the same core.
 
 use bytes::Bytes;
+use matching_stub as engine;
 use proto::ReasonCode;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +48,9 @@ pub enum Record {
         login: Vec<u8>,
         /// The random part of the session's first token, drawn by the edge.
         entropy: TokenEntropy,
+        /// The account's orders as the engine told the appending gateway, when the
+        /// engine is out of process; `None`: the core reads them from its engine.
+        account_orders: Option<Vec<engine::OrderView>>,
     },
     /// A client on `conn` asked to resume; `resume` is its encoded `Resume` frame.
     Resume {
@@ -76,6 +81,11 @@ pub enum Record {
         /// The connection.
         conn: ConnectionId,
     },
+    /// The engine answered (an engine out of process): its events, in its order.
+    EngineEvents {
+        /// The events.
+        events: Vec<engine::Event>,
+    },
     /// Time passed: fire due cancel-on-disconnect and expiry timers.
     Tick,
     /// An operator ended these sessions.
@@ -89,6 +99,9 @@ pub enum Record {
         /// The account.
         account: u64,
     },
+    /// Every session ends (`ShuttingDown`): the gateway stops and its sessions live
+    /// in its memory only (embedded mode).
+    EndAll,
     /// An operator installed a new token key for minting.
     RotateKey {
         /// The new key's id.
@@ -170,6 +183,8 @@ pub enum Outcome {
     Done(bool),
     /// Not applied: the run of the gateway that appended it has ended.
     Fenced,
+    /// Applied; nothing to report.
+    Applied,
 }
 
 #[cfg(test)]

@@ -2,15 +2,19 @@
 //! structures behind it, with no IO.
 //!
 //! Nothing here opens a socket, spawns a task or reads the network: the gateway's
-//! edge (`gateway`: QUIC, the log follower, the admin listener, metrics) feeds it
-//! frames, engine events and timer ticks with the time as an argument
-//! ([`time::Timestamp`]), and carries out the [`session::Action`]s it hands back.
+//! edge (`gateway`: QUIC, the log follower, the admin listener, metrics) appends
+//! every input to a log, and [`machine::Core::apply`] applies each at the time the
+//! input carries ([`time::Timestamp`]), handing back what the edge must do
+//! ([`machine::Effects`]: writers to wake, connections to close).
 //! So every scenario is tested deterministically, and crash-safe mode rebuilds the
 //! same core by applying the same inputs again.
 //!
 //! # Layout
 //!
+//! - [`machine`]: the core as one state machine, [`machine::Core::apply`] taking
+//!   each input of the log.
 //! - [`input`]: the core's input type ([`input::Record`]) as the log carries it.
+//! - [`engine_link`]: the matching engine, in process or elsewhere.
 //! - [`session`]: one session's state machine (exactly-once inbound, acks, resume,
 //!   takeover, cancel-on-disconnect, expiry) and the writer's transmit path.
 //! - [`registry`]: all sessions in a concurrent map, with limits and event routing.
@@ -25,7 +29,9 @@
 
 pub mod connection;
 pub mod convert;
+pub mod engine_link;
 pub mod input;
+pub mod machine;
 pub mod members;
 pub mod orders;
 pub mod registry;
@@ -34,3 +40,5 @@ pub mod session;
 pub mod snapshot;
 pub mod time;
 pub mod token;
+
+pub use machine::{Core, Effects};

@@ -7,7 +7,9 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: the QUIC server, the core's inputs and the engine link.
+//! - [`server`]: the QUIC server, the core's inputs and the engine thread.
+//! - [`log`]: the seam to the core: every input on a log, in memory or on the
+//!   stream.
 //! - [`auth`]: API keys, login signatures, nonces and failure limits.
 //! - [`admin`] and [`metrics`]: the operator's HTTP listener and `/metrics`.
 //! - [`config`] and [`settings`]: the configuration file and its reference.
@@ -21,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod keys;
+pub mod log;
 pub mod metrics;
 pub mod sequencer;
 pub mod server;

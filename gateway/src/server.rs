@@ -1,7 +1,7 @@
 //! The QUIC server: thin glue between quinn and the sans-IO session core. The
 //! endpoint's settings are in the `quic` submodule, one connection's tasks in
 //! `connection`, its first frame (login or resume) in `handshake`, the operator's
-//! calls in `operations`, what an input does to the core in `core_inputs`.
+//! calls in `operations`, the engine on its own thread in `engine_thread`.
 //!
 //! Per connection: one task reads the first frame (`Login` or `Resume`), then loops
 //! decoding frames into the session; one writer task drains the session's transmit
@@ -14,10 +14,12 @@
 //! [`CLOSE_DEADLINE`], whatever the peer does; then the QUIC connection is closed
 //! with the reason as its error code.
 //!
-//! In crash-safe mode (`sequencer.mode = "jetstream"`) the tasks do not change the
-//! core themselves: they append records to the stream (see [`crate::sequencer`]), and
-//! one task applies the stream. What an input does to the core, in either mode, is in
-//! the `core_inputs` submodule.
+//! The tasks never change the core themselves: they append records to the log
+//! ([`crate::log`]), and the core applies them ([`gateway_core::Core::apply`]). In
+//! embedded mode the log is in memory and applies each record at once; in crash-safe
+//! mode (`sequencer.mode = "jetstream"`) it is the stream, and the `follower`
+//! submodule applies it. What the core asks of the edge after each input is carried
+//! out in the `core_inputs` submodule.
 //!
 //! Before a connection has logged in or resumed it holds a *handshaking* slot:
 //! bounded in all and per address, and under load only for addresses QUIC has
@@ -31,9 +33,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use matching_stub::{
-    self as engine, EngineConfig, EngineThread, Instrument, OrderBookEngine, SubmitError,
-};
+use gateway_core::engine_link::{EngineLink, InProcess};
+use gateway_core::Core;
+use matching_stub::{self as engine, EngineConfig, EngineThread, Instrument, OrderBookEngine};
 use proto::{Frame, ReasonCode};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn, Instrument as _};
@@ -44,23 +46,25 @@ use crate::clock;
 use crate::config::{Config, EngineMode, SequencerMode};
 use crate::convert;
 use crate::dev::{SetupError, TlsIdentity};
-use crate::members::Members;
+use crate::log::{Log, MemoryLog};
 use crate::metrics::{Metrics, ReasonLabel, Snapshot, LATENCY_SAMPLE_EVERY};
 use crate::registry::{lock, IdMap, Registry, SessionHandle, SessionInfo};
 use crate::sequencer::{JetStreamLog, LogError, Outcome, Record};
 use crate::session::{AckBound, ConnectionId};
 use crate::snapshot::CoreImage;
-use crate::time::Timestamp;
 use crate::token::TokenKeyRing;
 
 mod connection;
 mod core_inputs;
+mod engine_thread;
+mod follower;
 mod handshake;
 mod operations;
 mod quic;
 
 use connection::{serve_connection, Conn};
-use core_inputs::follow_log;
+use engine_thread::EngineOnThread;
+use follower::follow_log;
 pub use quic::{ack_frequency, bind_udp, close_code, quic_crypto, ACK_DELAY};
 use quic::{lasting_endpoint_config, server_config};
 
@@ -136,27 +140,19 @@ struct TlsReload {
     endpoint: quinn::Endpoint,
 }
 
-/// How requests reach the matching engine.
-enum EngineLink {
-    /// On its own thread behind a bounded queue; events come back through the
-    /// thread's sink.
-    Thread(engine::EngineSender),
-    /// Called in place, under a lock, by the task that has the request: no thread
-    /// hop. Events are routed while the lock is held, so every session still gets
-    /// them in engine order.
-    Inline(Mutex<OrderBookEngine>),
-}
-
 /// State shared by all tasks and the engine thread.
 pub(crate) struct Shared {
-    pub(crate) registry: Registry,
-    engine: EngineLink,
+    /// Every session and the engine link: changed only by the records of `log`.
+    pub(crate) core: Core,
+    /// Where every input of the core goes.
+    log: Log,
+    /// The engine's thread, when it runs on one: asked for an account's orders
+    /// before a login's record is appended.
+    engine_thread: Option<engine::EngineSender>,
     conns: IdMap<ConnectionId, Arc<Conn>>,
     auth: Mutex<Authenticator>,
     queries: IdMap<u64, oneshot::Sender<Vec<engine::OrderView>>>,
     next_query: AtomicU64,
-    next_conn: AtomicU64,
-    idle_timeout: Duration,
     handshake_timeout: Duration,
     /// Connection limits (`transport.*`).
     max_connections: usize,
@@ -177,24 +173,12 @@ pub(crate) struct Shared {
     accounts_path: Option<PathBuf>,
     /// Where the certificate and key are read again from on a reload.
     tls_reload: Option<TlsReload>,
-    /// Crash-safe mode: the stream every input of the core goes through. `None`:
-    /// embedded mode, the core takes inputs as they come.
-    log: Option<Arc<JetStreamLog>>,
-    /// Crash-safe mode: the gateway runs sharing the stream (records of runs that
-    /// ended are fenced off) and the core's time, read off their records.
-    members: Mutex<Members>,
     /// Crash-safe mode: how long this gateway may stay silent on the stream before
     /// the others declare it gone (`sequencer.gateway_timeout_ms`); it appends a
     /// heartbeat after a quarter of that.
     gateway_timeout: Duration,
     /// Crash-safe mode: how long a shutdown drains before it closes connections.
     drain_notice: Duration,
-    /// Crash-safe mode: records fenced off so far.
-    fenced_records: AtomicU64,
-    /// Crash-safe mode: stream position of the last record applied.
-    applied_position: AtomicU64,
-    /// Crash-safe mode: records between two core snapshots (0: none taken).
-    snapshot_every: u64,
     /// Crash-safe mode: position of the latest core snapshot stored or restored.
     snapshot_position: AtomicU64,
     /// Crash-safe mode: core snapshots that could not be stored.
@@ -283,14 +267,15 @@ impl Gateway {
         let position = log.append(&log.entry(started, 0)).await?;
         log.set_start(position);
         let (caught_up, replayed) = oneshot::channel();
-        let gateway = Self::start_with(setup, Some(Arc::clone(&log)), image)?;
+        let snapshot_every = setup.config.sequencer.snapshot_every;
+        let stream = Log::JetStream(Arc::clone(&log));
+        let gateway = Self::start_with(setup, |_| stream, image)?;
         let restored_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
         let shared = Arc::clone(&gateway.shared);
         tokio::spawn(follow_log(
             shared,
             Arc::clone(&log),
-            after,
-            position,
+            (after, position, snapshot_every),
             caught_up,
         ));
         tokio::select! {
@@ -299,9 +284,8 @@ impl Gateway {
         }
         let differing = gateway
             .shared
-            .members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .core
+            .members()
             .other_settings(position, settings)
             .map(str::to_owned);
         if let Some(other) = differing {
@@ -319,13 +303,13 @@ impl Gateway {
         info!(
             snapshot = after,
             records = position - after,
-            sessions = gateway.shared.registry.len(),
+            sessions = gateway.shared.core.registry().len(),
             restored_ms,
             elapsed_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
             "core rebuilt from the stream"
         );
         // The counters say what this process did, not what its predecessors did.
-        gateway.shared.registry.reset_stats();
+        gateway.shared.core.registry().reset_stats();
         gateway.shared.accepting.send_replace(true);
         Ok(gateway)
     }
@@ -338,16 +322,26 @@ impl Gateway {
                 "sequencer.mode = \"jetstream\" starts with Gateway::launch".into(),
             )));
         }
-        let gateway = Self::start_with(setup, None, None)?;
+        let started = Record::Started {
+            gateway: setup.config.gateway_name(),
+            timeout_ms: setup.config.sequencer.gateway_timeout_ms,
+            settings: setup.config.core_fingerprint(),
+        };
+        let memory = |core: &Core| {
+            Log::Memory(MemoryLog::start(started, |entry, position| {
+                core.apply(entry, position, &mut gateway_core::Effects::default())
+            }))
+        };
+        let gateway = Self::start_with(setup, memory, None)?;
         gateway.shared.accepting.send_replace(true);
         Ok(gateway)
     }
 
-    /// Starts the gateway's tasks; in crash-safe mode with the `log` its core
-    /// follows, and the core from `image` (a snapshot) if there is one.
+    /// Starts the gateway's tasks, with the core from `image` (a snapshot) if there
+    /// is one, on the log `log` makes for it.
     fn start_with(
         setup: Setup,
-        log: Option<Arc<JetStreamLog>>,
+        log: impl FnOnce(&Core) -> Log,
         image: Option<CoreImage>,
     ) -> Result<Gateway, StartError> {
         let Setup {
@@ -396,11 +390,10 @@ impl Gateway {
             max_working_orders_per_account: config.engine.max_working_orders_per_account,
         };
         let mut session_config = config.session_config();
-        if log.is_some() {
-            // Rebuilt from the stream, sessions never saw what was sent: the edge
-            // checks acks against that before they reach the stream.
-            session_config.ack_bound = AckBound::Assigned;
-        }
+        // Applied from a log, sessions need not see what was sent (a core rebuilt
+        // from the stream never does): the edge checks acks against that before
+        // they reach the log.
+        session_config.ack_bound = AckBound::Assigned;
         let (registry, book, restored) = match image {
             None => (
                 Registry::new(token_keys, session_config, config.registry_limits()),
@@ -426,8 +419,9 @@ impl Gateway {
             }
         };
         let routed_to: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
-        let (engine_link, engine) = match config.engine.mode {
-            EngineMode::Inline => (EngineLink::Inline(Mutex::new(book)), None),
+        let runtime = tokio::runtime::Handle::current();
+        let (engine_link, engine): (Box<dyn EngineLink>, _) = match config.engine.mode {
+            EngineMode::Inline => (Box::new(InProcess::new(book)), None),
             EngineMode::Thread => {
                 let sink_target = Arc::clone(&routed_to);
                 let thread = EngineThread::spawn(
@@ -435,29 +429,30 @@ impl Gateway {
                     config.engine.queue_capacity,
                     move |events: &mut Vec<engine::Event>| {
                         if let Some(shared) = sink_target.get() {
-                            let now = clock::now();
-                            let actions = shared.route_events(events, now);
-                            shared.execute(actions, now);
+                            shared.engine_answered(std::mem::take(events));
                         }
                     },
                 )
                 .map_err(|e| StartError::Engine(e.to_string()))?;
-                (EngineLink::Thread(thread.sender()), Some(thread))
+                let link = EngineOnThread::new(thread.sender(), runtime.clone());
+                (Box::new(link), Some(thread))
             }
         };
 
         let (position, members) = restored.unwrap_or_default();
+        let idle_timeout = Duration::from_millis(config.transport.idle_timeout_ms);
+        let core = Core::new(registry, engine_link, members, position, idle_timeout);
+        let log = log(&core);
         let shared = Arc::new(Shared {
-            registry,
-            engine: engine_link,
+            core,
+            log,
+            engine_thread: engine.as_ref().map(EngineThread::sender),
             conns: IdMap::default(),
             auth: Mutex::new(
                 Authenticator::new(&accounts, config.auth_config()).map_err(SetupError::from)?,
             ),
             queries: IdMap::default(),
             next_query: AtomicU64::new(1),
-            next_conn: AtomicU64::new(1),
-            idle_timeout: Duration::from_millis(config.transport.idle_timeout_ms),
             handshake_timeout: Duration::from_millis(config.transport.handshake_timeout_ms),
             max_connections: config.transport.max_connections,
             resume_reserved_connections: config.transport.resume_reserved_connections,
@@ -465,7 +460,7 @@ impl Gateway {
             max_handshaking_per_address: config.transport.max_handshaking_per_address,
             handshaking: std::sync::atomic::AtomicUsize::new(0),
             handshaking_by_address: DashMap::new(),
-            runtime: tokio::runtime::Handle::current(),
+            runtime,
             metrics: Metrics::new(),
             latency_samples: IdMap::default(),
             draining: AtomicBool::new(false),
@@ -479,17 +474,8 @@ impl Gateway {
                 }),
                 _ => None,
             },
-            snapshot_every: if log.is_some() {
-                config.sequencer.snapshot_every
-            } else {
-                0
-            },
-            log,
-            members: Mutex::new(members),
             gateway_timeout: Duration::from_millis(config.sequencer.gateway_timeout_ms),
             drain_notice: Duration::from_millis(config.sequencer.drain_notice_ms),
-            fenced_records: AtomicU64::new(0),
-            applied_position: AtomicU64::new(position),
             snapshot_position: AtomicU64::new(position),
             snapshot_failures: AtomicU64::new(0),
             failed: watch::Sender::new(None),
@@ -533,7 +519,7 @@ impl Gateway {
 
     /// The session registry, for inspection and operations (revoke, key rotation).
     pub fn registry(&self) -> &Registry {
-        &self.shared.registry
+        self.shared.core.registry()
     }
 
     /// The gateway's metrics in the OpenMetrics text format (what `/metrics` serves).
@@ -603,17 +589,16 @@ impl Gateway {
     /// queued.
     pub async fn shutdown(mut self) {
         info!(connections = self.shared.conns.len(), "shutting down");
-        if self.shared.log.is_some() && self.shared.failed.borrow().is_none() {
+        let sessions_live_on = self.shared.log.outlives_the_process();
+        let failed = self.shared.failed.borrow().is_some();
+        if sessions_live_on && !failed {
             self.shared.start_draining();
             tokio::time::sleep(self.shared.drain_notice).await;
         }
         self.tasks.abort_all();
-        if self.shared.log.is_none() {
-            let mut actions = Vec::new();
-            self.shared
-                .registry
-                .end_all(ReasonCode::ShuttingDown, &mut actions);
-            self.shared.execute(actions, clock::now());
+        if !sessions_live_on {
+            let ticket = self.shared.log.ticket();
+            let _ = self.shared.call(Record::EndAll, ticket).await;
         }
         for conn in self.shared.conns.iter() {
             conn.close(ReasonCode::ShuttingDown);
@@ -622,13 +607,11 @@ impl Gateway {
         while !self.shared.conns.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if let Some(log) = &self.shared.log {
+        if !failed {
             // The run ends now rather than after sequencer.gateway_timeout_ms of
             // silence: its sessions still attached are detached (and resume
             // elsewhere), and the next run takes snapshots.
-            if self.shared.failed.borrow().is_none() {
-                log.end_run(CLOSE_DEADLINE * 2).await;
-            }
+            self.shared.log.end_run(CLOSE_DEADLINE * 2).await;
         }
         self.endpoint
             .close(close_code(ReasonCode::ShuttingDown), b"ShuttingDown");
@@ -717,23 +700,17 @@ async fn timer_loop(shared: Arc<Shared>) {
             swept = Instant::now();
         }
         let now = clock::now();
-        match &shared.log {
-            Some(log) => {
-                // A tick fires due timers; with nothing else to append, it also
-                // tells the other gateways this one is alive.
-                let heartbeat_due = log.silent_for(now) >= shared.gateway_timeout / 4;
-                if shared.registry.timers_due(now) || heartbeat_due {
-                    // Not waited for: a slow acknowledgement (NATS failing over)
-                    // must not hold the next tick back.
-                    let (shared, log) = (Arc::clone(&shared), Arc::clone(log));
-                    tokio::spawn(async move { shared.append(&log, Record::Tick).await });
-                }
-            }
-            None => {
-                let mut actions = Vec::new();
-                shared.registry.handle_timeouts(now, &mut actions);
-                shared.execute(actions, now);
-            }
+        // A tick fires due timers; with nothing else to append, it also tells the
+        // other gateways on the stream that this one is alive.
+        let heartbeat_due = shared.log.heartbeat_due(now, shared.gateway_timeout / 4);
+        if shared.core.registry().timers_due(now) || heartbeat_due {
+            // Not waited for: a slow acknowledgement (NATS failing over) must not
+            // hold the next tick back.
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let apply = |entry, position| shared.apply(entry, position);
+                shared.log.append(Record::Tick, apply).await;
+            });
         }
     }
 }
@@ -780,22 +757,10 @@ impl Shared {
         self.conns.remove(&conn_id);
     }
 
-    /// A connection id never used before: in crash-safe mode unique across the
-    /// gateway's runs too (the run's stream position is its high half).
+    /// A connection id never used before, unique across the gateway's runs on the
+    /// log too (the run's position is its high half).
     fn new_conn_id(&self) -> ConnectionId {
-        match &self.log {
-            Some(log) => log.ticket(),
-            None => self.next_conn.fetch_add(1, Ordering::Relaxed),
-        }
-    }
-
-    /// Crash-safe mode: appends a record nobody waits on; a failure is logged (the
-    /// core then never sees it, as if it had not happened). For records whose loss
-    /// the next one makes good (timer ticks).
-    async fn append(&self, log: &JetStreamLog, record: Record) {
-        if let Err(error) = log.append(&log.entry(record, 0)).await {
-            warn!(%error, "a record was not stored");
-        }
+        self.log.ticket()
     }
 
     /// Counts a request as it arrives, and stamps one new order in
@@ -862,44 +827,5 @@ impl Shared {
         if let Some(conn) = self.conns.get(&conn_id) {
             conn.wake.notify_one();
         }
-    }
-
-    /// The account's orders, from an inline engine; `None` from one on its thread.
-    pub(super) fn orders_now(&self, account: u64) -> Option<Vec<engine::OrderView>> {
-        match &self.engine {
-            EngineLink::Inline(book) => Some(
-                book.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .orders_of(account),
-            ),
-            EngineLink::Thread(_) => None,
-        }
-    }
-
-    /// The account's orders, asked of the engine.
-    async fn query_orders(&self, account: u64) -> Option<Vec<engine::OrderView>> {
-        let sender = match &self.engine {
-            EngineLink::Inline(_) => return self.orders_now(account),
-            EngineLink::Thread(sender) => sender,
-        };
-        let tag = self.next_query.fetch_add(1, Ordering::Relaxed);
-        let (answer, answered) = oneshot::channel();
-        self.queries.insert(tag, answer);
-        let request = engine::Request::QueryOrders { account, tag };
-        let submitted = match sender.try_submit(request) {
-            Err(SubmitError::Full(request)) => {
-                let engine = sender.clone();
-                tokio::task::spawn_blocking(move || engine.submit(request))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            }
-            other => other.ok(),
-        };
-        if submitted.is_none() {
-            self.queries.remove(&tag);
-            return None;
-        }
-        answered.await.ok()
     }
 }

@@ -1,6 +1,6 @@
 //! One client connection: its handshake (`Login` or `Resume`), then a task reading
-//! frames into the session (or, in crash-safe mode, onto the stream) and one writing
-//! the session's transmit path whenever it is woken.
+//! frames onto the log and one writing the session's transmit path whenever it is
+//! woken.
 //!
 //! Closing is bounded: once the gateway decides to close a connection, what is left
 //! to send (a `Close`, or an ending session's last messages) must go within
@@ -18,10 +18,9 @@ use tracing::{debug, info, warn};
 
 use super::quic::close_code;
 use super::{HandshakeSlot, Shared, CLOSE_DEADLINE};
-use crate::clock;
 use crate::metrics::ReasonLabel;
 use crate::registry::{lock, SessionHandle};
-use crate::sequencer::{JetStreamLog, Record};
+use crate::sequencer::Record;
 use crate::session::{ConnectionId, Transmit};
 
 /// Most frames the writer takes from a session per wake-up.
@@ -194,22 +193,14 @@ pub(super) async fn serve_connection(
         }
         None => info!(session = session_id, %source, "disconnected"),
     }
-    match &shared.log {
-        Some(log) => {
-            let record = Record::ConnectionLost {
-                session: session_id,
-                conn: conn_id,
-            };
-            // Without it the core would keep the session attached to nothing,
-            // neither expiring it nor running its cancel-on-disconnect.
-            log.append_until_stored(record).await;
-        }
-        None => {
-            shared
-                .registry
-                .connection_lost(&session, conn_id, clock::now());
-        }
-    }
+    let lost = Record::ConnectionLost {
+        session: session_id,
+        conn: conn_id,
+    };
+    // Without it the core would keep the session attached to nothing, neither
+    // expiring it nor running its cancel-on-disconnect.
+    let apply = |entry, position| shared.apply(entry, position);
+    shared.log.append_until_stored(lost, apply).await;
     conn.wake.notify_one();
     let _ = writer.await;
     shared.forget(conn_id);
@@ -251,6 +242,14 @@ async fn refuse(
     connection.close(close_code(reason), format!("{reason:?}").as_bytes());
 }
 
+/// Most of a connection's records on their way to the stream; beyond, reading waits.
+const MAX_RECORDS_IN_FLIGHT: usize = 1_024;
+
+/// Every frame goes onto the log (acks checked first against what this gateway
+/// sent), in the order read. The memory log applies it at once; the stream's
+/// follower applies it when it reads it back, and a record the stream did not
+/// store closes the connection: the client resumes and sends again what the core
+/// never saw.
 async fn read_loop(
     shared: &Shared,
     session: &SessionHandle,
@@ -259,42 +258,9 @@ async fn read_loop(
     mut recv: quinn::RecvStream,
     mut buf: BytesMut,
 ) {
-    if let Some(log) = &shared.log {
-        return read_loop_logged(shared, log, session, conn_id, conn, recv, buf).await;
-    }
-    let session_id = lock(session).id();
-    loop {
-        let frame = match read_frame(&mut recv, &mut buf).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return,
-            Err(reason) => return conn.close(reason),
-        };
-        shared.count_request(session_id, &frame);
-        shared.take_frame(session, conn_id, &frame, clock::now());
-        if conn.closing().is_some() {
-            return;
-        }
-    }
-}
-
-/// Most of a connection's records on their way to the stream; beyond, reading waits.
-const MAX_RECORDS_IN_FLIGHT: usize = 1_024;
-
-/// Crash-safe mode's read loop: every frame goes to the stream (acks checked first
-/// against what this gateway sent), in the order read; the core applies it when it
-/// reads it back. A record the stream did not store closes the connection: the
-/// client resumes and sends again what the core never saw.
-async fn read_loop_logged(
-    shared: &Shared,
-    log: &JetStreamLog,
-    session: &SessionHandle,
-    conn_id: ConnectionId,
-    conn: &Conn,
-    mut recv: quinn::RecvStream,
-    mut buf: BytesMut,
-) {
     use futures_util::stream::{FuturesUnordered, StreamExt};
     let session_id = lock(session).id();
+    let run = shared.log.run();
     let mut in_flight = FuturesUnordered::new();
     loop {
         let frame = tokio::select! {
@@ -314,7 +280,7 @@ async fn read_loop_logged(
             Err(reason) => return conn.close(reason),
         };
         if let Frame::Ack(ack) = &frame {
-            if lock(session).ack_beyond_sent(ack.server_seq, log.run()) {
+            if lock(session).ack_beyond_sent(ack.server_seq, run) {
                 return conn.close(ReasonCode::AckBeyondSent);
             }
         }
@@ -324,11 +290,12 @@ async fn read_loop_logged(
             conn: conn_id,
             frame: frame.to_bytes().into(),
         };
-        let entry = log.entry(record, 0);
-        match log.send(&entry).await {
-            Ok(stored) => in_flight.push(log.stored(stored)),
+        let apply = |entry, position| shared.apply(entry, position);
+        match shared.log.send(record, apply).await {
+            Ok(None) => {}
+            Ok(Some(pending)) => in_flight.push(shared.log.confirm(pending)),
             Err(error) => {
-                warn!(session = session_id, %error, "cannot append to the stream; closing the connection");
+                warn!(session = session_id, %error, "cannot append to the log; closing the connection");
                 return conn.close(ReasonCode::InternalError);
             }
         }

@@ -1,28 +1,10 @@
 //! A connection's first frame: a `Login` checked at the edge (signature, nonce,
 //! failure limits) and opened in the core, or a `Resume` of the session its token
-//! names; in crash-safe mode both go through the stream and wait for their outcome.
+//! names; both go onto the log and wait for their outcome.
 
 use super::*;
 use crate::token::TokenEntropy;
 
-/// A login's or resume's outcome from the core. Without one (the stream or the
-/// core did not answer in time) the connection is refused, and the core is told
-/// to detach whatever it attaches to it later.
-pub(super) fn handshake_outcome(
-    log: &Arc<JetStreamLog>,
-    outcome: Result<Outcome, LogError>,
-    conn_id: ConnectionId,
-) -> Result<SessionHandle, ReasonCode> {
-    if outcome.is_err() {
-        // In the background: the refusal need not wait for NATS to come back.
-        let log = Arc::clone(log);
-        tokio::spawn(async move {
-            log.append_until_stored(Record::Abandoned { conn: conn_id })
-                .await;
-        });
-    }
-    session_outcome(outcome)
-}
 
 /// A login's or resume's outcome from the core, as the handshake needs it.
 pub(super) fn session_outcome(
@@ -41,8 +23,30 @@ pub(super) fn session_outcome(
 }
 
 impl Shared {
+    /// Appends a login's or resume's record and waits for the session it opens.
+    /// Without an outcome (the stream or the core did not answer in time) the
+    /// connection is refused, and the core is told to detach whatever it attaches
+    /// to it later.
+    async fn handshake(
+        self: &Arc<Self>,
+        record: Record,
+        conn_id: ConnectionId,
+    ) -> Result<SessionHandle, ReasonCode> {
+        let outcome = self.call(record, conn_id).await;
+        if outcome.is_err() {
+            // In the background: the refusal need not wait for NATS to come back.
+            let shared = Arc::clone(self);
+            tokio::spawn(async move {
+                let apply = |entry, position| shared.apply(entry, position);
+                let abandoned = Record::Abandoned { conn: conn_id };
+                shared.log.append_until_stored(abandoned, apply).await;
+            });
+        }
+        session_outcome(outcome)
+    }
+
     pub(super) async fn login(
-        &self,
+        self: &Arc<Self>,
         conn_id: ConnectionId,
         source: IpAddr,
         login: &proto::Login,
@@ -74,7 +78,7 @@ impl Shared {
                 })
         };
         let grant = verified.map_err(|refused| rejected(refused.reason, refused.retry_after_ms))?;
-        let created = self.create_session(conn_id, login, grant, now).await;
+        let created = self.create_session(conn_id, login, grant).await;
         if created.is_err() {
             self.auth
                 .lock()
@@ -86,43 +90,36 @@ impl Shared {
 
     /// The session of an authenticated login, unless a limit refuses it.
     pub(super) async fn create_session(
-        &self,
+        self: &Arc<Self>,
         conn_id: ConnectionId,
         login: &proto::Login,
         grant: crate::auth::Grant,
-        now: Timestamp,
     ) -> Result<SessionHandle, ReasonCode> {
         // The last connection slots are kept for resumes of existing sessions.
         if self.conns.len() + self.resume_reserved_connections > self.max_connections {
             return Err(ReasonCode::TooManySessions);
         }
         let entropy = token_entropy()?;
-        if let Some(log) = &self.log {
-            let record = Record::Login {
-                conn: conn_id,
-                account: grant.account,
-                max_sessions: grant.max_sessions.map(|m| m as u64),
-                login: Frame::from(*login).to_bytes().into(),
-                entropy,
-            };
-            return handshake_outcome(log, log.call(record, conn_id).await, conn_id);
-        }
-        let orders = self
-            .query_orders(grant.account)
-            .await
-            .ok_or(ReasonCode::InternalError)?;
-        self.open_session(
-            conn_id,
-            grant.account,
-            grant.max_sessions,
-            login,
-            &orders,
-            (now, &entropy),
-        )
+        // An engine out of process is asked here, so that the record carries them.
+        let account_orders = if self.core.engine_answers_at_once() {
+            None
+        } else {
+            let orders = self.query_orders(grant.account).await;
+            Some(orders.ok_or(ReasonCode::InternalError)?)
+        };
+        let record = Record::Login {
+            conn: conn_id,
+            account: grant.account,
+            max_sessions: grant.max_sessions.map(|m| m as u64),
+            login: Frame::from(*login).to_bytes().into(),
+            entropy,
+            account_orders,
+        };
+        self.handshake(record, conn_id).await
     }
 
     pub(super) async fn resume(
-        &self,
+        self: &Arc<Self>,
         conn_id: ConnectionId,
         source: IpAddr,
         resume: &proto::Resume,
@@ -132,22 +129,17 @@ impl Shared {
         let now = clock::now();
         let rejected = |reason| Frame::from(proto::ResumeRejected { reason });
         let entropy = token_entropy().map_err(rejected)?;
-        let result = match &self.log {
-            // What this gateway sent is known here, not in the core: the record
-            // says it, and the core checks the resume's ack against it if the
-            // session was last on this gateway's run when the core applies it
-            // (this copy of the core may not have applied a move elsewhere yet).
-            Some(log) => {
-                let record = Record::Resume {
-                    conn: conn_id,
-                    resume: Frame::from(*resume).to_bytes().into(),
-                    sent_here: self.sent_here(resume, log.run()),
-                    entropy,
-                };
-                handshake_outcome(log, log.call(record, conn_id).await, conn_id)
-            }
-            None => self.resume_session(conn_id, resume, None, (now, &entropy)),
+        // What this gateway sent is known here, not in the core: the record says
+        // it, and the core checks the resume's ack against it if the session was
+        // last on this gateway's run when the core applies it (a copy of the core
+        // following a stream may not have applied a move elsewhere yet).
+        let record = Record::Resume {
+            conn: conn_id,
+            resume: Frame::from(*resume).to_bytes().into(),
+            sent_here: self.sent_here(resume, self.log.run()),
+            entropy,
         };
+        let result = self.handshake(record, conn_id).await;
         match result {
             Ok(session) => {
                 info!(session = lock(&session).id(), %source, "resume");
@@ -167,11 +159,12 @@ impl Shared {
         }
     }
 
-    /// Crash-safe mode: what this gateway's run (`here`) sent the session a resume
+    /// What this gateway's run (`here`) sent the session a resume
     /// names, if that session was last on this run as far as this copy of the core
     /// knows; carried in the `Resume` record for the core's check of its ack.
     pub(super) fn sent_here(&self, resume: &proto::Resume, here: u64) -> Option<u64> {
-        self.registry
+        self.core
+            .registry()
             .session_of_token(&resume.token.0)
             .and_then(|session| lock(&session).sent_by_run(here))
     }

@@ -19,10 +19,10 @@ impl Operations for Shared {
         Shared::start_draining(self);
     }
     fn sessions_info(&self) -> Vec<SessionInfo> {
-        self.registry.sessions_info()
+        self.core.registry().sessions_info()
     }
     fn sessions_of(&self, account: u64) -> Vec<u64> {
-        self.registry.sessions_of(account)
+        self.core.registry().sessions_of(account)
     }
     fn revoke_sessions<'a>(&'a self, ids: &'a [u64]) -> Pending<'a, Result<Vec<u64>, String>> {
         Box::pin(Shared::revoke_sessions(self, ids))
@@ -86,15 +86,10 @@ impl Shared {
 
     /// Ends these sessions (`Revoked`); returns those that were live.
     pub(crate) async fn revoke_sessions(&self, ids: &[u64]) -> Result<Vec<u64>, String> {
-        match &self.log {
-            Some(log) => {
-                let record = Record::Revoke {
-                    sessions: ids.to_vec(),
-                };
-                ended_outcome(log.call(record, log.ticket()).await)
-            }
-            None => Ok(self.end_sessions(ids, clock::now())),
-        }
+        let record = Record::Revoke {
+            sessions: ids.to_vec(),
+        };
+        ended_outcome(self.call(record, self.log.ticket()).await)
     }
 
     /// Cancels every working order of `account` (whichever session placed it) and
@@ -102,13 +97,8 @@ impl Shared {
     /// connected session's stream carries them before its `Close` (with the engine
     /// inline; on its thread they may come after, to the account's next session).
     pub(crate) async fn kill_switch(&self, account: u64) -> Result<Vec<u64>, String> {
-        match &self.log {
-            Some(log) => {
-                let record = Record::KillSwitch { account };
-                ended_outcome(log.call(record, log.ticket()).await)
-            }
-            None => Ok(self.cancel_and_end_account(account, clock::now())),
-        }
+        let record = Record::KillSwitch { account };
+        ended_outcome(self.call(record, self.log.ticket()).await)
     }
 
     /// Whether `account` is one the gateway knows: in the accounts file, or with
@@ -121,7 +111,7 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .has_account(account);
         in_file
-            || !self.registry.sessions_of(account).is_empty()
+            || !self.core.registry().sessions_of(account).is_empty()
             || self
                 .query_orders(account)
                 .await
@@ -135,39 +125,28 @@ impl Shared {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| "the system random generator failed".to_string())?;
         let key_id = self
-            .registry
+            .core
+            .registry()
             .with_keys(|keys| keys.current_key_id().wrapping_add(1));
-        match &self.log {
-            Some(log) => {
-                let record = Record::RotateKey {
-                    key_id,
-                    secret: secret.to_vec(),
-                };
-                match log.call(record, log.ticket()).await {
-                    Ok(Outcome::Done(true)) => Ok(key_id),
-                    Ok(Outcome::Fenced) => Err(SUPERSEDED.into()),
-                    Ok(_) => Err(format!("key {key_id} was not installed")),
-                    Err(error) => Err(error.to_string()),
-                }
-            }
-            None => self.registry.with_keys(|keys| {
-                keys.rotate(key_id, &secret)
-                    .map(|()| key_id)
-                    .map_err(|error| error.to_string())
-            }),
+        let record = Record::RotateKey {
+            key_id,
+            secret: secret.to_vec(),
+        };
+        match self.call(record, self.log.ticket()).await {
+            Ok(Outcome::Done(true)) => Ok(key_id),
+            Ok(Outcome::Fenced) => Err(SUPERSEDED.into()),
+            Ok(_) => Err(format!("key {key_id} was not installed")),
+            Err(error) => Err(error.to_string()),
         }
     }
 
     /// Retires a token key (not the one minting); returns whether it was retired.
     pub(crate) async fn retire_token_key(&self, key_id: u32) -> Result<bool, String> {
-        match &self.log {
-            Some(log) => match log.call(Record::RetireKey { key_id }, log.ticket()).await {
-                Ok(Outcome::Done(retired)) => Ok(retired),
-                Ok(Outcome::Fenced) => Err(SUPERSEDED.into()),
-                Ok(_) => Ok(false),
-                Err(error) => Err(error.to_string()),
-            },
-            None => Ok(self.registry.with_keys(|keys| keys.retire(key_id))),
+        match self.call(Record::RetireKey { key_id }, self.log.ticket()).await {
+            Ok(Outcome::Done(retired)) => Ok(retired),
+            Ok(Outcome::Fenced) => Err(SUPERSEDED.into()),
+            Ok(_) => Ok(false),
+            Err(error) => Err(error.to_string()),
         }
     }
 
@@ -208,8 +187,8 @@ impl Shared {
 
     /// The values the metrics read at scrape time.
     pub(super) fn metrics_snapshot(&self) -> Snapshot {
-        let census = self.registry.census();
-        let stats = self.registry.stats();
+        let registry = self.core.registry();
+        let (census, stats) = (registry.census(), registry.stats());
         Snapshot {
             sessions_attached: census.attached,
             sessions_detached: census.detached,
@@ -217,23 +196,15 @@ impl Shared {
             handshaking: self.handshaking.load(Ordering::Relaxed) as u64,
             ring_messages: census.ring_messages,
             ring_bytes: census.ring_bytes,
-            engine_queue: match &self.engine {
-                EngineLink::Thread(sender) => sender.queued() as u64,
-                EngineLink::Inline(_) => 0,
-            },
+            engine_queue: self.core.engine_queued() as u64,
             resumes: stats.resumes,
             messages_replayed: stats.messages_replayed,
             snapshot_resumes: stats.snapshot_resumes,
             sessions_evicted: stats.evicted,
-            fenced_records: self.fenced_records.load(Ordering::Relaxed),
-            live_gateways: self
-                .members
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .live()
-                .count() as u64,
-            applied_position: self.applied_position.load(Ordering::Relaxed),
-            append_failures: self.log.as_ref().map_or(0, |log| log.append_failures()),
+            fenced_records: self.core.fenced_records(),
+            live_gateways: self.core.members().live().count() as u64,
+            applied_position: self.core.applied_position(),
+            append_failures: self.log.append_failures(),
             core_snapshot_position: self.snapshot_position.load(Ordering::Relaxed),
             core_snapshot_failures: self.snapshot_failures.load(Ordering::Relaxed),
             draining: self.draining.load(Ordering::Relaxed),

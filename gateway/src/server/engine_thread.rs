@@ -1,0 +1,118 @@
+//! The engine on its own thread (`engine.mode = "thread"`): the core's requests go
+//! onto the thread's bounded queue, and its answers come back as a record of their
+//! own ([`Record::EngineEvents`]), appended from the thread in the engine's order.
+
+use std::sync::atomic::Ordering;
+
+use gateway_core::engine_link::{EngineLink, Refused};
+use matching_stub::{self as engine, OrderBookEngine, SubmitError};
+use proto::ReasonCode;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use super::Shared;
+use crate::sequencer::Record;
+
+/// The core's link to the engine thread.
+pub(super) struct EngineOnThread {
+    sender: engine::EngineSender,
+    runtime: tokio::runtime::Handle,
+}
+
+impl EngineOnThread {
+    /// The link through `sender`; a cancel that finds the queue full waits for room
+    /// on `runtime`'s blocking threads.
+    pub(super) fn new(sender: engine::EngineSender, runtime: tokio::runtime::Handle) -> Self {
+        EngineOnThread { sender, runtime }
+    }
+}
+
+impl EngineLink for EngineOnThread {
+    fn submit(
+        &self,
+        request: engine::Request,
+        _answered_later: &mut dyn FnMut(&mut Vec<engine::Event>),
+    ) -> Result<(), Refused> {
+        match self.sender.try_submit(request) {
+            Ok(()) => Ok(()),
+            Err(SubmitError::Full(request @ engine::Request::MassCancel { .. })) => {
+                // Cancels must not be lost: wait for room off the async threads.
+                let engine = self.sender.clone();
+                self.runtime.spawn_blocking(move || engine.submit(request));
+                Ok(())
+            }
+            Err(SubmitError::Full(request)) => {
+                warn!("engine queue full; refusing request");
+                Err(Refused {
+                    request,
+                    reason: ReasonCode::EngineBusy,
+                })
+            }
+            Err(SubmitError::Stopped(request)) => {
+                warn!("engine stopped; refusing request");
+                Err(Refused {
+                    request,
+                    reason: ReasonCode::InternalError,
+                })
+            }
+        }
+    }
+
+    fn answers_at_once(&self) -> bool {
+        false
+    }
+
+    fn orders_of(&self, _account: u64) -> Option<Vec<engine::OrderView>> {
+        None
+    }
+
+    fn book(&self) -> Option<OrderBookEngine> {
+        None
+    }
+
+    fn queued(&self) -> usize {
+        self.sender.queued()
+    }
+}
+
+impl Shared {
+    /// On the engine's thread: its events go to the core as one record.
+    pub(super) fn engine_answered(&self, events: Vec<engine::Event>) {
+        let apply = |entry, position| self.apply(entry, position);
+        self.log
+            .append_from_thread(Record::EngineEvents { events }, &self.runtime, apply);
+    }
+
+    /// The account's orders, asked of the engine (at once if it is in process).
+    pub(super) async fn query_orders(&self, account: u64) -> Option<Vec<engine::OrderView>> {
+        let Some(sender) = &self.engine_thread else {
+            return self.core.orders_of(account);
+        };
+        let tag = self.next_query.fetch_add(1, Ordering::Relaxed);
+        let (answer, answered) = oneshot::channel();
+        self.queries.insert(tag, answer);
+        let request = engine::Request::QueryOrders { account, tag };
+        let submitted = match sender.try_submit(request) {
+            Err(SubmitError::Full(request)) => {
+                let engine = sender.clone();
+                tokio::task::spawn_blocking(move || engine.submit(request))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            other => other.ok(),
+        };
+        if submitted.is_none() {
+            self.queries.remove(&tag);
+            return None;
+        }
+        answered.await.ok()
+    }
+
+    /// Hands an engine's answer to an order query to whoever waits for it.
+    pub(super) fn answer_query(&self, tag: u64, orders: Vec<engine::OrderView>) {
+        if let Some((_, answer)) = self.queries.remove(&tag) {
+            let _ = answer.send(orders);
+        }
+    }
+}
