@@ -227,7 +227,8 @@ impl Core {
                 Outcome::Ended(self.end_sessions(&sessions, now, &mut actions, out))
             }
             Record::EndAll => {
-                self.registry.end_all(ReasonCode::ShuttingDown, &mut actions);
+                self.registry
+                    .end_all(ReasonCode::ShuttingDown, &mut actions);
                 Outcome::Applied
             }
             Record::RotateKey { key_id, secret } => Outcome::Done(
@@ -256,11 +257,7 @@ impl Core {
                 timeout_ms,
                 settings,
             } => {
-                info!(
-                    gateway,
-                    run = position,
-                    "a gateway run started on the log"
-                );
+                info!(gateway, run = position, "a gateway run started on the log");
                 let (now, replaced) =
                     members.started(gateway, position, (*timeout_ms, *settings), entry.time_ms);
                 ended.extend(replaced);
@@ -384,7 +381,8 @@ impl Core {
     ) {
         let owner = refused.request.owner();
         if let Some(session) = owner.and_then(|owner| self.registry.get(owner.session)) {
-            let wake = lock(&session).refuse_request(&refused.request, refused.reason, now, actions);
+            let wake =
+                lock(&session).refuse_request(&refused.request, refused.reason, now, actions);
             out.wake.extend(wake);
         }
     }

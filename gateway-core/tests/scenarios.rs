@@ -1,9 +1,11 @@
-//! Deterministic scenarios for the session core, one per promise it keeps.
+//! Deterministic scenarios for the session core, one per promise it keeps, fed
+//! through `Core::apply` as the gateway's log feeds it (see `support`).
 
 mod support;
 
 use std::time::Duration;
 
+use gateway_core::input::{Outcome, Record};
 use gateway_core::registry::{lock, RegistryLimits};
 use gateway_core::ring::RingLimits;
 use gateway_core::session::SessionConfig;
@@ -24,7 +26,7 @@ fn try_login(
 ) -> Result<u64, ReasonCode> {
     let conn = sim.new_conn();
     let entropy = sim.entropy();
-    sim.registry
+    sim.registry()
         .login(
             account,
             account_limit,
@@ -406,7 +408,7 @@ fn a_superseded_token_used_after_its_successor_ends_the_session() {
         Err(ReasonCode::TokenSuperseded)
     );
     assert_eq!(sim.is_closed(conn), Some(ReasonCode::TokenSuperseded));
-    assert!(sim.registry.get(client.session_id).is_none());
+    assert!(sim.registry().get(client.session_id).is_none());
     sim.drop_connection(&mut client);
     assert_eq!(
         sim.resume(&mut client),
@@ -461,9 +463,9 @@ fn cancel_on_disconnect_fires_after_the_grace_period_and_not_before() {
     sim.drop_connection(&mut client);
 
     sim.advance(Duration::from_millis(4_999));
-    assert_eq!(sim.engine.working_order_count(), 1);
+    assert_eq!(sim.working_order_count(), 1);
     sim.advance(Duration::from_millis(1));
-    assert_eq!(sim.engine.working_order_count(), 0);
+    assert_eq!(sim.working_order_count(), 0);
 
     sim.resume(&mut client).expect("session kept");
     sim.settle(&mut client);
@@ -483,7 +485,7 @@ fn cancel_on_disconnect_does_not_fire_when_the_resume_is_in_time() {
     sim.advance(Duration::from_secs(4));
     sim.resume(&mut client).expect("resume");
     sim.advance(Duration::from_secs(10));
-    assert_eq!(sim.engine.working_order_count(), 1);
+    assert_eq!(sim.working_order_count(), 1);
 }
 
 #[test]
@@ -497,14 +499,14 @@ fn a_detached_session_expires_and_cannot_be_resumed() {
     sim.settle(&mut client);
     sim.drop_connection(&mut client);
     sim.advance(Duration::from_secs(30));
-    assert!(sim.registry.get(client.session_id).is_none());
+    assert!(sim.registry().get(client.session_id).is_none());
     assert_eq!(
-        sim.engine.working_order_count(),
+        sim.working_order_count(),
         0,
         "cancel-on-disconnect orders go with the session"
     );
     assert_eq!(sim.resume(&mut client), Err(ReasonCode::SessionNotFound));
-    assert!(sim.registry.is_empty());
+    assert!(sim.registry().is_empty());
 }
 
 #[test]
@@ -516,8 +518,8 @@ fn logout_ends_the_session_and_cancels_with_cancel_on_disconnect() {
     let conn = client.conn.expect("attached");
     sim.deliver_to_gateway(&mut client, usize::MAX);
     assert_eq!(sim.is_closed(conn), Some(ReasonCode::LoggedOut));
-    assert_eq!(sim.engine.working_order_count(), 0);
-    assert!(sim.registry.get(client.session_id).is_none());
+    assert_eq!(sim.working_order_count(), 0);
+    assert!(sim.registry().get(client.session_id).is_none());
 }
 
 #[test]
@@ -525,9 +527,10 @@ fn revoked_sessions_say_so_on_resume() {
     let mut sim = sim();
     let mut client = sim.login(1, NO_COD);
     let conn = client.conn.expect("attached");
-    let mut out = Vec::new();
-    assert!(sim.registry.revoke(client.session_id, &mut out));
-    sim.apply(out);
+    let revoked = sim.input(Record::Revoke {
+        sessions: vec![client.session_id],
+    });
+    assert!(matches!(revoked, Outcome::Ended(ended) if ended == [client.session_id]));
     assert_eq!(sim.is_closed(conn), Some(ReasonCode::Revoked));
     sim.drop_connection(&mut client);
     assert_eq!(sim.resume(&mut client), Err(ReasonCode::Revoked));
@@ -551,9 +554,9 @@ fn session_limits_are_enforced_per_gateway_and_per_account() {
     );
     login(&mut sim, 2).expect("third");
     assert_eq!(login(&mut sim, 3).err(), Some(ReasonCode::TooManySessions));
-    sim.registry.remove(first, ReasonCode::LoggedOut);
+    sim.registry().remove(first, ReasonCode::LoggedOut);
     login(&mut sim, 3).expect("a slot was freed");
-    assert_eq!(sim.registry.len(), 3);
+    assert_eq!(sim.registry().len(), 3);
 }
 
 #[test]
@@ -561,7 +564,7 @@ fn an_over_long_cancel_on_disconnect_grace_is_refused() {
     let mut sim = sim();
     let result = try_login(&mut sim, 1, None, cod(Duration::from_secs(61)));
     assert_eq!(result.err(), Some(ReasonCode::InvalidLoginParameter));
-    assert!(sim.registry.is_empty());
+    assert!(sim.registry().is_empty());
 }
 
 #[test]
@@ -618,14 +621,14 @@ fn a_handshake_frame_after_the_handshake_is_unexpected() {
     );
     sim.deliver_to_gateway(&mut client, usize::MAX);
     assert_eq!(sim.is_closed(conn), Some(ReasonCode::UnexpectedFrame));
-    assert!(sim.registry.get(client.session_id).is_some());
+    assert!(sim.registry().get(client.session_id).is_some());
 }
 
 #[test]
 fn rotating_the_key_keeps_live_tokens_working() {
     let mut sim = sim();
     let mut client = sim.login(1, NO_COD);
-    sim.registry
+    sim.registry()
         .with_keys(|keys| keys.rotate(2, &[43u8; 32]))
         .expect("rotate");
     sim.drop_connection(&mut client);
@@ -816,7 +819,7 @@ fn a_logout_behind_waiting_requests_ends_the_session_after_they_are_answered() {
     client.to_gateway.push_back(proto::Logout {}.into());
     sim.deliver_to_gateway(&mut client, usize::MAX);
     assert!(
-        sim.registry.get(client.session_id).is_some(),
+        sim.registry().get(client.session_id).is_some(),
         "logout waits"
     );
     sim.transmit(&mut client, usize::MAX);
@@ -830,7 +833,10 @@ fn a_logout_behind_waiting_requests_ends_the_session_after_they_are_answered() {
     );
     client.ack();
     sim.settle(&mut client);
-    assert!(sim.registry.get(client.session_id).is_none(), "logged out");
+    assert!(
+        sim.registry().get(client.session_id).is_none(),
+        "logged out"
+    );
     assert!(client.unanswered().is_empty(), "both orders answered first");
     assert_eq!(times_executed(&sim, client.session_id, 2), 1);
     assert!(matches!(
@@ -857,7 +863,10 @@ fn a_logout_behind_exactly_the_waiting_limit_is_taken_not_cut_as_a_slow_consumer
         client.ack();
     }
     assert!(client.unanswered().is_empty(), "every request answered");
-    assert!(sim.registry.get(client.session_id).is_none(), "logged out");
+    assert!(
+        sim.registry().get(client.session_id).is_none(),
+        "logged out"
+    );
     assert!(matches!(
         client.control.last(),
         Some(Frame::Close(c)) if c.reason == ReasonCode::LoggedOut
@@ -921,7 +930,7 @@ fn a_maker_that_never_acknowledges_its_fills_is_cut_as_a_slow_consumer_and_keeps
 fn log_out(sim: &mut Sim, client: &mut Client) {
     client.to_gateway.push_back(proto::Logout {}.into());
     sim.deliver_to_gateway(client, usize::MAX);
-    assert!(sim.registry.get(client.session_id).is_none());
+    assert!(sim.registry().get(client.session_id).is_none());
 }
 
 /// A taker on account 2 buys `quantity` at 100.
@@ -938,11 +947,7 @@ fn fills_of_an_ended_sessions_orders_wait_for_the_accounts_next_login() {
     maker.new_order(10, Side::Sell, 100, 5);
     sim.settle(&mut maker);
     log_out(&mut sim, &mut maker);
-    assert_eq!(
-        sim.engine.working_order_count(),
-        1,
-        "no cancel-on-disconnect"
-    );
+    assert_eq!(sim.working_order_count(), 1, "no cancel-on-disconnect");
 
     take(&mut sim, 20, 5);
     let later = sim.login(1, NO_COD);
@@ -966,7 +971,7 @@ fn fills_of_an_ended_sessions_orders_wait_for_the_accounts_next_login() {
         ),
         (1, 10, 5, 0)
     );
-    assert_eq!(sim.registry.stats().events_rehomed, 1);
+    assert_eq!(sim.registry().stats().events_rehomed, 1);
 }
 
 #[test]
@@ -1010,7 +1015,7 @@ fn events_waiting_for_a_login_are_bounded_per_account() {
     let later = sim.login(1, NO_COD);
     let ids: Vec<u64> = fills(&later).iter().map(|f| f.client_order_id).collect();
     assert_eq!(ids, vec![2, 3], "the oldest was dropped");
-    let stats = sim.registry.stats();
+    let stats = sim.registry().stats();
     assert_eq!((stats.events_rehomed, stats.unclaimed_dropped), (2, 1));
 }
 
@@ -1025,10 +1030,10 @@ fn a_timer_armed_by_a_lost_connection_fires_on_time_between_full_sweeps() {
     sim.drop_connection(&mut client);
 
     sim.advance(Duration::from_millis(299));
-    assert_eq!(sim.engine.working_order_count(), 1);
+    assert_eq!(sim.working_order_count(), 1);
     sim.advance(Duration::from_millis(1));
     assert_eq!(
-        sim.engine.working_order_count(),
+        sim.working_order_count(),
         0,
         "fired from its schedule, not from a sweep"
     );
@@ -1128,7 +1133,7 @@ fn an_owner_and_a_thief_taking_turns_with_tokens_are_caught() {
     sim.drop_connection(&mut thief);
     assert_eq!(sim.resume(&mut thief), Err(ReasonCode::TokenSuperseded));
     assert!(
-        sim.registry.get(owner.session_id).is_none(),
+        sim.registry().get(owner.session_id).is_none(),
         "session ended as stolen"
     );
 }
@@ -1150,7 +1155,7 @@ fn a_thief_replaying_the_stolen_token_is_caught_when_the_owner_comes_back() {
     // The owner's token (the one minted for its contest) is now stale: caught.
     sim.drop_connection(&mut owner);
     assert_eq!(sim.resume(&mut owner), Err(ReasonCode::TokenSuperseded));
-    assert!(sim.registry.get(owner.session_id).is_none());
+    assert!(sim.registry().get(owner.session_id).is_none());
 }
 
 #[test]
@@ -1184,7 +1189,7 @@ fn logout_with_cancel_on_disconnect_sends_the_cancels_before_close() {
         })),
         "Close comes last, after the cancels"
     );
-    assert!(sim.registry.get(client.session_id).is_none());
+    assert!(sim.registry().get(client.session_id).is_none());
     // Nothing waits for the account's next login.
     let next = sim.login(1, NO_COD);
     assert!(next.received.is_empty());
@@ -1401,7 +1406,7 @@ fn a_login_at_the_account_limit_ends_its_longest_detached_session() {
         try_login(&mut sim, 1, Some(2), NO_COD),
         Err(ReasonCode::TooManyAccountSessions)
     );
-    assert_eq!(sim.registry.stats().evicted, 1);
+    assert_eq!(sim.registry().stats().evicted, 1);
 }
 
 #[test]
@@ -1442,19 +1447,17 @@ fn ending_every_session_runs_each_ones_cancel_on_disconnect() {
     keeping.new_order(2, Side::Sell, 110, 1);
     sim.settle(&mut cancelling);
     sim.settle(&mut keeping);
-    let mut out = Vec::new();
-    sim.registry.end_all(ReasonCode::ShuttingDown, &mut out);
-    sim.apply(out);
+    sim.input(Record::EndAll);
     sim.settle(&mut cancelling);
     assert!(
         matches!(cancelling.received.last(), Some(Frame::Cancelled(c)) if c.reason == CancelReason::SessionEnded)
     );
     assert_eq!(
-        sim.engine.working_order_count(),
+        sim.working_order_count(),
         1,
         "only the COD session's order is cancelled"
     );
-    assert!(sim.registry.is_empty());
+    assert!(sim.registry().is_empty());
 }
 
 #[test]
@@ -1473,7 +1476,7 @@ fn the_cancels_of_a_session_evicted_while_detached_reach_the_accounts_live_sessi
         "{:?}",
         heir.received
     );
-    assert!(sim.registry.get(evicted.session_id).is_none());
+    assert!(sim.registry().get(evicted.session_id).is_none());
 }
 
 #[test]
@@ -1503,7 +1506,7 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
     // and believed the session was last on run 7, which sent it nothing; the core
     // knows it was last on run 0, which may have sent all three.
     let on_run_7 = 7 << 32 | 1;
-    let resumed = sim.registry.resume(
+    let resumed = sim.registry().resume(
         on_run_7,
         &resume,
         Some(0),
@@ -1515,7 +1518,7 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
 
     // Now it is on run 7: what run 7 says it sent bounds the next resume there.
     let again_on_run_7 = 7 << 32 | 2;
-    let refused = sim.registry.resume(
+    let refused = sim.registry().resume(
         again_on_run_7,
         &resume,
         Some(2),
@@ -1524,7 +1527,7 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
         &mut out,
     );
     assert_eq!(refused.err(), Some(ReasonCode::AckBeyondSent));
-    let resumed = sim.registry.resume(
+    let resumed = sim.registry().resume(
         again_on_run_7,
         &resume,
         Some(3),
@@ -1533,4 +1536,37 @@ fn a_resume_is_checked_against_what_the_gateway_run_it_left_may_have_sent() {
         &mut out,
     );
     assert!(resumed.is_ok(), "{:?}", resumed.err());
+}
+
+#[test]
+fn records_of_a_gateway_run_that_ended_are_fenced_off_and_change_nothing() {
+    let mut sim = sim();
+    let mut client = sim.login(1, NO_COD);
+    let (old_run, old_conn) = (sim.run(), client.conn.expect("attached"));
+    // The gateway restarts under the same name: its new run ends the old one.
+    sim.restore_from_snapshot(std::slice::from_mut(&mut client), true);
+    assert_ne!(sim.run(), old_run);
+    let before = sim.core_bytes();
+    let late = proto::NewOrder {
+        client_seq: 1,
+        client_order_id: 1,
+        instrument_id: INSTRUMENT,
+        side: Side::Buy,
+        order_type: proto::OrderType::Limit,
+        time_in_force: proto::TimeInForce::Gtc,
+        price: 90,
+        quantity: 1,
+    };
+    let outcome = sim.input_from(
+        old_run,
+        Record::Frame {
+            session: client.session_id,
+            conn: old_conn,
+            frame: Frame::from(late).to_bytes().to_vec(),
+        },
+    );
+    assert!(matches!(outcome, Outcome::Fenced));
+    assert_eq!(times_executed(&sim, client.session_id, 1), 0);
+    assert!(sim.core_bytes() == before, "the core changed");
+    sim.resume(&mut client).expect("the session lives on");
 }

@@ -80,7 +80,11 @@ impl Log {
     /// Appends `record` in this task's order of appends. Applied already if it
     /// returns `None`; otherwise the stream has it, and [`Log::confirm`] says when
     /// it has stored it.
-    pub async fn send(&self, record: Record, apply: impl Apply) -> Result<Option<Pending>, LogError> {
+    pub async fn send(
+        &self,
+        record: Record,
+        apply: impl Apply,
+    ) -> Result<Option<Pending>, LogError> {
         match self {
             Log::Memory(memory) => {
                 memory.apply(record, apply);

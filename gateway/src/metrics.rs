@@ -99,9 +99,9 @@ pub struct Snapshot {
     pub sessions_evicted: u64,
     /// Crash-safe mode: records of gateway runs that had ended, not applied.
     pub fenced_records: u64,
-    /// Crash-safe mode: gateways live on the stream, this one included.
+    /// Gateways live on the log, this one included.
     pub live_gateways: u64,
-    /// Crash-safe mode: stream position of the last record the core applied.
+    /// Log position of the last record the core applied.
     pub applied_position: u64,
     /// Crash-safe mode: records the stream did not acknowledge in time.
     pub append_failures: u64,
@@ -306,7 +306,7 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
     );
     registry.register(
         "sequencer_applied_position",
-        "Crash-safe mode: stream position of the last record the core applied (0: embedded mode)",
+        "Log position of the last record the core applied (embedded mode: inputs applied since the start)",
         gauge(snapshot.applied_position),
     );
     registry.register(
@@ -326,7 +326,7 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
     );
     registry.register(
         "sequencer_live_gateways",
-        "Crash-safe mode: gateways live on the stream as the core sees them, this one included",
+        "Gateways live on the log as the core sees them, this one included (1 in embedded mode)",
         gauge(snapshot.live_gateways),
     );
     registry.register(

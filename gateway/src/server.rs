@@ -21,9 +21,9 @@
 //! submodule applies it. What the core asks of the edge after each input is carried
 //! out in the `core_inputs` submodule.
 //!
-//! Before a connection has logged in or resumed it holds a *handshaking* slot:
-//! bounded in all and per address, and under load only for addresses QUIC has
-//! validated (a Retry round trip for the others).
+//! Before a connection has logged in or resumed it holds a *handshaking* slot
+//! (`admission`): bounded in all and per address, and under load only for
+//! addresses QUIC has validated (a Retry round trip for the others).
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -54,6 +54,7 @@ use crate::session::{AckBound, ConnectionId};
 use crate::snapshot::CoreImage;
 use crate::token::TokenKeyRing;
 
+mod admission;
 mod connection;
 mod core_inputs;
 mod engine_thread;
@@ -62,6 +63,7 @@ mod handshake;
 mod operations;
 mod quic;
 
+use admission::{Admission, HandshakeSlot};
 use connection::{serve_connection, Conn};
 use engine_thread::EngineOnThread;
 use follower::follow_log;
@@ -189,34 +191,6 @@ pub(crate) struct Shared {
     /// Whether connections are accepted yet (in crash-safe mode, once the core is
     /// rebuilt).
     accepting: watch::Sender<bool>,
-}
-
-/// What becomes of a new connection attempt.
-enum Admission {
-    /// Served, holding a handshaking slot until it logs in or resumes.
-    Accept(HandshakeSlot),
-    /// Asked to prove its address first (QUIC Retry).
-    Retry,
-    /// Refused at the QUIC level, for this reason (logged and counted).
-    Refuse(&'static str),
-}
-
-/// A connection's handshaking slot, given back when it is dropped.
-struct HandshakeSlot {
-    shared: Arc<Shared>,
-    address: IpAddr,
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        self.shared.handshaking.fetch_sub(1, Ordering::AcqRel);
-        self.shared
-            .handshaking_by_address
-            .remove_if_mut(&self.address, |_, count| {
-                *count = count.saturating_sub(1);
-                *count == 0
-            });
-    }
 }
 
 /// A running gateway.
@@ -716,43 +690,6 @@ async fn timer_loop(shared: Arc<Shared>) {
 }
 
 impl Shared {
-    /// Decides what to do with a new connection attempt.
-    fn admit(
-        self: &Arc<Self>,
-        endpoint: &quinn::Endpoint,
-        incoming: &quinn::Incoming,
-    ) -> Admission {
-        if endpoint.open_connections() >= self.max_connections {
-            return Admission::Refuse("connection_limit");
-        }
-        let handshaking = self.handshaking.load(Ordering::Acquire);
-        if handshaking >= self.max_handshaking / 2 && !incoming.remote_address_validated() {
-            // Under load, only addresses that can receive our packets hold slots: a
-            // spoofed source never answers the Retry.
-            return if incoming.may_retry() {
-                Admission::Retry
-            } else {
-                Admission::Refuse("unvalidated_under_load")
-            };
-        }
-        if handshaking >= self.max_handshaking {
-            return Admission::Refuse("handshaking_limit");
-        }
-        let address = address_key(incoming.remote_address().ip());
-        {
-            let mut count = self.handshaking_by_address.entry(address).or_insert(0);
-            if *count >= self.max_handshaking_per_address {
-                return Admission::Refuse("handshaking_per_address_limit");
-            }
-            *count += 1;
-        }
-        self.handshaking.fetch_add(1, Ordering::AcqRel);
-        Admission::Accept(HandshakeSlot {
-            shared: Arc::clone(self),
-            address,
-        })
-    }
-
     fn forget(&self, conn_id: ConnectionId) {
         self.conns.remove(&conn_id);
     }

@@ -1,36 +1,79 @@
-//! A deterministic harness for the sans-IO session core: the registry, a real
-//! matching engine driven synchronously, a clock moved by hand, and simulated clients
-//! whose in-flight frames in each direction sit in queues a test can deliver or lose.
+//! A deterministic harness for the sans-IO session core: a [`Core`] fed its inputs
+//! through [`Core::apply`] as the gateway's log feeds them (a real matching engine in
+//! process, a clock moved by hand), and simulated clients whose in-flight frames in
+//! each direction sit in queues a test can deliver or lose.
 
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use gateway_core::engine_link::{EngineLink, InProcess, Refused};
+use gateway_core::input::{Entry, Outcome, Record};
+use gateway_core::members::Members;
 use gateway_core::registry::{lock, Registry, RegistryLimits, SessionHandle};
-use gateway_core::session::{Action, CodPolicy, ConnectionId, SessionConfig, Transmit};
+use gateway_core::session::{CodPolicy, ConnectionId, SessionConfig, Transmit};
 use gateway_core::snapshot::CoreImage;
 use gateway_core::time::Timestamp;
 use gateway_core::token::{TokenEntropy, TokenKeyRing, RANDOM_LEN};
-use matching_stub::{self as engine, EngineConfig, Instrument, MatchingEngine, OrderBookEngine};
+use gateway_core::{Core, Effects};
+use matching_stub::{self as engine, EngineConfig, Instrument, OrderBookEngine};
 use proto::{CancelOnDisconnect, Frame, OrderState, ReasonCode, SessionToken};
 
 pub const INSTRUMENT: u32 = 1;
 pub const START: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The gateway side: registry plus engine, and what went to the engine.
+/// The simulated gateway's name on the log: a restart starts a run of the same
+/// name, which ends the one before.
+const GATEWAY: &str = "sim";
+
+/// Every request the engine was handed, in order, kept across restores.
+type Requests = Arc<Mutex<Vec<engine::Request>>>;
+
+/// The bundled book in process, noting every request it is handed.
+struct Recording {
+    book: InProcess,
+    requests: Requests,
+}
+
+impl EngineLink for Recording {
+    fn submit(
+        &self,
+        request: engine::Request,
+        route: &mut dyn FnMut(&mut Vec<engine::Event>),
+    ) -> Result<(), Refused> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(request);
+        self.book.submit(request, route)
+    }
+    fn answers_at_once(&self) -> bool {
+        true
+    }
+    fn orders_of(&self, account: u64) -> Option<Vec<engine::OrderView>> {
+        self.book.orders_of(account)
+    }
+    fn book(&self) -> Option<OrderBookEngine> {
+        self.book.book()
+    }
+}
+
+/// The gateway side: the core, fed through its one `apply`, and what it did.
 pub struct Sim {
-    pub registry: Registry,
-    pub engine: OrderBookEngine,
+    core: Core,
     pub now: Timestamp,
     next_conn: ConnectionId,
-    /// The simulated gateway run (the high half of its connection ids); a
-    /// restart begins the next.
+    /// The simulated gateway run on the log (its `Started` record's position, the
+    /// high half of its connection ids); a restart begins the next.
     run: u64,
+    /// The log position of the latest input.
+    position: u64,
     /// Every request submitted to the engine, in order.
-    pub engine_log: Vec<engine::Request>,
+    requests: Requests,
     /// Connections the gateway closed, with the reason.
     pub closed: Vec<(ConnectionId, ReasonCode)>,
     /// Every engine event, in the order it was routed: the reference for what each
@@ -44,6 +87,15 @@ pub struct Sim {
     minted: u64,
 }
 
+fn book() -> OrderBookEngine {
+    OrderBookEngine::new(EngineConfig::with_instruments(vec![Instrument {
+        id: INSTRUMENT,
+        tick_size: 1,
+        lot_size: 1,
+    }]))
+    .expect("valid engine config")
+}
+
 impl Sim {
     pub fn new(config: SessionConfig) -> Self {
         Self::with_limits(config, RegistryLimits::default())
@@ -51,23 +103,99 @@ impl Sim {
 
     pub fn with_limits(config: SessionConfig, limits: RegistryLimits) -> Self {
         let keys = TokenKeyRing::new(1, &[42u8; 32]).expect("valid key");
-        Sim {
-            registry: Registry::new(keys, config, limits),
-            engine: OrderBookEngine::new(EngineConfig::with_instruments(vec![Instrument {
-                id: INSTRUMENT,
-                tick_size: 1,
-                lot_size: 1,
-            }]))
-            .expect("valid engine config"),
+        let requests = Requests::default();
+        let link = Recording {
+            book: InProcess::new(book()),
+            requests: Arc::clone(&requests),
+        };
+        let registry = Registry::new(keys, config, limits);
+        let core = Core::new(
+            registry,
+            Box::new(link),
+            Members::default(),
+            0,
+            IDLE_TIMEOUT,
+        );
+        let mut sim = Sim {
+            core,
             now: START,
             next_conn: 0,
             run: 0,
-            engine_log: Vec::new(),
+            position: 0,
+            requests,
             closed: Vec::new(),
             routed: Vec::new(),
             writers: HashMap::new(),
             minted: 0,
-        }
+        };
+        sim.start_run();
+        sim
+    }
+
+    /// The gateway (re)starts: its `Started` record begins a run on the log.
+    fn start_run(&mut self) {
+        let started = Record::Started {
+            gateway: GATEWAY.into(),
+            timeout_ms: u64::MAX / 2,
+            settings: 0,
+        };
+        let (from, position) = (0, self.position + 1);
+        self.input_from(from, started);
+        self.run = position;
+        self.next_conn = 0;
+    }
+
+    /// Applies `record` from the simulated gateway's run at the clock's time.
+    pub fn input(&mut self, record: Record) -> Outcome {
+        self.input_from(self.run, record)
+    }
+
+    /// Applies `record` as the gateway run `from` appended it, at the clock's time.
+    pub fn input_from(&mut self, from: u64, record: Record) -> Outcome {
+        self.position += 1;
+        let entry = Entry {
+            from,
+            time_ms: self.now.as_millis(),
+            reply: 0,
+            record,
+        };
+        let mut effects = Effects::default();
+        let outcome = self.core.apply(entry, self.position, &mut effects);
+        self.closed.extend(effects.close);
+        self.routed.extend(
+            effects
+                .events
+                .into_iter()
+                .filter(|event| !matches!(event, engine::Event::OrderStates { .. })),
+        );
+        outcome
+    }
+
+    /// The simulated gateway's current run on the log.
+    pub fn run(&self) -> u64 {
+        self.run
+    }
+
+    /// The sessions.
+    pub fn registry(&self) -> &Registry {
+        self.core.registry()
+    }
+
+    /// Orders working in the book.
+    pub fn working_order_count(&self) -> usize {
+        self.core
+            .image(0)
+            .expect("the engine is in process")
+            .engine
+            .working_order_count()
+    }
+
+    /// Every request the engine was handed so far, in order.
+    pub fn engine_log(&self) -> Vec<engine::Request> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The random part of the next token to be minted: distinct for every mint.
@@ -81,29 +209,6 @@ impl Sim {
     pub fn new_conn(&mut self) -> ConnectionId {
         self.next_conn += 1;
         self.run << 32 | self.next_conn
-    }
-
-    /// Carries out actions, feeding engine events back through the registry.
-    pub fn apply(&mut self, actions: Vec<Action>) {
-        let mut queue: VecDeque<Action> = actions.into();
-        while let Some(action) = queue.pop_front() {
-            match action {
-                Action::Engine(request) => {
-                    self.engine_log.push(request);
-                    let mut events = Vec::new();
-                    self.engine.handle(request, &mut events);
-                    let mut more = Vec::new();
-                    for event in &events {
-                        self.registry
-                            .route(event, self.now, &mut more, &mut Vec::new());
-                    }
-                    self.routed.extend(events);
-                    queue.extend(more);
-                }
-                Action::CloseConnection { conn, reason } => self.closed.push((conn, reason)),
-                Action::Ended { .. } => {}
-            }
-        }
     }
 
     pub fn is_closed(&self, conn: ConnectionId) -> Option<ReasonCode> {
@@ -131,72 +236,95 @@ impl Sim {
         cod: CodPolicy,
     ) -> Client {
         let conn = self.new_conn();
-        let orders = self.engine.orders_of(account);
-        let entropy = self.entropy();
-        let mut out = Vec::new();
-        let new = self
-            .registry
-            .login(
-                account,
-                account_limit,
-                cod,
-                conn,
-                &orders,
-                IDLE_TIMEOUT,
-                (self.now, &entropy),
-                &mut out,
-            )
-            .expect("login accepted");
-        self.apply(out);
-        self.writers.insert(new.session_id, new.session);
-        Client::new(new.session_id, conn)
+        let login = proto::Login {
+            api_key_id: account,
+            timestamp_ns: 0,
+            nonce: proto::Nonce([0; 16]),
+            cancel_on_disconnect: cod.mode,
+            cod_grace_ms: u32::try_from(cod.grace.as_millis()).expect("a short grace"),
+            signature: proto::Signature([0; 64]),
+        };
+        let record = Record::Login {
+            conn,
+            account,
+            max_sessions: account_limit.map(|limit| limit as u64),
+            login: Frame::from(login).to_bytes().to_vec(),
+            entropy: self.entropy(),
+            account_orders: None,
+        };
+        let Outcome::Session(session) = self.input(record) else {
+            panic!("a login's outcome is a session");
+        };
+        let session = session.expect("login accepted");
+        let session_id = lock(&session).id();
+        self.writers.insert(session_id, session);
+        Client::new(session_id, conn)
     }
 
     pub fn session(&self, client: &Client) -> SessionHandle {
-        self.registry
+        self.registry()
             .get(client.session_id)
             .expect("session is live")
     }
 
     /// The size of a core snapshot now: what the core holds, encoded.
     pub fn core_snapshot_len(&self) -> usize {
-        core_image(&self.registry, &self.engine).encode().len()
+        self.core_bytes().len()
     }
 
-    /// The whole core (registry and engine) as its snapshot encodes it.
+    /// The whole core (registry, engine, gateway runs) as its snapshot encodes it,
+    /// but for the log position.
     pub fn core_bytes(&self) -> Vec<u8> {
-        core_image(&self.registry, &self.engine).encode().to_vec()
+        let image = self.core.image(0).expect("the engine is in process");
+        image.encode().to_vec()
     }
 
-    /// Replaces the core (registry and engine) with the one its snapshot restores,
-    /// checking that the restored core snapshots to the same bytes. With `restart`,
-    /// the gateway restarted as well: every connection is gone, and the writers
-    /// with them.
+    fn image(&self) -> CoreImage {
+        self.core
+            .image(self.position)
+            .expect("the engine is in process")
+    }
+
+    /// Replaces the core with the one its snapshot restores, checking that the
+    /// restored core snapshots to the same bytes. With `restart`, the gateway
+    /// restarted as well: a new run starts on the log, every connection is gone, and
+    /// the writers with them.
     pub fn restore_from_snapshot(&mut self, clients: &mut [Client], restart: bool) {
-        let bytes = core_image(&self.registry, &self.engine).encode();
+        let bytes = self.image().encode();
         let restored = CoreImage::decode(&bytes).expect("a snapshot decodes");
         let registry = Registry::from_image(
             restored.registry,
-            self.registry.config().clone(),
-            self.registry.limits(),
+            self.registry().config().clone(),
+            self.registry().limits(),
         )
         .expect("a snapshot restores");
+        let link = Recording {
+            book: InProcess::new(restored.engine),
+            requests: Arc::clone(&self.requests),
+        };
+        let core = Core::new(
+            registry,
+            Box::new(link),
+            restored.members,
+            restored.position,
+            IDLE_TIMEOUT,
+        );
+        self.core = core;
         assert!(
-            core_image(&registry, &restored.engine).encode() == bytes,
+            self.image().encode() == bytes,
             "the restored core snapshots to other bytes"
         );
-        self.registry = registry;
-        self.engine = restored.engine;
         if restart {
             self.writers.clear();
-            self.registry.run_ended(self.run, self.now);
-            self.run += 1;
-            for client in clients {
-                self.drop_connection(client);
+            for client in clients.iter_mut() {
+                client.to_gateway.clear();
+                client.to_client.clear();
+                client.conn = None;
             }
+            self.start_run();
         } else {
             for (session_id, writer) in &mut self.writers {
-                if let Some(session) = self.registry.get(*session_id) {
+                if let Some(session) = self.core.registry().get(*session_id) {
                     *writer = session;
                 }
             }
@@ -206,9 +334,7 @@ impl Sim {
     /// Moves the clock and fires due timers.
     pub fn advance(&mut self, by: Duration) {
         self.now = self.now.plus(by);
-        let mut out = Vec::new();
-        self.registry.handle_timeouts(self.now, &mut out);
-        self.apply(out);
+        self.input(Record::Tick);
     }
 
     /// Delivers up to `n` in-flight client frames to the gateway.
@@ -218,17 +344,11 @@ impl Sim {
             let Some(frame) = client.to_gateway.pop_front() else {
                 break;
             };
-            let Some(session) = self.registry.get(client.session_id) else {
-                return;
-            };
-            let mut out = Vec::new();
-            lock(&session).handle_frame(conn, &frame, self.now, &mut out);
-            for action in &out {
-                if let Action::Ended { session_id, reason } = action {
-                    self.registry.remove(*session_id, *reason);
-                }
-            }
-            self.apply(out);
+            self.input(Record::Frame {
+                session: client.session_id,
+                conn,
+                frame: frame.to_bytes().to_vec(),
+            });
         }
     }
 
@@ -297,9 +417,10 @@ impl Sim {
         client.to_gateway.clear();
         client.to_client.clear();
         if let Some(conn) = client.conn.take() {
-            if let Some(session) = self.registry.get(client.session_id) {
-                self.registry.connection_lost(&session, conn, self.now);
-            }
+            self.input(Record::ConnectionLost {
+                session: client.session_id,
+                conn,
+            });
         }
     }
 
@@ -321,18 +442,15 @@ impl Sim {
             last_acked_server_seq: client.last_server_seq,
             next_client_seq: client.next_client_seq,
         };
-        let entropy = self.entropy();
-        let mut out = Vec::new();
-        let engine = &self.engine;
-        let result = self.registry.resume(
+        let record = Record::Resume {
             conn,
-            &request,
-            None,
-            (self.now, &entropy),
-            |account| Some(engine.orders_of(account)),
-            &mut out,
-        );
-        self.apply(out);
+            resume: Frame::from(request).to_bytes().to_vec(),
+            sent_here: None,
+            entropy: self.entropy(),
+        };
+        let Outcome::Session(result) = self.input(record) else {
+            panic!("a resume's outcome is a session");
+        };
         let session = result?;
         self.writers.insert(client.session_id, session);
         client.to_gateway.clear();
@@ -520,16 +638,6 @@ impl Client {
     }
 }
 
-/// A core snapshot of `registry` and `engine`.
-fn core_image(registry: &Registry, engine: &OrderBookEngine) -> CoreImage {
-    CoreImage {
-        position: 7,
-        members: gateway_core::members::Members::default(),
-        registry: registry.image(),
-        engine: engine.clone(),
-    }
-}
-
 /// Cancel-on-disconnect off.
 pub const NO_COD: CodPolicy = CodPolicy {
     mode: CancelOnDisconnect::Off,
@@ -546,7 +654,7 @@ pub fn cod(grace: Duration) -> CodPolicy {
 
 /// How often the engine saw a request with this session and tag.
 pub fn times_executed(sim: &Sim, session: u64, tag: u64) -> usize {
-    sim.engine_log
+    sim.engine_log()
         .iter()
         .filter(|r| match r {
             engine::Request::New(o) => o.owner.session == session && o.tag == tag,

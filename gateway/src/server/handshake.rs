@@ -5,7 +5,6 @@
 use super::*;
 use crate::token::TokenEntropy;
 
-
 /// A login's or resume's outcome from the core, as the handshake needs it.
 pub(super) fn session_outcome(
     outcome: Result<Outcome, LogError>,

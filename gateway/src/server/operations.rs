@@ -142,7 +142,10 @@ impl Shared {
 
     /// Retires a token key (not the one minting); returns whether it was retired.
     pub(crate) async fn retire_token_key(&self, key_id: u32) -> Result<bool, String> {
-        match self.call(Record::RetireKey { key_id }, self.log.ticket()).await {
+        match self
+            .call(Record::RetireKey { key_id }, self.log.ticket())
+            .await
+        {
             Ok(Outcome::Done(retired)) => Ok(retired),
             Ok(Outcome::Fenced) => Err(SUPERSEDED.into()),
             Ok(_) => Ok(false),
