@@ -40,6 +40,20 @@ fn try_login(
         .map(|new| new.session_id)
 }
 
+/// A limit buy of 1 at 90 (below the book), with client sequence and order id `seq`.
+fn buy_one_at_90(seq: u64) -> proto::NewOrder {
+    proto::NewOrder {
+        client_seq: seq,
+        client_order_id: seq,
+        instrument_id: INSTRUMENT,
+        side: Side::Buy,
+        order_type: proto::OrderType::Limit,
+        time_in_force: proto::TimeInForce::Gtc,
+        price: 90,
+        quantity: 1,
+    }
+}
+
 fn fills(client: &Client) -> Vec<proto::Fill> {
     client
         .received
@@ -267,16 +281,7 @@ fn a_duplicate_client_sequence_is_answered_and_never_executed_again() {
         .outbox
         .get(&1)
         .copied()
-        .unwrap_or(Frame::NewOrder(proto::NewOrder {
-            client_seq: 1,
-            client_order_id: 1,
-            instrument_id: INSTRUMENT,
-            side: Side::Buy,
-            order_type: proto::OrderType::Limit,
-            time_in_force: proto::TimeInForce::Gtc,
-            price: 90,
-            quantity: 1,
-        }));
+        .unwrap_or(Frame::NewOrder(buy_one_at_90(1)));
     let conn = client.conn.expect("attached");
     assert!(
         !lock(&sim.session(&client)).has_output_for(conn),
@@ -433,16 +438,7 @@ fn reusing_the_current_token_takes_the_session_over() {
 
     // Whatever the old connection still sends is refused, never executed.
     let mut out = Vec::new();
-    let stale = proto::NewOrder {
-        client_seq: 2,
-        client_order_id: 2,
-        instrument_id: INSTRUMENT,
-        side: Side::Buy,
-        order_type: proto::OrderType::Limit,
-        time_in_force: proto::TimeInForce::Gtc,
-        price: 90,
-        quantity: 1,
-    };
+    let stale = buy_one_at_90(2);
     lock(&sim.session(&client)).handle_frame(old_conn, &stale.into(), sim.now, &mut out);
     assert_eq!(
         out,
@@ -1547,16 +1543,7 @@ fn records_of_a_gateway_run_that_ended_are_fenced_off_and_change_nothing() {
     sim.restore_from_snapshot(std::slice::from_mut(&mut client), true);
     assert_ne!(sim.run(), old_run);
     let before = sim.core_bytes();
-    let late = proto::NewOrder {
-        client_seq: 1,
-        client_order_id: 1,
-        instrument_id: INSTRUMENT,
-        side: Side::Buy,
-        order_type: proto::OrderType::Limit,
-        time_in_force: proto::TimeInForce::Gtc,
-        price: 90,
-        quantity: 1,
-    };
+    let late = buy_one_at_90(1);
     let outcome = sim.input_from(
         old_run,
         Record::Frame {
