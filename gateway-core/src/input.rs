@@ -16,9 +16,13 @@ use crate::registry::SessionHandle;
 use crate::session::ConnectionId;
 use crate::token::TokenEntropy;
 
-/// Largest record the core accepts from the stream (NATS's default largest message):
-/// a frame is far smaller, an operator's revoke of many sessions is not.
+/// Largest record the core accepts from the stream, and largest batch of records
+/// (NATS's default largest message): a frame is far smaller, an operator's revoke of
+/// many sessions is not.
 pub const MAX_RECORD_LEN: usize = 1 << 20;
+
+/// Bytes a batch spends on each entry besides the entry's own: its length.
+pub const BATCH_OVERHEAD: usize = 4;
 
 /// One input of the session core.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +158,9 @@ pub enum EntryError {
     /// Not an entry.
     #[error("undecodable entry: {0}")]
     Undecodable(#[from] postcard::Error),
+    /// A batch whose last entry is cut short.
+    #[error("a batch of entries ends inside an entry")]
+    Truncated,
 }
 
 impl Entry {
@@ -170,6 +177,44 @@ impl Entry {
         }
         Ok(postcard::from_bytes(bytes)?)
     }
+}
+
+/// Puts encoded entries ([`Entry::encode`]) into one message of the stream, in
+/// order: each as its length (4 bytes, little-endian) and its bytes. A gateway's
+/// records travel in such batches, one message and one acknowledgement for many.
+pub fn encode_batch(entries: &[Bytes]) -> Bytes {
+    let len = entries.iter().map(|e| e.len() + BATCH_OVERHEAD).sum();
+    let mut batch = Vec::with_capacity(len);
+    for entry in entries {
+        // An entry is at most MAX_RECORD_LEN long, which fits.
+        let entry_len = u32::try_from(entry.len()).unwrap_or(u32::MAX);
+        batch.extend_from_slice(&entry_len.to_le_bytes());
+        batch.extend_from_slice(entry);
+    }
+    Bytes::from(batch)
+}
+
+/// Reads a batch ([`encode_batch`]) back into its entries, refusing an oversized
+/// message, a length running past the end, or an entry that does not decode.
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Entry>, EntryError> {
+    if bytes.len() > MAX_RECORD_LEN {
+        return Err(EntryError::TooLarge(bytes.len()));
+    }
+    let mut entries = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let Some((len, tail)) = rest.split_first_chunk::<BATCH_OVERHEAD>() else {
+            return Err(EntryError::Truncated);
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(EntryError::Truncated);
+        }
+        let (entry, tail) = tail.split_at(len);
+        entries.push(Entry::decode(entry)?);
+        rest = tail;
+    }
+    Ok(entries)
 }
 
 /// What applying a record gave, for the gateway waiting on its ticket.
@@ -210,6 +255,38 @@ mod tests {
         ));
         assert!(matches!(
             Entry::decode(&vec![0; MAX_RECORD_LEN + 1]),
+            Err(EntryError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn batches_keep_their_entries_in_order_and_bad_batches_are_refused() {
+        let entries: Vec<Entry> = (1..=3)
+            .map(|n| Entry {
+                from: 7,
+                time_ms: n,
+                reply: 0,
+                record: Record::Tick,
+            })
+            .collect();
+        let encoded: Vec<Bytes> = entries.iter().map(Entry::encode).collect();
+        let batch = encode_batch(&encoded);
+        assert_eq!(decode_batch(&batch).expect("decodes"), entries);
+        assert!(decode_batch(&[]).expect("empty").is_empty());
+        let cut = &batch[..batch.len() - 1];
+        assert!(matches!(decode_batch(cut), Err(EntryError::Truncated)));
+        assert!(matches!(decode_batch(&[9, 0]), Err(EntryError::Truncated)));
+        let too_long = [0xff, 0xff, 0xff, 0x7f, 1];
+        assert!(matches!(
+            decode_batch(&too_long),
+            Err(EntryError::Truncated)
+        ));
+        assert!(matches!(
+            decode_batch(&[1, 0, 0, 0, 0xff]),
+            Err(EntryError::Undecodable(_))
+        ));
+        assert!(matches!(
+            decode_batch(&vec![0; MAX_RECORD_LEN + 1]),
             Err(EntryError::TooLarge(_))
         ));
     }

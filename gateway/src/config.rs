@@ -158,6 +158,18 @@ pub struct SequencerSettings {
     /// time for a load balancer's health check to send reconnecting clients to
     /// another gateway, where they resume.
     pub drain_notice_ms: u64,
+    /// Most records in one message of the stream. The gateway's records travel in
+    /// batches, one at a time: a batch leaves as soon as the one before it is
+    /// stored, with every record that arrived meanwhile (up to this many, and up
+    /// to 1 MiB), so a record never waits for a timer, and under load one message
+    /// and one acknowledgement carry many.
+    pub batch_max_records: usize,
+    /// How long a batch the stream did not take (NATS restarting, a stream leader
+    /// being elected) is sent again, under the same message id, so that it is
+    /// stored once and in order, before its records are given up and their
+    /// connections closed. Keep it above a NATS cluster's election time (seconds)
+    /// and below the stream's duplicate window (2 minutes).
+    pub append_patience_ms: u64,
 }
 
 impl Default for SequencerSettings {
@@ -179,6 +191,8 @@ impl Default for SequencerSettings {
             gateway_timeout_ms: 10_000,
             replicas: 1,
             drain_notice_ms: 500,
+            batch_max_records: 1_000,
+            append_patience_ms: 10_000,
         }
     }
 }
@@ -662,6 +676,15 @@ impl Config {
             }
             if !(1..=5).contains(&self.sequencer.replicas) {
                 return invalid("sequencer.replicas must be 1 to 5");
+            }
+            if self.sequencer.batch_max_records == 0 {
+                return invalid("sequencer.batch_max_records must be at least 1");
+            }
+            if self.sequencer.append_patience_ms >= crate::sequencer::DUPLICATE_WINDOW_MS {
+                return invalid(
+                    "sequencer.append_patience_ms must be below the stream's duplicate \
+                     window (120000): a batch sent again after it could be stored twice",
+                );
             }
             if self.sequencer.user.is_some() && self.sequencer.token_file.is_some() {
                 return invalid(

@@ -15,11 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishAckFuture;
 use tracing::warn;
 
 use crate::clock;
-use crate::sequencer::{Entry, JetStreamLog, LogError, Outcome, Record};
+use crate::sequencer::{Entry, JetStreamLog, LogError, Outcome, Record, Stored};
 use crate::time::Timestamp;
 
 /// Where the core's inputs go.
@@ -36,7 +35,7 @@ pub trait Apply: FnOnce(Entry, u64) -> Outcome {}
 impl<F: FnOnce(Entry, u64) -> Outcome> Apply for F {}
 
 /// A record on its way to the stream, confirmed by [`Log::confirm`].
-pub type Pending = PublishAckFuture;
+pub type Pending = Stored;
 
 impl Log {
     /// This gateway's run on the log: the position of its `Started` record, the
@@ -77,9 +76,9 @@ impl Log {
         }
     }
 
-    /// Appends `record` in this task's order of appends. Applied already if it
-    /// returns `None`; otherwise the stream has it, and [`Log::confirm`] says when
-    /// it has stored it.
+    /// Appends `record`, after every record appended before it. Applied already if
+    /// it returns `None`; otherwise it is queued for the stream, and
+    /// [`Log::confirm`] says when the stream has stored it.
     pub async fn send(
         &self,
         record: Record,
@@ -90,7 +89,7 @@ impl Log {
                 memory.apply(record, apply);
                 Ok(None)
             }
-            Log::JetStream(stream) => stream.send(&stream.entry(record, 0)).await.map(Some),
+            Log::JetStream(stream) => stream.send(&stream.entry(record, 0)).map(Some),
         }
     }
 

@@ -4,7 +4,8 @@
 //! The *edge* (QUIC, TLS, decoding, authentication, what was sent on which
 //! connection) turns everything that changes the *core* (sessions, their
 //! exactly-once state, rings, tokens, timers, the book) into a [`Record`] and
-//! appends it to the stream. One task reads the stream back, in order, and applies
+//! appends it to the stream, in batches: one stream message carries every record the
+//! gateway appended while the batch before it was being stored (the batcher). One task reads the stream back, in order, and applies
 //! each record to the core at the time the record carries ([`crate::members`]). The
 //! core never reads a clock, a random generator or the edge's state, so a gateway
 //! started again rebuilds every session, its unacknowledged messages and the book
@@ -27,16 +28,24 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use futures_util::StreamExt;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
 use crate::clock;
 use crate::config::SequencerSettings;
 use crate::time::Timestamp;
+use gateway_core::input::{decode_batch, encode_batch, BATCH_OVERHEAD};
 pub use gateway_core::input::{Entry, EntryError, Outcome, Record, MAX_RECORD_LEN};
 
+/// The stream's duplicate window, milliseconds: a batch sent again within it under
+/// the same message id is stored once.
+pub const DUPLICATE_WINDOW_MS: u64 = 120_000;
+
+/// Longest wait for one attempt at storing a batch before it is sent again.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Why the stream could not be used.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
     /// NATS or JetStream refused or did not answer.
     #[error("{what} (sequencer.nats_url = {url}): {error}")]
@@ -52,7 +61,6 @@ pub enum LogError {
 
 /// The stream of the core's inputs on JetStream.
 pub struct JetStreamLog {
-    context: jetstream::Context,
     stream: stream::Stream,
     subject: String,
     url: String,
@@ -61,13 +69,16 @@ pub struct JetStreamLog {
     start: AtomicU64,
     /// Tickets for outcomes; the high half is this gateway's start position.
     next_ticket: AtomicU64,
-    /// Appends the stream refused or did not acknowledge in time.
-    failures: AtomicU64,
+    /// Batches the stream did not take within `sequencer.append_patience_ms`.
+    failures: Arc<AtomicU64>,
     /// When this gateway last handed a record to NATS, Unix milliseconds: a
     /// gateway with nothing to say appends a heartbeat before the others think it
     /// gone.
     last_sent_ms: AtomicU64,
     waiting: dashmap::DashMap<u64, oneshot::Sender<Outcome>>,
+    /// Where records queue for the batcher ([`run_batcher`]), which sends them to
+    /// the stream.
+    queue: mpsc::UnboundedSender<Queued>,
     /// Signalled when the connection to NATS is back after a loss: a NATS server
     /// that restarted has forgotten the read's consumer, so the read starts again.
     reconnected: Arc<Notify>,
@@ -105,6 +116,7 @@ impl JetStreamLog {
                 storage: stream::StorageType::File,
                 max_message_size: i32::try_from(MAX_RECORD_LEN).unwrap_or(i32::MAX),
                 num_replicas: settings.replicas,
+                duplicate_window: Duration::from_millis(DUPLICATE_WINDOW_MS),
                 ..Default::default()
             })
             .await
@@ -137,17 +149,30 @@ impl JetStreamLog {
         let snapshots = snapshot_store(&context, settings)
             .await
             .map_err(|error| settings_error(settings, "opening the snapshot store", &error))?;
+        let failures = Arc::new(AtomicU64::new(0));
+        let (queue, queued) = mpsc::unbounded_channel();
+        let batcher = Batcher {
+            context: context.clone(),
+            subject: subject.clone(),
+            url: url.clone(),
+            id_prefix: message_id_prefix()?,
+            max_records: settings.batch_max_records,
+            patience: Duration::from_millis(settings.append_patience_ms),
+            attempt_timeout: timeout.min(ATTEMPT_TIMEOUT),
+            failures: Arc::clone(&failures),
+        };
+        tokio::spawn(batcher.run(queued));
         Ok(JetStreamLog {
             snapshots,
             purge_after_snapshot: settings.purge_after_snapshot,
-            context,
             stream,
             subject,
             url,
             timeout,
             start: AtomicU64::new(0),
             next_ticket: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
+            failures,
+            queue,
             last_sent_ms: AtomicU64::new(0),
             waiting: dashmap::DashMap::new(),
             reconnected,
@@ -366,35 +391,36 @@ impl JetStreamLog {
             .map_err(|e| failed(&e))?
     }
 
-    /// Appends `entry` and waits for the stream to store it; returns its position.
+    /// Appends `entry` and waits for the stream to store it; returns the position
+    /// of the message (batch) that holds it.
     pub async fn append(&self, entry: &Entry) -> Result<u64, LogError> {
-        let stored = self.send(entry).await?;
+        let stored = self.send(entry)?;
         self.stored(stored).await
     }
 
-    /// Hands `entry` to NATS (entries handed over by one task are stored in that
-    /// order); the returned future says when the stream has stored it.
-    pub async fn send(
-        &self,
-        entry: &Entry,
-    ) -> Result<jetstream::context::PublishAckFuture, LogError> {
+    /// Queues `entry` for the stream: entries are stored in the order they are
+    /// queued, whoever queues them. The returned receiver says when the stream has
+    /// stored it (or gave up after `sequencer.append_patience_ms`).
+    pub fn send(&self, entry: &Entry) -> Result<Stored, LogError> {
         self.last_sent_ms
             .fetch_max(entry.time_ms, Ordering::Relaxed);
-        self.context
-            .publish(self.subject.clone(), entry.encode())
-            .await
-            .map_err(|error| self.append_error(&error))
+        let (done, stored) = oneshot::channel();
+        let queued = Queued {
+            bytes: entry.encode(),
+            done,
+        };
+        self.queue
+            .send(queued)
+            .map_err(|_| self.error("appending to the stream", &"the batcher stopped"))?;
+        Ok(stored)
     }
 
-    /// Waits for the stream to confirm a [`Self::send`]; returns the position.
-    pub async fn stored(
-        &self,
-        stored: jetstream::context::PublishAckFuture,
-    ) -> Result<u64, LogError> {
-        match tokio::time::timeout(self.timeout, stored).await {
-            Ok(Ok(ack)) => Ok(ack.sequence),
-            Ok(Err(error)) => Err(self.append_error(&error)),
-            Err(elapsed) => Err(self.append_error(&elapsed)),
+    /// Waits for the stream to store an entry [`Self::send`] queued; returns the
+    /// position of its batch.
+    pub async fn stored(&self, stored: Stored) -> Result<u64, LogError> {
+        match stored.await {
+            Ok(result) => result,
+            Err(_) => Err(self.error("appending to the stream", &"the batcher stopped")),
         }
     }
 
@@ -404,15 +430,10 @@ impl JetStreamLog {
         Duration::from_millis(now.as_millis().saturating_sub(last))
     }
 
-    /// Appends the stream refused or did not acknowledge in time, so far.
+    /// Batches the stream did not take within `sequencer.append_patience_ms`, so
+    /// far.
     pub fn append_failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
-    }
-
-    /// Counts a failed append and says why it failed.
-    fn append_error(&self, error: &dyn std::fmt::Display) -> LogError {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        self.error("appending to the stream", error)
     }
 
     fn error(&self, what: &'static str, error: &dyn std::fmt::Display) -> LogError {
@@ -473,13 +494,14 @@ impl JetStreamLog {
         }
     }
 
-    /// Reads the stream from the record after `after` (0: from the beginning), in
-    /// order, calling `apply` with each entry and its stream position. A
+    /// Reads the stream from the message after `after` (0: from the beginning), in
+    /// order, calling `apply` with each message's entries (a batch) and its stream
+    /// position. A
     /// read that fails (NATS restarted and forgot the consumer, the connection
     /// dropped) goes on after the last record applied, retrying for as long as NATS
     /// is away. Returns only if records the core has not applied are gone from the
     /// stream: it cannot go on deterministically.
-    pub async fn follow(&self, after: u64, mut apply: impl FnMut(Entry, u64)) -> LogError {
+    pub async fn follow(&self, after: u64, mut apply: impl FnMut(Vec<Entry>, u64)) -> LogError {
         let started = Instant::now();
         let mut last_position = after;
         let mut backoff = FOLLOW_BACKOFF_MIN;
@@ -555,9 +577,11 @@ impl JetStreamLog {
                 }
                 last_position = position;
                 backoff = FOLLOW_BACKOFF_MIN;
-                match Entry::decode(&message.payload) {
-                    Ok(entry) => apply(entry, position),
-                    Err(error) => warn!(position, %error, "skipping an unreadable record"),
+                match decode_batch(&message.payload) {
+                    Ok(entries) => apply(entries, position),
+                    Err(error) => {
+                        warn!(position, %error, "skipping an unreadable batch of records")
+                    }
                 }
                 if position % 100_000 == 0 {
                     info!(
@@ -605,6 +629,116 @@ const READ_STALL: Duration = Duration::from_millis(250);
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between attempts to read the stream.
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Says when the stream stored a queued entry: the position of its batch.
+pub type Stored = oneshot::Receiver<Result<u64, LogError>>;
+
+/// An encoded entry waiting for the batcher.
+struct Queued {
+    bytes: bytes::Bytes,
+    done: oneshot::Sender<Result<u64, LogError>>,
+}
+
+/// Sends a gateway's queued entries to the stream in batches, one batch at a time:
+/// a batch leaves as soon as the one before it is stored, with what queued
+/// meanwhile. A batch the stream does not take (NATS away, a leader election) is
+/// sent again under the same message id until it is stored or
+/// `sequencer.append_patience_ms` has passed; JetStream stores a message id once
+/// within its duplicate window, and with one batch in flight a later batch never
+/// overtakes one sent again, so records are stored once and in order.
+struct Batcher {
+    context: jetstream::Context,
+    subject: String,
+    url: String,
+    /// Random, so that message ids differ between gateways and runs.
+    id_prefix: String,
+    max_records: usize,
+    patience: Duration,
+    attempt_timeout: Duration,
+    failures: Arc<AtomicU64>,
+}
+
+impl Batcher {
+    async fn run(self, mut queued: mpsc::UnboundedReceiver<Queued>) {
+        let mut next: Option<Queued> = None;
+        for batch_number in 1u64.. {
+            let first = match next.take() {
+                Some(first) => first,
+                None => match queued.recv().await {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
+            let mut size = first.bytes.len() + BATCH_OVERHEAD;
+            let mut batch = vec![first];
+            while batch.len() < self.max_records {
+                let Ok(more) = queued.try_recv() else { break };
+                size += more.bytes.len() + BATCH_OVERHEAD;
+                if size > MAX_RECORD_LEN {
+                    next = Some(more);
+                    break;
+                }
+                batch.push(more);
+            }
+            let (bytes, done): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|q| (q.bytes, q.done)).unzip();
+            let id = format!("{}-{batch_number}", self.id_prefix);
+            let result = self.store(&id, encode_batch(&bytes)).await;
+            for done in done {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+
+    /// Stores one batch, sending it again under the same message id while the
+    /// stream does not take it, for up to the patience.
+    async fn store(&self, id: &str, payload: bytes::Bytes) -> Result<u64, LogError> {
+        let began = Instant::now();
+        let mut backoff = FOLLOW_BACKOFF_MIN;
+        loop {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id);
+            let attempt = async {
+                let ack = self
+                    .context
+                    .send_publish(self.subject.clone(), publish)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                match tokio::time::timeout(self.attempt_timeout, ack).await {
+                    Ok(Ok(ack)) => Ok(ack.sequence),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(elapsed) => Err(elapsed.to_string()),
+                }
+            };
+            let error = match attempt.await {
+                Ok(position) => return Ok(position),
+                Err(error) => error,
+            };
+            if began.elapsed() >= self.patience {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(LogError::Nats {
+                    what: "appending to the stream (for sequencer.append_patience_ms)",
+                    url: self.url.clone(),
+                    error,
+                });
+            }
+            warn!(%error, batch = id, "the stream did not take a batch; sending it again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
+        }
+    }
+}
+
+/// A message id prefix no other gateway run uses.
+fn message_id_prefix() -> Result<String, LogError> {
+    let random: [u8; 8] = crate::dev::random().map_err(|error| LogError::Nats {
+        what: "drawing the batches' message ids",
+        url: String::new(),
+        error: error.to_string(),
+    })?;
+    Ok(random.iter().map(|b| format!("{b:02x}")).collect())
+}
 
 /// What went wrong doing `what` with the NATS server of `settings`.
 fn settings_error(

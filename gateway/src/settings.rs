@@ -70,6 +70,8 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("sequencer.gateway_timeout_ms", "silence after which the others declare this gateway's connections gone"),
     ("sequencer.replicas", "copies of the stream and snapshots JetStream keeps: 1, or 3 on a cluster"),
     ("sequencer.drain_notice_ms", "on SIGTERM, time not ready before connections are closed"),
+    ("sequencer.batch_max_records", "most records in one stream message (a batch leaves when the one before is stored)"),
+    ("sequencer.append_patience_ms", "how long a batch the stream did not take is sent again before its connections are closed"),
 ];
 
 /// The value of `key` (`section.key`) in `table`, if set.

@@ -54,6 +54,32 @@ async fn a_nats_restart_under_load_loses_nothing_and_does_nothing_twice() {
     assert!(report.checks.trades > 0, "traded");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_stall_shorter_than_the_append_patience_cuts_no_connection() {
+    let nats = NatsServer::start();
+    let nats_url = nats.url.clone();
+    // NATS answers nothing for 2.5 s mid-run (SIGSTOP): longer than each attempt at
+    // storing a batch waits (sequencer.timeout_ms, 1 s here), shorter than
+    // sequencer.append_patience_ms. The batches are sent again under their message
+    // ids and stored once each, in order.
+    let stall = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(1_500));
+        nats.pause();
+        std::thread::sleep(Duration::from_millis(2_500));
+        nats.carry_on();
+        nats
+    });
+    let report = load(&nats_url, None, 0, &["sequencer.timeout_ms=1000"]).await;
+    let _nats = stall.await.expect("carried on");
+    assert!(report.checks.trades > 0, "traded");
+    assert!(
+        report.closed_by_gateway.is_empty(),
+        "the gateway closed connections: {:?}",
+        report.closed_by_gateway
+    );
+    assert_eq!(report.resumes, 0, "no client had to resume");
+}
+
 /// Four sessions' load for 4 s against a crash-safe gateway process on `nats_url`
 /// (with these settings besides the load tester's), killed every `kill_interval`,
 /// then the replay measurement of `replay` messages; the verifier found no

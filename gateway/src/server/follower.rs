@@ -27,19 +27,22 @@ pub(super) async fn follow_log(
     caught_up: oneshot::Sender<()>,
 ) {
     let mut caught_up = Some(caught_up);
-    let mut snapshots = Snapshots::new(after, snapshot_every);
+    let mut snapshots = Snapshots::new(snapshot_every);
     // Set once this run's own `Stopped` record is applied: the gateway is stopping.
     let mut stopped = false;
     let error = log
-        .follow(after, |entry, position| {
-            if stopped {
-                return;
-            }
-            stopped = entry.from == start && matches!(entry.record, Record::Stopped);
-            let reply = entry.reply;
-            let outcome = shared.apply(entry, position);
-            if reply != 0 {
-                log.answer(reply, outcome);
+        .follow(after, |entries, position| {
+            snapshots.applied(entries.len());
+            for entry in entries {
+                if stopped {
+                    return;
+                }
+                stopped = entry.from == start && matches!(entry.record, Record::Stopped);
+                let reply = entry.reply;
+                let outcome = shared.apply(entry, position);
+                if reply != 0 {
+                    log.answer(reply, outcome);
+                }
             }
             if position < start || stopped {
                 return;
@@ -78,24 +81,30 @@ pub(super) async fn follow_log(
 /// When the core is snapshotted, and whether a snapshot is still being stored.
 struct Snapshots {
     every: u64,
-    next_at: u64,
+    /// Records applied since the latest snapshot (or the start).
+    since: u64,
     storing: Arc<AtomicBool>,
 }
 
 impl Snapshots {
-    fn new(after: u64, every: u64) -> Self {
+    fn new(every: u64) -> Self {
         Snapshots {
             every,
-            next_at: after.saturating_add(every),
+            since: 0,
             storing: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// After the record at `position`: snapshots the core if one is due and the
-    /// last one is stored (a slow store delays the next snapshot, never the core),
-    /// and stores it in the background.
+    /// Counts records applied.
+    fn applied(&mut self, records: usize) {
+        self.since = self.since.saturating_add(records as u64);
+    }
+
+    /// After the batch at `position`: snapshots the core if one is due and the last
+    /// one is stored (a slow store delays the next snapshot, never the core), and
+    /// stores it in the background.
     fn after(&mut self, position: u64, shared: &Arc<Shared>, log: &Arc<JetStreamLog>) {
-        if self.every == 0 || position < self.next_at || self.storing.load(Ordering::Acquire) {
+        if self.every == 0 || self.since < self.every || self.storing.load(Ordering::Acquire) {
             return;
         }
         let taken = Instant::now();
@@ -104,7 +113,7 @@ impl Snapshots {
         };
         let bytes = image.encode();
         let encode_us = u64::try_from(taken.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.next_at = position.saturating_add(self.every);
+        self.since = 0;
         self.storing.store(true, Ordering::Release);
         let (storing, shared, log) = (
             Arc::clone(&self.storing),
