@@ -172,6 +172,10 @@ pub struct SequencerSettings {
     pub append_patience_ms: u64,
 }
 
+/// The stream's duplicate window, milliseconds: a batch sent again within it under
+/// the same message id is stored once (`sequencer.append_patience_ms` stays below).
+pub const DUPLICATE_WINDOW_MS: u64 = 120_000;
+
 impl Default for SequencerSettings {
     fn default() -> Self {
         SequencerSettings {
@@ -680,7 +684,7 @@ impl Config {
             if self.sequencer.batch_max_records == 0 {
                 return invalid("sequencer.batch_max_records must be at least 1");
             }
-            if self.sequencer.append_patience_ms >= crate::sequencer::DUPLICATE_WINDOW_MS {
+            if self.sequencer.append_patience_ms >= DUPLICATE_WINDOW_MS {
                 return invalid(
                     "sequencer.append_patience_ms must be below the stream's duplicate \
                      window (120000): a batch sent again after it could be stored twice",

@@ -32,14 +32,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
 use crate::clock;
-use crate::config::SequencerSettings;
+use crate::config::{SequencerSettings, DUPLICATE_WINDOW_MS};
 use crate::time::Timestamp;
 use gateway_core::input::{decode_batch, encode_batch, BATCH_OVERHEAD};
 pub use gateway_core::input::{Entry, EntryError, Outcome, Record, MAX_RECORD_LEN};
-
-/// The stream's duplicate window, milliseconds: a batch sent again within it under
-/// the same message id is stored once.
-pub const DUPLICATE_WINDOW_MS: u64 = 120_000;
 
 /// Longest wait for one attempt at storing a batch before it is sent again.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);

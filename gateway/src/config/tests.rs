@@ -98,6 +98,8 @@ fn crash_safe_settings_are_checked_together() {
         ("sequencer.gateway_timeout_ms=10", "gateway_timeout_ms"),
         ("sequencer.replicas=0", "replicas"),
         ("sequencer.replicas=7", "replicas"),
+        ("sequencer.batch_max_records=0", "batch_max_records"),
+        ("sequencer.append_patience_ms=120000", "append_patience_ms"),
     ] {
         let refused = jetstream(bad).expect_err(bad);
         assert!(refused.to_string().contains(named), "{refused}");
