@@ -489,12 +489,21 @@ impl Client {
         })
     }
 
-    /// Ends the session for good.
+    /// Ends the session for good. While the client is reconnecting, or if the
+    /// connection dies before the gateway's `Close` arrives, the `Logout` goes again
+    /// after the resume; a resume refused because the session is gone then ends
+    /// with `LoggedOut`.
     pub fn logout(&self) -> Result<(), ClientError> {
-        let shared = self.lock();
-        let out = shared.out.as_ref().ok_or(ClientError::Ended)?;
-        out.send(Frame::from(proto::Logout {}).to_bytes())
-            .map_err(|_| ClientError::Connection("not connected".into()))
+        let mut shared = self.lock();
+        if shared.ended {
+            return Err(ClientError::Ended);
+        }
+        let logout = shared.state.logout();
+        if let Some(out) = &shared.out {
+            // A closed queue means the connection just died: the resume sends it.
+            let _ = out.send(logout);
+        }
+        Ok(())
     }
 
     /// Drops the current connection (as a network failure would); the client

@@ -70,6 +70,10 @@ pub struct ClientState {
     /// even of a sequence already acknowledged (the gateway keeps a login snapshot
     /// until it is confirmed).
     snapshot_unconfirmed: bool,
+    /// The application asked to log out: the `Logout` goes again after a resume
+    /// (the connection it left on may have died first), and a resume refused
+    /// because the session is gone means the logout took effect.
+    logging_out: bool,
 }
 
 impl ClientState {
@@ -214,7 +218,12 @@ impl ClientState {
             }
             Frame::Close(close) => Received::Closing(close.reason),
             Frame::LoginRejected(rejected) => Received::Closing(rejected.reason),
-            Frame::ResumeRejected(rejected) => Received::Closing(rejected.reason),
+            Frame::ResumeRejected(rejected) => Received::Closing(match rejected.reason {
+                // The connection died after the `Logout` reached the gateway
+                // but before its `Close` came back.
+                ReasonCode::SessionNotFound if self.logging_out => ReasonCode::LoggedOut,
+                reason => reason,
+            }),
             Frame::Duplicate(_) => Received::Nothing,
             other => return Err(Violation::Unexpected(other.name())),
         })
@@ -282,9 +291,22 @@ impl ClientState {
 
     fn established(&mut self, last_processed: u64) -> Received {
         self.unprocessed = self.unprocessed.split_off(&(last_processed + 1));
-        Received::Established {
-            resend: self.unprocessed.values().cloned().collect(),
+        let mut resend: Vec<Bytes> = self.unprocessed.values().cloned().collect();
+        if self.logging_out {
+            resend.push(Self::logout_frame());
         }
+        Received::Established { resend }
+    }
+
+    /// The application logs out: the `Logout` to send now, and again after any
+    /// resume until the session has ended.
+    pub fn logout(&mut self) -> Bytes {
+        self.logging_out = true;
+        Self::logout_frame()
+    }
+
+    fn logout_frame() -> Bytes {
+        Frame::from(proto::Logout {}).to_bytes()
     }
 }
 
@@ -319,6 +341,46 @@ mod tests {
             snapshot_follows: false,
         }
         .into()
+    }
+
+    #[test]
+    fn a_logout_goes_again_after_a_resume_and_a_gone_session_means_it_took_effect() {
+        let mut state = ClientState::new();
+        state.sequence(cancel);
+        let logout = state.logout();
+        state.connection_lost();
+        let Ok(Received::Established { resend }) = state.receive(resumed(0, 1)) else {
+            panic!("not established");
+        };
+        assert_eq!(resend, vec![cancel(1).to_bytes(), logout]);
+
+        state.connection_lost();
+        let gone = proto::ResumeRejected {
+            reason: ReasonCode::SessionNotFound,
+        };
+        assert_eq!(
+            state.receive(gone.into()),
+            Ok(Received::Closing(ReasonCode::LoggedOut))
+        );
+        let revoked = proto::ResumeRejected {
+            reason: ReasonCode::Revoked,
+        };
+        assert_eq!(
+            state.receive(revoked.into()),
+            Ok(Received::Closing(ReasonCode::Revoked))
+        );
+    }
+
+    #[test]
+    fn a_gone_session_without_a_logout_is_not_found() {
+        let mut state = ClientState::new();
+        let gone = proto::ResumeRejected {
+            reason: ReasonCode::SessionNotFound,
+        };
+        assert_eq!(
+            state.receive(gone.into()),
+            Ok(Received::Closing(ReasonCode::SessionNotFound))
+        );
     }
 
     #[test]

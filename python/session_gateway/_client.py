@@ -220,8 +220,8 @@ class Client:
 
     def logout(self) -> None:
         """Ends the session for good; `Ended(LOGGED_OUT)` follows in `events()`.
-        Raises `SessionEndedError` while the client is reconnecting or once the
-        session is over."""
+        While the client is reconnecting the logout goes after the resume. Raises
+        `SessionEndedError` once the session is over."""
         self._native.logout()
 
     def drop_connection(self) -> None:
