@@ -355,18 +355,12 @@ mod tests {
         assert_eq!(resend, vec![cancel(1).to_bytes(), logout]);
 
         state.connection_lost();
-        let gone = proto::ResumeRejected {
-            reason: ReasonCode::SessionNotFound,
-        };
         assert_eq!(
-            state.receive(gone.into()),
+            state.receive(refused(ReasonCode::SessionNotFound)),
             Ok(Received::Closing(ReasonCode::LoggedOut))
         );
-        let revoked = proto::ResumeRejected {
-            reason: ReasonCode::Revoked,
-        };
         assert_eq!(
-            state.receive(revoked.into()),
+            state.receive(refused(ReasonCode::Revoked)),
             Ok(Received::Closing(ReasonCode::Revoked))
         );
     }
@@ -374,13 +368,14 @@ mod tests {
     #[test]
     fn a_gone_session_without_a_logout_is_not_found() {
         let mut state = ClientState::new();
-        let gone = proto::ResumeRejected {
-            reason: ReasonCode::SessionNotFound,
-        };
         assert_eq!(
-            state.receive(gone.into()),
+            state.receive(refused(ReasonCode::SessionNotFound)),
             Ok(Received::Closing(ReasonCode::SessionNotFound))
         );
+    }
+
+    fn refused(reason: ReasonCode) -> Frame {
+        proto::ResumeRejected { reason }.into()
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! connection) turns everything that changes the *core* (sessions, their
 //! exactly-once state, rings, tokens, timers, the book) into a [`Record`] and
 //! appends it to the stream, in batches: one stream message carries every record the
-//! gateway appended while the batch before it was being stored (the batcher). One task reads the stream back, in order, and applies
+//! gateway appended while the batch before it was being stored (the batcher). One
+//! task reads the stream back, in order, and applies
 //! each record to the core at the time the record carries ([`crate::members`]). The
 //! core never reads a clock, a random generator or the edge's state, so a gateway
 //! started again rebuilds every session, its unacknowledged messages and the book
@@ -72,8 +73,7 @@ pub struct JetStreamLog {
     /// gone.
     last_sent_ms: AtomicU64,
     waiting: dashmap::DashMap<u64, oneshot::Sender<Outcome>>,
-    /// Where records queue for the batcher ([`run_batcher`]), which sends them to
-    /// the stream.
+    /// Where records queue for the [`Batcher`], which sends them to the stream.
     queue: mpsc::UnboundedSender<Queued>,
     /// Signalled when the connection to NATS is back after a loss: a NATS server
     /// that restarted has forgotten the read's consumer, so the read starts again.
@@ -407,7 +407,7 @@ impl JetStreamLog {
         };
         self.queue
             .send(queued)
-            .map_err(|_| self.error("appending to the stream", &"the batcher stopped"))?;
+            .map_err(|_| self.batcher_stopped())?;
         Ok(stored)
     }
 
@@ -416,7 +416,7 @@ impl JetStreamLog {
     pub async fn stored(&self, stored: Stored) -> Result<u64, LogError> {
         match stored.await {
             Ok(result) => result,
-            Err(_) => Err(self.error("appending to the stream", &"the batcher stopped")),
+            Err(_) => Err(self.batcher_stopped()),
         }
     }
 
@@ -430,6 +430,11 @@ impl JetStreamLog {
     /// far.
     pub fn append_failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The batcher task is gone (the runtime is shutting down).
+    fn batcher_stopped(&self) -> LogError {
+        self.error("appending to the stream", &"the batcher stopped")
     }
 
     fn error(&self, what: &'static str, error: &dyn std::fmt::Display) -> LogError {

@@ -233,12 +233,9 @@ impl Gateway {
             )));
         }
         let settings = setup.config.core_fingerprint();
-        let started = Record::Started {
-            gateway: setup.config.gateway_name(),
-            timeout_ms: setup.config.sequencer.gateway_timeout_ms,
-            settings,
-        };
-        let position = log.append(&log.entry(started, 0)).await?;
+        let position = log
+            .append(&log.entry(run_started(&setup.config), 0))
+            .await?;
         log.set_start(position);
         let (caught_up, replayed) = oneshot::channel();
         let snapshot_every = setup.config.sequencer.snapshot_every;
@@ -296,11 +293,7 @@ impl Gateway {
                 "sequencer.mode = \"jetstream\" starts with Gateway::launch".into(),
             )));
         }
-        let started = Record::Started {
-            gateway: setup.config.gateway_name(),
-            timeout_ms: setup.config.sequencer.gateway_timeout_ms,
-            settings: setup.config.core_fingerprint(),
-        };
+        let started = run_started(&setup.config);
         let memory = |core: &Core| {
             Log::Memory(MemoryLog::start(started, |entry, position| {
                 core.apply(entry, position, &mut gateway_core::Effects::default())
@@ -594,6 +587,15 @@ impl Gateway {
             let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         }
         info!("gateway stopped");
+    }
+}
+
+/// The record that begins this gateway's run on its log.
+fn run_started(config: &Config) -> Record {
+    Record::Started {
+        gateway: config.gateway_name(),
+        timeout_ms: config.sequencer.gateway_timeout_ms,
+        settings: config.core_fingerprint(),
     }
 }
 
