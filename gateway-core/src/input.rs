@@ -24,6 +24,9 @@ pub const MAX_RECORD_LEN: usize = 1 << 20;
 /// Bytes a batch spends on each entry besides the entry's own: its length.
 pub const BATCH_OVERHEAD: usize = 4;
 
+/// Bytes a batch spends once: its time.
+pub const BATCH_HEADER: usize = 8;
+
 /// One input of the session core.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
@@ -140,8 +143,9 @@ pub struct Entry {
     /// that ended (replaced, or paused or cut off for too long) changes nothing.
     pub from: u64,
     /// The appending gateway's monotonic clock when it appended the record
-    /// (`gateway::clock::now`, Unix milliseconds): the core reads its time off it
-    /// ([`crate::members`]), and the gateway its own silence (for its heartbeats).
+    /// (`gateway::clock::now`, Unix milliseconds), or, read from the stream, when
+    /// its batch left ([`encode_batch`]): the core reads its time off it
+    /// ([`crate::members`]).
     pub time_ms: u64,
     /// A ticket the appending gateway waits on for the outcome (0: nobody waits).
     pub reply: u64,
@@ -180,11 +184,23 @@ impl Entry {
 }
 
 /// Puts encoded entries ([`Entry::encode`]) into one message of the stream, in
-/// order: each as its length (4 bytes, little-endian) and its bytes. A gateway's
-/// records travel in such batches, one message and one acknowledgement for many.
-pub fn encode_batch(entries: &[Bytes]) -> Bytes {
-    let len = entries.iter().map(|e| e.len() + BATCH_OVERHEAD).sum();
+/// order, stamped with `time_ms`, its gateway's clock when the batch was made: the
+/// time (8 bytes, little-endian), then each entry as its length (4 bytes,
+/// little-endian) and its bytes. A gateway's records travel in such batches, one
+/// message and one acknowledgement for many.
+///
+/// The batch's time is its entries' time on the stream: records that waited
+/// together for the stream (a NATS leader election) carry the time they left, not
+/// the times they queued, so the core's time after an outage moves at once to the
+/// outage's end and then at the clock's pace (see [`crate::members`]).
+pub fn encode_batch(time_ms: u64, entries: &[Bytes]) -> Bytes {
+    let len = BATCH_HEADER
+        + entries
+            .iter()
+            .map(|e| e.len() + BATCH_OVERHEAD)
+            .sum::<usize>();
     let mut batch = Vec::with_capacity(len);
+    batch.extend_from_slice(&time_ms.to_le_bytes());
     for entry in entries {
         // An entry is at most MAX_RECORD_LEN long, which fits.
         let entry_len = u32::try_from(entry.len()).unwrap_or(u32::MAX);
@@ -194,14 +210,18 @@ pub fn encode_batch(entries: &[Bytes]) -> Bytes {
     Bytes::from(batch)
 }
 
-/// Reads a batch ([`encode_batch`]) back into its entries, refusing an oversized
-/// message, a length running past the end, or an entry that does not decode.
+/// Reads a batch ([`encode_batch`]) back into its entries, each with the batch's
+/// time, refusing an oversized message, a missing time, a length running past the
+/// end, or an entry that does not decode.
 pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Entry>, EntryError> {
     if bytes.len() > MAX_RECORD_LEN {
         return Err(EntryError::TooLarge(bytes.len()));
     }
+    let Some((time_ms, mut rest)) = bytes.split_first_chunk::<BATCH_HEADER>() else {
+        return Err(EntryError::Truncated);
+    };
+    let time_ms = u64::from_le_bytes(*time_ms);
     let mut entries = Vec::new();
-    let mut rest = bytes;
     while !rest.is_empty() {
         let Some((len, tail)) = rest.split_first_chunk::<BATCH_OVERHEAD>() else {
             return Err(EntryError::Truncated);
@@ -211,7 +231,9 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Entry>, EntryError> {
             return Err(EntryError::Truncated);
         }
         let (entry, tail) = tail.split_at(len);
-        entries.push(Entry::decode(entry)?);
+        let mut entry = Entry::decode(entry)?;
+        entry.time_ms = time_ms;
+        entries.push(entry);
         rest = tail;
     }
     Ok(entries)
@@ -260,29 +282,42 @@ mod tests {
     }
 
     #[test]
-    fn batches_keep_their_entries_in_order_and_bad_batches_are_refused() {
+    fn batches_keep_their_entries_in_order_with_the_batch_time_and_bad_batches_are_refused() {
         let entries: Vec<Entry> = (1..=3)
             .map(|n| Entry {
                 from: 7,
                 time_ms: n,
-                reply: 0,
+                reply: n,
                 record: Record::Tick,
             })
             .collect();
         let encoded: Vec<Bytes> = entries.iter().map(Entry::encode).collect();
-        let batch = encode_batch(&encoded);
-        assert_eq!(decode_batch(&batch).expect("decodes"), entries);
-        assert!(decode_batch(&[]).expect("empty").is_empty());
+        let batch = encode_batch(42, &encoded);
+        let decoded = decode_batch(&batch).expect("decodes");
+        assert_eq!(
+            decoded.iter().map(|e| e.reply).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert!(decoded.iter().all(|e| e.time_ms == 42 && e.from == 7));
+        let empty = encode_batch(5, &[]);
+        assert!(decode_batch(&empty).expect("empty").is_empty());
+        assert!(
+            matches!(decode_batch(&[]), Err(EntryError::Truncated)),
+            "no time"
+        );
         let cut = &batch[..batch.len() - 1];
         assert!(matches!(decode_batch(cut), Err(EntryError::Truncated)));
-        assert!(matches!(decode_batch(&[9, 0]), Err(EntryError::Truncated)));
-        let too_long = [0xff, 0xff, 0xff, 0x7f, 1];
+        let with_time = |tail: &[u8]| [&[0u8; BATCH_HEADER][..], tail].concat();
         assert!(matches!(
-            decode_batch(&too_long),
+            decode_batch(&with_time(&[9, 0])),
             Err(EntryError::Truncated)
         ));
         assert!(matches!(
-            decode_batch(&[1, 0, 0, 0, 0xff]),
+            decode_batch(&with_time(&[0xff, 0xff, 0xff, 0x7f, 1])),
+            Err(EntryError::Truncated)
+        ));
+        assert!(matches!(
+            decode_batch(&with_time(&[1, 0, 0, 0, 0xff])),
             Err(EntryError::Undecodable(_))
         ));
         assert!(matches!(

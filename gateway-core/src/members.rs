@@ -9,6 +9,15 @@
 //! cut off from NATS, or paused. The connections of a run that ended are gone, and its
 //! later records are fenced off, so a paused gateway that wakes up changes nothing.
 //!
+//! **Silence after an outage of the stream.** While the stream takes no records (a
+//! NATS leader election), no gateway is heard and the core's time stands still;
+//! when it takes them again, the first gateway's batch moves the core's time past
+//! the outage, and the others' batches land a moment later. So a run is declared
+//! gone only once it has been silent for its timeout *and* for a further tenth of
+//! it (its grace) since it was first found overdue: a live gateway's batch lands
+//! within the grace, however long the outage was; a dead gateway's run ends a
+//! tenth of its timeout later than the timeout alone would end it.
+//!
 //! **Time.** Every record carries its gateway's monotonic clock at the append. The
 //! core's time is read off the live runs' clocks, each shifted to meet the core's time
 //! at the run's `Started` record: a record of a run moves the core's time to that
@@ -35,6 +44,9 @@ struct Run {
     settings: u64,
     /// The core's time at its latest record.
     last_heard_ms: u64,
+    /// The core's time when it was first found silent for longer than its timeout,
+    /// since its latest record.
+    overdue_since_ms: Option<u64>,
     /// Its gateway's clock at its `Started` record, and the core's time then: its
     /// later records read the core's time as `core_at_start + (sent - sent_at_start)`.
     sent_at_start_ms: u64,
@@ -42,6 +54,12 @@ struct Run {
 }
 
 impl Run {
+    /// How long an overdue run may stay silent before it is declared gone: a tenth
+    /// of its timeout.
+    fn grace_ms(&self) -> u64 {
+        self.timeout_ms / 10
+    }
+
     /// The core's time by this run's clock, for a record it sent at `sent_ms`.
     fn core_time_at(&self, sent_ms: u64) -> u64 {
         self.core_at_start_ms
@@ -92,6 +110,7 @@ impl Members {
                 timeout_ms,
                 settings,
                 last_heard_ms: self.now_ms,
+                overdue_since_ms: None,
                 sent_at_start_ms: sent_ms,
                 core_at_start_ms: self.now_ms,
             },
@@ -106,6 +125,7 @@ impl Members {
         let run = self.runs.get_mut(&from)?;
         self.now_ms = self.now_ms.max(run.core_time_at(sent_ms));
         run.last_heard_ms = self.now_ms;
+        run.overdue_since_ms = None;
         Some(Timestamp::from_millis(self.now_ms))
     }
 
@@ -115,15 +135,20 @@ impl Members {
         self.runs.remove(&from).is_some()
     }
 
-    /// Ends the runs silent for longer than their timeout now; returns them.
+    /// Notes the runs silent for longer than their timeout now as overdue, and
+    /// ends those overdue for longer than their grace; returns the ended ones.
     pub fn expire(&mut self) -> Vec<u64> {
         let now = self.now_ms;
-        let silent: Vec<u64> = self
-            .runs
-            .iter()
-            .filter(|(_, run)| now.saturating_sub(run.last_heard_ms) > run.timeout_ms)
-            .map(|(start, _)| *start)
-            .collect();
+        let mut silent = Vec::new();
+        for (start, run) in &mut self.runs {
+            if now.saturating_sub(run.last_heard_ms) <= run.timeout_ms {
+                continue;
+            }
+            let overdue_since = *run.overdue_since_ms.get_or_insert(now);
+            if now.saturating_sub(overdue_since) > run.grace_ms() {
+                silent.push(*start);
+            }
+        }
         for start in &silent {
             self.runs.remove(start);
         }
@@ -195,14 +220,18 @@ mod tests {
         assert_eq!(members.other_settings(2, 7), Some("a"));
         assert_eq!(members.other_settings(1, 0), Some("b"));
         assert!(members.heard(2, T0 + 1_901).is_some());
+        assert!(members.expire().is_empty(), "overdue, within its grace");
+        assert!(members.heard(2, T0 + 2_001).is_some());
+        assert!(members.expire().is_empty(), "a tenth of its timeout");
+        assert!(members.heard(2, T0 + 2_002).is_some());
         assert_eq!(members.expire(), vec![1]);
         assert_eq!(members.other_settings(2, 7), None);
         assert_eq!(
-            members.heard(1, T0 + 1_950),
+            members.heard(1, T0 + 2_050),
             None,
             "a paused run that wakes up is fenced"
         );
-        assert_eq!(members.now(), Timestamp::from_millis(T0 + 1_901));
+        assert_eq!(members.now(), Timestamp::from_millis(T0 + 2_002));
         // Only a record moves the core's time: b's own next one, 3 s later.
         assert!(members.heard(2, T0 + 5_000).is_some());
         assert_eq!(members.expire(), Vec::<u64>::new());
@@ -292,7 +321,45 @@ mod tests {
         assert!(members.heard(1, last + 800).is_some());
         assert!(members.expire().is_empty());
         assert!(members.heard(1, last + 901).is_some());
+        assert!(members.expire().is_empty(), "overdue, within its grace");
+        assert!(members.heard(1, last + 1_002).is_some());
         assert_eq!(members.expire(), vec![2]);
+    }
+
+    #[test]
+    fn an_outage_of_the_stream_longer_than_the_timeout_ends_no_run_whose_batch_lands_soon_after() {
+        // Two gateways, a record every 100 ms each; then the stream takes nothing
+        // for 30 s (three timeouts). a's batch lands first, its records stamped
+        // when the batch left: the core's time moves 30 s on, and b is overdue.
+        let mut members = Members::default();
+        members.started("a", 1, (10_000, 0), T0);
+        members.started("b", 2, (10_000, 0), T0);
+        for i in 1..=10u64 {
+            members.heard(1 + i % 2, T0 + i * 100);
+        }
+        let back = T0 + 31_000;
+        for sent in [back, back, back + 5, back + 400] {
+            assert!(members.heard(1, sent).is_some());
+            assert!(members.expire().is_empty(), "b is overdue, not gone");
+        }
+        // b's batch, sent again a moment after the stream came back, lands within
+        // b's grace (a tenth of its timeout).
+        assert!(members.heard(2, back + 200).is_some());
+        assert!(members.expire().is_empty());
+        assert!(members.is_live(1) && members.is_live(2));
+        // A gateway that stays silent ends after its timeout and grace.
+        assert!(members.heard(1, back + 400 + 10_001).is_some());
+        assert!(members.expire().is_empty());
+        assert!(members.heard(1, back + 400 + 11_002).is_some());
+        assert_eq!(members.expire(), vec![2]);
+        // Had b's batch come later than the grace, b would have ended.
+        let mut late = Members::default();
+        late.started("a", 1, (10_000, 0), T0);
+        late.started("b", 2, (10_000, 0), T0);
+        late.heard(1, back);
+        assert!(late.expire().is_empty());
+        late.heard(1, back + 1_001);
+        assert_eq!(late.expire(), vec![2]);
     }
 
     #[test]

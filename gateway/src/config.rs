@@ -144,10 +144,11 @@ pub struct SequencerSettings {
     /// How long the gateway may stay silent on the stream before the others
     /// declare its connections gone (their sessions detached, cancel-on-disconnect
     /// started) and fence off its later records. It appends a heartbeat every
-    /// quarter of this when it has nothing else to append. Keep it above the time
-    /// a NATS cluster takes to recover from the loss of a server (seconds): a
-    /// gateway cut off from the stream longer than this stops, and its clients
-    /// resume elsewhere.
+    /// quarter of this when it has nothing else to append. A gateway declared gone
+    /// has been silent for this and a tenth more while others were heard: an
+    /// outage of the whole stream (a NATS leader election) counts against no one.
+    /// A gateway cut off from the stream alone for that long stops, and its
+    /// clients resume elsewhere.
     pub gateway_timeout_ms: u64,
     /// Copies JetStream keeps of the stream and the snapshots: 1 on a single NATS
     /// server, 3 on a cluster of three or more (losing one server then loses
@@ -196,7 +197,7 @@ impl Default for SequencerSettings {
             replicas: 1,
             drain_notice_ms: 500,
             batch_max_records: 1_000,
-            append_patience_ms: 10_000,
+            append_patience_ms: 30_000,
         }
     }
 }

@@ -28,6 +28,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// A label naming a gateway on the stream (its `sequencer.gateway_name`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabel {
+    /// The gateway's name.
+    pub gateway: String,
+}
+
 /// A label naming the outcome of a handshake: `accepted`, or the refusal's reason.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -73,7 +80,7 @@ pub struct Metrics {
 }
 
 /// Values read at scrape time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Sessions attached to a connection.
     pub sessions_attached: u64,
@@ -99,8 +106,8 @@ pub struct Snapshot {
     pub sessions_evicted: u64,
     /// Crash-safe mode: records of gateway runs that had ended, not applied.
     pub fenced_records: u64,
-    /// Gateways live on the log, this one included.
-    pub live_gateways: u64,
+    /// The names of the gateways live on the log, this one included.
+    pub live_gateways: Vec<String>,
     /// Log position of the last record the core applied.
     pub applied_position: u64,
     /// Crash-safe mode: records the stream did not acknowledge in time.
@@ -327,7 +334,19 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
     registry.register(
         "sequencer_live_gateways",
         "Gateways live on the log as the core sees them, this one included (1 in embedded mode)",
-        gauge(snapshot.live_gateways),
+        gauge(snapshot.live_gateways.len() as u64),
+    );
+    let live: Family<GatewayLabel, Gauge> = Family::default();
+    for name in &snapshot.live_gateways {
+        live.get_or_create(&GatewayLabel {
+            gateway: name.clone(),
+        })
+        .set(1);
+    }
+    registry.register(
+        "sequencer_live_gateway",
+        "1 for each gateway live on the log as the core sees it, by its sequencer.gateway_name (a gateway declared gone drops out)",
+        live,
     );
     registry.register(
         "fenced_records",
@@ -451,9 +470,12 @@ mod tests {
         metrics.orders.inc();
         let text = metrics.render(&Snapshot {
             sessions_attached: 3,
+            live_gateways: vec!["gw-1".into(), "gw-2".into()],
             ..Snapshot::default()
         });
         for line in [
+            "gateway_sequencer_live_gateways 2",
+            "gateway_sequencer_live_gateway{gateway=\"gw-2\"} 1",
             "gateway_logins_total{outcome=\"accepted\"} 1",
             "gateway_logins_total{outcome=\"BadSignature\"} 1",
             "gateway_orders_total 1",

@@ -29,17 +29,36 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::clock;
 use crate::config::{SequencerSettings, DUPLICATE_WINDOW_MS};
 use crate::time::Timestamp;
-use gateway_core::input::{decode_batch, encode_batch, BATCH_OVERHEAD};
+use gateway_core::input::{decode_batch, encode_batch, BATCH_HEADER, BATCH_OVERHEAD};
 pub use gateway_core::input::{Entry, EntryError, Outcome, Record, MAX_RECORD_LEN};
 
-/// Longest wait for one attempt at storing a batch before it is sent again.
+/// Longest wait for one attempt at storing a batch.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Least wait for a batch's acknowledgement before the batch is sent again (the
+/// earlier attempts still count): after a stream leader election, the next attempt
+/// finds the new leader this soon at most. The wait is four times the recent
+/// acknowledgement time if that is longer, so a busy stream is not sent
+/// duplicates it would have stored anyway.
+const RESEND_AFTER_MIN: Duration = Duration::from_millis(200);
+
+/// Attempts at storing one batch whose acknowledgements are awaited at once; an
+/// older one is given up on.
+const ATTEMPTS_AWAITED: usize = 8;
+
+/// How long a batch is sent again on one NATS connection before the gateway
+/// connects to another server of the cluster. After a stream leader's loss, a
+/// server has been seen answering "no responders" for the stream for 18 s while
+/// the other survivor stored records from its own clients at once; a new
+/// connection is cheap, and a leader election that simply takes long costs a
+/// reconnection every few seconds.
+const MOVE_AFTER: Duration = Duration::from_secs(3);
 
 /// Why the stream could not be used.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -75,9 +94,10 @@ pub struct JetStreamLog {
     waiting: dashmap::DashMap<u64, oneshot::Sender<Outcome>>,
     /// Where records queue for the [`Batcher`], which sends them to the stream.
     queue: mpsc::UnboundedSender<Queued>,
-    /// Signalled when the connection to NATS is back after a loss: a NATS server
-    /// that restarted has forgotten the read's consumer, so the read starts again.
-    reconnected: Arc<Notify>,
+    /// Counts the times the connection to NATS came back after a loss: a NATS
+    /// server that restarted has forgotten the read's consumer, so the read starts
+    /// again, and the batch in flight is sent again at once.
+    reconnections: watch::Sender<u64>,
     /// Where the core's snapshots are kept (the object store
     /// `<stream>_snapshots`); `None` when snapshots are off and none were taken.
     snapshots: Option<object_store::ObjectStore>,
@@ -101,47 +121,64 @@ impl JetStreamLog {
     pub async fn connect(settings: &SequencerSettings) -> Result<JetStreamLog, LogError> {
         let url = redacted(&settings.nats_url);
         let timeout = Duration::from_millis(settings.timeout_ms);
-        let reconnected = Arc::new(Notify::new());
+        let reconnections = watch::Sender::new(0);
         let (context, last_error) =
-            jetstream_context(settings, Some(Arc::clone(&reconnected))).await?;
+            jetstream_context(settings, Some(reconnections.clone())).await?;
         let subject = format!("{}.in", settings.stream);
-        let stream = context
-            .get_or_create_stream(stream::Config {
-                name: settings.stream.clone(),
-                subjects: vec![subject.clone()],
-                storage: stream::StorageType::File,
-                max_message_size: i32::try_from(MAX_RECORD_LEN).unwrap_or(i32::MAX),
-                num_replicas: settings.replicas,
-                duplicate_window: Duration::from_millis(DUPLICATE_WINDOW_MS),
-                ..Default::default()
-            })
-            .await
-            .map_err(|error| {
-                let connected =
-                    context.client().connection_state() == async_nats::connection::State::Connected;
-                let last = last_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                let hint = match error.kind() {
-                    _ if !connected => format!(
-                        ": NATS is not reachable or refused the connection (is nats-server \
+        let config = stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            max_message_size: i32::try_from(MAX_RECORD_LEN).unwrap_or(i32::MAX),
+            num_replicas: settings.replicas,
+            duplicate_window: Duration::from_millis(DUPLICATE_WINDOW_MS),
+            ..Default::default()
+        };
+        // A stream electing its leader does not answer its connected clients: a
+        // gateway started then waits for it, as its appends would, rather than
+        // give up. A NATS that cannot be reached fails the start at once.
+        let patience = Duration::from_millis(settings.append_patience_ms);
+        let began = Instant::now();
+        let connected =
+            || context.client().connection_state() == async_nats::connection::State::Connected;
+        let opened = loop {
+            let opened = context.get_or_create_stream(config.clone()).await;
+            match &opened {
+                Err(error)
+                    if error.kind() == jetstream::context::CreateStreamErrorKind::TimedOut
+                        && connected()
+                        && began.elapsed() < patience =>
+                {
+                    warn!(%error, "the stream does not answer yet; asking again");
+                }
+                _ => break opened,
+            }
+        };
+        let stream = opened.map_err(|error| {
+            let connected = connected();
+            let last = last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let hint = match error.kind() {
+                _ if !connected => format!(
+                    ": NATS is not reachable or refused the connection (is nats-server \
                          running? are sequencer.user and password_file, or token_file, \
                          right?){}",
-                        last.map(|last| format!("; last error: {last}"))
-                            .unwrap_or_default()
-                    ),
-                    jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
-                        ": this NATS server runs without JetStream (start it with -js)".into()
-                    }
-                    _ => String::new(),
-                };
-                settings_error(
-                    settings,
-                    "opening the JetStream stream",
-                    &format!("{error}{hint}"),
-                )
-            })?;
+                    last.map(|last| format!("; last error: {last}"))
+                        .unwrap_or_default()
+                ),
+                jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
+                    ": this NATS server runs without JetStream (start it with -js)".into()
+                }
+                _ => String::new(),
+            };
+            settings_error(
+                settings,
+                "opening the JetStream stream",
+                &format!("{error}{hint}"),
+            )
+        })?;
         let snapshots = snapshot_store(&context, settings)
             .await
             .map_err(|error| settings_error(settings, "opening the snapshot store", &error))?;
@@ -156,6 +193,8 @@ impl JetStreamLog {
             patience: Duration::from_millis(settings.append_patience_ms),
             attempt_timeout: timeout.min(ATTEMPT_TIMEOUT),
             failures: Arc::clone(&failures),
+            reconnections: reconnections.subscribe(),
+            ack_time: RESEND_AFTER_MIN / 4,
         };
         tokio::spawn(batcher.run(queued));
         Ok(JetStreamLog {
@@ -171,7 +210,7 @@ impl JetStreamLog {
             queue,
             last_sent_ms: AtomicU64::new(0),
             waiting: dashmap::DashMap::new(),
-            reconnected,
+            reconnections,
         })
     }
 
@@ -506,16 +545,33 @@ impl JetStreamLog {
         let started = Instant::now();
         let mut last_position = after;
         let mut backoff = FOLLOW_BACKOFF_MIN;
+        let mut reconnections = self.reconnections.subscribe();
+        // A stream electing its leader does not answer the read's start: it is
+        // asked again soon (an answer that would have come late is not waited
+        // for), and less soon while it keeps not answering.
+        let mut read_patience = READ_PATIENCE_MIN;
         loop {
-            let mut messages = match self.read_from(last_position + 1).await {
-                Ok(messages) => messages,
-                Err(error) => {
+            reconnections.mark_unchanged();
+            let read = tokio::time::timeout(read_patience, self.read_from(last_position + 1));
+            let mut messages = match read.await {
+                Ok(Ok(messages)) => messages,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => {
+                            let error = format!("no answer within {read_patience:?}");
+                            read_patience =
+                                (read_patience * 2).min(self.timeout.max(READ_PATIENCE_MIN));
+                            error
+                        }
+                    };
                     warn!(%error, after = last_position, "cannot read the stream; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
                     continue;
                 }
             };
+            read_patience = READ_PATIENCE_MIN;
             // A connection that comes back ends this read at once; the next read
             // starts after the last record applied. So does a read that stalled:
             // quiet for a whole check with records on the stream, at its start,
@@ -531,7 +587,7 @@ impl JetStreamLog {
             loop {
                 let message = tokio::select! {
                     message = messages.next() => message,
-                    () = self.reconnected.notified() => {
+                    _ = reconnections.changed() => {
                         info!(after = last_position, "NATS is back: reading the stream on");
                         break;
                     }
@@ -544,8 +600,10 @@ impl JetStreamLog {
                             warn!(after = last_position, last = behind, "the read of the stream stalled; reading it again");
                             break;
                         }
-                        behind = match self.last_position().await {
-                            Ok(last) if last > last_position => Some(last),
+                        // A stream that does not answer (electing its leader) is
+                        // asked again at the next check.
+                        behind = match tokio::time::timeout(READ_STALL, self.last_position()).await {
+                            Ok(Ok(last)) if last > last_position => Some(last),
                             _ => None,
                         };
                         continue;
@@ -622,14 +680,19 @@ impl JetStreamLog {
 
 /// How often a read of the stream that brings nothing asks the stream whether it
 /// has records the read missed; one check later, with those still not read, the
-/// read stalled.
-const READ_STALL: Duration = Duration::from_millis(250);
+/// read stalled (its consumer went with the stream's leader): a read resumes this
+/// soon after a leader election, twice this at most.
+const READ_STALL: Duration = Duration::from_millis(100);
 
 /// First wait before reading the stream again after a failed read; it doubles up to
 /// [`FOLLOW_BACKOFF_MAX`].
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between attempts to read the stream.
-const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// How long the start of a read of the stream is first waited for; it doubles, up
+/// to `sequencer.timeout_ms`, while the stream does not answer.
+const READ_PATIENCE_MIN: Duration = Duration::from_millis(400);
 
 /// Says when the stream stored a queued entry: the position of its batch.
 pub type Stored = oneshot::Receiver<Result<u64, LogError>>;
@@ -657,10 +720,14 @@ struct Batcher {
     patience: Duration,
     attempt_timeout: Duration,
     failures: Arc<AtomicU64>,
+    /// The connection's reconnections ([`JetStreamLog::reconnections`]).
+    reconnections: watch::Receiver<u64>,
+    /// The recent time from a batch's first attempt to its acknowledgement.
+    ack_time: Duration,
 }
 
 impl Batcher {
-    async fn run(self, mut queued: mpsc::UnboundedReceiver<Queued>) {
+    async fn run(mut self, mut queued: mpsc::UnboundedReceiver<Queued>) {
         let mut next: Option<Queued> = None;
         for batch_number in 1u64.. {
             let first = match next.take() {
@@ -670,7 +737,7 @@ impl Batcher {
                     None => return,
                 },
             };
-            let mut size = first.bytes.len() + BATCH_OVERHEAD;
+            let mut size = BATCH_HEADER + first.bytes.len() + BATCH_OVERHEAD;
             let mut batch = vec![first];
             while batch.len() < self.max_records {
                 let Ok(more) = queued.try_recv() else { break };
@@ -684,7 +751,8 @@ impl Batcher {
             let (bytes, done): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|q| (q.bytes, q.done)).unzip();
             let id = format!("{}-{batch_number}", self.id_prefix);
-            let result = self.store(&id, encode_batch(&bytes)).await;
+            let batch = encode_batch(clock::now().as_millis(), &bytes);
+            let result = self.store(&id, batch).await;
             for done in done {
                 let _ = done.send(result.clone());
             }
@@ -692,30 +760,63 @@ impl Batcher {
     }
 
     /// Stores one batch, sending it again under the same message id while the
-    /// stream does not take it, for up to the patience.
-    async fn store(&self, id: &str, payload: bytes::Bytes) -> Result<u64, LogError> {
+    /// stream does not take it, for up to the patience: after [`Self::resend_after`]
+    /// without an acknowledgement, and at once when the connection to NATS is back.
+    /// Every attempt's acknowledgement counts (a duplicate's names the position of
+    /// the one stored).
+    async fn store(&mut self, id: &str, payload: bytes::Bytes) -> Result<u64, LogError> {
+        use futures_util::stream::FuturesUnordered;
         let began = Instant::now();
-        let mut backoff = FOLLOW_BACKOFF_MIN;
+        let mut acks = FuturesUnordered::new();
+        let mut error = String::new();
+        let mut attempts = 0u32;
+        // Since the connection this batch is sent on came up (or the batch's
+        // first attempt).
+        let mut on_this_connection = began;
         loop {
+            attempts += 1;
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(id);
-            let attempt = async {
-                let ack = self
-                    .context
-                    .send_publish(self.subject.clone(), publish)
-                    .await
-                    .map_err(|error| error.to_string())?;
-                match tokio::time::timeout(self.attempt_timeout, ack).await {
-                    Ok(Ok(ack)) => Ok(ack.sequence),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(elapsed) => Err(elapsed.to_string()),
+            let sent = Instant::now();
+            match self
+                .context
+                .send_publish(self.subject.clone(), publish)
+                .await
+            {
+                Ok(ack) => {
+                    if acks.len() >= ATTEMPTS_AWAITED {
+                        acks = FuturesUnordered::new();
+                    }
+                    acks.push(tokio::time::timeout(
+                        self.attempt_timeout,
+                        std::future::IntoFuture::into_future(ack),
+                    ));
                 }
-            };
-            let error = match attempt.await {
-                Ok(position) => return Ok(position),
-                Err(error) => error,
-            };
+                Err(failed) => error = failed.to_string(),
+            }
+            self.reconnections.mark_unchanged();
+            let resend = tokio::time::sleep(self.resend_after());
+            tokio::pin!(resend);
+            loop {
+                tokio::select! {
+                    Some(acked) = acks.next(), if !acks.is_empty() => match acked {
+                        Ok(Ok(ack)) => {
+                            if attempts == 1 {
+                                self.ack_time = (self.ack_time * 7 + sent.elapsed()) / 8;
+                            }
+                            return Ok(ack.sequence);
+                        }
+                        Ok(Err(failed)) => error = failed.to_string(),
+                        Err(elapsed) => error = elapsed.to_string(),
+                    },
+                    () = &mut resend => break,
+                    _ = self.reconnections.changed() => {
+                        on_this_connection = Instant::now();
+                        break;
+                    }
+                }
+            }
             if began.elapsed() >= self.patience {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 return Err(LogError::Nats {
@@ -724,10 +825,23 @@ impl Batcher {
                     error,
                 });
             }
-            warn!(%error, batch = id, "the stream did not take a batch; sending it again");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
+            // Said once, then every few seconds of a long outage.
+            if attempts % 16 == 1 {
+                warn!(%error, batch = id, attempts, "the stream did not take a batch yet; sending it again");
+            }
+            if on_this_connection.elapsed() >= MOVE_AFTER {
+                warn!(%error, batch = id, "the stream took nothing on this NATS connection for {MOVE_AFTER:?}: connecting again, to another server if there is one");
+                let _ = self.context.client().force_reconnect().await;
+                on_this_connection = Instant::now();
+            }
         }
+    }
+
+    /// How long an attempt waits for its acknowledgement before the batch is sent
+    /// again: [`RESEND_AFTER_MIN`], or four times the recent acknowledgement time,
+    /// within the attempt timeout.
+    fn resend_after(&self) -> Duration {
+        (self.ack_time * 4).clamp(RESEND_AFTER_MIN, self.attempt_timeout.max(RESEND_AFTER_MIN))
     }
 }
 
@@ -833,11 +947,11 @@ fn redacted(url: &str) -> String {
 }
 
 /// A JetStream context on a new connection to the NATS server of `settings`;
-/// `reconnected` is signalled each time the connection is back after a loss. Also
+/// `reconnections` counts the times the connection is back after a loss. Also
 /// returns where the connection's last error is kept.
 async fn jetstream_context(
     settings: &SequencerSettings,
-    reconnected: Option<Arc<Notify>>,
+    reconnections: Option<watch::Sender<u64>>,
 ) -> Result<(jetstream::Context, LastNatsError), LogError> {
     let timeout = Duration::from_millis(settings.timeout_ms);
     let failed =
@@ -889,15 +1003,15 @@ async fn jetstream_context(
             // The first connection is no reconnection: nothing to read again.
             let connected_before = Arc::new(std::sync::atomic::AtomicBool::new(false));
             move |event| {
-                let reconnected = reconnected.clone();
+                let reconnections = reconnections.clone();
                 let last_error = Arc::clone(&last_error);
                 let connected_before = Arc::clone(&connected_before);
                 async move {
                     let error = match &event {
                         async_nats::Event::Connected => {
                             let again = connected_before.swap(true, Ordering::Relaxed);
-                            if let (true, Some(reconnected)) = (again, reconnected) {
-                                reconnected.notify_one();
+                            if let (true, Some(reconnections)) = (again, reconnections) {
+                                reconnections.send_modify(|count| *count += 1);
                             }
                             return;
                         }

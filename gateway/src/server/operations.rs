@@ -205,7 +205,12 @@ impl Shared {
             snapshot_resumes: stats.snapshot_resumes,
             sessions_evicted: stats.evicted,
             fenced_records: self.core.fenced_records(),
-            live_gateways: self.core.members().live().count() as u64,
+            live_gateways: self
+                .core
+                .members()
+                .live()
+                .map(|(name, _)| name.to_owned())
+                .collect(),
             applied_position: self.core.applied_position(),
             append_failures: self.log.append_failures(),
             core_snapshot_position: self.snapshot_position.load(Ordering::Relaxed),
