@@ -1,22 +1,35 @@
 //! The load tester's own cluster on loopback: NATS servers (three make a JetStream
 //! cluster whose streams keep three replicas), several crash-safe gateways on one
 //! stream, and the UDP balancer in front of them; and the faults it inflicts under
-//! load, one at a time in turn: a gateway SIGKILLed, a gateway paused (SIGSTOP, the
-//! zombie) past its timeout and let go, a NATS server SIGKILLed and started again.
+//! load: a gateway SIGKILLed, a gateway paused (SIGSTOP, the zombie) past its
+//! timeout and let go, the stream's leader NATS server SIGKILLed, or restarted
+//! through lame duck mode (a planned restart).
+//!
+//! Faults begin on a fixed schedule, half an interval into the run and then one
+//! every interval, each kind in turn, and may overlap: a zombie is still paused when
+//! the next fault begins. A gateway fault takes the busiest gateway of those
+//! serving, and waits while fewer than two serve (one must stay); NATS faults come
+//! one at a time, each after the streams have a full set of caught-up replicas
+//! again. A fault that cannot begin before the run ends is not inflicted. A
+//! supervisor starts again every gateway that stops by itself, as systemd's
+//! `Restart=` would.
 //!
 //! Every process is started and stopped by its process id, on loopback only, and
 //! every wait is bounded.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::balancer::{Backend, Balancer};
 use crate::crash::{CrashSafe, GatewayProcess};
-use crate::nats::NatsServer;
+use crate::nats::{NatsServer, LAME_DUCK_DURATION};
 use crate::{lock, ChaosEvent, RemoteGateway, RunError, Shared};
 
 /// How long a killed gateway stays down before it is started again: long enough
@@ -29,34 +42,64 @@ const NATS_DOWN: Duration = Duration::from_millis(500);
 /// How long a restarted NATS server may take to catch up.
 const NATS_CATCH_UP: Duration = Duration::from_secs(30);
 
+/// How long a NATS server in lame duck mode may take to stop by itself.
+const LAME_DUCK_EXIT: Duration = Duration::from_secs(LAME_DUCK_DURATION.as_secs() + 15);
+
 /// How long a woken zombie may take to notice its run ended and stop.
 const ZOMBIE_EXIT: Duration = Duration::from_secs(10);
 
 /// How much longer than the gateways' timeout a zombie stays paused.
 const ZOMBIE_OVERSTAY: Duration = Duration::from_secs(2);
 
+/// How much longer still a zombie stays paused, at most, waiting for another
+/// gateway to declare it gone.
+const ZOMBIE_FENCE_WAIT: Duration = Duration::from_secs(30);
+
+/// How often the supervisor looks for gateways that stopped by themselves.
+const SUPERVISION: Duration = Duration::from_millis(200);
+
+/// How long after the run's end the faults under way may take to finish, and the
+/// stopped gateways to be started again. Past it the run fails: the cluster did not
+/// recover.
+pub const WIND_DOWN: Duration = Duration::from_secs(90);
+
+/// How often the NATS servers' logs are read for the stream's new leader after its
+/// leader's loss (the election's time is known to this much).
+const LEADER_POLL: Duration = Duration::from_millis(50);
+
 /// A fault the cluster run inflicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Fault {
-    /// SIGKILL the gateway with the most clients; start it again 1.5 s later.
+    /// SIGKILL the busiest gateway; start it again 1.5 s later.
     Gateway,
-    /// SIGSTOP the gateway with the most clients until 2 s past its timeout, then
-    /// SIGCONT: the others have declared it gone and fence off what it appends, and
-    /// it stops; it is started again.
+    /// SIGSTOP the busiest gateway until 2 s past its timeout, then SIGCONT: the
+    /// others have declared it gone and fence off what it appends, and it stops; it
+    /// is started again.
     Zombie,
-    /// SIGKILL a NATS server (each in turn); start it again 0.5 s later on its
-    /// storage.
+    /// SIGKILL the NATS server that leads the gateways' stream; start it again
+    /// 0.5 s later on its storage.
     Nats,
+    /// Restart the NATS server that leads the gateways' stream the planned way:
+    /// lame duck mode (it hands its leaderships over, then closes its clients over
+    /// 30 s and exits), then start it again on its storage.
+    NatsLdm,
 }
 
 impl Fault {
-    fn name(self) -> &'static str {
+    /// The fault's name in reports and on the command line.
+    pub fn name(self) -> &'static str {
         match self {
             Fault::Gateway => "gateway",
             Fault::Zombie => "zombie",
             Fault::Nats => "nats",
+            Fault::NatsLdm => "nats-ldm",
         }
+    }
+
+    /// Whether the fault takes a gateway away (its sessions fail over).
+    fn of_a_gateway(self) -> bool {
+        matches!(self, Fault::Gateway | Fault::Zombie)
     }
 }
 
@@ -74,7 +117,7 @@ pub struct ClusterOptions {
     /// Time from one fault's start to the next's.
     pub fault_interval: Duration,
     /// The gateways' `sequencer.gateway_timeout_ms`: their silence before the
-    /// others declare them gone. Above what a NATS server's loss costs (seconds).
+    /// others declare them gone. Above what a NATS leader election costs (seconds).
     pub gateway_timeout: Duration,
     /// More gateway settings, `key=value`.
     pub gateway_settings: Vec<String>,
@@ -87,7 +130,7 @@ pub struct ClusterReport {
     pub gateways: usize,
     /// NATS servers (3: streams with three replicas).
     pub nats_servers: usize,
-    /// Faults inflicted, by kind (`gateway`, `zombie`, `nats`).
+    /// Faults inflicted, by kind (`gateway`, `zombie`, `nats`, `nats-ldm`).
     pub kills: BTreeMap<&'static str, u64>,
     /// Client connections the balancer moved to another gateway because theirs was
     /// unhealthy: sessions that resumed on another gateway.
@@ -104,6 +147,46 @@ pub struct ClusterReport {
     /// Gateways that stopped outside a fault of theirs (their run declared gone
     /// while NATS was failing over, say), found and started again.
     pub gateways_stopped_by_themselves: u64,
+    /// Gateways not running at the end (must be 0: every one that stopped was
+    /// started again and served).
+    pub gateways_left_stopped: usize,
+    /// Each SIGKILL of the stream's leader NATS server, in turn: NATS's own
+    /// election, and how long answers stopped.
+    pub nats_kills: Vec<NatsKill>,
+    /// The latency while each kind of fault was the latest begun (from its start to
+    /// the next fault's), worst over the faults of the kind.
+    pub stall_ms_by_fault: BTreeMap<&'static str, Stall>,
+    /// Client connections the gateways cut (the client resumed with a reason from
+    /// the gateway, `InternalError`, say) while each kind of fault was the latest
+    /// begun; `none` before the first fault. A gateway that stops says
+    /// `ShuttingDown` to its clients, which resume elsewhere: a handover, counted in
+    /// the run's `closed_by_gateway`, not here.
+    pub connections_cut_by_fault: BTreeMap<&'static str, u64>,
+}
+
+/// One SIGKILL of the stream's leader NATS server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct NatsKill {
+    /// From the kill until a NATS server said in its log that it leads the stream
+    /// (to 50 ms), milliseconds.
+    pub election_ms: f64,
+    /// The longest time without any answer beginning while this fault was the
+    /// latest begun, milliseconds: the election, and what the gateways add to it.
+    pub no_answers_ms: f64,
+}
+
+/// How much a fault held answers up, from the run's latency timeline (slices of
+/// 250 ms of intended send time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Stall {
+    /// The longest time without any answer to any session, beginning while the
+    /// fault was the latest begun, milliseconds: how long answers stopped flowing.
+    pub no_answers_ms: f64,
+    /// The worst slice's p99, milliseconds: that, and the backlog of an open-loop
+    /// load behind it.
+    pub worst_p99_ms: f64,
+    /// Time in slices whose p99 was above 100 ms, milliseconds.
+    pub above_100ms_ms: f64,
 }
 
 /// Failover times, milliseconds.
@@ -131,14 +214,84 @@ impl Failover {
     }
 }
 
+/// The stall of each kind of fault: for each fault of `events` (in order), the
+/// `timeline` slices (start seconds, p99 microseconds; `slice_s` long) from the one
+/// before its start (orders in flight when it began) to the one before the next
+/// fault's start, and the times without answers (`gaps`: start seconds, length
+/// milliseconds) beginning then; worst over the faults of a kind. A stall longer
+/// than the time between faults is charged to the next fault too.
+pub fn stalls(
+    (timeline, slice_s): (&[(f64, f64)], f64),
+    gaps: &[(f64, f64)],
+    events: &[ChaosEvent],
+) -> BTreeMap<&'static str, Stall> {
+    let mut stalls: BTreeMap<&'static str, Stall> = BTreeMap::new();
+    for (event, stall) in events
+        .iter()
+        .zip(each_stall((timeline, slice_s), gaps, events))
+    {
+        let worst = stalls.entry(event.mode).or_default();
+        worst.no_answers_ms = worst.no_answers_ms.max(stall.no_answers_ms);
+        worst.worst_p99_ms = worst.worst_p99_ms.max(stall.worst_p99_ms);
+        worst.above_100ms_ms = worst.above_100ms_ms.max(stall.above_100ms_ms);
+    }
+    stalls
+}
+
+/// The stall of each fault of `events`, in order (see [`stalls`]).
+pub fn each_stall(
+    (timeline, slice_s): (&[(f64, f64)], f64),
+    gaps: &[(f64, f64)],
+    events: &[ChaosEvent],
+) -> Vec<Stall> {
+    let mut each = Vec::with_capacity(events.len());
+    for (nth, event) in events.iter().enumerate() {
+        let from = event.t_s - slice_s;
+        let until = events
+            .get(nth + 1)
+            .map_or(f64::INFINITY, |next| next.t_s - slice_s);
+        let mut stall = Stall::default();
+        for &(t_s, p99_us) in timeline {
+            if t_s < from || t_s >= until {
+                continue;
+            }
+            stall.worst_p99_ms = stall.worst_p99_ms.max(p99_us / 1e3);
+            if p99_us > 100e3 {
+                stall.above_100ms_ms += slice_s * 1e3;
+            }
+        }
+        for &(t_s, gap_ms) in gaps {
+            if t_s >= from && t_s < until {
+                stall.no_answers_ms = stall.no_answers_ms.max(gap_ms);
+            }
+        }
+        each.push(stall);
+    }
+    each
+}
+
+/// The cluster's processes, shared by the faults under way and the supervisor. A
+/// process a fault (or a restart) is working on is out of its slot meanwhile.
+struct Fleet {
+    gateways: Mutex<Vec<Option<GatewayProcess>>>,
+    nats: Mutex<Vec<Option<NatsServer>>>,
+    /// Held by the NATS fault under way: one at a time.
+    nats_fault: tokio::sync::Mutex<()>,
+    balancer: Balancer,
+    /// The gateways' stream.
+    stream: String,
+    gateway_timeout: Duration,
+    ready: Mutex<Histogram<u64>>,
+    stopped_by_themselves: AtomicU64,
+    elections_ms: Mutex<Vec<f64>>,
+    /// Faults inflicted, by kind.
+    kills: Mutex<BTreeMap<&'static str, u64>>,
+}
+
 /// The running cluster.
 pub struct Cluster {
-    nats: Vec<NatsServer>,
-    gateways: Vec<GatewayProcess>,
-    balancer: Balancer,
+    fleet: Arc<Fleet>,
     report: ClusterReport,
-    ready: Histogram<u64>,
-    gateway_timeout: Duration,
 }
 
 impl Cluster {
@@ -189,121 +342,419 @@ impl Cluster {
             .collect();
         let balancer =
             Balancer::start(backends).map_err(|e| RunError::Setup(format!("the balancer: {e}")))?;
+        let stream = gateways[0].stream().to_owned();
         Ok(Cluster {
             report: ClusterReport {
                 gateways: options.gateways,
                 nats_servers: options.nats_servers,
-                kills: options.faults.iter().map(|f| (f.name(), 0)).collect(),
+                connections_cut_by_fault: options.faults.iter().map(|f| (f.name(), 0)).collect(),
                 ..ClusterReport::default()
             },
-            nats,
-            gateways,
-            balancer,
-            ready: crate::histogram(),
-            gateway_timeout: options.gateway_timeout,
+            fleet: Arc::new(Fleet {
+                gateways: Mutex::new(gateways.into_iter().map(Some).collect()),
+                nats: Mutex::new(nats.into_iter().map(Some).collect()),
+                nats_fault: tokio::sync::Mutex::new(()),
+                balancer,
+                stream,
+                gateway_timeout: options.gateway_timeout,
+                ready: Mutex::new(crate::histogram()),
+                stopped_by_themselves: AtomicU64::new(0),
+                elections_ms: Mutex::new(Vec::new()),
+                kills: Mutex::new(options.faults.iter().map(|f| (f.name(), 0)).collect()),
+            }),
         })
     }
 
     /// Where clients connect (the balancer), with the certificate and keys.
     pub fn remote(&self) -> Result<RemoteGateway, RunError> {
-        let mut remote = self.gateways[0].remote()?;
-        remote.addr = self.balancer.addr;
+        let gateways = self.fleet.gateways.lock();
+        let first = gateways
+            .iter()
+            .flatten()
+            .next()
+            .ok_or_else(|| RunError::Setup("no gateway".into()))?;
+        let mut remote = first.remote()?;
+        remote.addr = self.fleet.balancer.addr;
         Ok(remote)
     }
 
-    /// Inflicts `faults` in turn, one every `interval`, until `deadline`; returns
-    /// the cluster.
+    /// Inflicts `faults` in turn on their schedule (see the module's doc) until
+    /// `deadline`, supervising the gateways meanwhile; then waits for the faults
+    /// under way and for every gateway to serve again, for up to [`WIND_DOWN`].
+    /// Returns the cluster, or why it did not recover.
     pub(crate) async fn inflict(
-        mut self,
+        self,
         faults: Vec<Fault>,
         interval: Duration,
         deadline: Instant,
         shared: Shared,
     ) -> Result<Cluster, RunError> {
-        let mut turn = 0usize;
-        loop {
-            let next = Instant::now() + interval;
-            tokio::time::sleep_until(next.into()).await;
-            if Instant::now() >= deadline || faults.is_empty() {
-                return Ok(self);
+        let supervisor = tokio::spawn(Arc::clone(&self.fleet).supervise());
+        let mut under_way = tokio::task::JoinSet::new();
+        let first = Instant::now() + interval / 2;
+        for (turn, fault) in faults.iter().cycle().enumerate() {
+            let at = first + interval * u32::try_from(turn).unwrap_or(u32::MAX);
+            if at >= deadline {
+                break;
             }
-            // As a supervisor (systemd's Restart=on-failure) would: a gateway
-            // that stopped by itself (cut off from NATS for longer than its
-            // timeout, its run declared gone) is started again.
-            for index in 0..self.gateways.len() {
-                if self.gateways[index].has_exited() {
-                    self.report.gateways_stopped_by_themselves += 1;
-                    self.restart(index).await?;
+            tokio::time::sleep_until(at.into()).await;
+            let fleet = Arc::clone(&self.fleet);
+            under_way.spawn(fleet.inflict(*fault, deadline, Arc::clone(&shared)));
+        }
+        let wound_down = tokio::time::timeout_at((deadline + WIND_DOWN).into(), async {
+            let mut failed = None;
+            while let Some(done) = under_way.join_next().await {
+                let outcome =
+                    done.unwrap_or_else(|e| Err(RunError::Setup(format!("a fault: {e}"))));
+                if let Err(error) = outcome {
+                    failed.get_or_insert(error);
                 }
             }
-            let fault = faults[turn % faults.len()];
-            turn += 1;
+            if let Some(error) = failed {
+                return Err(error);
+            }
+            self.fleet.all_serving().await;
+            Ok(())
+        })
+        .await;
+        supervisor.abort();
+        match wound_down {
+            Ok(Ok(())) => Ok(self),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(RunError::Setup(format!(
+                "the cluster did not recover within {WIND_DOWN:?} of the run's end: {}",
+                self.fleet.state()
+            ))),
+        }
+    }
+
+    /// The report, with what the balancer and the gateways counted; `failover` is
+    /// the run's failover histogram by fault, `cuts` the client connections the
+    /// gateways closed by fault, `stalls` the latency by fault ([`stalls`]).
+    pub(crate) async fn report(
+        &self,
+        failover: &BTreeMap<Fault, Histogram<u64>>,
+        cuts: &BTreeMap<&'static str, u64>,
+        (stalls, nats_kill_stalls): (BTreeMap<&'static str, Stall>, Vec<Stall>),
+    ) -> ClusterReport {
+        let mut all = crate::histogram();
+        for histogram in failover.values() {
+            let _ = all.add(histogram);
+        }
+        let (admins, left_stopped) = {
+            let mut gateways = self.fleet.gateways.lock();
+            let admins: Vec<_> = gateways
+                .iter()
+                .flatten()
+                .map(GatewayProcess::admin)
+                .collect();
+            let stopped = gateways
+                .iter_mut()
+                .map(|slot| slot.as_mut().is_none_or(GatewayProcess::has_exited))
+                .filter(|stopped| *stopped)
+                .count();
+            (admins, stopped)
+        };
+        let fenced = tokio::task::spawn_blocking(move || {
+            admins.into_iter().filter_map(fenced_records).max()
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+        let ready = self.fleet.ready.lock();
+        let mut connections_cut_by_fault = self.report.connections_cut_by_fault.clone();
+        for (fault, count) in cuts {
+            *connections_cut_by_fault.entry(fault).or_default() += count;
+        }
+        ClusterReport {
+            cross_gateway_resumes: self.fleet.balancer.flows_moved(),
+            fenced_stale_records: fenced,
+            failover_ms: Failover::of(&all),
+            failover_ms_by_fault: failover
+                .iter()
+                .map(|(fault, histogram)| (fault.name(), Failover::of(histogram)))
+                .collect(),
+            gateway_ready_ms: if ready.is_empty() {
+                0.0
+            } else {
+                ready.value_at_quantile(0.5) as f64 / 1e3
+            },
+            gateways_stopped_by_themselves: self
+                .fleet
+                .stopped_by_themselves
+                .load(Ordering::Relaxed),
+            gateways_left_stopped: left_stopped,
+            nats_kills: self
+                .fleet
+                .elections_ms
+                .lock()
+                .iter()
+                .zip(nats_kill_stalls)
+                .map(|(&election_ms, stall)| NatsKill {
+                    election_ms,
+                    no_answers_ms: stall.no_answers_ms,
+                })
+                .collect(),
+            stall_ms_by_fault: stalls,
+            connections_cut_by_fault,
+            kills: self.fleet.kills.lock().clone(),
+            ..self.report.clone()
+        }
+    }
+
+    /// Stops the gateways (the first, which owns the stream, last) and the NATS
+    /// servers; keeps the gateways' logs if `keep_logs`.
+    pub async fn stop(self, keep_logs: bool) {
+        let fleet = match Arc::try_unwrap(self.fleet) {
+            Ok(fleet) => fleet,
+            // A fault still holds it (the run failed): its processes die with it.
+            Err(_) => return,
+        };
+        drop(fleet.balancer);
+        let gateways = fleet.gateways.into_inner().into_iter().flatten().collect();
+        GatewayProcess::stop_all(gateways, keep_logs).await;
+        drop(fleet.nats);
+    }
+}
+
+impl Fleet {
+    /// Inflicts one `fault`, once it can begin before `deadline`, and notes it in
+    /// `shared` and the counts when it does.
+    async fn inflict(
+        self: Arc<Self>,
+        fault: Fault,
+        deadline: Instant,
+        shared: Shared,
+    ) -> Result<(), RunError> {
+        let begun = || {
             let at = Instant::now();
+            *self.kills.lock().entry(fault.name()).or_default() += 1;
+            let mut tally = lock(&shared);
+            let t_s = at.saturating_duration_since(tally.started).as_secs_f64();
+            tally.chaos_events.push(ChaosEvent {
+                t_s,
+                mode: fault.name(),
+            });
+            if fault.of_a_gateway() {
+                // Resumes until the next gateway fault are this one's failovers.
+                tally.gateway_fault = Some((at, fault));
+            }
+        };
+        if fault.of_a_gateway() {
+            let Some((index, mut gateway)) = self.take_busiest(deadline).await else {
+                return Ok(());
+            };
+            begun();
+            let outcome = self.gateway_fault(fault, &mut gateway).await;
+            if outcome.is_ok() {
+                if let Err(error) = self.restart(&mut gateway).await {
+                    // Back in its slot stopped: the supervisor starts it again.
+                    eprintln!(
+                        "loadtest: gateway {} did not start again: {error}",
+                        gateway.name()
+                    );
+                }
+            }
+            self.gateways.lock()[index] = Some(gateway);
+            return outcome;
+        }
+        let Ok(_one_at_a_time) =
+            tokio::time::timeout_at(deadline.into(), self.nats_fault.lock()).await
+        else {
+            return Ok(());
+        };
+        let fleet = Arc::clone(&self);
+        let taken = tokio::task::spawn_blocking(move || fleet.take_leader(deadline))
+            .await
+            .map_err(|e| RunError::Setup(format!("finding the stream's leader: {e}")))?;
+        let Some((index, mut server)) = taken else {
+            return Ok(());
+        };
+        begun();
+        let fleet = Arc::clone(&self);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let outcome = fleet.nats_fault(fault, &mut server);
+            fleet.nats.lock()[index] = Some(server);
+            outcome
+        })
+        .await
+        .map_err(|e| RunError::Setup(format!("the NATS fault: {e}")))?;
+        outcome?;
+        self.wait_replicated().await
+    }
+
+    /// Kills or pauses `gateway` as `fault` says, until it is to be started again.
+    async fn gateway_fault(
+        &self,
+        fault: Fault,
+        gateway: &mut GatewayProcess,
+    ) -> Result<(), RunError> {
+        if fault == Fault::Gateway {
+            gateway.kill();
+            tokio::time::sleep(GATEWAY_DOWN).await;
+            return Ok(());
+        }
+        gateway.pause(true);
+        tokio::time::sleep(self.gateway_timeout + ZOMBIE_OVERSTAY).await;
+        // A NATS outage meanwhile stops the core's time (no gateway is heard): the
+        // pause lasts until another gateway has declared this one gone.
+        let began = Instant::now();
+        while !self.declared_gone(gateway.name()).await {
+            if began.elapsed() > ZOMBIE_FENCE_WAIT {
+                gateway.pause(false);
+                eprintln!(
+                    "loadtest: no gateway declared the paused {} gone within {ZOMBIE_FENCE_WAIT:?} more; woken",
+                    gateway.name()
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(SUPERVISION).await;
+        }
+        gateway.pause(false);
+        if gateway.wait_exit(ZOMBIE_EXIT).await {
+            return Ok(());
+        }
+        Err(RunError::Setup(format!(
+            "gateway {} went on for {ZOMBIE_EXIT:?} after its run ended; its log:\n{}",
+            gateway.name(),
+            gateway.log_tail()
+        )))
+    }
+
+    /// Whether a gateway in its slot says (in its metrics) that the gateway named
+    /// `name` is no longer live on the stream.
+    async fn declared_gone(&self, name: &str) -> bool {
+        let admins: Vec<_> = self
+            .gateways
+            .lock()
+            .iter()
+            .flatten()
+            .map(GatewayProcess::admin)
+            .collect();
+        let live = format!("gateway_sequencer_live_gateway{{gateway=\"{name}\"}}");
+        tokio::task::spawn_blocking(move || {
+            admins.into_iter().any(|admin| {
+                metrics(admin).is_some_and(|text| {
+                    text.contains("gateway_sequencer_live_gateways") && !text.contains(&live)
+                })
+            })
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// SIGKILLs `server` (timing the stream's next leader election) or restarts it
+    /// through lame duck mode, and starts it again. Blocking.
+    fn nats_fault(&self, fault: Fault, server: &mut NatsServer) -> Result<(), RunError> {
+        if fault == Fault::Nats {
+            let won = |server: &NatsServer| {
+                server.leaderships_won(&self.stream)
+                    + self
+                        .nats
+                        .lock()
+                        .iter()
+                        .flatten()
+                        .map(|s| s.leaderships_won(&self.stream))
+                        .sum::<usize>()
+            };
+            let before = won(server);
+            let killed = Instant::now();
+            server.kill();
+            let restart_at = killed + NATS_DOWN;
+            let mut restarted = false;
+            // Until a server says in its log that it leads the stream now; the
+            // killed one is started again meanwhile, and may win.
+            while won(server) == before {
+                if !restarted && Instant::now() >= restart_at {
+                    server.spawn()?;
+                    restarted = true;
+                }
+                if killed.elapsed() > NATS_CATCH_UP {
+                    return Err(RunError::Setup(format!(
+                        "no NATS server led stream {} within {NATS_CATCH_UP:?} of its leader's SIGKILL",
+                        self.stream
+                    )));
+                }
+                std::thread::sleep(LEADER_POLL);
+            }
+            self.elections_ms
+                .lock()
+                .push(killed.elapsed().as_secs_f64() * 1e3);
+            if !restarted {
+                std::thread::sleep(restart_at.saturating_duration_since(Instant::now()));
+                server.spawn()?;
+            }
+        } else {
+            server.lame_duck()?;
+            if !server.wait_exit(LAME_DUCK_EXIT) {
+                return Err(RunError::Setup(format!(
+                    "a NATS server in lame duck mode did not stop within {LAME_DUCK_EXIT:?}"
+                )));
+            }
+            server.spawn()?;
+        }
+        server.wait_healthy()
+    }
+
+    /// Takes the busiest serving gateway out of its slot, once at least two serve
+    /// (one stays), waiting until `deadline` at most.
+    async fn take_busiest(&self, deadline: Instant) -> Option<(usize, GatewayProcess)> {
+        loop {
             {
-                let mut tally = lock(&shared);
-                let t_s = at.saturating_duration_since(tally.started).as_secs_f64();
-                tally.chaos_events.push(ChaosEvent {
-                    t_s,
-                    mode: fault.name(),
-                });
-                // Resumes until the next fault are this one's failovers.
-                tally.gateway_fault = (fault != Fault::Nats).then_some((at, fault));
-            }
-            *self.report.kills.entry(fault.name()).or_default() += 1;
-            match fault {
-                Fault::Gateway => {
-                    let index = self.balancer.busiest();
-                    self.gateways[index].kill();
-                    tokio::time::sleep(GATEWAY_DOWN).await;
-                    self.restart(index).await?;
-                }
-                Fault::Zombie => {
-                    let index = self.balancer.busiest();
-                    self.gateways[index].pause(true);
-                    tokio::time::sleep(self.gateway_timeout + ZOMBIE_OVERSTAY).await;
-                    self.gateways[index].pause(false);
-                    if !self.gateways[index].wait_exit(ZOMBIE_EXIT).await {
-                        return Err(RunError::Setup(format!(
-                            "gateway {} went on after its run ended; its log:\n{}",
-                            self.gateways[index].name(),
-                            self.gateways[index].log_tail()
-                        )));
-                    }
-                    self.restart(index).await?;
-                }
-                Fault::Nats => {
-                    let index = (turn / faults.len()) % self.nats.len();
-                    self.nats[index].kill();
-                    tokio::time::sleep(NATS_DOWN).await;
-                    // Starting it waits for it (JetStream recovers first): off the
-                    // runtime, which carries the load.
-                    let mut server = self.nats.remove(index);
-                    let server = tokio::task::spawn_blocking(move || {
-                        server.spawn()?;
-                        server.wait_healthy()?;
-                        Ok::<_, RunError>(server)
-                    })
-                    .await
-                    .map_err(|e| RunError::Setup(format!("starting NATS again: {e}")))??;
-                    self.nats.insert(index, server);
-                    // Losing a second server before the first has caught up would
-                    // leave the streams without a majority: the run's faults are
-                    // one at a time, as the cluster is built to survive.
-                    self.wait_replicated().await?;
+                let mut gateways = self.gateways.lock();
+                let flows = self.balancer.flows();
+                let serving: Vec<usize> = (0..gateways.len())
+                    .filter(|&i| gateways[i].is_some() && self.balancer.is_healthy(i))
+                    .collect();
+                if serving.len() >= 2 {
+                    let index = serving
+                        .into_iter()
+                        .max_by_key(|&i| (flows[i], std::cmp::Reverse(i)))?;
+                    return gateways[index].take().map(|gateway| (index, gateway));
                 }
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(SUPERVISION).await;
+        }
+    }
+
+    /// Takes the NATS server that leads the gateways' stream out of its slot,
+    /// waiting until `deadline` at most for one to lead. Blocking.
+    fn take_leader(&self, deadline: Instant) -> Option<(usize, NatsServer)> {
+        loop {
+            let mut nats = self.nats.lock();
+            if let Some(index) =
+                (0..nats.len()).find(|&i| nats[i].as_ref().is_some_and(|s| s.leads(&self.stream)))
+            {
+                return nats[index].take().map(|server| (index, server));
+            }
+            drop(nats);
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(SUPERVISION);
         }
     }
 
     /// With three NATS servers: waits until every stream has a leader and its
     /// replicas are caught up.
     async fn wait_replicated(&self) -> Result<(), RunError> {
-        if self.nats.len() < 3 {
+        let reports: Vec<String> = self
+            .nats
+            .lock()
+            .iter()
+            .flatten()
+            .map(NatsServer::jsz_url)
+            .collect();
+        if reports.len() < 3 {
             return Ok(());
         }
         let began = Instant::now();
         loop {
-            let reports: Vec<String> = self.nats.iter().map(NatsServer::jsz_url).collect();
+            let reports = reports.clone();
             let replicated =
                 tokio::task::spawn_blocking(move || crate::nats::streams_replicated(&reports, 3))
                     .await
@@ -320,61 +771,93 @@ impl Cluster {
         }
     }
 
-    /// Starts gateway `index` again and waits until it serves.
-    async fn restart(&mut self, index: usize) -> Result<(), RunError> {
-        let gateway = &mut self.gateways[index];
+    /// Starts `gateway` again and waits until it serves.
+    async fn restart(&self, gateway: &mut GatewayProcess) -> Result<(), RunError> {
         gateway.kill();
         gateway.spawn()?;
         let ready = gateway.wait_ready().await?;
-        crate::record(&mut self.ready, ready);
+        crate::record(&mut self.ready.lock(), ready);
         Ok(())
     }
 
-    /// The report, with what the balancer and the gateways counted; `failover` is
-    /// the run's failover histogram.
-    pub(crate) async fn report(&self, failover: &BTreeMap<Fault, Histogram<u64>>) -> ClusterReport {
-        let mut all = crate::histogram();
-        for histogram in failover.values() {
-            let _ = all.add(histogram);
-        }
-        let admins: Vec<_> = self.gateways.iter().map(GatewayProcess::admin).collect();
-        let fenced = tokio::task::spawn_blocking(move || {
-            admins.into_iter().filter_map(fenced_records).max()
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(0);
-        ClusterReport {
-            cross_gateway_resumes: self.balancer.flows_moved(),
-            fenced_stale_records: fenced,
-            failover_ms: Failover::of(&all),
-            failover_ms_by_fault: failover
-                .iter()
-                .map(|(fault, histogram)| (fault.name(), Failover::of(histogram)))
-                .collect(),
-            gateway_ready_ms: if self.ready.is_empty() {
-                0.0
-            } else {
-                self.ready.value_at_quantile(0.5) as f64 / 1e3
-            },
-            ..self.report.clone()
+    /// Starts again, for as long as the run lasts, every gateway in its slot that
+    /// stopped by itself (cut off from NATS for longer than its timeout, say, its
+    /// run declared gone).
+    async fn supervise(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(SUPERVISION).await;
+            let mut stopped = Vec::new();
+            for (index, slot) in self.gateways.lock().iter_mut().enumerate() {
+                if slot.as_mut().is_some_and(GatewayProcess::has_exited) {
+                    stopped.extend(slot.take().map(|gateway| (index, gateway)));
+                }
+            }
+            for (index, mut gateway) in stopped {
+                self.stopped_by_themselves.fetch_add(1, Ordering::Relaxed);
+                let fleet = Arc::clone(&self);
+                tokio::spawn(async move {
+                    if let Err(error) = fleet.restart(&mut gateway).await {
+                        // Put back stopped: the next round tries again.
+                        eprintln!(
+                            "loadtest: gateway {} did not start again: {error}",
+                            gateway.name()
+                        );
+                    }
+                    fleet.gateways.lock()[index] = Some(gateway);
+                });
+            }
         }
     }
 
-    /// Stops the gateways (the first, which owns the stream, last) and the NATS
-    /// servers; keeps the gateways' logs if `keep_logs`.
-    pub async fn stop(self, keep_logs: bool) {
-        drop(self.balancer);
-        GatewayProcess::stop_all(self.gateways, keep_logs).await;
-        drop(self.nats);
+    /// Waits until every gateway is in its slot, running, and healthy at the
+    /// balancer.
+    async fn all_serving(&self) {
+        loop {
+            let serving = {
+                let mut gateways = self.gateways.lock();
+                (0..gateways.len()).all(|i| {
+                    gateways[i].as_mut().is_some_and(|g| !g.has_exited())
+                        && self.balancer.is_healthy(i)
+                })
+            };
+            if serving {
+                return;
+            }
+            tokio::time::sleep(SUPERVISION).await;
+        }
+    }
+
+    /// Which gateways and NATS servers run, for an error.
+    fn state(&self) -> String {
+        let gateways: Vec<String> = self
+            .gateways
+            .lock()
+            .iter_mut()
+            .enumerate()
+            .map(|(i, slot)| match slot {
+                None => format!("gateway {} in a fault or restarting", i + 1),
+                Some(g) => {
+                    let state = if g.has_exited() { "stopped" } else { "running" };
+                    format!("{} {state}", g.name())
+                }
+            })
+            .collect();
+        gateways.join(", ")
     }
 }
 
 /// A gateway's count of records of ended runs it fenced off, from the metrics on
 /// its admin listener `admin`.
 pub fn fenced_records(admin: std::net::SocketAddr) -> Option<u64> {
-    let text = ureq::get(&format!("http://{admin}/metrics"))
+    metrics(admin)?
+        .lines()
+        .find(|line| line.starts_with("gateway_fenced_records_total"))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// The metrics text of the gateway whose admin listener is `admin`, if it answers.
+fn metrics(admin: std::net::SocketAddr) -> Option<String> {
+    ureq::get(&format!("http://{admin}/metrics"))
         .config()
         .timeout_global(Some(Duration::from_secs(2)))
         .build()
@@ -382,8 +865,59 @@ pub fn fenced_records(admin: std::net::SocketAddr) -> Option<u64> {
         .ok()?
         .into_body()
         .read_to_string()
-        .ok()?;
-    text.lines()
-        .find(|line| line.starts_with("gateway_fenced_records_total"))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_fault_is_charged_the_slices_until_the_next_one_and_a_kind_its_worst() {
+        let timeline: Vec<(f64, f64)> = (0..40)
+            .map(|slice| {
+                let t_s = f64::from(slice) * 0.25;
+                // A 1 s stall from 1.75 s (orders in flight at the fault), a 0.5 s
+                // one of 150 ms from 7.0 s.
+                let p99_us = match t_s {
+                    t if (1.75..2.75).contains(&t) => 900e3,
+                    t if (7.0..7.5).contains(&t) => 150e3,
+                    _ => 5e3,
+                };
+                (t_s, p99_us)
+            })
+            .collect();
+        let events = [
+            ChaosEvent {
+                t_s: 1.9,
+                mode: "nats",
+            },
+            ChaosEvent {
+                t_s: 4.0,
+                mode: "gateway",
+            },
+            ChaosEvent {
+                t_s: 6.9,
+                mode: "nats",
+            },
+        ];
+        let gaps = [(1.95, 850.0), (4.5, 30.0), (7.0, 120.0)];
+        let stalls = stalls((&timeline, 0.25), &gaps, &events);
+        assert_eq!(
+            stalls["nats"],
+            Stall {
+                no_answers_ms: 850.0,
+                worst_p99_ms: 900.0,
+                above_100ms_ms: 1_000.0
+            }
+        );
+        assert_eq!(
+            stalls["gateway"],
+            Stall {
+                no_answers_ms: 30.0,
+                worst_p99_ms: 5.0,
+                above_100ms_ms: 0.0
+            }
+        );
+    }
 }

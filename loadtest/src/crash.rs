@@ -178,6 +178,11 @@ impl GatewayProcess {
         })
     }
 
+    /// The stream the gateway appends to.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
     /// The gateway's name on its stream.
     pub fn name(&self) -> &str {
         &self.name

@@ -68,6 +68,11 @@ pub use run::{hold_sessions, run, sweep};
 use traffic::*;
 pub use traffic::{schedule, shared_endpoints, Ticks};
 
+/// How long past `--duration` a run may take to wind down (the last answers and
+/// resumes, the final order states, a cluster's faults under way and its
+/// restarts) before it fails: it stops by itself whatever happens.
+pub const RUN_MARGIN: Duration = Duration::from_secs(180);
+
 /// Why a run could not be carried out (as opposed to violations it found).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -162,8 +162,11 @@ enum FaultArg {
     Gateway,
     /// SIGSTOP a gateway past its timeout, then SIGCONT.
     Zombie,
-    /// SIGKILL a NATS server.
+    /// SIGKILL the NATS server that leads the gateways' stream.
     Nats,
+    /// Restart the NATS server that leads the gateways' stream through lame duck
+    /// mode (a planned restart).
+    NatsLdm,
 }
 
 /// `--engine` values.
@@ -375,6 +378,36 @@ fn summary(report: &Report) {
                 .collect::<String>(),
             cluster.fenced_stale_records
         );
+        let stalls: Vec<String> = cluster
+            .stall_ms_by_fault
+            .iter()
+            .map(|(fault, stall)| {
+                format!(
+                    "{fault} no answers for {}, p99 {} (above 100 ms for {})",
+                    time(stall.no_answers_ms * 1e3),
+                    time(stall.worst_p99_ms * 1e3),
+                    time(stall.above_100ms_ms * 1e3)
+                )
+            })
+            .collect();
+        let cuts: Vec<String> = cluster
+            .connections_cut_by_fault
+            .iter()
+            .map(|(fault, count)| format!("{fault} {count}"))
+            .collect();
+        println!(
+            "stalls by fault: {}; client connections the gateways cut, by fault: {}; NATS leader SIGKILLs (NATS's election / no answers): {}; gateways that stopped by themselves {}, left stopped {}",
+            stalls.join(", "),
+            cuts.join(", "),
+            cluster
+                .nats_kills
+                .iter()
+                .map(|kill| format!("{} / {}", time(kill.election_ms * 1e3), time(kill.no_answers_ms * 1e3)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            cluster.gateways_stopped_by_themselves,
+            cluster.gateways_left_stopped
+        );
     }
     if !report.closed_by_gateway.is_empty() {
         let closes: Vec<String> = report
@@ -574,6 +607,7 @@ fn main() -> ExitCode {
                         FaultArg::Gateway => Fault::Gateway,
                         FaultArg::Zombie => Fault::Zombie,
                         FaultArg::Nats => Fault::Nats,
+                        FaultArg::NatsLdm => Fault::NatsLdm,
                     })
                     .collect(),
                 fault_interval: cli.kill_interval,
@@ -603,7 +637,21 @@ fn main() -> ExitCode {
             let violations = sweep.points.iter().map(|p| p.violations).sum::<u64>();
             std::process::exit(if violations == 0 { 0 } else { 1 });
         }
-        let report = runtime.block_on(loadtest::run(options))?;
+        // Whatever happens, the run ends by itself: past its bound it fails, and
+        // the processes it started are killed as the runtime drops them.
+        let bound = options.duration + loadtest::RUN_MARGIN;
+        let report = match runtime
+            .block_on(async { tokio::time::timeout(bound, loadtest::run(options)).await })
+        {
+            Ok(report) => report?,
+            Err(_) => {
+                runtime.shutdown_timeout(Duration::from_secs(5));
+                anyhow::bail!(
+                    "the run did not end within --duration + {:?}: the gateways (or the cluster) never recovered",
+                    loadtest::RUN_MARGIN
+                );
+            }
+        };
         if let Some(path) = &cli.json {
             std::fs::write(path, serde_json::to_string_pretty(&report)?)
                 .with_context(|| path.display().to_string())?;

@@ -14,6 +14,15 @@ use crate::RunError;
 /// leader.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a server in lame duck mode takes to close its clients and stop:
+/// `lame_duck_duration`, the least nats-server accepts.
+pub const LAME_DUCK_DURATION: Duration = Duration::from_secs(30);
+
+/// The servers' configuration file: the lame duck mode of a planned restart at its
+/// quickest. Leadership moves off the server at once; its clients are closed, a few
+/// at a time, from a second on.
+const CONFIG: &str = "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"1s\"\n";
+
 /// One `nats-server` with JetStream.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -23,6 +32,8 @@ pub struct NatsServer {
     dir: PathBuf,
     /// Further arguments it runs with (its cluster's, or a test's).
     args: Vec<String>,
+    /// Its `server_name` in a cluster (how the others name it as a leader).
+    name: Option<String>,
     /// Where clients connect, `nats://127.0.0.1:PORT`.
     pub url: String,
 }
@@ -61,6 +72,7 @@ impl NatsServer {
                 format!("{name}-{}", nth + 1),
             ];
             let mut server = Self::unstarted(args)?;
+            server.name = Some(format!("{name}-{}", nth + 1));
             server.spawn()?;
             cluster.push(server);
         }
@@ -84,6 +96,7 @@ impl NatsServer {
         let dir = std::env::temp_dir().join(format!("nats-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("nats.conf"), CONFIG))
             .map_err(|e| RunError::Setup(format!("{}: {e}", dir.display())))?;
         Ok(NatsServer {
             child: None,
@@ -91,6 +104,7 @@ impl NatsServer {
             monitor: free_port()?,
             dir,
             args,
+            name: None,
             url: format!("nats://127.0.0.1:{port}"),
         })
     }
@@ -99,13 +113,21 @@ impl NatsServer {
     /// until it listens.
     pub fn spawn(&mut self) -> Result<(), RunError> {
         let program = nats_server_binary()?;
+        let log_path = self.dir.join("nats.log");
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| RunError::Setup(format!("{}: {e}", log_path.display())))?;
         let child = Command::new(&program)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor.to_string(), "-js", "-sd"])
             .arg(&self.dir)
+            .arg("-c")
+            .arg(self.dir.join("nats.conf"))
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(|e| RunError::Setup(format!("{}: {e}", program.display())))?;
         self.child = Some(child);
@@ -146,6 +168,70 @@ impl NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Puts the server in lame duck mode (`nats-server --signal ldm=PID`), as a
+    /// planned restart does: it hands its stream leaderships to others, closes its
+    /// clients over [`LAME_DUCK_DURATION`], then exits.
+    pub fn lame_duck(&self) -> Result<(), RunError> {
+        let Some(child) = &self.child else {
+            return Err(RunError::Setup("nats-server is not running".into()));
+        };
+        let program = nats_server_binary()?;
+        let status = Command::new(&program)
+            .arg("--signal")
+            .arg(format!("ldm={}", child.id()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| RunError::Setup(format!("{}: {e}", program.display())))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(RunError::Setup(format!(
+                "nats-server --signal ldm: {status}"
+            )))
+        }
+    }
+
+    /// Waits up to `within` for the server to exit by itself (and reaps it); says
+    /// whether it did. A server not running has exited.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let began = Instant::now();
+        while let Some(child) = self.child.as_mut() {
+            if !matches!(child.try_wait(), Ok(None)) {
+                self.child = None;
+                return true;
+            }
+            if began.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// Whether this server leads stream `stream` now, by its own JetStream report
+    /// (a server that leads a stream names itself its leader; the others may still
+    /// name a leader that is gone).
+    pub fn leads(&self, stream: &str) -> bool {
+        let Some(name) = &self.name else {
+            // A server alone leads every stream it has.
+            return self.child.is_some();
+        };
+        self.child.is_some()
+            && streams_seen(&self.jsz_url(), 0)
+                .into_iter()
+                .any(|seen| seen.name == stream && seen.leader.as_deref() == Some(name.as_str()))
+    }
+
+    /// How many times this server has said, in its log, that it became the leader
+    /// of stream `stream` (over all its runs on this storage).
+    pub fn leaderships_won(&self, stream: &str) -> usize {
+        let needle = format!("new stream leader for '$G > {stream}'");
+        std::fs::read_to_string(self.dir.join("nats.log"))
+            .map(|log| log.lines().filter(|line| line.contains(&needle)).count())
+            .unwrap_or(0)
     }
 
     /// Sends `signal` (`-STOP`, `-CONT`) to the server.
@@ -194,10 +280,19 @@ pub fn wait_healthy(url: &str) -> Result<(), RunError> {
     }
 }
 
-/// The streams a server knows of, each with whether the server sees it fully
-/// replicated: with a leader and `replicas - 1` followers, all current (caught up).
-/// Only a stream's leader sees its followers' state.
-fn streams_seen(jsz_url: &str, replicas: usize) -> Vec<(String, bool)> {
+/// A stream as one server sees it.
+struct StreamSeen {
+    name: String,
+    /// The server it names the stream's leader, if any.
+    leader: Option<String>,
+    /// Whether it sees the stream fully replicated: with a leader and `replicas - 1`
+    /// followers, all current (caught up). Only a stream's leader sees its
+    /// followers' state.
+    replicated: bool,
+}
+
+/// The streams a server knows of, by its JetStream report at `jsz_url`.
+fn streams_seen(jsz_url: &str, replicas: usize) -> Vec<StreamSeen> {
     let Some(report) = ureq::get(jsz_url)
         .config()
         .timeout_global(Some(Duration::from_millis(500)))
@@ -215,15 +310,20 @@ fn streams_seen(jsz_url: &str, replicas: usize) -> Vec<(String, bool)> {
         .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
         .map(|stream| {
             let cluster = &stream["cluster"];
-            let replicated = cluster["leader"].as_str().is_some_and(|l| !l.is_empty())
+            let leader = cluster["leader"]
+                .as_str()
+                .filter(|leader| !leader.is_empty())
+                .map(str::to_owned);
+            let replicated = leader.is_some()
                 && cluster["replicas"].as_array().is_some_and(|followers| {
                     followers.len() + 1 == replicas
                         && followers.iter().all(|f| f["current"] == true)
                 });
-            (
-                stream["name"].as_str().unwrap_or_default().to_owned(),
+            StreamSeen {
+                name: stream["name"].as_str().unwrap_or_default().to_owned(),
+                leader,
                 replicated,
-            )
+            }
         })
         .collect()
 }
@@ -234,8 +334,8 @@ fn streams_seen(jsz_url: &str, replicas: usize) -> Vec<(String, bool)> {
 pub fn streams_replicated(jsz_urls: &[String], replicas: usize) -> bool {
     let mut streams: std::collections::BTreeMap<String, bool> = std::collections::BTreeMap::new();
     for url in jsz_urls {
-        for (name, replicated) in streams_seen(url, replicas) {
-            *streams.entry(name).or_default() |= replicated;
+        for seen in streams_seen(url, replicas) {
+            *streams.entry(seen.name).or_default() |= seen.replicated;
         }
     }
     !streams.is_empty() && streams.values().all(|replicated| *replicated)

@@ -100,6 +100,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         chaos_events: Vec::new(),
         gateway_fault: None,
         failover: BTreeMap::new(),
+        cuts_by_fault: BTreeMap::new(),
         verifier,
         books: (0..options.sessions)
             .map(|_| SessionBook::default())
@@ -107,6 +108,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         ack_latency: histogram(),
         phase_latency: None,
         last_answer: None,
+        answer_gaps: Vec::new(),
         resume: histogram(),
         blackhole: histogram(),
         restart_resume: histogram(),
@@ -369,8 +371,39 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     }
     let cluster_report = match cluster {
         Some(cluster) => {
-            let failover = lock(&shared).failover.clone();
-            let report = cluster.report(&failover).await;
+            let (failover, cuts, stalls) = {
+                let tally = lock(&shared);
+                let timeline: Vec<(f64, f64)> = tally
+                    .timeline
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, slice)| !slice.is_empty())
+                    .map(|(index, slice)| {
+                        (
+                            index as f64 * TIMELINE_SLICE.as_secs_f64(),
+                            slice.value_at_quantile(0.99) as f64,
+                        )
+                    })
+                    .collect();
+                let slices = (&timeline[..], TIMELINE_SLICE.as_secs_f64());
+                let events = &tally.chaos_events;
+                let by_kind = cluster::stalls(slices, &tally.answer_gaps, events);
+                let nats_kills = cluster::each_stall(slices, &tally.answer_gaps, events)
+                    .into_iter()
+                    .zip(events)
+                    .filter(|(_, event)| event.mode == cluster::Fault::Nats.name())
+                    .map(|(stall, _)| stall)
+                    .collect();
+                let stalls = (by_kind, nats_kills);
+                (tally.failover.clone(), tally.cuts_by_fault.clone(), stalls)
+            };
+            let report = cluster.report(&failover, &cuts, stalls).await;
+            if report.gateways_left_stopped > 0 {
+                lock(&shared).verifier.violation(format!(
+                    "{} gateways were left stopped at the end",
+                    report.gateways_left_stopped
+                ));
+            }
             cluster.stop(failed).await;
             Some(report)
         }

@@ -121,6 +121,9 @@ pub(crate) struct Tally {
     pub(crate) gateway_fault: Option<(Instant, cluster::Fault)>,
     /// Cluster runs: from a gateway fault to each resume after it, by fault.
     pub(crate) failover: BTreeMap<cluster::Fault, Histogram<u64>>,
+    /// Client connections the gateway closed, by the latest chaos event or fault
+    /// begun before the client resumed (`none` before the first).
+    pub(crate) cuts_by_fault: BTreeMap<&'static str, u64>,
     /// Set when the run logs its sessions out: their end is expected.
     pub(crate) logging_out: bool,
     pub(crate) verifier: Verifier,
@@ -130,6 +133,9 @@ pub(crate) struct Tally {
     pub(crate) phase_latency: Option<(Instant, Histogram<u64>, Histogram<u64>)>,
     /// When the latest answer arrived.
     pub(crate) last_answer: Option<Instant>,
+    /// Times without any answer of [`ANSWER_GAP_KEPT`] or longer: when each began,
+    /// seconds from the start, and how long it lasted, milliseconds.
+    pub(crate) answer_gaps: Vec<(f64, f64)>,
     pub(crate) resume: Histogram<u64>,
     pub(crate) blackhole: Histogram<u64>,
     /// Gateway kill to each session's resume.
@@ -155,6 +161,13 @@ pub(crate) struct Counts {
 }
 
 pub(crate) type Shared = Arc<parking_lot::Mutex<Tally>>;
+
+/// The shortest time without an answer that the run keeps (for the cluster's
+/// stalls by fault).
+pub(crate) const ANSWER_GAP_KEPT: Duration = Duration::from_millis(20);
+
+/// Most times without an answer kept.
+pub(crate) const MAX_ANSWER_GAPS: usize = 100_000;
 
 pub(crate) fn lock(shared: &Shared) -> parking_lot::MutexGuard<'_, Tally> {
     shared.lock()
@@ -294,6 +307,15 @@ pub(crate) async fn receive_events(
                                 record(if intended < *midpoint { quiet } else { flooded }, latency);
                             }
                         }
+                        if let Some(last) = tally.last_answer {
+                            let gap = now.saturating_duration_since(last);
+                            if gap >= ANSWER_GAP_KEPT && tally.answer_gaps.len() < MAX_ANSWER_GAPS {
+                                let at = last.saturating_duration_since(tally.started);
+                                tally
+                                    .answer_gaps
+                                    .push((at.as_secs_f64(), gap.as_secs_f64() * 1e3));
+                            }
+                        }
                         tally.last_answer = Some(now);
                         answered.notify_one();
                     }
@@ -318,6 +340,10 @@ pub(crate) async fn receive_events(
                             .closed_by_gateway
                             .entry(format!("{reason:?}"))
                             .or_default() += 1;
+                        if reason != ReasonCode::ShuttingDown {
+                            let during = tally.chaos_events.last().map_or("none", |e| e.mode);
+                            *tally.cuts_by_fault.entry(during).or_default() += 1;
+                        }
                     }
                     if let Some((at, mode)) = tally.books[index].chaos.take() {
                         let histogram = match mode {
