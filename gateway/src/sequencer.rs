@@ -548,7 +548,9 @@ impl JetStreamLog {
         let mut reconnections = self.reconnections.subscribe();
         // A stream electing its leader does not answer the read's start: it is
         // asked again soon (an answer that would have come late is not waited
-        // for), and less soon while it keeps not answering.
+        // for), a little less soon while it keeps not answering, but never so
+        // late that a request lost in the election holds the read up for long
+        // after it.
         let mut read_patience = READ_PATIENCE_MIN;
         loop {
             reconnections.mark_unchanged();
@@ -560,8 +562,7 @@ impl JetStreamLog {
                         Ok(Err(error)) => error.to_string(),
                         _ => {
                             let error = format!("no answer within {read_patience:?}");
-                            read_patience =
-                                (read_patience * 2).min(self.timeout.max(READ_PATIENCE_MIN));
+                            read_patience = (read_patience * 2).min(READ_PATIENCE_MAX);
                             error
                         }
                     };
@@ -602,7 +603,8 @@ impl JetStreamLog {
                         }
                         // A stream that does not answer (electing its leader) is
                         // asked again at the next check.
-                        behind = match tokio::time::timeout(READ_STALL, self.last_position()).await {
+                        let last = self.last_position();
+                        behind = match tokio::time::timeout(STALL_CHECK_PATIENCE, last).await {
                             Ok(Ok(last)) if last > last_position => Some(last),
                             _ => None,
                         };
@@ -684,6 +686,11 @@ impl JetStreamLog {
 /// soon after a leader election, twice this at most.
 const READ_STALL: Duration = Duration::from_millis(100);
 
+/// Longest wait for the stream's last position when a read is quiet: a stream
+/// busy with the backlog after an election may take a while to answer, one
+/// electing its leader does not answer at all.
+const STALL_CHECK_PATIENCE: Duration = Duration::from_millis(300);
+
 /// First wait before reading the stream again after a failed read; it doubles up to
 /// [`FOLLOW_BACKOFF_MAX`].
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -691,8 +698,13 @@ const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_millis(200);
 
 /// How long the start of a read of the stream is first waited for; it doubles, up
-/// to `sequencer.timeout_ms`, while the stream does not answer.
+/// to [`READ_PATIENCE_MAX`], while the stream does not answer.
 const READ_PATIENCE_MIN: Duration = Duration::from_millis(400);
+
+/// Longest wait for the start of a read of the stream: at the end of a leader
+/// election the read starts this soon at most. (Waiting out the request timeout,
+/// 2–5 s, for a request the election lost added seconds to a stall.)
+const READ_PATIENCE_MAX: Duration = Duration::from_millis(800);
 
 /// Says when the stream stored a queued entry: the position of its batch.
 pub type Stored = oneshot::Receiver<Result<u64, LogError>>;

@@ -442,13 +442,11 @@ impl Cluster {
             let _ = all.add(histogram);
         }
         let (admins, left_stopped) = {
-            let mut gateways = self.fleet.gateways.lock();
-            let admins: Vec<_> = gateways
-                .iter()
-                .flatten()
-                .map(GatewayProcess::admin)
-                .collect();
-            let stopped = gateways
+            let admins = self.fleet.admins();
+            let stopped = self
+                .fleet
+                .gateways
+                .lock()
                 .iter_mut()
                 .map(|slot| slot.as_mut().is_none_or(GatewayProcess::has_exited))
                 .filter(|stopped| *stopped)
@@ -622,16 +620,20 @@ impl Fleet {
         )))
     }
 
-    /// Whether a gateway in its slot says (in its metrics) that the gateway named
-    /// `name` is no longer live on the stream.
-    async fn declared_gone(&self, name: &str) -> bool {
-        let admins: Vec<_> = self
-            .gateways
+    /// The admin listeners of the gateways in their slots.
+    fn admins(&self) -> Vec<std::net::SocketAddr> {
+        self.gateways
             .lock()
             .iter()
             .flatten()
             .map(GatewayProcess::admin)
-            .collect();
+            .collect()
+    }
+
+    /// Whether a gateway in its slot says (in its metrics) that the gateway named
+    /// `name` is no longer live on the stream.
+    async fn declared_gone(&self, name: &str) -> bool {
+        let admins = self.admins();
         let live = format!("gateway_sequencer_live_gateway{{gateway=\"{name}\"}}");
         tokio::task::spawn_blocking(move || {
             admins.into_iter().any(|admin| {
