@@ -219,11 +219,11 @@ impl JetStreamLog {
     /// nothing more (a lost connection).
     pub async fn append_until_stored(&self, record: Record) {
         let entry = self.entry(record, 0);
-        let mut backoff = FOLLOW_BACKOFF_MIN;
+        let mut backoff = APPEND_BACKOFF_MIN;
         while let Err(error) = self.append(&entry).await {
             warn!(%error, "a record the core must see was not stored; trying again");
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
+            backoff = (backoff * 2).min(APPEND_BACKOFF_MAX);
         }
     }
 
@@ -544,35 +544,10 @@ impl JetStreamLog {
     pub async fn follow(&self, after: u64, mut apply: impl FnMut(Vec<Entry>, u64)) -> LogError {
         let started = Instant::now();
         let mut last_position = after;
-        let mut backoff = FOLLOW_BACKOFF_MIN;
         let mut reconnections = self.reconnections.subscribe();
-        // A stream electing its leader does not answer the read's start: it is
-        // asked again soon (an answer that would have come late is not waited
-        // for), a little less soon while it keeps not answering, but never so
-        // late that a request lost in the election holds the read up for long
-        // after it.
-        let mut read_patience = READ_PATIENCE_MIN;
         loop {
             reconnections.mark_unchanged();
-            let read = tokio::time::timeout(read_patience, self.read_from(last_position + 1));
-            let mut messages = match read.await {
-                Ok(Ok(messages)) => messages,
-                failed => {
-                    let error = match failed {
-                        Ok(Err(error)) => error.to_string(),
-                        _ => {
-                            let error = format!("no answer within {read_patience:?}");
-                            read_patience = (read_patience * 2).min(READ_PATIENCE_MAX);
-                            error
-                        }
-                    };
-                    warn!(%error, after = last_position, "cannot read the stream; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
-                    continue;
-                }
-            };
-            read_patience = READ_PATIENCE_MIN;
+            let mut messages = self.start_read(last_position + 1).await;
             // A connection that comes back ends this read at once; the next read
             // starts after the last record applied. So does a read that stalled:
             // quiet for a whole check with records on the stream, at its start,
@@ -637,7 +612,6 @@ impl JetStreamLog {
                     return self.error("reading the stream", &missing);
                 }
                 last_position = position;
-                backoff = FOLLOW_BACKOFF_MIN;
                 match decode_batch(&message.payload) {
                     Ok(entries) => apply(entries, position),
                     Err(error) => {
@@ -652,6 +626,36 @@ impl JetStreamLog {
                         "applying the stream"
                     );
                 }
+            }
+        }
+    }
+
+    /// Starts an ordered read of the stream from `position` on, asking again every
+    /// [`READ_RETRY`] while no attempt has answered and keeping the earlier
+    /// attempts (at most [`READ_ATTEMPTS`]): the first to answer is the read. A
+    /// stream electing its leader answers no attempt; one lost in the election is
+    /// not waited for once the stream answers again.
+    async fn start_read(&self, position: u64) -> consumer::pull::Ordered {
+        use futures_util::stream::FuturesUnordered;
+        let mut attempts = FuturesUnordered::new();
+        let mut retry = tokio::time::interval(READ_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = retry.tick(), if attempts.len() < READ_ATTEMPTS => {
+                    attempts.push(self.read_from(position));
+                }
+                Some(read) = attempts.next(), if !attempts.is_empty() => match read {
+                    Ok(messages) => return messages,
+                    Err(error) => {
+                        // Said once, then every few seconds of a long outage.
+                        if failures % 16 == 0 {
+                            warn!(%error, after = position - 1, "cannot read the stream; retrying");
+                        }
+                        failures += 1;
+                    }
+                },
             }
         }
     }
@@ -691,20 +695,20 @@ const READ_STALL: Duration = Duration::from_millis(100);
 /// electing its leader does not answer at all.
 const STALL_CHECK_PATIENCE: Duration = Duration::from_millis(300);
 
-/// First wait before reading the stream again after a failed read; it doubles up to
-/// [`FOLLOW_BACKOFF_MAX`].
-const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(50);
-/// Longest wait between attempts to read the stream.
-const FOLLOW_BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// First wait before a record the core must see is appended again after its
+/// append failed; it doubles up to [`APPEND_BACKOFF_MAX`].
+const APPEND_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest wait between attempts at appending a record the core must see.
+const APPEND_BACKOFF_MAX: Duration = Duration::from_millis(200);
 
-/// How long the start of a read of the stream is first waited for; it doubles, up
-/// to [`READ_PATIENCE_MAX`], while the stream does not answer.
-const READ_PATIENCE_MIN: Duration = Duration::from_millis(400);
+/// How often the start of a read of the stream is asked for again while no
+/// attempt has answered: a read starts this soon after a leader election at most.
+/// (Waiting out the request timeout, 2–5 s, for a request the election lost added
+/// seconds to a stall.)
+const READ_RETRY: Duration = Duration::from_millis(200);
 
-/// Longest wait for the start of a read of the stream: at the end of a leader
-/// election the read starts this soon at most. (Waiting out the request timeout,
-/// 2–5 s, for a request the election lost added seconds to a stall.)
-const READ_PATIENCE_MAX: Duration = Duration::from_millis(800);
+/// Most attempts at starting a read awaited at once.
+const READ_ATTEMPTS: usize = 8;
 
 /// Says when the stream stored a queued entry: the position of its batch.
 pub type Stored = oneshot::Receiver<Result<u64, LogError>>;

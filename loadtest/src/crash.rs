@@ -398,11 +398,35 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A loopback UDP address no one uses now, for a server ([`free_port`]).
 fn free_udp_port() -> std::io::Result<SocketAddr> {
-    UdpSocket::bind("127.0.0.1:0")?.local_addr()
+    free_port(|port| UdpSocket::bind(("127.0.0.1", port))?.local_addr())
 }
 
-/// A loopback TCP address no one listens on now.
+/// A loopback TCP address no one listens on now, for a server ([`free_port`]).
 pub(crate) fn free_tcp_port() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
+    free_port(|port| TcpListener::bind(("127.0.0.1", port))?.local_addr())
+}
+
+/// A port `bind` takes, below the kernel's range of ephemeral ports, so that no
+/// client socket is given it while the server it is for is down between a kill
+/// and its restart (a gateway's, taken by a client's, could not start again).
+fn free_port(bind: impl Fn(u16) -> std::io::Result<SocketAddr>) -> std::io::Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000.min(ephemeral_low / 2);
+    let span = ephemeral_low.saturating_sub(low).max(1);
+    let seed = std::process::id().wrapping_mul(7_919);
+    for _ in 0..1_000 {
+        let nth = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + seed.wrapping_add(nth.wrapping_mul(104_729)) % span;
+        if let Ok(addr) = bind(u16::try_from(port).unwrap_or(0)) {
+            return Ok(addr);
+        }
+    }
+    bind(0)
 }
