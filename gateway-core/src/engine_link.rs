@@ -4,12 +4,17 @@
 //! its answers routed before the lock is let go, so every session gets them in the
 //! engine's order whichever task applied the input. Elsewhere (the gateway's engine
 //! thread): a request goes out, and the answers come back later as an input of their
-//! own ([`crate::input::Record::EngineEvents`]).
+//! own ([`crate::input::Record::EngineEvents`]). In its own process, on the log
+//! ([`crate::external::External`]): requests go out in numbered batches and the
+//! engines' answers come back through the log ([`crate::input::Record::EngineAnswer`]).
 
 use std::sync::{Mutex, PoisonError};
 
 use matching_stub::{self as engine, MatchingEngine, OrderBookEngine};
 use proto::ReasonCode;
+
+use crate::external::{AnswerCounts, AnswerVerdict, OutgoingBatch};
+use crate::snapshot::EngineImage;
 
 /// A request the engine did not take, and why: its session answers it with a
 /// `Reject` of that reason.
@@ -39,12 +44,43 @@ pub trait EngineLink: Send + Sync {
     /// The account's orders now, if the engine answers at once.
     fn orders_of(&self, account: u64) -> Option<Vec<engine::OrderView>>;
 
-    /// A copy of the book, for a core snapshot, if the engine is in process.
-    fn book(&self) -> Option<OrderBookEngine>;
+    /// The engine's part of a core snapshot, if the core holds it (not for an
+    /// engine on the gateway's own thread, whose book the core does not hold).
+    fn image(&self) -> Option<EngineImage>;
 
     /// Requests waiting for the engine (0 for one that answers at once).
     fn queued(&self) -> usize {
         0
+    }
+
+    /// After each input of the log: the batches of requests it made, for the
+    /// requests stream (an engine on the log).
+    fn end_of_input(&self) -> Vec<OutgoingBatch> {
+        Vec::new()
+    }
+
+    /// Every batch made and not yet answered (an engine on the log), for a gateway
+    /// that starts to publish them.
+    fn unanswered(&self) -> Vec<OutgoingBatch> {
+        Vec::new()
+    }
+
+    /// How many batches wait for an answer (an engine on the log).
+    fn unanswered_count(&self) -> usize {
+        0
+    }
+
+    /// An engine's answers message read from the log (an engine on the log): the
+    /// verdict on each batch it answers.
+    fn answer(&self, _answers: &[u8]) -> Vec<AnswerVerdict> {
+        vec![AnswerVerdict::Unexpected {
+            why: "an engine answer on the log, but engine.mode is not \"external\"".into(),
+        }]
+    }
+
+    /// The answers counted so far (an engine on the log).
+    fn answer_counts(&self) -> AnswerCounts {
+        AnswerCounts::default()
     }
 }
 
@@ -89,12 +125,12 @@ impl EngineLink for InProcess {
         )
     }
 
-    fn book(&self) -> Option<OrderBookEngine> {
-        Some(
+    fn image(&self) -> Option<EngineImage> {
+        Some(EngineImage::Book(
             self.book
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
-        )
+        ))
     }
 }

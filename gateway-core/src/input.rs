@@ -93,6 +93,23 @@ pub enum Record {
         /// The events.
         events: Vec<engine::Event>,
     },
+    /// An engine on the log answered a batch of requests (`engine.mode =
+    /// "external"`): the answer message as the engine appended it (ENGINE.md), read
+    /// from the log's answers subject. Applied whoever appended it: the first answer
+    /// to a batch is routed, later ones are compared with it.
+    EngineAnswer {
+        /// The answer message.
+        answer: Vec<u8>,
+    },
+    /// A gateway asks the engine for an account's orders (a login's snapshot, an
+    /// operator's check): the engine's `OrderStates` answer carries `tag`, which
+    /// only the asking gateway waits on.
+    QueryOrders {
+        /// The account.
+        account: u64,
+        /// The asking gateway's tag for the answer.
+        tag: u64,
+    },
     /// Time passed: fire due cancel-on-disconnect and expiry timers.
     Tick,
     /// An operator ended these sessions.

@@ -15,6 +15,8 @@
 //!   each input of the log.
 //! - [`input`]: the core's input type ([`input::Record`]) as the log carries it.
 //! - [`engine_link`]: the matching engine, in process or elsewhere.
+//! - [`external`]: engines in their own processes, on the log: requests in
+//!   numbered batches, the first answer to each applied, later ones compared.
 //! - [`session`]: one session's state machine (exactly-once inbound, acks, resume,
 //!   takeover, cancel-on-disconnect, expiry) and the writer's transmit path.
 //! - [`registry`]: all sessions in a concurrent map, with limits and event routing.
@@ -30,6 +32,7 @@
 pub mod connection;
 pub mod convert;
 pub mod engine_link;
+pub mod external;
 pub mod input;
 pub mod machine;
 pub mod members;

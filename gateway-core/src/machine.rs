@@ -20,6 +20,7 @@ use proto::{Frame, ReasonCode};
 use tracing::{debug, info, warn};
 
 use crate::engine_link::{EngineLink, Refused};
+use crate::external::{AnswerCounts, AnswerVerdict, OutgoingBatch};
 use crate::input::{Entry, Outcome, Record};
 use crate::members::Members;
 use crate::registry::{lock, Registry, SessionHandle};
@@ -38,6 +39,9 @@ pub struct Effects {
     /// The engine's events routed, in order, and its answers to order queries
     /// (`OrderStates`, not routed): for the edge's counters and waiting queries.
     pub events: Vec<engine::Event>,
+    /// Batches of requests for engines on the log, to publish to the requests
+    /// stream ([`Core::end_of_input`]).
+    pub requests: Vec<OutgoingBatch>,
 }
 
 /// Every session, the engine link and the gateway runs on the log.
@@ -97,6 +101,30 @@ impl Core {
         self.engine.queued()
     }
 
+    /// Every batch of requests made and not yet answered (engines on the log): a
+    /// gateway starting from a snapshot offers them to the requests stream again.
+    pub fn engine_unanswered(&self) -> Vec<OutgoingBatch> {
+        self.engine.unanswered()
+    }
+
+    /// How many batches of requests wait for an answer (engines on the log).
+    pub fn engine_unanswered_count(&self) -> usize {
+        self.engine.unanswered_count()
+    }
+
+    /// The engines' answers counted by this process (engines on the log).
+    pub fn engine_answer_counts(&self) -> AnswerCounts {
+        self.engine.answer_counts()
+    }
+
+    /// After the last record of one message of the log: the requests the message's
+    /// records made become a batch for the engines on the log (`out.requests`). A
+    /// follower calls it after each message, so batches are made alike in every
+    /// gateway applying the log.
+    pub fn end_of_input(&self, out: &mut Effects) {
+        out.requests.extend(self.engine.end_of_input());
+    }
+
     /// Records not applied because their gateway run had ended.
     pub fn fenced_records(&self) -> u64 {
         self.fenced_records.load(Ordering::Relaxed)
@@ -110,7 +138,7 @@ impl Core {
     /// The whole core after the record at `position`, for a snapshot (`None` with
     /// the engine out of process: its book is not the core's).
     pub fn image(&self, position: u64) -> Option<CoreImage> {
-        let engine = self.engine.book()?;
+        let engine = self.engine.image()?;
         Some(CoreImage {
             position,
             members: self.members().clone(),
@@ -198,6 +226,37 @@ impl Core {
                 self.route_events(&mut events, now, &mut actions, out);
                 Outcome::Applied
             }
+            Record::EngineAnswer { answer } => {
+                for verdict in self.engine.answer(&answer) {
+                    match verdict {
+                        AnswerVerdict::First {
+                            mut events, batch, ..
+                        } => {
+                            debug!(batch, "an engine answered a batch first");
+                            self.route_events(&mut events, now, &mut actions, out);
+                        }
+                        AnswerVerdict::Again {
+                            batch,
+                            engine,
+                            same: Some(false),
+                        } => warn!(
+                            batch,
+                            engine,
+                            "an engine's answer differs from the first answer to its batch: the engines disagree"
+                        ),
+                        AnswerVerdict::Again { .. } => {}
+                        AnswerVerdict::Unexpected { why } => {
+                            warn!(position, "an engine answer was ignored: {why}")
+                        }
+                    }
+                }
+                Outcome::Applied
+            }
+            Record::QueryOrders { account, tag } => {
+                let query = engine::Request::QueryOrders { account, tag };
+                self.execute(vec![Action::Engine(query)], now, out);
+                Outcome::Applied
+            }
             Record::Abandoned { conn } => {
                 self.registry.connection_abandoned(conn, now);
                 Outcome::Applied
@@ -270,6 +329,8 @@ impl Core {
                 }
                 now
             }
+            // Engines are not gateway runs: their answers count at the core's time.
+            Record::EngineAnswer { .. } => return Some(members.now()),
             _ => members.heard(entry.from, entry.time_ms)?,
         };
         if matches!(entry.record, Record::Stopped) && members.stopped(entry.from) {

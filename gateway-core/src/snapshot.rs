@@ -13,11 +13,21 @@
 use matching_stub::OrderBookEngine;
 use serde::{Deserialize, Serialize};
 
+use crate::external::ExternalImage;
 use crate::members::Members;
 use crate::registry::RegistryImage;
 
 /// Version of the snapshot encoding; a gateway refuses snapshots of another one.
-pub const SNAPSHOT_FORMAT: u32 = 3;
+pub const SNAPSHOT_FORMAT: u32 = 4;
+
+/// The engine's part of a core snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum EngineImage {
+    /// The books of the engine in process.
+    Book(OrderBookEngine),
+    /// The requests and answers of engines on the log (`engine.mode = "external"`).
+    External(ExternalImage),
+}
 
 /// The core after the record at `position` was applied.
 #[derive(Debug, Serialize, Deserialize)]
@@ -28,8 +38,8 @@ pub struct CoreImage {
     pub members: Members,
     /// Sessions, timers, token keys.
     pub registry: RegistryImage,
-    /// The books.
-    pub engine: OrderBookEngine,
+    /// The engine's books, or its requests and answers on the log.
+    pub engine: EngineImage,
 }
 
 /// Why a snapshot cannot be used.
@@ -88,8 +98,10 @@ mod tests {
             position: 42,
             members,
             registry: registry.image(),
-            engine: OrderBookEngine::new(EngineConfig::with_instruments(vec![instrument]))
-                .expect("engine"),
+            engine: EngineImage::Book(
+                OrderBookEngine::new(EngineConfig::with_instruments(vec![instrument]))
+                    .expect("engine"),
+            ),
         }
     }
 

@@ -4,7 +4,9 @@
 //!   (see [`crate::metrics`]).
 //! - `GET /healthz`: 200 while the process serves.
 //! - `GET /readyz`: 200 while logins are accepted; 503 while draining, and in
-//!   crash-safe mode until the core is rebuilt from its stream.
+//!   crash-safe mode until the core is rebuilt from its stream. With engines on the
+//!   log, a body of `ready; engines disagree: ...` when a later answer to a batch
+//!   differed from the first.
 //! - `/admin/*`: operations, each needing `Authorization: Bearer <token>` with the
 //!   token from `admin.token_file`, and each logged at info with the caller's address:
 //!   - `GET /admin/sessions`: the live sessions, JSON;
@@ -62,6 +64,9 @@ pub(crate) trait Operations: Send + Sync + 'static {
     fn is_accepting(&self) -> bool;
     /// Refuses new logins from now on.
     fn start_draining(&self);
+    /// Engines on the log: what to say when two engines answered a batch
+    /// differently.
+    fn engines_disagree(&self) -> Option<String>;
     /// Every session, for `/admin/sessions`.
     fn sessions_info(&self) -> Vec<SessionInfo>;
     /// The live sessions of an account.
@@ -310,6 +315,10 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
             "rebuilding the core from its stream\n",
         )
             .into_response()
+    } else if let Some(why) = state.shared.engines_disagree() {
+        // Every gateway applies the same first answers, so each stays consistent:
+        // an alarm, not a reason to leave the balancer.
+        (StatusCode::OK, format!("ready; {why}\n")).into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }

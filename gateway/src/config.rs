@@ -95,7 +95,8 @@ pub enum SequencerMode {
 #[serde(default, deny_unknown_fields)]
 pub struct SequencerSettings {
     /// `embedded` or `jetstream`. `jetstream` needs `engine.mode = "inline"` (the
-    /// engine is part of the core the stream rebuilds).
+    /// engine is part of the core the stream rebuilds) or `"external"` (engines in
+    /// their own processes, on the log: ENGINE.md).
     pub mode: SequencerMode,
     /// The NATS server (jetstream mode); the servers of a cluster separated by
     /// commas, `nats://10.0.0.1:4222,nats://10.0.0.2:4222`.
@@ -410,6 +411,11 @@ pub enum EngineMode {
     /// gateway measured in its own process (BENCHMARKS.md), it costs about a quarter
     /// less CPU and a fifth of the context switches per order.
     Inline,
+    /// In processes of their own, in any language, on the log (crash-safe mode
+    /// only): the gateways publish the requests to `<stream>_requests`, engines
+    /// append their answers to `<stream>.answers` (ENGINE.md); the first answer to
+    /// each batch of requests counts, later ones are compared with it.
+    External,
 }
 
 /// Matching engine settings.
@@ -650,9 +656,18 @@ impl Config {
         if self.engine.instruments.is_empty() {
             return invalid("engine.instruments must list at least one instrument");
         }
+        if self.engine.mode == EngineMode::External
+            && self.sequencer.mode != SequencerMode::Jetstream
+        {
+            return invalid(
+                "engine.mode = \"external\" needs sequencer.mode = \"jetstream\": engines on the log read their requests from the stream",
+            );
+        }
         if self.sequencer.mode == SequencerMode::Jetstream {
-            if self.engine.mode != EngineMode::Inline {
-                return invalid("sequencer.mode = \"jetstream\" needs engine.mode = \"inline\"");
+            if self.engine.mode == EngineMode::Thread {
+                return invalid(
+                    "sequencer.mode = \"jetstream\" needs engine.mode = \"inline\" or \"external\"",
+                );
             }
             let stream = &self.sequencer.stream;
             if stream.is_empty()
@@ -757,8 +772,14 @@ impl Config {
     /// `transport.idle_timeout_ms`): gateways that share a stream must agree on it,
     /// or their copies of the core would differ.
     pub fn core_fingerprint(&self) -> u64 {
+        // Where the engine runs is no matter to the core, but for engines on the log:
+        // then the core holds requests and answers, not a book.
+        let mode = match self.engine.mode {
+            EngineMode::External => EngineMode::External,
+            EngineMode::Inline | EngineMode::Thread => EngineMode::Inline,
+        };
         let engine = EngineSettings {
-            mode: EngineMode::Inline,
+            mode,
             queue_capacity: 0,
             ..self.engine.clone()
         };

@@ -14,6 +14,7 @@
 //! - [`admin`] and [`metrics`]: the operator's HTTP listener and `/metrics`.
 //! - [`config`] and [`settings`]: the configuration file and its reference.
 //! - [`sequencer`]: crash-safe mode, the core's inputs on a NATS JetStream stream.
+//! - [`requests_stream`]: engines on the log, the stream of their requests.
 //! - [`keys`]: production credentials (`gateway keys ...`); [`dev`]: the
 //!   development files.
 
@@ -25,6 +26,7 @@ pub mod dev;
 pub mod keys;
 pub mod log;
 pub mod metrics;
+pub mod requests_stream;
 pub mod sequencer;
 pub mod server;
 pub mod settings;

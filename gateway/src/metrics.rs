@@ -35,6 +35,13 @@ pub struct GatewayLabel {
     pub gateway: String,
 }
 
+/// A label naming a kind of engine answer.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// The kind.
+    pub kind: String,
+}
+
 /// A label naming the outcome of a handshake: `accepted`, or the refusal's reason.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -119,6 +126,13 @@ pub struct Snapshot {
     pub core_snapshot_failures: u64,
     /// Whether the gateway is draining (refusing new logins).
     pub draining: bool,
+    /// Engines on the log: their answers counted by this process.
+    pub engine_answers: gateway_core::external::AnswerCounts,
+    /// Engines on the log: batches of requests made and not yet answered.
+    pub engine_unanswered_batches: u64,
+    /// Engines on the log: batches this gateway stored in the requests stream
+    /// (the first copy of each).
+    pub engine_batches_published: u64,
 }
 
 impl Default for Metrics {
@@ -347,6 +361,34 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
         "sequencer_live_gateway",
         "1 for each gateway live on the log as the core sees it, by its sequencer.gateway_name (a gateway declared gone drops out)",
         live,
+    );
+    let answers: Family<KindLabel, Counter> = Family::default();
+    let counts = &snapshot.engine_answers;
+    for (kind, count) in [
+        ("first", counts.first),
+        ("same", counts.same),
+        ("differed", counts.differed),
+        ("uncompared", counts.uncompared),
+        ("unexpected", counts.unexpected),
+    ] {
+        answers
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc_by(count);
+    }
+    registry.register(
+        "engine_answers",
+        "Engines on the log: answers to batches of requests read from the log, by kind: first (applied), same (a later answer equal to the first), differed (a later answer unlike the first: the engines disagree), uncompared (too late to compare), unexpected (unusable, ignored)",
+        answers,
+    );
+    registry.register(
+        "engine_unanswered_batches",
+        "Engines on the log: batches of requests made and not yet answered",
+        gauge(snapshot.engine_unanswered_batches),
+    );
+    registry.register(
+        "engine_batches_published",
+        "Engines on the log: batches this gateway stored first in the requests stream",
+        ConstCounter::new(snapshot.engine_batches_published),
     );
     registry.register(
         "fenced_records",

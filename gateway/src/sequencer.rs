@@ -78,7 +78,11 @@ pub enum LogError {
 /// The stream of the core's inputs on JetStream.
 pub struct JetStreamLog {
     stream: stream::Stream,
+    /// The NATS connection's JetStream context (the requests stream's, too).
+    context: jetstream::Context,
     subject: String,
+    /// Where engines on the log append their answers (`<stream>.answers`).
+    answers_subject: String,
     url: String,
     timeout: Duration,
     /// This gateway's start position (its `Started` record's).
@@ -125,9 +129,10 @@ impl JetStreamLog {
         let (context, last_error) =
             jetstream_context(settings, Some(reconnections.clone())).await?;
         let subject = format!("{}.in", settings.stream);
+        let answers_subject = answers_subject(&settings.stream);
         let config = stream::Config {
             name: settings.stream.clone(),
-            subjects: vec![subject.clone()],
+            subjects: vec![subject.clone(), answers_subject.clone()],
             storage: stream::StorageType::File,
             max_message_size: i32::try_from(MAX_RECORD_LEN).unwrap_or(i32::MAX),
             num_replicas: settings.replicas,
@@ -179,6 +184,30 @@ impl JetStreamLog {
                 &format!("{error}{hint}"),
             )
         })?;
+        let mut stream = stream;
+        if !stream
+            .cached_info()
+            .config
+            .subjects
+            .contains(&answers_subject)
+        {
+            // A stream made before engines could answer on it takes their subject.
+            let mut config = stream.cached_info().config.clone();
+            config.subjects.push(answers_subject.clone());
+            context.update_stream(config).await.map_err(|error| {
+                settings_error(
+                    settings,
+                    "adding the engines' answers subject to the stream",
+                    &error,
+                )
+            })?;
+            stream = context
+                .get_stream(&settings.stream)
+                .await
+                .map_err(|error| {
+                    settings_error(settings, "opening the JetStream stream", &error)
+                })?;
+        }
         let snapshots = snapshot_store(&context, settings)
             .await
             .map_err(|error| settings_error(settings, "opening the snapshot store", &error))?;
@@ -201,7 +230,9 @@ impl JetStreamLog {
             snapshots,
             purge_after_snapshot: settings.purge_after_snapshot,
             stream,
+            context,
             subject,
+            answers_subject,
             url,
             timeout,
             start: AtomicU64::new(0),
@@ -242,8 +273,10 @@ impl JetStreamLog {
     /// make one per run).
     pub async fn delete_stream(settings: &SequencerSettings) -> Result<(), LogError> {
         let (context, _) = jetstream_context(settings, None).await?;
-        // A run without snapshots has none to delete.
+        // A run without snapshots (or without engines on the log) has none to delete.
         let _ = context.delete_object_store(snapshot_bucket(settings)).await;
+        let requests = crate::requests_stream::requests_stream_name(&settings.stream);
+        let _ = context.delete_stream(&requests).await;
         context
             .delete_stream(&settings.stream)
             .await
@@ -364,6 +397,11 @@ impl JetStreamLog {
             .created
             .unix_timestamp_nanos()
             .to_string()
+    }
+
+    /// The NATS connection's JetStream context.
+    pub fn context(&self) -> &jetstream::Context {
+        &self.context
     }
 
     /// The position of the stream's last record (0 when it has none).
@@ -612,6 +650,19 @@ impl JetStreamLog {
                     return self.error("reading the stream", &missing);
                 }
                 last_position = position;
+                if message.subject.as_str() == self.answers_subject {
+                    let answer = Record::EngineAnswer {
+                        answer: message.payload.to_vec(),
+                    };
+                    let entry = Entry {
+                        from: 0,
+                        time_ms: 0,
+                        reply: 0,
+                        record: answer,
+                    };
+                    apply(vec![entry], position);
+                    continue;
+                }
                 match decode_batch(&message.payload) {
                     Ok(entries) => apply(entries, position),
                     Err(error) => {
@@ -861,6 +912,11 @@ impl Batcher {
     }
 }
 
+/// The subject of the log `stream` on which engines append their answers.
+pub fn answers_subject(stream: &str) -> String {
+    format!("{stream}.answers")
+}
+
 /// A message id prefix no other gateway run uses.
 fn message_id_prefix() -> Result<String, LogError> {
     let random: [u8; 8] = crate::dev::random().map_err(|error| LogError::Nats {
@@ -948,7 +1004,7 @@ fn server_urls(nats_url: &str) -> Vec<&str> {
 type LastNatsError = Arc<std::sync::Mutex<Option<String>>>;
 
 /// `url` without the user and password it may carry, for messages and logs.
-fn redacted(url: &str) -> String {
+pub(crate) fn redacted(url: &str) -> String {
     let one = |url: &str| match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://…@{}", &url[..scheme], &url[at + 1..])

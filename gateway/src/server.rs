@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use gateway_core::engine_link::{EngineLink, InProcess};
+use gateway_core::external::External;
+use gateway_core::snapshot::EngineImage;
 use gateway_core::Core;
 use matching_stub::{self as engine, EngineConfig, EngineThread, Instrument, OrderBookEngine};
 use proto::{Frame, ReasonCode};
@@ -181,6 +183,8 @@ pub(crate) struct Shared {
     gateway_timeout: Duration,
     /// Crash-safe mode: how long a shutdown drains before it closes connections.
     drain_notice: Duration,
+    /// Engines on the log: where the core's batches of requests are published.
+    requests: OnceLock<crate::requests_stream::RequestsStream>,
     /// Crash-safe mode: position of the latest core snapshot stored or restored.
     snapshot_position: AtomicU64,
     /// Crash-safe mode: core snapshots that could not be stored.
@@ -191,6 +195,27 @@ pub(crate) struct Shared {
     /// Whether connections are accepted yet (in crash-safe mode, once the core is
     /// rebuilt).
     accepting: watch::Sender<bool>,
+}
+
+/// Engines on the log: opens the requests stream of the log `log` (whose last
+/// record is `last`), refusing one that holds batches a new log never made.
+async fn open_requests_stream(
+    log: &JetStreamLog,
+    config: &Config,
+    last: u64,
+) -> Result<crate::requests_stream::RequestsStream, StartError> {
+    let requests =
+        crate::requests_stream::RequestsStream::open(log.context(), &config.sequencer).await?;
+    let batches = requests.stored_through();
+    if last == 0 && batches > 0 {
+        return Err(StartError::Rebuild(format!(
+            "the engine requests stream {} holds {batches} batches, but the log {} is new: \
+             it belongs to a log deleted since; delete it too (or restore the log)",
+            crate::requests_stream::requests_stream_name(&config.sequencer.stream),
+            config.sequencer.stream
+        )));
+    }
+    Ok(requests)
 }
 
 /// A running gateway.
@@ -233,6 +258,10 @@ impl Gateway {
             )));
         }
         let settings = setup.config.core_fingerprint();
+        let requests = match setup.config.engine.mode {
+            EngineMode::External => Some(open_requests_stream(&log, &setup.config, last).await?),
+            EngineMode::Inline | EngineMode::Thread => None,
+        };
         let position = log
             .append(&log.entry(run_started(&setup.config), 0))
             .await?;
@@ -243,6 +272,11 @@ impl Gateway {
         let gateway = Self::start_with(setup, |_| stream, image)?;
         let restored_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
         let shared = Arc::clone(&gateway.shared);
+        if let Some(requests) = requests {
+            // Batches a snapshot left unanswered go out again before any new one.
+            requests.offer(shared.core.engine_unanswered());
+            let _ = shared.requests.set(requests);
+        }
         tokio::spawn(follow_log(
             shared,
             Arc::clone(&log),
@@ -361,48 +395,79 @@ impl Gateway {
         // from the stream never does): the edge checks acks against that before
         // they reach the log.
         session_config.ack_bound = AckBound::Assigned;
-        let (registry, book, restored) = match image {
+        let new_book = || {
+            OrderBookEngine::new(engine_config.clone())
+                .map_err(|e| StartError::Engine(e.to_string()))
+        };
+        let (registry, engine_image, restored) = match image {
             None => (
                 Registry::new(token_keys, session_config, config.registry_limits()),
-                OrderBookEngine::new(engine_config)
-                    .map_err(|e| StartError::Engine(e.to_string()))?,
+                None,
                 None,
             ),
             Some(image) => {
-                let snapshot_error = |error: &dyn std::fmt::Display| {
+                let position = image.position;
+                let snapshot_error = move |error: &dyn std::fmt::Display| {
                     StartError::Rebuild(format!(
-                        "the core snapshot at position {}: {error}",
-                        image.position
+                        "the core snapshot at position {position}: {error}"
                     ))
                 };
                 let registry =
                     Registry::from_image(image.registry, session_config, config.registry_limits())
                         .map_err(|e| snapshot_error(&e))?;
-                let mut book = image.engine;
-                book.reconfigure(&engine_config)
-                    .map_err(|e| snapshot_error(&format!("engine.instruments: {e}")))?;
                 let restored = (image.position, image.members);
-                (registry, book, Some(restored))
+                (
+                    registry,
+                    Some((image.engine, snapshot_error)),
+                    Some(restored),
+                )
             }
         };
         let routed_to: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
         let runtime = tokio::runtime::Handle::current();
-        let (engine_link, engine): (Box<dyn EngineLink>, _) = match config.engine.mode {
-            EngineMode::Inline => (Box::new(InProcess::new(book)), None),
-            EngineMode::Thread => {
-                let sink_target = Arc::clone(&routed_to);
-                let thread = EngineThread::spawn(
-                    book,
-                    config.engine.queue_capacity,
-                    move |events: &mut Vec<engine::Event>| {
-                        if let Some(shared) = sink_target.get() {
-                            shared.engine_answered(std::mem::take(events));
-                        }
-                    },
-                )
-                .map_err(|e| StartError::Engine(e.to_string()))?;
-                let link = EngineOnThread::new(thread.sender(), runtime.clone());
-                (Box::new(link), Some(thread))
+        let mode = config.engine.mode;
+        let (engine_link, engine): (Box<dyn EngineLink>, _) = match (mode, engine_image) {
+            (EngineMode::External, None) => (Box::new(External::new()), None),
+            (EngineMode::External, Some((EngineImage::External(image), _))) => {
+                (Box::new(External::from_image(image)), None)
+            }
+            (EngineMode::Inline | EngineMode::Thread, image) => {
+                let book = match image {
+                    None => new_book()?,
+                    Some((EngineImage::Book(mut book), snapshot_error)) => {
+                        book.reconfigure(&engine_config)
+                            .map_err(|e| snapshot_error(&format!("engine.instruments: {e}")))?;
+                        book
+                    }
+                    Some((EngineImage::External(_), snapshot_error)) => {
+                        return Err(snapshot_error(
+                            &"it was taken with engine.mode = \"external\" (no book in it)",
+                        ))
+                    }
+                };
+                if mode == EngineMode::Inline {
+                    (Box::new(InProcess::new(book)), None)
+                } else {
+                    let sink_target = Arc::clone(&routed_to);
+                    let thread = EngineThread::spawn(
+                        book,
+                        config.engine.queue_capacity,
+                        move |events: &mut Vec<engine::Event>| {
+                            if let Some(shared) = sink_target.get() {
+                                shared.engine_answered(std::mem::take(events));
+                            }
+                        },
+                    )
+                    .map_err(|e| StartError::Engine(e.to_string()))?;
+                    let link = EngineOnThread::new(thread.sender(), runtime.clone());
+                    (Box::new(link), Some(thread))
+                }
+            }
+            (EngineMode::External, Some((EngineImage::Book(_), snapshot_error))) => {
+                return Err(snapshot_error(
+                    &"it was taken with the engine in the gateway (engine.mode = \"inline\"); \
+                      engines on the log start from a new stream",
+                ))
             }
         };
 
@@ -443,6 +508,7 @@ impl Gateway {
             },
             gateway_timeout: Duration::from_millis(config.sequencer.gateway_timeout_ms),
             drain_notice: Duration::from_millis(config.sequencer.drain_notice_ms),
+            requests: OnceLock::new(),
             snapshot_position: AtomicU64::new(position),
             snapshot_failures: AtomicU64::new(0),
             failed: watch::Sender::new(None),

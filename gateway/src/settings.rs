@@ -41,7 +41,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("auth.max_clock_skew_ms", "largest accepted difference of a login's timestamp from the gateway clock"),
     ("auth.failures_per_window", "failed authentications per address before RateLimited"),
     ("auth.failure_window_ms", "the window those are counted in"),
-    ("engine.mode", "inline (in the connection tasks; for engines that never block) or thread (own thread, bounded queue)"),
+    ("engine.mode", "inline (in the connection tasks; for engines that never block), thread (own thread, bounded queue) or external (own processes on the log, crash-safe mode: ENGINE.md)"),
     ("engine.queue_capacity", "requests queued for the engine thread; beyond, EngineBusy"),
     ("engine.finished_orders_per_account", "finished orders per account kept for login snapshots"),
     ("engine.max_working_orders_per_account", "working orders per account, all sessions together"),

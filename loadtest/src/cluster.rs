@@ -29,12 +29,16 @@ use serde::Serialize;
 
 use crate::balancer::{Backend, Balancer};
 use crate::crash::{CrashSafe, GatewayProcess};
+use crate::engines::{EngineCommand, EngineProcess};
 use crate::nats::{NatsServer, LAME_DUCK_DURATION};
 use crate::{lock, ChaosEvent, RemoteGateway, RunError, Shared};
 
 /// How long a killed gateway stays down before it is started again: long enough
 /// for its clients to notice and resume on another gateway.
 const GATEWAY_DOWN: Duration = Duration::from_millis(1_500);
+
+/// How long a killed engine stays down before it is started again.
+const ENGINE_DOWN: Duration = Duration::from_millis(1_500);
 
 /// How long a killed NATS server stays down.
 const NATS_DOWN: Duration = Duration::from_millis(500);
@@ -84,6 +88,9 @@ pub enum Fault {
     /// lame duck mode (it hands its leaderships over, then closes its clients over
     /// 30 s and exits), then start it again on its storage.
     NatsLdm,
+    /// SIGKILL an engine on the log (`--engines`), the next in turn; start it
+    /// again 1.5 s later from its checkpoint.
+    Engine,
 }
 
 impl Fault {
@@ -94,6 +101,7 @@ impl Fault {
             Fault::Zombie => "zombie",
             Fault::Nats => "nats",
             Fault::NatsLdm => "nats-ldm",
+            Fault::Engine => "engine",
         }
     }
 
@@ -121,6 +129,11 @@ pub struct ClusterOptions {
     pub gateway_timeout: Duration,
     /// More gateway settings, `key=value`.
     pub gateway_settings: Vec<String>,
+    /// Engines on the log (`engine.mode = "external"`): 0 runs the engine inside
+    /// every gateway.
+    pub engines: usize,
+    /// How the engines are started.
+    pub engine: EngineCommand,
 }
 
 /// What the cluster run did and saw.
@@ -130,6 +143,8 @@ pub struct ClusterReport {
     pub gateways: usize,
     /// NATS servers (3: streams with three replicas).
     pub nats_servers: usize,
+    /// Engines on the log (0: the engine runs inside every gateway).
+    pub engines: usize,
     /// Faults inflicted, by kind (`gateway`, `zombie`, `nats`, `nats-ldm`).
     pub kills: BTreeMap<&'static str, u64>,
     /// Client connections the balancer moved to another gateway because theirs was
@@ -153,6 +168,13 @@ pub struct ClusterReport {
     /// Each SIGKILL of the stream's leader NATS server, in turn: NATS's own
     /// election, and how long answers stopped.
     pub nats_kills: Vec<NatsKill>,
+    /// Each SIGKILL of an engine, in turn: how long answers stopped (with a second
+    /// engine answering, about none).
+    pub engine_kills: Vec<EngineKill>,
+    /// Engines that exited outside a fault of theirs, found and started again.
+    pub engines_stopped_by_themselves: u64,
+    /// Engines not running at the end (must be 0).
+    pub engines_left_stopped: usize,
     /// The latency while each kind of fault was the latest begun (from its start to
     /// the next fault's), worst over the faults of the kind.
     pub stall_ms_by_fault: BTreeMap<&'static str, Stall>,
@@ -162,6 +184,14 @@ pub struct ClusterReport {
     /// `ShuttingDown` to its clients, which resume elsewhere: a handover, counted in
     /// the run's `closed_by_gateway`, not here.
     pub connections_cut_by_fault: BTreeMap<&'static str, u64>,
+}
+
+/// One SIGKILL of an engine on the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct EngineKill {
+    /// The longest time without an answer from the kill to the next fault,
+    /// milliseconds: the engine failover time.
+    pub no_answers_ms: f64,
 }
 
 /// One SIGKILL of the stream's leader NATS server.
@@ -274,6 +304,10 @@ pub fn each_stall(
 /// process a fault (or a restart) is working on is out of its slot meanwhile.
 struct Fleet {
     gateways: Mutex<Vec<Option<GatewayProcess>>>,
+    engines: Mutex<Vec<Option<EngineProcess>>>,
+    /// Which engine the next engine fault kills.
+    engine_turn: AtomicU64,
+    engines_stopped_by_themselves: AtomicU64,
     nats: Mutex<Vec<Option<NatsServer>>>,
     /// Held by the NATS fault under way: one at a time.
     nats_fault: tokio::sync::Mutex<()>,
@@ -324,6 +358,9 @@ impl Cluster {
             // Quicker retries of what a NATS server's loss interrupts.
             "sequencer.timeout_ms=2000".into(),
         ];
+        if options.engines > 0 {
+            settings.push("engine.mode=external".into());
+        }
         settings.extend(options.gateway_settings.iter().cloned());
         let crash_safe = CrashSafe {
             program: options.program.clone(),
@@ -343,15 +380,31 @@ impl Cluster {
         let balancer =
             Balancer::start(backends).map_err(|e| RunError::Setup(format!("the balancer: {e}")))?;
         let stream = gateways[0].stream().to_owned();
+        let mut engines = Vec::with_capacity(options.engines);
+        for nth in 1..=options.engines {
+            let nats_url = NatsServer::urls(&nats);
+            let mut engine = EngineProcess::new(
+                &options.engine,
+                (&nats_url, &stream),
+                &format!("engine-{nth}"),
+                gateways[0].dir(),
+            )?;
+            engine.spawn()?;
+            engines.push(Some(engine));
+        }
         Ok(Cluster {
             report: ClusterReport {
                 gateways: options.gateways,
                 nats_servers: options.nats_servers,
+                engines: options.engines,
                 connections_cut_by_fault: options.faults.iter().map(|f| (f.name(), 0)).collect(),
                 ..ClusterReport::default()
             },
             fleet: Arc::new(Fleet {
                 gateways: Mutex::new(gateways.into_iter().map(Some).collect()),
+                engines: Mutex::new(engines),
+                engine_turn: AtomicU64::new(0),
+                engines_stopped_by_themselves: AtomicU64::new(0),
                 nats: Mutex::new(nats.into_iter().map(Some).collect()),
                 nats_fault: tokio::sync::Mutex::new(()),
                 balancer,
@@ -435,7 +488,11 @@ impl Cluster {
         &self,
         failover: &BTreeMap<Fault, Histogram<u64>>,
         cuts: &BTreeMap<&'static str, u64>,
-        (stalls, nats_kill_stalls): (BTreeMap<&'static str, Stall>, Vec<Stall>),
+        (stalls, nats_kill_stalls, engine_kill_stalls): (
+            BTreeMap<&'static str, Stall>,
+            Vec<Stall>,
+            Vec<Stall>,
+        ),
     ) -> ClusterReport {
         let mut all = crate::histogram();
         for histogram in failover.values() {
@@ -453,6 +510,14 @@ impl Cluster {
                 .count();
             (admins, stopped)
         };
+        let engines_left_stopped = self
+            .fleet
+            .engines
+            .lock()
+            .iter_mut()
+            .map(|slot| slot.as_mut().is_none_or(EngineProcess::has_exited))
+            .filter(|stopped| *stopped)
+            .count();
         let fenced = tokio::task::spawn_blocking(move || {
             admins.into_iter().filter_map(fenced_records).max()
         })
@@ -494,6 +559,17 @@ impl Cluster {
                     no_answers_ms: stall.no_answers_ms,
                 })
                 .collect(),
+            engine_kills: engine_kill_stalls
+                .into_iter()
+                .map(|stall| EngineKill {
+                    no_answers_ms: stall.no_answers_ms,
+                })
+                .collect(),
+            engines_stopped_by_themselves: self
+                .fleet
+                .engines_stopped_by_themselves
+                .load(Ordering::Relaxed),
+            engines_left_stopped,
             stall_ms_by_fault: stalls,
             connections_cut_by_fault,
             kills: self.fleet.kills.lock().clone(),
@@ -510,6 +586,7 @@ impl Cluster {
             Err(_) => return,
         };
         drop(fleet.balancer);
+        drop(fleet.engines);
         let gateways = fleet.gateways.into_inner().into_iter().flatten().collect();
         GatewayProcess::stop_all(gateways, keep_logs).await;
         drop(fleet.nats);
@@ -539,6 +616,17 @@ impl Fleet {
                 tally.gateway_fault = Some((at, fault));
             }
         };
+        if fault == Fault::Engine {
+            let Some((index, mut engine)) = self.take_engine() else {
+                return Ok(());
+            };
+            begun();
+            engine.kill();
+            tokio::time::sleep(ENGINE_DOWN).await;
+            let started = engine.spawn();
+            self.engines.lock()[index] = Some(engine);
+            return started;
+        }
         if fault.of_a_gateway() {
             let Some((index, mut gateway)) = self.take_busiest(deadline).await else {
                 return Ok(());
@@ -618,6 +706,21 @@ impl Fleet {
             gateway.name(),
             gateway.log_tail()
         )))
+    }
+
+    /// Takes the next running engine in turn out of its slot.
+    fn take_engine(&self) -> Option<(usize, EngineProcess)> {
+        let mut engines = self.engines.lock();
+        let count = engines.len();
+        for _ in 0..count {
+            let index = usize::try_from(self.engine_turn.fetch_add(1, Ordering::Relaxed))
+                .unwrap_or(0)
+                % count;
+            if engines[index].as_mut().is_some_and(|e| !e.has_exited()) {
+                return engines[index].take().map(|engine| (index, engine));
+            }
+        }
+        None
     }
 
     /// The admin listeners of the gateways in their slots.
@@ -792,6 +895,23 @@ impl Fleet {
             for (index, slot) in self.gateways.lock().iter_mut().enumerate() {
                 if slot.as_mut().is_some_and(GatewayProcess::has_exited) {
                     stopped.extend(slot.take().map(|gateway| (index, gateway)));
+                }
+            }
+            for slot in self.engines.lock().iter_mut().flatten() {
+                if slot.has_exited() {
+                    self.engines_stopped_by_themselves
+                        .fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "loadtest: engine {} stopped by itself; its log:\n{}",
+                        slot.name(),
+                        slot.log_tail()
+                    );
+                    if let Err(error) = slot.spawn() {
+                        eprintln!(
+                            "loadtest: engine {} did not start again: {error}",
+                            slot.name()
+                        );
+                    }
                 }
             }
             for (index, mut gateway) in stopped {

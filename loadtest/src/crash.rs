@@ -178,6 +178,11 @@ impl GatewayProcess {
         })
     }
 
+    /// The directory of its certificate, keys and log (a cluster's, shared).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// The stream the gateway appends to.
     pub fn stream(&self) -> &str {
         &self.stream

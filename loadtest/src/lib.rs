@@ -26,6 +26,7 @@ pub mod baseline;
 pub mod chaos;
 pub mod cluster;
 pub mod crash;
+pub mod engines;
 pub mod html;
 pub mod measure;
 pub mod nats;

@@ -74,6 +74,16 @@ struct Cli {
     /// NATS server (started again 0.5 s later).
     #[arg(long, requires = "cluster", value_enum, value_delimiter = ',')]
     kill: Vec<FaultArg>,
+    /// With --cluster: matching engines in their own processes on the log
+    /// (the gateways run with engine.mode = external, ENGINE.md); 0 runs the
+    /// engine inside every gateway.
+    #[arg(long, requires = "cluster", default_value_t = 0)]
+    engines: usize,
+    /// With --engines: the engine's command, split at spaces, to which each
+    /// engine's --nats, --stream, --name and --checkpoint are added (default:
+    /// `matching-stub` beside this program), e.g. `python3 examples/python-engine/engine.py`.
+    #[arg(long, requires = "engines")]
+    engine_command: Option<String>,
     /// With --cluster: time from one fault to the next.
     #[arg(long, requires = "cluster", default_value = "5s", value_parser = humantime::parse_duration)]
     kill_interval: Duration,
@@ -167,6 +177,8 @@ enum FaultArg {
     /// Restart the NATS server that leads the gateways' stream through lame duck
     /// mode (a planned restart).
     NatsLdm,
+    /// SIGKILL an engine on the log (--engines), start it again 1.5 s later.
+    Engine,
 }
 
 /// `--engine` values.
@@ -408,6 +420,20 @@ fn summary(report: &Report) {
             cluster.gateways_stopped_by_themselves,
             cluster.gateways_left_stopped
         );
+        if cluster.engines > 0 {
+            println!(
+                "{} engines on the log; engine SIGKILLs (no answers): {}; engines that stopped by themselves {}, left stopped {}",
+                cluster.engines,
+                cluster
+                    .engine_kills
+                    .iter()
+                    .map(|kill| time(kill.no_answers_ms * 1e3))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cluster.engines_stopped_by_themselves,
+                cluster.engines_left_stopped
+            );
+        }
     }
     if !report.closed_by_gateway.is_empty() {
         let closes: Vec<String> = report
@@ -608,11 +634,19 @@ fn main() -> ExitCode {
                         FaultArg::Zombie => Fault::Zombie,
                         FaultArg::Nats => Fault::Nats,
                         FaultArg::NatsLdm => Fault::NatsLdm,
+                        FaultArg::Engine => Fault::Engine,
                     })
                     .collect(),
                 fault_interval: cli.kill_interval,
                 gateway_timeout: cli.gateway_timeout,
                 gateway_settings: cli.gateway_settings.clone(),
+                engines: cli.engines,
+                engine: cli.engine_command.as_ref().map_or_else(
+                    loadtest::engines::EngineCommand::matching_stub,
+                    |command| loadtest::engines::EngineCommand {
+                        command: command.split_whitespace().map(str::to_owned).collect(),
+                    },
+                ),
             }),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -388,16 +388,28 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 let slices = (&timeline[..], TIMELINE_SLICE.as_secs_f64());
                 let events = &tally.chaos_events;
                 let by_kind = cluster::stalls(slices, &tally.answer_gaps, events);
-                let nats_kills = cluster::each_stall(slices, &tally.answer_gaps, events)
-                    .into_iter()
-                    .zip(events)
-                    .filter(|(_, event)| event.mode == cluster::Fault::Nats.name())
-                    .map(|(stall, _)| stall)
-                    .collect();
-                let stalls = (by_kind, nats_kills);
+                let each = cluster::each_stall(slices, &tally.answer_gaps, events);
+                let of = |fault: cluster::Fault| -> Vec<cluster::Stall> {
+                    each.iter()
+                        .zip(events)
+                        .filter(|(_, event)| event.mode == fault.name())
+                        .map(|(stall, _)| *stall)
+                        .collect()
+                };
+                let stalls = (
+                    by_kind,
+                    of(cluster::Fault::Nats),
+                    of(cluster::Fault::Engine),
+                );
                 (tally.failover.clone(), tally.cuts_by_fault.clone(), stalls)
             };
             let report = cluster.report(&failover, &cuts, stalls).await;
+            if report.engines_left_stopped > 0 {
+                lock(&shared).verifier.violation(format!(
+                    "{} engines were left stopped at the end",
+                    report.engines_left_stopped
+                ));
+            }
             if report.gateways_left_stopped > 0 {
                 lock(&shared).verifier.violation(format!(
                     "{} gateways were left stopped at the end",

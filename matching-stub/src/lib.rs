@@ -37,10 +37,13 @@
 //! - [`book`]: [`OrderBookEngine`], the bundled engine.
 //! - [`thread`]: [`EngineThread`], running any engine on its own thread behind a
 //!   bounded queue.
+//! - [`wire`]: the engine protocol's encodings (ENGINE.md), for an engine in its
+//!   own process reading the gateways' requests from the log.
 
 pub mod api;
 pub mod book;
 pub mod thread;
+pub mod wire;
 
 pub use api::*;
 pub use book::{ConfigError, EngineConfig, OrderBookEngine};

@@ -340,6 +340,8 @@ async fn a_cluster_under_load_survives_a_killed_gateway_a_zombie_and_a_lost_nats
         fault_interval: Duration::from_secs(3),
         gateway_timeout: Duration::from_secs(3),
         gateway_settings: Vec::new(),
+        engines: 0,
+        engine: loadtest::engines::EngineCommand::matching_stub(),
     })
     .await;
     for kind in ["gateway", "zombie", "nats"] {
@@ -367,6 +369,8 @@ async fn the_stream_leaders_nats_server_killed_then_restarted_through_lame_duck_
         fault_interval: Duration::from_secs(4),
         gateway_timeout: Duration::from_secs(10),
         gateway_settings: Vec::new(),
+        engines: 0,
+        engine: loadtest::engines::EngineCommand::matching_stub(),
     })
     .await;
     let kills = |kind| cluster.kills.get(kind).copied().unwrap_or(0);

@@ -15,7 +15,7 @@ use gateway_core::input::{Entry, Outcome, Record};
 use gateway_core::members::Members;
 use gateway_core::registry::{lock, Registry, RegistryLimits, SessionHandle};
 use gateway_core::session::{CodPolicy, ConnectionId, SessionConfig, Transmit};
-use gateway_core::snapshot::CoreImage;
+use gateway_core::snapshot::{CoreImage, EngineImage};
 use gateway_core::time::Timestamp;
 use gateway_core::token::{TokenEntropy, TokenKeyRing, RANDOM_LEN};
 use gateway_core::{Core, Effects};
@@ -57,8 +57,8 @@ impl EngineLink for Recording {
     fn orders_of(&self, account: u64) -> Option<Vec<engine::OrderView>> {
         self.book.orders_of(account)
     }
-    fn book(&self) -> Option<OrderBookEngine> {
-        self.book.book()
+    fn image(&self) -> Option<EngineImage> {
+        self.book.image()
     }
 }
 
@@ -183,11 +183,10 @@ impl Sim {
 
     /// Orders working in the book.
     pub fn working_order_count(&self) -> usize {
-        self.core
-            .image(0)
-            .expect("the engine is in process")
-            .engine
-            .working_order_count()
+        match self.core.image(0).expect("the engine is in process").engine {
+            EngineImage::Book(book) => book.working_order_count(),
+            EngineImage::External(_) => unreachable!("the engine is in process"),
+        }
     }
 
     /// Every request the engine was handed so far, in order.
@@ -299,7 +298,10 @@ impl Sim {
         )
         .expect("a snapshot restores");
         let link = Recording {
-            book: InProcess::new(restored.engine),
+            book: InProcess::new(match restored.engine {
+                EngineImage::Book(book) => book,
+                EngineImage::External(_) => unreachable!("the engine is in process"),
+            }),
             requests: Arc::clone(&self.requests),
         };
         let core = Core::new(

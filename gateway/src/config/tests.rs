@@ -72,6 +72,14 @@ fn crash_safe_settings_are_checked_together() {
     assert_eq!(loaded.sequencer.mode, SequencerMode::Jetstream);
     let thread = jetstream("engine.mode=thread").expect_err("engine on its thread");
     assert!(thread.to_string().contains("engine.mode"), "{thread}");
+    let external = jetstream("engine.mode=external").expect("engines on the log");
+    assert_eq!(external.engine.mode, EngineMode::External);
+    let embedded = Config::load(None, &["engine.mode=external".into()])
+        .expect_err("engines on the log need the log");
+    assert!(
+        embedded.to_string().contains("sequencer.mode"),
+        "{embedded}"
+    );
     for bad in [
         "sequencer.stream=a.b",
         "sequencer.stream=\"\"",
@@ -152,6 +160,16 @@ fn the_core_fingerprint_follows_the_settings_the_core_applies() {
     let load = |set: &str| Config::load(None, &[set.into()]).expect("valid");
     let base = load("demo_accounts=2").core_fingerprint();
     assert_eq!(load("engine.mode=thread").core_fingerprint(), base);
+    let external = Config::load(
+        None,
+        &[
+            "demo_accounts=2".into(),
+            "sequencer.mode=jetstream".into(),
+            "engine.mode=external".into(),
+        ],
+    )
+    .expect("valid");
+    assert_ne!(external.core_fingerprint(), base, "a core without a book");
     assert_eq!(load("sequencer.gateway_name=x").core_fingerprint(), base);
     assert_ne!(load("session.replay_window=7").core_fingerprint(), base);
     assert_ne!(

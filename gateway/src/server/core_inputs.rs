@@ -20,6 +20,14 @@ impl Shared {
         outcome
     }
 
+    /// After the last record of one message of the log: publishes the batch of
+    /// engine requests its records made (engines on the log).
+    pub(super) fn end_of_input(&self) {
+        let mut effects = Effects::default();
+        self.core.end_of_input(&mut effects);
+        self.carry_out(effects);
+    }
+
     /// Appends `record` to the log and waits for its outcome (`ticket`: what the
     /// stream answers on).
     pub(super) async fn call(&self, record: Record, ticket: u64) -> Result<Outcome, LogError> {
@@ -33,7 +41,11 @@ impl Shared {
             mut wake,
             close,
             events,
+            requests,
         } = effects;
+        if let Some(stream) = self.requests.get() {
+            stream.offer(requests);
+        }
         // A core being rebuilt applies again what earlier processes counted.
         let counting = self.is_accepting();
         for event in events {

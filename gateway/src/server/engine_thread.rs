@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use gateway_core::engine_link::{EngineLink, Refused};
-use matching_stub::{self as engine, OrderBookEngine, SubmitError};
+use matching_stub::{self as engine, SubmitError};
 use proto::ReasonCode;
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -66,7 +66,7 @@ impl EngineLink for EngineOnThread {
         None
     }
 
-    fn book(&self) -> Option<OrderBookEngine> {
+    fn image(&self) -> Option<gateway_core::snapshot::EngineImage> {
         None
     }
 
@@ -83,8 +83,12 @@ impl Shared {
             .append_from_thread(Record::EngineEvents { events }, &self.runtime, apply);
     }
 
-    /// The account's orders, asked of the engine (at once if it is in process).
+    /// The account's orders, asked of the engine (at once if it is in process;
+    /// through the log for engines on it).
     pub(super) async fn query_orders(&self, account: u64) -> Option<Vec<engine::OrderView>> {
+        if self.requests.get().is_some() {
+            return self.query_orders_on_the_log(account).await;
+        }
         let Some(sender) = &self.engine_thread else {
             return self.core.orders_of(account);
         };
@@ -107,6 +111,33 @@ impl Shared {
             return None;
         }
         answered.await.ok()
+    }
+
+    /// Engines on the log: appends the query ([`Record::QueryOrders`], tagged with a
+    /// ticket only this gateway run uses) and waits for the engine's answer to come
+    /// through the log, for at most the handshake timeout.
+    async fn query_orders_on_the_log(&self, account: u64) -> Option<Vec<engine::OrderView>> {
+        let tag = self.log.ticket();
+        let (answer, answered) = oneshot::channel();
+        self.queries.insert(tag, answer);
+        let record = Record::QueryOrders { account, tag };
+        let answer = async {
+            let apply = |entry, position| self.apply(entry, position);
+            self.log.send(record, apply).await.ok()?;
+            answered.await.ok()
+        };
+        let orders = tokio::time::timeout(self.handshake_timeout, answer)
+            .await
+            .ok()
+            .flatten();
+        if orders.is_none() {
+            self.queries.remove(&tag);
+            warn!(
+                account,
+                "no engine answered an order query in time (transport.handshake_timeout_ms)"
+            );
+        }
+        orders
     }
 
     /// Hands an engine's answer to an order query to whoever waits for it.

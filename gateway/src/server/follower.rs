@@ -44,6 +44,7 @@ pub(super) async fn follow_log(
                     log.answer(reply, outcome);
                 }
             }
+            shared.end_of_input();
             if position < start || stopped {
                 return;
             }

@@ -15,6 +15,15 @@ impl Operations for Shared {
     fn is_accepting(&self) -> bool {
         Shared::is_accepting(self)
     }
+    fn engines_disagree(&self) -> Option<String> {
+        let counts = self.core.engine_answer_counts();
+        (counts.differed > 0).then(|| {
+            format!(
+                "engines disagree: {} later answers differed from the first (latest: batch {}); the first answers are applied",
+                counts.differed, counts.latest_difference
+            )
+        })
+    }
     fn start_draining(&self) {
         Shared::start_draining(self);
     }
@@ -216,6 +225,12 @@ impl Shared {
             core_snapshot_position: self.snapshot_position.load(Ordering::Relaxed),
             core_snapshot_failures: self.snapshot_failures.load(Ordering::Relaxed),
             draining: self.draining.load(Ordering::Relaxed),
+            engine_answers: self.core.engine_answer_counts(),
+            engine_unanswered_batches: self.core.engine_unanswered_count() as u64,
+            engine_batches_published: self
+                .requests
+                .get()
+                .map_or(0, crate::requests_stream::RequestsStream::published),
         }
     }
 }
