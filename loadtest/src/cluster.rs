@@ -175,6 +175,13 @@ pub struct ClusterReport {
     pub engines_stopped_by_themselves: u64,
     /// Engines not running at the end (must be 0).
     pub engines_left_stopped: usize,
+    /// Later answers to a batch found equal to the first (a second engine's, a
+    /// restarted one's), as the gateways alive at the end counted them (the most
+    /// any one counted).
+    pub engine_answers_same: u64,
+    /// Later answers that differed from the first: engines that disagree (must be
+    /// 0 for engines of one program).
+    pub engine_answers_differed: u64,
     /// The latency while each kind of fault was the latest begun (from its start to
     /// the next fault's), worst over the faults of the kind.
     pub stall_ms_by_fault: BTreeMap<&'static str, Stall>,
@@ -518,13 +525,18 @@ impl Cluster {
             .map(|slot| slot.as_mut().is_none_or(EngineProcess::has_exited))
             .filter(|stopped| *stopped)
             .count();
-        let fenced = tokio::task::spawn_blocking(move || {
-            admins.into_iter().filter_map(fenced_records).max()
+        let (fenced, compared) = tokio::task::spawn_blocking(move || {
+            let fenced = admins.iter().copied().filter_map(fenced_records).max();
+            let compared = admins
+                .into_iter()
+                .filter_map(compared_answers)
+                .fold((0, 0), |(same, differed), (s, d)| {
+                    (same.max(s), differed.max(d))
+                });
+            (fenced.unwrap_or(0), compared)
         })
         .await
-        .ok()
-        .flatten()
-        .unwrap_or(0);
+        .unwrap_or_default();
         let ready = self.fleet.ready.lock();
         let mut connections_cut_by_fault = self.report.connections_cut_by_fault.clone();
         for (fault, count) in cuts {
@@ -570,6 +582,8 @@ impl Cluster {
                 .engines_stopped_by_themselves
                 .load(Ordering::Relaxed),
             engines_left_stopped,
+            engine_answers_same: compared.0,
+            engine_answers_differed: compared.1,
             stall_ms_by_fault: stalls,
             connections_cut_by_fault,
             kills: self.fleet.kills.lock().clone(),
@@ -971,9 +985,26 @@ impl Fleet {
 /// A gateway's count of records of ended runs it fenced off, from the metrics on
 /// its admin listener `admin`.
 pub fn fenced_records(admin: std::net::SocketAddr) -> Option<u64> {
-    metrics(admin)?
-        .lines()
-        .find(|line| line.starts_with("gateway_fenced_records_total"))
+    counter(&metrics(admin)?, "gateway_fenced_records_total")
+}
+
+/// Engines on the log: the answers the gateway whose admin listener is `admin`
+/// compared with the first and found the same, and found different.
+pub fn compared_answers(admin: std::net::SocketAddr) -> Option<(u64, u64)> {
+    let text = metrics(admin)?;
+    let kind = |kind: &str| {
+        counter(
+            &text,
+            &format!("gateway_engine_answers_total{{kind=\"{kind}\"}}"),
+        )
+    };
+    Some((kind("same")?, kind("differed")?))
+}
+
+/// The value of the metric line that starts with `name`.
+fn counter(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|line| line.starts_with(name))
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 

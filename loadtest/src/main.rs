@@ -422,8 +422,10 @@ fn summary(report: &Report) {
         );
         if cluster.engines > 0 {
             println!(
-                "{} engines on the log; engine SIGKILLs (no answers): {}; engines that stopped by themselves {}, left stopped {}",
+                "{} engines on the log; later answers equal to the first {}, different {}; engine SIGKILLs (no answers): {}; engines that stopped by themselves {}, left stopped {}",
                 cluster.engines,
+                cluster.engine_answers_same,
+                cluster.engine_answers_differed,
                 cluster
                     .engine_kills
                     .iter()

@@ -404,6 +404,12 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 (tally.failover.clone(), tally.cuts_by_fault.clone(), stalls)
             };
             let report = cluster.report(&failover, &cuts, stalls).await;
+            if report.engine_answers_differed > 0 {
+                lock(&shared).verifier.violation(format!(
+                    "{} engine answers differed from the first answer to their batch",
+                    report.engine_answers_differed
+                ));
+            }
             if report.engines_left_stopped > 0 {
                 lock(&shared).verifier.violation(format!(
                     "{} engines were left stopped at the end",

@@ -57,6 +57,11 @@ async fn trade_through_engines_killed_mid_flow(engine: EngineCommand) -> Cluster
     assert_eq!(cluster.engines_stopped_by_themselves, 0, "{cluster:?}");
     assert_eq!(cluster.gateways_left_stopped, 0, "{cluster:?}");
     assert!(cluster.cross_gateway_resumes >= 1, "{cluster:?}");
+    assert!(
+        cluster.engine_answers_same > 0,
+        "the second engine's answers were compared: {cluster:?}"
+    );
+    assert_eq!(cluster.engine_answers_differed, 0, "{cluster:?}");
     cluster
 }
 
