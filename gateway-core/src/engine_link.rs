@@ -65,6 +65,12 @@ pub trait EngineLink: Send + Sync {
         Vec::new()
     }
 
+    /// The highest batch answered (an engine on the log): batches are answered in
+    /// order.
+    fn answered_through(&self) -> u64 {
+        0
+    }
+
     /// How many batches wait for an answer (an engine on the log).
     fn unanswered_count(&self) -> usize {
         0

@@ -255,6 +255,10 @@ impl EngineLink for External {
             .collect()
     }
 
+    fn answered_through(&self) -> u64 {
+        self.state().image.answered_through
+    }
+
     fn unanswered_count(&self) -> usize {
         self.state().image.unanswered.len()
     }
@@ -593,6 +597,54 @@ mod tests {
             }
         ));
         assert!(matches!(verdicts[2], AnswerVerdict::First { batch: 3, .. }));
+    }
+
+    proptest::proptest! {
+        /// Two engines answer the same batches, each in order, in groups of any
+        /// size, their messages interleaved in any way: every batch is applied
+        /// once, in order, and every later answer is found the same.
+        #[test]
+        fn hot_hot_engines_in_any_interleaving_apply_each_batch_once_in_order(
+            batches in 1u64..40,
+            groups in proptest::collection::vec(1usize..5, 2),
+            picks in proptest::collection::vec(proptest::bool::ANY, 0..100),
+        ) {
+            let link = External::new();
+            let mut route = |_: &mut Vec<Event>| {};
+            for tag in 1..=batches {
+                link.submit(query(tag), &mut route).expect("taken");
+                link.end_of_input();
+            }
+            // Each engine's messages: its answers in order, `groups[e]` batches each.
+            let messages = |engine: usize| -> VecDeque<Vec<u8>> {
+                let answers: Vec<BatchAnswer> = (1..=batches)
+                    .map(|n| BatchAnswer { batch: n, first_request: n, events: vec![states(n)] })
+                    .collect();
+                answers
+                    .chunks(groups[engine])
+                    .map(|chunk| Answers { engine: format!("e{engine}"), batches: chunk.to_vec() }.encode())
+                    .collect()
+            };
+            let mut queues = [messages(0), messages(1)];
+            let mut applied = Vec::new();
+            let mut picks = picks.into_iter();
+            while !queues[0].is_empty() || !queues[1].is_empty() {
+                let mut engine = usize::from(picks.next().unwrap_or(false));
+                if queues[engine].is_empty() {
+                    engine = 1 - engine;
+                }
+                let message = queues[engine].pop_front().expect("one is left");
+                for verdict in link.answer(&message) {
+                    match verdict {
+                        AnswerVerdict::First { batch, .. } => applied.push(batch),
+                        AnswerVerdict::Again { same, .. } => proptest::prop_assert_eq!(same, Some(true)),
+                        AnswerVerdict::Unexpected { why } => proptest::prop_assert!(false, "{}", why),
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(applied, (1..=batches).collect::<Vec<_>>());
+            proptest::prop_assert!(link.unanswered().is_empty());
+        }
     }
 
     #[test]

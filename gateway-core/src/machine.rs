@@ -107,6 +107,11 @@ impl Core {
         self.engine.unanswered()
     }
 
+    /// The highest batch of requests answered (engines on the log).
+    pub fn engine_answered_through(&self) -> u64 {
+        self.engine.answered_through()
+    }
+
     /// How many batches of requests wait for an answer (engines on the log).
     pub fn engine_unanswered_count(&self) -> usize {
         self.engine.unanswered_count()

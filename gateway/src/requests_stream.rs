@@ -4,16 +4,23 @@
 //!
 //! Batch `m` must be message `m` of the stream, so that an engine reads the
 //! requests in one order, without a gap or a duplicate, and restarts from any
-//! batch. Every gateway applying the log makes the same batches and publishes
-//! each one it does not know to be stored, with `Nats-Expected-Last-Sequence:
-//! m - 1`: the stream stores the first copy and refuses the others (and any batch
-//! whose predecessor is not stored yet). No gateway leads: a batch is published as
-//! long as one gateway is alive.
+//! batch. Every gateway applying the log makes the same batches, and any may
+//! publish any of them, with `Nats-Expected-Last-Sequence: m - 1`: the stream
+//! stores the first copy and refuses the others (and any batch whose predecessor
+//! is not stored yet).
+//!
+//! So that the stream is not sent every batch once per gateway, the gateway that
+//! takes the core's snapshots (the earliest live run, the same for all) publishes
+//! at once, and the others *stand by*: each publishes a batch only if, 50 ms after
+//! it made it, the batch is neither answered nor known to be stored. One that had
+//! to (the publishing gateway is gone, and not yet declared gone) publishes at once
+//! for as long as its copies are the ones stored. No gateway leads: a batch is
+//! published as long as one gateway is alive.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use gateway_core::external::OutgoingBatch;
@@ -32,6 +39,14 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Wait after a round in which nothing was stored (NATS away, an election).
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
+/// How long a standing-by gateway waits for a batch it made to be stored by the
+/// publishing gateway (or answered) before it publishes it itself.
+const STAND_BY: Duration = Duration::from_millis(50);
+
+/// How long a standing-by gateway publishes at once after its copy of a batch was
+/// the one stored (each such copy makes it longer).
+const EAGER_FOR: Duration = Duration::from_secs(3);
+
 /// The requests stream's name for the log `stream`.
 pub fn requests_stream_name(stream: &str) -> String {
     format!("{stream}_requests")
@@ -45,8 +60,10 @@ pub fn requests_subject(stream: &str) -> String {
 /// Where the gateway's batches go: a task publishing them in order.
 #[derive(Debug)]
 pub struct RequestsStream {
-    queue: mpsc::UnboundedSender<OutgoingBatch>,
+    queue: mpsc::UnboundedSender<Offered>,
     stored_through: Arc<AtomicU64>,
+    /// The highest batch the core has applied an answer to (so it is stored).
+    answered_through: Arc<AtomicU64>,
     published: Arc<AtomicU64>,
     stream: stream::Stream,
 }
@@ -86,6 +103,7 @@ impl RequestsStream {
             .state
             .last_sequence;
         let stored_through = Arc::new(AtomicU64::new(last));
+        let answered_through = Arc::new(AtomicU64::new(0));
         let published = Arc::new(AtomicU64::new(0));
         let (queue, queued) = mpsc::unbounded_channel();
         let publisher = Publisher {
@@ -93,22 +111,37 @@ impl RequestsStream {
             stream: stream.clone(),
             subject,
             stored_through: Arc::clone(&stored_through),
+            answered_through: Arc::clone(&answered_through),
             published: Arc::clone(&published),
+            eager_until: None,
         };
         tokio::spawn(publisher.run(queued));
         Ok(RequestsStream {
             queue,
             stored_through,
+            answered_through,
             published,
             stream,
         })
     }
 
-    /// Queues batches for the stream, in the core's order.
-    pub fn offer(&self, batches: Vec<OutgoingBatch>) {
+    /// Queues batches for the stream, in the core's order: at once if this gateway
+    /// is the one that publishes (`publishes`), standing by otherwise.
+    pub fn offer(&self, batches: Vec<OutgoingBatch>, publishes: bool) {
+        let offered_at = Instant::now();
         for batch in batches {
-            let _ = self.queue.send(batch);
+            let _ = self.queue.send(Offered {
+                batch,
+                offered_at,
+                publishes,
+            });
         }
+    }
+
+    /// Says that the core has applied the answers up to batch `batch`: those are
+    /// stored, and no gateway need publish them.
+    pub fn answered_through(&self, batch: u64) {
+        self.answered_through.fetch_max(batch, Ordering::Relaxed);
     }
 
     /// The number of the last batch the stream is known to hold.
@@ -132,37 +165,87 @@ impl RequestsStream {
     }
 }
 
+/// A batch handed to the publisher.
+#[derive(Debug)]
+struct Offered {
+    batch: OutgoingBatch,
+    offered_at: Instant,
+    /// Whether this gateway was the publishing one when the batch was made.
+    publishes: bool,
+}
+
 /// Publishes queued batches in order; skips those the stream holds.
 struct Publisher {
     context: jetstream::Context,
     stream: stream::Stream,
     subject: String,
     stored_through: Arc<AtomicU64>,
+    answered_through: Arc<AtomicU64>,
     published: Arc<AtomicU64>,
+    /// Until when this standing-by gateway publishes at once.
+    eager_until: Option<Instant>,
 }
 
 impl Publisher {
-    async fn run(self, mut queued: mpsc::UnboundedReceiver<OutgoingBatch>) {
-        let mut pending: VecDeque<OutgoingBatch> = VecDeque::new();
+    /// The last batch known to be stored: by the stream's answers to this
+    /// gateway, or answered.
+    fn stored(&self) -> u64 {
+        self.stored_through
+            .load(Ordering::Relaxed)
+            .max(self.answered_through.load(Ordering::Relaxed))
+    }
+
+    /// When the batch is to be published by this gateway.
+    fn due(&self, offered: &Offered) -> Instant {
+        let eager = self.eager_until.is_some_and(|until| Instant::now() < until);
+        if offered.publishes || eager {
+            offered.offered_at
+        } else {
+            offered.offered_at + STAND_BY
+        }
+    }
+
+    async fn run(mut self, mut queued: mpsc::UnboundedReceiver<Offered>) {
+        let mut pending: VecDeque<Offered> = VecDeque::new();
         // Rounds in a row in which a batch's predecessor was missing.
         let mut missing_rounds = 0u32;
         loop {
             if pending.is_empty() {
                 match queued.recv().await {
-                    Some(batch) => pending.push_back(batch),
+                    Some(offered) => pending.push_back(offered),
                     None => return,
                 }
             }
-            while let Ok(batch) = queued.try_recv() {
-                pending.push_back(batch);
+            while let Ok(offered) = queued.try_recv() {
+                pending.push_back(offered);
             }
-            let stored = self.stored_through.load(Ordering::Relaxed);
-            while pending.front().is_some_and(|batch| batch.number <= stored) {
+            let stored = self.stored();
+            while pending
+                .front()
+                .is_some_and(|offered| offered.batch.number <= stored)
+            {
                 pending.pop_front();
             }
-            let Some(first) = pending.front().map(|batch| batch.number) else {
+            let Some(front) = pending.front() else {
                 continue;
             };
+            let due = self.due(front);
+            if due > Instant::now() {
+                // Standing by: woken by the deadline or by more batches.
+                tokio::select! {
+                    () = tokio::time::sleep_until(due.into()) => {
+                        // Stored meanwhile, by the publishing gateway? Asked once
+                        // for every batch due now.
+                        self.refresh().await;
+                    }
+                    more = queued.recv() => match more {
+                        Some(offered) => pending.push_back(offered),
+                        None => return,
+                    },
+                }
+                continue;
+            }
+            let first = front.batch.number;
             if first > stored + 1 {
                 // The batches between were made before this gateway's snapshot and
                 // answered, or are another gateway's to publish; they must be in
@@ -180,7 +263,15 @@ impl Publisher {
                 continue;
             }
             missing_rounds = 0;
-            if !self.publish_round(&pending).await {
+            let now = Instant::now();
+            let due = pending
+                .iter()
+                .take_while(|offered| self.due(offered) <= now)
+                .count();
+            if !self
+                .publish_round(pending.iter().take(due), !pending[0].publishes)
+                .await
+            {
                 // Taken elsewhere, or not at all: the stream's state says which.
                 self.refresh().await;
                 if self.stored_through.load(Ordering::Relaxed) < first {
@@ -190,11 +281,16 @@ impl Publisher {
         }
     }
 
-    /// Publishes up to [`WINDOW`] batches from the front of `pending`, pipelined;
-    /// whether the stream took them all.
-    async fn publish_round(&self, pending: &VecDeque<OutgoingBatch>) -> bool {
+    /// Publishes up to [`WINDOW`] of `batches`, pipelined; whether the stream took
+    /// them all. A standing-by gateway (`standing_by`) whose copy is the one stored
+    /// publishes at once for a while: the publishing gateway is gone.
+    async fn publish_round<'a>(
+        &mut self,
+        batches: impl Iterator<Item = &'a Offered>,
+        standing_by: bool,
+    ) -> bool {
         let mut acks = Vec::with_capacity(WINDOW);
-        for batch in pending.iter().take(WINDOW) {
+        for Offered { batch, .. } in batches.take(WINDOW) {
             let publish = jetstream::message::PublishMessage::build()
                 .payload(batch.bytes.clone())
                 .message_id(batch.number.to_string())
@@ -224,6 +320,9 @@ impl Publisher {
                     }
                     if !ack.duplicate {
                         self.published.fetch_add(1, Ordering::Relaxed);
+                        if standing_by {
+                            self.eager_until = Some(Instant::now() + EAGER_FOR);
+                        }
                     }
                     self.stored_through.fetch_max(number, Ordering::Relaxed);
                 }

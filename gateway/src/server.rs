@@ -274,7 +274,7 @@ impl Gateway {
         let shared = Arc::clone(&gateway.shared);
         if let Some(requests) = requests {
             // Batches a snapshot left unanswered go out again before any new one.
-            requests.offer(shared.core.engine_unanswered());
+            requests.offer(shared.core.engine_unanswered(), true);
             let _ = shared.requests.set(requests);
         }
         tokio::spawn(follow_log(

@@ -41,16 +41,22 @@ impl CrashSafe {
     /// The `gateway` program beside this executable (`target/<profile>/gateway`
     /// next to `target/<profile>/loadtest`, or one level up from a test's `deps`).
     pub fn program_beside_this_one() -> PathBuf {
-        let exe = std::env::current_exe().unwrap_or_default();
-        let name = format!("gateway{}", std::env::consts::EXE_SUFFIX);
-        let beside = exe.with_file_name(&name);
-        if beside.exists() {
-            return beside;
-        }
-        exe.parent()
-            .and_then(std::path::Path::parent)
-            .map_or(beside, |dir| dir.join(name))
+        program_beside("gateway")
     }
+}
+
+/// The program `name` beside this executable (`target/<profile>/NAME` next to
+/// `target/<profile>/loadtest`, or one level up from a test's `deps`).
+pub fn program_beside(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let name = format!("{name}{}", std::env::consts::EXE_SUFFIX);
+    let beside = exe.with_file_name(&name);
+    if beside.exists() {
+        return beside;
+    }
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .map_or(beside, |dir| dir.join(name))
 }
 
 /// A crash-safe gateway process.

@@ -21,16 +21,7 @@ impl EngineCommand {
     /// The bundled `matching-stub` beside this executable (or one level up, from a
     /// test's `deps`).
     pub fn matching_stub() -> EngineCommand {
-        let exe = std::env::current_exe().unwrap_or_default();
-        let name = format!("matching-stub{}", std::env::consts::EXE_SUFFIX);
-        let beside = exe.with_file_name(&name);
-        let program = if beside.exists() {
-            beside
-        } else {
-            exe.parent()
-                .and_then(Path::parent)
-                .map_or(beside, |dir| dir.join(name))
-        };
+        let program = crate::crash::program_beside("matching-stub");
         EngineCommand {
             command: vec![program.display().to_string()],
         }

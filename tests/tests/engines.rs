@@ -10,8 +10,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use async_nats::jetstream::{self, consumer};
+use e2e::{http, NatsServer, TestGateway};
+use futures_util::StreamExt;
+use gateway_client::{Client, Event, OrderParams};
 use loadtest::cluster::{ClusterOptions, ClusterReport, Fault};
 use loadtest::engines::EngineCommand;
+use matching_stub::wire::{Answers, BatchAnswer, RequestBatch};
+use matching_stub::{EngineConfig, Instrument, MatchingEngine, OrderBookEngine};
+use proto::Frame;
 
 /// Load through two crash-safe gateways and two engines of `engine` on one NATS
 /// server; an engine is SIGKILLed mid-flow, then a gateway, then the other engine.
@@ -108,4 +115,134 @@ fn python_with_nats() -> PathBuf {
         python.display()
     );
     python
+}
+
+/// The engine protocol by hand, as a venue's engine would speak it: the test reads
+/// the requests stream and answers through the log with the bundled book, then
+/// appends a second answer that differs from the first and bytes that are no
+/// answer. The first answer is what the clients get; the others change nothing and
+/// are counted, and `/readyz` says that the engines disagree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_differing_or_hostile_answer_is_counted_and_changes_nothing() {
+    let nats = NatsServer::start();
+    let gateway = TestGateway::launch(2, &[21u8; 32], |config| {
+        nats.serve(config, "HAND");
+        config.engine.mode = gateway::config::EngineMode::External;
+    })
+    .await;
+    let context = jetstream::new(async_nats::connect(&nats.url).await.expect("NATS"));
+    let requests = context.get_stream("HAND_requests").await.expect("made");
+    let mut messages = requests
+        .create_consumer(consumer::pull::OrderedConfig::default())
+        .await
+        .expect("consumer")
+        .messages()
+        .await
+        .expect("read");
+    let engine_context = context.clone();
+    let (answered_tx, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut book = OrderBookEngine::new(EngineConfig::with_instruments(vec![Instrument {
+            id: 1,
+            tick_size: 1,
+            lot_size: 1,
+        }]))
+        .expect("book");
+        while let Some(Ok(message)) = messages.next().await {
+            let number = message.info().expect("info").stream_sequence;
+            let batch = RequestBatch::decode(&message.payload).expect("a batch");
+            let events = batch
+                .requests
+                .iter()
+                .map(|request| {
+                    let mut caused = Vec::new();
+                    book.handle(*request, &mut caused);
+                    caused
+                })
+                .collect();
+            let answer = BatchAnswer {
+                batch: number,
+                first_request: batch.first_request,
+                events,
+            };
+            let answers = Answers {
+                engine: "by-hand".into(),
+                batches: vec![answer.clone()],
+            };
+            engine_context
+                .publish("HAND.answers", answers.encode().into())
+                .await
+                .expect("sent")
+                .await
+                .expect("stored");
+            let _ = answered_tx.send(answer);
+        }
+    });
+
+    // The login's snapshot is an order query through the log: batch 1.
+    let (client, mut events) = Client::connect(gateway.client_config(1, gateway.addr))
+        .await
+        .expect("login answered by the engine");
+    client
+        .new_order(OrderParams::limit_buy(1, 42, 100, 10))
+        .expect("sent");
+    let ack = next_ack(&mut events).await;
+    assert_eq!(ack.client_order_id, 42);
+    let first = answered.recv().await.expect("batch 1 answered");
+    assert_eq!(first.batch, 1);
+
+    // Batch 1 again, other events: a disagreeing engine.
+    let mut differing = first.clone();
+    differing.events = vec![vec![]];
+    let forged = Answers {
+        engine: "rogue".into(),
+        batches: vec![differing],
+    };
+    for bytes in [forged.encode(), vec![1, 2, 3], vec![0xff; 64]] {
+        context
+            .publish("HAND.answers", bytes.into())
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
+    }
+    let counted = |kind: &str| {
+        let line = format!("gateway_engine_answers_total{{kind=\"{kind}\"}} ");
+        gateway
+            .gateway
+            .metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let began = std::time::Instant::now();
+    while counted("differed") < 1 || counted("unexpected") < 2 {
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{}",
+            gateway.gateway.metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = http(&gateway, "GET", "/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("engines disagree"), "{body}");
+    // The session carries on, answered by the first engine's answers.
+    client
+        .new_order(OrderParams::limit_buy(1, 43, 100, 10))
+        .expect("sent");
+    let ack = next_ack(&mut events).await;
+    assert_eq!(ack.client_order_id, 43);
+}
+
+/// The next `OrderAck`, within 10 s: the engine's answer reached the client.
+async fn next_ack(events: &mut tokio::sync::mpsc::Receiver<Event>) -> proto::OrderAck {
+    match e2e::next_frame(events, Duration::from_secs(10), |f| {
+        matches!(f, Frame::OrderAck(_))
+    })
+    .await
+    {
+        Frame::OrderAck(ack) => ack,
+        _ => unreachable!(),
+    }
 }

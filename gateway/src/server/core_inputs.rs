@@ -25,6 +25,9 @@ impl Shared {
     pub(super) fn end_of_input(&self) {
         let mut effects = Effects::default();
         self.core.end_of_input(&mut effects);
+        if let Some(stream) = self.requests.get() {
+            stream.answered_through(self.core.engine_answered_through());
+        }
         self.carry_out(effects);
     }
 
@@ -44,7 +47,11 @@ impl Shared {
             requests,
         } = effects;
         if let Some(stream) = self.requests.get() {
-            stream.offer(requests);
+            if !requests.is_empty() {
+                // The gateway that takes the snapshots publishes; the others stand by.
+                let publishes = self.core.members().snapshot_taker() == Some(self.log.run());
+                stream.offer(requests, publishes);
+            }
         }
         // A core being rebuilt applies again what earlier processes counted.
         let counting = self.is_accepting();
