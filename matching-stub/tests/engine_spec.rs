@@ -1,7 +1,7 @@
 //! Keeps ENGINE.md and the code in step: its worked examples are decoded here and
 //! must be what the text says they are, byte for byte.
 
-use matching_stub::wire::{Answers, BatchAnswer, RequestBatch};
+use matching_stub::wire::{self, Answers, BatchAnswer, RequestBatch};
 use matching_stub::*;
 
 const SPEC: &str = include_str!("../../ENGINE.md");
@@ -189,4 +189,49 @@ fn the_example_answer_is_what_the_bundled_book_answers() {
         })
         .collect();
     assert_eq!(events, example_answers().batches[0].events);
+}
+
+#[test]
+fn the_request_table_gives_each_request_its_encoded_size() {
+    // `| 1 | `New` | ... (55 bytes) |`: the type byte, then that many.
+    let sizes: Vec<(u8, usize)> = SPEC
+        .lines()
+        .filter(|line| line.starts_with("| ") && line.ends_with(" bytes) |"))
+        .filter_map(|line| {
+            let kind = line.split('|').nth(1)?.trim().parse().ok()?;
+            let (_, tail) = line.rsplit_once('(')?;
+            let bytes = tail.split_whitespace().next()?.parse().ok()?;
+            Some((kind, bytes))
+        })
+        .collect();
+    let mut requests = example_batch().requests;
+    requests.push(Request::Replace {
+        owner: TAKER,
+        tag: 1,
+        client_order_id: 2,
+        price: 3,
+        quantity: 4,
+    });
+    requests.push(Request::MassCancel {
+        scope: MassCancelScope::Account(1001),
+        reason: CancelReason::KillSwitch,
+    });
+    requests.push(Request::QueryOrders {
+        account: 1001,
+        tag: 5,
+    });
+    assert_eq!(sizes.len(), 5, "{sizes:?}");
+    for request in requests {
+        let encoded = RequestBatch {
+            first_request: 1,
+            requests: vec![request],
+        }
+        .encode();
+        let kind = encoded[wire::REQUESTS_HEADER_LEN];
+        let table = sizes
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .unwrap_or_else(|| panic!("request type {kind} in the table"));
+        assert_eq!(wire::request_len(&request), 1 + table.1, "type {kind}");
+    }
 }

@@ -246,3 +246,33 @@ async fn next_ack(events: &mut tokio::sync::mpsc::Receiver<Event>) -> proto::Ord
         _ => unreachable!(),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_log_refuses_a_requests_stream_a_deleted_log_left_behind() {
+    let nats = NatsServer::start();
+    let context = jetstream::new(async_nats::connect(&nats.url).await.expect("NATS"));
+    context
+        .create_stream(jetstream::stream::Config {
+            name: "STALE_requests".into(),
+            subjects: vec!["STALE.requests".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("made");
+    context
+        .publish("STALE.requests", vec![1u8].into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    let url = format!("sequencer.nats_url={}", nats.url);
+    let error = tokio::task::spawn_blocking(move || {
+        e2e::failed_start(&["sequencer.stream=STALE", &url, "engine.mode=external"])
+    })
+    .await
+    .expect("ran");
+    assert!(
+        error.contains("STALE_requests") && error.contains("delete it too"),
+        "{error}"
+    );
+}
