@@ -101,7 +101,8 @@ pub struct Snapshot {
     pub ring_messages: u64,
     /// Bytes of those.
     pub ring_bytes: u64,
-    /// Requests queued for the engine thread (0 when it runs inline).
+    /// Requests waiting for the engine: queued for its thread, or in batches not
+    /// yet answered (engines on the log); 0 when it runs inline.
     pub engine_queue: u64,
     /// Successful resumes (the registry's count).
     pub resumes: u64,
@@ -297,7 +298,7 @@ fn register_snapshot(registry: &mut Registry, snapshot: &Snapshot) {
     );
     registry.register(
         "engine_queue",
-        "Requests queued for the engine thread",
+        "Requests waiting for the engine: queued for its thread, or (engines on the log) in batches not yet answered",
         gauge(snapshot.engine_queue),
     );
     registry.register(
