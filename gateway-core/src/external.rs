@@ -360,13 +360,14 @@ impl ExternalImage {
         {
             return AnswerVerdict::Unexpected {
                 why: format!(
-                    "{engine} answered batch {} (requests {} to {}), the oldest unanswered is batch {} (requests {} to {})",
+                    "{engine} answered batch {} ({} requests from request {}), the oldest \
+                     unanswered is batch {} ({} requests from request {})",
                     answer.batch,
+                    answer.events.len(),
                     answer.first_request,
-                    answer.first_request + answer.events.len() as u64,
                     oldest.number,
+                    oldest.requests,
                     oldest.first_request,
-                    oldest.first_request + u64::from(oldest.requests),
                 ),
             };
         }
@@ -509,6 +510,13 @@ mod tests {
         assert!(matches!(short, AnswerVerdict::Unexpected { .. }));
         let garbage = one(link.answer(&[9, 9, 9]));
         assert!(matches!(garbage, AnswerVerdict::Unexpected { .. }));
+        // Request sequences that wrap past u64::MAX: refused, not an overflow.
+        let wrapping = answer("b", 1, u64::MAX, vec![states(1), states(1)]);
+        let wrapping = one(link.answer(&wrapping));
+        assert!(
+            matches!(wrapping, AnswerVerdict::Unexpected { .. }),
+            "{wrapping:?}"
+        );
 
         match one(link.answer(&answer("a", 1, 1, vec![states(1)]))) {
             AnswerVerdict::First { batch, events, .. } => {
@@ -544,7 +552,7 @@ mod tests {
                 counts.differed,
                 counts.unexpected
             ),
-            (1, 1, 1, 3)
+            (1, 1, 1, 4)
         );
         assert_eq!(counts.latest_difference, 1);
         assert_eq!(link.unanswered().len(), 1, "batch 2 waits");

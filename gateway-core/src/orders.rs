@@ -49,7 +49,9 @@ impl OrderTracker {
                 );
             }
             proto::Frame::Fill(fill) => self.update(fill.client_order_id, |order| {
-                order.filled_quantity += fill.quantity;
+                // Saturating: an engine on the log is another process, and its
+                // quantities are not the gateway's to trust.
+                order.filled_quantity = order.filled_quantity.saturating_add(fill.quantity);
                 order.leaves_quantity = fill.leaves_quantity;
                 order.status = if fill.leaves_quantity == 0 {
                     OrderStatus::Filled
@@ -98,5 +100,50 @@ impl OrderTracker {
     /// Returns spare capacity to the allocator; used when a session goes idle.
     pub fn shrink_to_fit(&mut self) {
         self.finished.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::{Frame, OrderStatus, Side};
+
+    use super::*;
+
+    fn fill(quantity: u64, leaves_quantity: u64) -> Frame {
+        Frame::from(proto::Fill {
+            server_seq: 2,
+            client_order_id: 7,
+            order_id: 70,
+            trade_id: 1,
+            instrument_id: 1,
+            side: Side::Buy,
+            price: 100,
+            quantity,
+            leaves_quantity,
+        })
+    }
+
+    #[test]
+    fn fills_beyond_the_range_saturate_rather_than_overflow() {
+        let mut tracker = OrderTracker::new(4);
+        tracker.apply(&Frame::from(proto::OrderAck {
+            server_seq: 1,
+            client_seq: 1,
+            client_order_id: 7,
+            order_id: 70,
+            instrument_id: 1,
+            side: Side::Buy,
+            price: 100,
+            quantity: u64::MAX,
+        }));
+        // An engine on the log is another process: its quantities may be anything.
+        tracker.apply(&fill(u64::MAX, 1));
+        tracker.apply(&fill(u64::MAX, 1));
+        let orders = tracker.snapshot();
+        assert_eq!(orders[0].filled_quantity, u64::MAX);
+        assert_eq!(orders[0].status, OrderStatus::PartiallyFilled);
+        tracker.apply(&fill(1, 0));
+        assert_eq!(tracker.working_count(), 0);
+        assert_eq!(tracker.snapshot()[0].status, OrderStatus::Filled);
     }
 }

@@ -155,7 +155,9 @@ pub(crate) struct Shared {
     engine_thread: Option<engine::EngineSender>,
     conns: IdMap<ConnectionId, Arc<Conn>>,
     auth: Mutex<Authenticator>,
-    queries: IdMap<u64, oneshot::Sender<Vec<engine::OrderView>>>,
+    /// Order queries waiting for the engine's answer, by tag: the account asked
+    /// about, and who waits.
+    queries: IdMap<u64, (u64, oneshot::Sender<Vec<engine::OrderView>>)>,
     next_query: AtomicU64,
     handshake_timeout: Duration,
     /// Connection limits (`transport.*`).

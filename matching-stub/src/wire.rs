@@ -55,6 +55,11 @@ pub enum WireError {
     /// An engine name that is empty, too long, or not printable ASCII.
     #[error("engine name must be 1 to 64 printable ASCII characters")]
     EngineName,
+    /// A field that must be 0 is not: the `tag` of a `Cancelled` without one, the
+    /// `session` of an account's scope. Every byte means something, so equal
+    /// answers are equal bytes.
+    #[error("{0} must be 0")]
+    NotZero(&'static str),
     /// An answer's request sequences are not its batch's, one after another.
     #[error("answer for request {found}, expected {expected}")]
     RequestSequence {
@@ -140,7 +145,9 @@ impl BatchAnswer {
         put_u64(out, self.first_request);
         put_u32(out, len_u32(self.events.len()));
         for (index, events) in self.events.iter().enumerate() {
-            put_u64(out, self.first_request + index as u64);
+            // Wrapping, as the decoder reads it: an answer decoded from any bytes
+            // encodes again (to digest it) without overflowing.
+            put_u64(out, self.first_request.wrapping_add(index as u64));
             put_u32(out, len_u32(events.len()));
             for event in events {
                 encode_event(event, out);
@@ -550,6 +557,7 @@ impl<'a> Reader<'a> {
         let kind = self.u8()?;
         let owner = self.owner()?;
         match kind {
+            1 if owner.session != 0 => Err(WireError::NotZero("the session of an account's scope")),
             1 => Ok(MassCancelScope::Account(owner.account)),
             2 => Ok(MassCancelScope::Session(owner)),
             value => Err(WireError::Unknown {
@@ -708,10 +716,11 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, WireError> {
             let requester = r.owner()?;
             let has_tag = r.u8()?;
             let tag = r.u64()?;
-            let tag = match has_tag {
-                0 => None,
-                1 => Some(tag),
-                value => {
+            let tag = match (has_tag, tag) {
+                (0, 0) => None,
+                (0, _) => return Err(WireError::NotZero("the tag of a cancel without one")),
+                (1, tag) => Some(tag),
+                (value, _) => {
                     return Err(WireError::Unknown {
                         what: "tag flag",
                         value,
@@ -960,6 +969,37 @@ mod tests {
             Answers::decode(&answer("a b", 1).encode()),
             Err(WireError::EngineName)
         );
+        // Fields that must be 0: an untagged cancel's tag, an account scope's session.
+        let untagged = Answers {
+            engine: "a".into(),
+            batches: vec![BatchAnswer {
+                batch: 1,
+                first_request: 1,
+                events: vec![vec![every_event()[3].clone()]],
+            }],
+        };
+        let mut tagged = untagged.encode();
+        // Version, name, batch count, batch, first, count, request, event count,
+        // then the event: type, owner, requester, has_tag, tag.
+        let tag_at = 1 + 2 + 4 + 8 + 8 + 4 + 8 + 4 + 1 + 16 + 16 + 1;
+        assert_eq!(tagged[tag_at - 1], 0, "has_tag");
+        tagged[tag_at] = 1;
+        assert!(matches!(
+            Answers::decode(&tagged),
+            Err(WireError::NotZero(_))
+        ));
+        let mut scoped = RequestBatch {
+            first_request: 1,
+            requests: vec![every_request()[3]],
+        }
+        .encode();
+        // The header, the type, the scope's kind and account, then its session.
+        scoped[REQUESTS_HEADER_LEN + 1 + 1 + 8] = 1;
+        assert!(matches!(
+            RequestBatch::decode(&scoped),
+            Err(WireError::NotZero(_))
+        ));
+
         let mut wrong_seq = answer("a", 1).encode();
         // The second request's sequence: version, name, batch count, batch, first,
         // request count, then the first request's sequence and event count.
@@ -974,7 +1014,51 @@ mod tests {
         );
     }
 
+    /// A requests message and an answers message holding every request and event,
+    /// its request sequences wrapping past the end of the u64 range.
+    fn everything_encoded() -> (Vec<u8>, Vec<u8>) {
+        let first_request = u64::MAX - 1;
+        let batch = RequestBatch {
+            first_request,
+            requests: every_request(),
+        };
+        let answers = Answers {
+            engine: "engine-a".into(),
+            batches: vec![BatchAnswer {
+                batch: u64::MAX,
+                first_request,
+                events: vec![every_event(), vec![], every_event()],
+            }],
+        };
+        (batch.encode(), answers.encode())
+    }
+
     proptest! {
+        /// Whatever a hostile peer's mutation of a valid message decodes to encodes
+        /// to exactly those bytes again (and neither step panics): the gateways
+        /// compare answers by their encoding, so two different answers never
+        /// compare the same, and no field is read that is not written.
+        #[test]
+        fn what_decodes_encodes_to_the_same_bytes(
+            mutations in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let (requests, answers) = everything_encoded();
+            for mut bytes in [requests, answers] {
+                for (at, value) in &mutations {
+                    let at = at.index(bytes.len());
+                    bytes[at] = *value;
+                }
+                if let Ok(batch) = RequestBatch::decode(&bytes) {
+                    prop_assert_eq!(batch.encode(), bytes.clone());
+                }
+                if let Ok(decoded) = Answers::decode(&bytes) {
+                    prop_assert_eq!(decoded.encode(), bytes.clone());
+                    let batches: Vec<u8> = decoded.batches.iter().flat_map(BatchAnswer::encode).collect();
+                    prop_assert_eq!(&batches[..], &bytes[answers_header_len(&decoded.engine)..]);
+                }
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = RequestBatch::decode(&bytes);

@@ -17,7 +17,10 @@ use gateway_client::{Client, Event, OrderParams};
 use loadtest::cluster::{ClusterOptions, ClusterReport, Fault};
 use loadtest::engines::EngineCommand;
 use matching_stub::wire::{Answers, BatchAnswer, RequestBatch};
-use matching_stub::{EngineConfig, Instrument, MatchingEngine, OrderBookEngine};
+use matching_stub::{
+    EngineConfig, Event as EngineEvent, Instrument, MatchingEngine, OrderBookEngine, OrderStatus,
+    OrderView, Owner, Request, Side,
+};
 use proto::Frame;
 
 /// Load through two crash-safe gateways and two engines of `engine` on one NATS
@@ -121,7 +124,8 @@ fn python_with_nats() -> PathBuf {
 /// the requests stream and answers through the log with the bundled book, then
 /// appends a second answer that differs from the first and bytes that are no
 /// answer. The first answer is what the clients get; the others change nothing and
-/// are counted, and `/readyz` says that the engines disagree.
+/// are counted, and `/readyz` says that the engines disagree. Order states about
+/// another account than the one asked about never reach a login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_differing_or_hostile_answer_is_counted_and_changes_nothing() {
     let nats = NatsServer::start();
@@ -148,6 +152,7 @@ async fn a_differing_or_hostile_answer_is_counted_and_changes_nothing() {
             lot_size: 1,
         }]))
         .expect("book");
+        let mut queries = 0;
         while let Some(Ok(message)) = messages.next().await {
             let number = message.info().expect("info").stream_sequence;
             let batch = RequestBatch::decode(&message.payload).expect("a batch");
@@ -157,6 +162,24 @@ async fn a_differing_or_hostile_answer_is_counted_and_changes_nothing() {
                 .map(|request| {
                     let mut caused = Vec::new();
                     book.handle(*request, &mut caused);
+                    if let Request::QueryOrders { account, .. } = request {
+                        // A mistaken engine: its first answer about the account's
+                        // orders is about another account, its second lists
+                        // another account's order among them.
+                        queries += 1;
+                        if let Some(EngineEvent::OrderStates {
+                            account: answered,
+                            orders,
+                            ..
+                        }) = caused.last_mut()
+                        {
+                            match queries {
+                                1 => *answered = account + 1,
+                                2 => orders.push(foreign_order(account + 1)),
+                                _ => {}
+                            }
+                        }
+                    }
                     caused
                 })
                 .collect();
@@ -179,10 +202,26 @@ async fn a_differing_or_hostile_answer_is_counted_and_changes_nothing() {
         }
     });
 
-    // The login's snapshot is an order query through the log: batch 1.
+    // A login's snapshot is an order query through the log: batch 1. Its answer
+    // is about another account: the login fails rather than show it.
+    let refused = Client::connect(gateway.client_config(1, gateway.addr)).await;
+    assert!(refused.is_err(), "a login answered about another account");
+    // Batch 2's answer lists another account's order: it is left out.
     let (client, mut events) = Client::connect(gateway.client_config(1, gateway.addr))
         .await
         .expect("login answered by the engine");
+    let snapshot = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(Event::Snapshot { orders, .. }) => return orders,
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    })
+    .await
+    .expect("a login snapshot");
+    assert!(snapshot.is_empty(), "{snapshot:?}");
     client
         .new_order(OrderParams::limit_buy(1, 42, 100, 10))
         .expect("sent");
@@ -233,6 +272,25 @@ async fn a_differing_or_hostile_answer_is_counted_and_changes_nothing() {
         .expect("sent");
     let ack = next_ack(&mut events).await;
     assert_eq!(ack.client_order_id, 43);
+}
+
+/// A working order of `account`, as an engine's order states list it.
+fn foreign_order(account: u64) -> OrderView {
+    OrderView {
+        order_id: 99,
+        client_order_id: 99,
+        owner: Owner {
+            account,
+            session: 1,
+        },
+        instrument: 1,
+        side: Side::Sell,
+        price: 100,
+        quantity: 1,
+        filled: 0,
+        leaves: 1,
+        status: OrderStatus::New,
+    }
 }
 
 /// The next `OrderAck`, within 10 s: the engine's answer reached the client.

@@ -57,7 +57,11 @@ impl Shared {
         let counting = self.is_accepting();
         for event in events {
             match event {
-                engine::Event::OrderStates { tag, orders, .. } => self.answer_query(tag, orders),
+                engine::Event::OrderStates {
+                    account,
+                    tag,
+                    orders,
+                } => self.answer_query(tag, account, orders),
                 event if counting => self.count_event(&event),
                 _ => {}
             }

@@ -94,7 +94,7 @@ impl Shared {
         };
         let tag = self.next_query.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
-        self.queries.insert(tag, answer);
+        self.queries.insert(tag, (account, answer));
         let request = engine::Request::QueryOrders { account, tag };
         let submitted = match sender.try_submit(request) {
             Err(SubmitError::Full(request)) => {
@@ -119,7 +119,7 @@ impl Shared {
     async fn query_orders_on_the_log(&self, account: u64) -> Option<Vec<engine::OrderView>> {
         let tag = self.log.ticket();
         let (answer, answered) = oneshot::channel();
-        self.queries.insert(tag, answer);
+        self.queries.insert(tag, (account, answer));
         let record = Record::QueryOrders { account, tag };
         let answer = async {
             let apply = |entry, position| self.apply(entry, position);
@@ -140,10 +140,36 @@ impl Shared {
         orders
     }
 
-    /// Hands an engine's answer to an order query to whoever waits for it.
-    pub(super) fn answer_query(&self, tag: u64, orders: Vec<engine::OrderView>) {
-        if let Some((_, answer)) = self.queries.remove(&tag) {
-            let _ = answer.send(orders);
+    /// Hands an engine's answer to an order query to whoever waits for it: the
+    /// orders of the account it asked about, no other's. (An engine on the log is
+    /// another process: an answer about another account, or listing its orders,
+    /// is its mistake, and no login shows them.)
+    pub(super) fn answer_query(&self, tag: u64, account: u64, orders: Vec<engine::OrderView>) {
+        let Some((_, (asked, answer))) = self.queries.remove(&tag) else {
+            return;
+        };
+        if account != asked {
+            warn!(
+                tag,
+                asked,
+                answered = account,
+                "the engine answered an order query about another account: no answer"
+            );
+            return;
         }
+        let listed = orders.len();
+        let orders: Vec<_> = orders
+            .into_iter()
+            .filter(|order| order.owner.account == asked)
+            .collect();
+        if orders.len() != listed {
+            warn!(
+                tag,
+                account,
+                left_out = listed - orders.len(),
+                "the engine listed other accounts' orders in an account's order states: left out"
+            );
+        }
+        let _ = answer.send(orders);
     }
 }
